@@ -1,0 +1,200 @@
+"""``stream-classifier``: run the service, classify from the shell, check configs, write schemas.
+
+Exit codes: 0 done, 1 the service stopped on a failure (nothing past it was committed),
+2 bad configuration or arguments, 3 the engine could not load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from stream_classifier.config import ConfigError, EngineConfig, ServiceConfig, load_config
+
+if TYPE_CHECKING:  # the run command's modules import confluent_kafka; load them lazily
+    from stream_classifier.metrics import HealthServer, Metrics
+    from stream_classifier.service import Service
+
+log = logging.getLogger("stream_classifier")
+
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_ENGINE = 3
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.log_level, args.log_format)
+    try:
+        return int(args.handler(args))
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="stream-classifier", description=__doc__)
+    parser.add_argument("--log-level", default="INFO")
+    parser.add_argument("--log-format", choices=["text", "json"], default="text")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    run = commands.add_parser("run", help="consume, classify and produce until stopped")
+    run.add_argument("--config", help="YAML file (default: $STREAM_CLASSIFIER_CONFIG)")
+    run.set_defaults(handler=cmd_run)
+
+    validate = commands.add_parser("validate-config", help="check a config file and exit")
+    validate.add_argument("config")
+    validate.set_defaults(handler=cmd_validate_config)
+
+    classify = commands.add_parser("classify", help="classify texts from the shell, no Kafka")
+    classify.add_argument("--model", required=True, help="model directory or ModelScope id")
+    classify.add_argument("--labels", required=True, help="comma-separated labels")
+    classify.add_argument("--template", default="{}", help="hypothesis template with {}")
+    classify.add_argument("--multi-label", action="store_true")
+    classify.add_argument("--device", default="auto")
+    classify.add_argument("--dtype", default="auto")
+    classify.add_argument("texts", nargs="+", metavar="TEXT")
+    classify.set_defaults(handler=cmd_classify)
+
+    schemas = commands.add_parser("schemas", help="write the JSON Schemas of the contracts")
+    schemas.add_argument("directory")
+    schemas.set_defaults(handler=cmd_schemas)
+    return parser
+
+
+def cmd_validate_config(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    print(f"{args.config}: ok ({len(config.topics)} topics, engine {config.engine.kind})")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = load_config(args.config)
+    from stream_classifier.engine import EngineError, load_engine
+    from stream_classifier.metrics import Metrics
+    from stream_classifier.service import Service, ServiceError
+    from stream_classifier.sink import SinkError
+    from stream_classifier.source import SourceError
+
+    metrics = Metrics()
+    try:
+        engine = load_engine(config.engine, config.processing.max_batch_tokens)
+        log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
+        engine.warmup()
+    except EngineError as exc:
+        print(f"engine: {exc}", file=sys.stderr)
+        return EXIT_ENGINE
+    if hasattr(engine, "on_out_of_memory"):
+        engine.on_out_of_memory = lambda rows: metrics.oom_splits.inc()
+    service = Service(config, engine, metrics)
+    server = _start_health_server(config, metrics, service)
+    stop = threading.Event()
+    _stop_on_signals(stop)
+    try:
+        service.run(stop)
+    except (ServiceError, SinkError, SourceError, EngineError) as exc:
+        log.error("stopped on a failure, nothing past it was committed: %s", exc)
+        return EXIT_FAILED
+    finally:
+        if server is not None:
+            server.stop()
+    log.info("stopped cleanly")
+    return 0
+
+
+def _start_health_server(
+    config: ServiceConfig, metrics: Metrics, service: Service
+) -> HealthServer | None:
+    from stream_classifier.metrics import HealthServer
+
+    if not config.metrics.enabled:
+        return None
+    server = HealthServer(
+        metrics, config.metrics.host, config.metrics.port, service.healthy, service.ready
+    )
+    server.start()
+    log.info("metrics and health on http://%s:%d/metrics", config.metrics.host, server.port)
+    return server
+
+
+def _stop_on_signals(stop: threading.Event) -> None:
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        log.info("received %s: finishing the batch in hand", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def cmd_classify(args: argparse.Namespace) -> int:
+    from stream_classifier.engine import EngineError, load_engine
+
+    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    if not labels or "{}" not in args.template:
+        print("--labels needs at least one label and --template needs '{}'", file=sys.stderr)
+        return EXIT_CONFIG
+    engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
+    try:
+        engine = load_engine(engine_config, max_batch_tokens=65536)
+    except EngineError as exc:
+        print(f"engine: {exc}", file=sys.stderr)
+        return EXIT_ENGINE
+    prepared = [
+        engine.prepare(text, labels, args.template, args.multi_label) for text in args.texts
+    ]
+    for text, scores in zip(args.texts, engine.classify(prepared), strict=True):
+        record = {
+            "text": text,
+            "labels": list(scores.labels),
+            "scores": list(scores.scores),
+            "top_label": scores.top_label,
+            "multi_label": args.multi_label,
+            "model": engine.model_id,
+        }
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def cmd_schemas(args: argparse.Namespace) -> int:
+    from stream_classifier.schemas import write_schemas
+
+    for path in write_schemas(Path(args.directory)):
+        print(path)
+    return 0
+
+
+class _JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "ts": self.formatTime(record, "%Y-%m-%dT%H:%M:%S%z"),
+            "level": record.levelname,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def _setup_logging(level: str, fmt: str) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if fmt == "json":
+        handler.setFormatter(_JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

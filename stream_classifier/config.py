@@ -1,0 +1,263 @@
+"""Service configuration: one YAML file, every field overridable by environment.
+
+Environment variables use the prefix ``STREAM_CLASSIFIER_`` and ``__`` between nesting
+levels, e.g. ``STREAM_CLASSIFIER_KAFKA__BOOTSTRAP_SERVERS=broker:9092`` or
+``STREAM_CLASSIFIER_PROCESSING__MAX_BATCH_WAIT_MS=5``. The environment wins over the file.
+
+Only this module reads the environment. A bad configuration raises :class:`ConfigError`
+naming each field and the reason, before anything touches Kafka or loads a model.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+ENV_PREFIX = "STREAM_CLASSIFIER_"
+ENV_NESTED_DELIMITER = "__"
+CONFIG_PATH_ENV = ENV_PREFIX + "CONFIG"
+#: The longest sentence pair the NLI reference feeds the model (tokenizer max_length).
+MAX_PAIR_TOKENS = 512
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used; the message names each bad field and why."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class KafkaConfig(_Section):
+    bootstrap_servers: str = "127.0.0.1:9092"
+    group_id: str = "stream-classifier"
+    client_id: str = "stream-classifier"
+    security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
+    sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
+    sasl_username: str | None = None
+    sasl_password: SecretStr | None = None
+    ssl_ca_location: str | None = None
+    auto_offset_reset: Literal["earliest", "latest"] = "earliest"
+    #: Passed to librdkafka as-is; the explicit fields above win over these.
+    extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _sasl_is_complete(self) -> KafkaConfig:
+        if self.security_protocol.startswith("SASL") and self.sasl_mechanism is None:
+            raise ValueError(
+                f"sasl_mechanism is required when security_protocol is {self.security_protocol}"
+            )
+        return self
+
+    def client_config(self) -> dict[str, str | int | float | bool]:
+        """librdkafka settings shared by the consumer and the producer."""
+        config: dict[str, str | int | float | bool] = dict(self.extra)
+        config.update(
+            {
+                "bootstrap.servers": self.bootstrap_servers,
+                "client.id": self.client_id,
+                "security.protocol": self.security_protocol,
+            }
+        )
+        if self.sasl_mechanism is not None:
+            config["sasl.mechanism"] = self.sasl_mechanism
+        if self.sasl_username is not None:
+            config["sasl.username"] = self.sasl_username
+        if self.sasl_password is not None:
+            config["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location is not None:
+            config["ssl.ca.location"] = self.ssl_ca_location
+        return config
+
+
+class ProcessingConfig(_Section):
+    guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    max_batch_messages: int = Field(256, ge=1, le=100_000)
+    max_batch_tokens: int = Field(65536, ge=1)
+    max_batch_wait_ms: int = Field(20, ge=0, le=60_000)
+    #: How often finished offsets are committed (also on revoke and on shutdown).
+    commit_interval_ms: int = Field(1000, ge=0)
+    #: SIGTERM: how long to finish the batch in hand and commit before closing anyway.
+    shutdown_timeout_s: float = Field(30.0, gt=0)
+    #: How long the producer may try to deliver one record before it counts as failed.
+    delivery_timeout_ms: int = Field(120_000, ge=1000)
+
+
+class EngineConfig(_Section):
+    kind: Literal["nli", "embedding"] = "nli"
+    model: str = "damo/nlp_structbert_zero-shot-classification_chinese-large"
+    device: str = "auto"
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
+    #: Where ModelScope snapshots are kept (None: ModelScope's default cache).
+    cache_dir: str | None = None
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        if value in ("auto", "cpu", "cuda") or (value.startswith("cuda:") and value[5:].isdigit()):
+            return value
+        raise ValueError("must be auto, cpu, cuda or cuda:N")
+
+
+class TopicConfig(_Section):
+    input: str = Field(min_length=1)
+    output: str = Field(min_length=1)
+    dead_letter: str = Field(min_length=1)
+    labels: list[str] = Field(min_length=1)
+    hypothesis_template: str = "{}"
+    multi_label: bool = False
+    #: Dotted path into the JSON object, or ``$value`` for a plain-text payload.
+    text_field: str = "text"
+    allow_message_labels: bool = False
+    max_labels: int = Field(10, ge=1, le=1000)
+    max_text_chars: int = Field(2000, ge=1)
+    on_too_long: Literal["truncate", "reject"] = "truncate"
+
+    @field_validator("labels")
+    @classmethod
+    def _labels_are_distinct_words(cls, labels: list[str]) -> list[str]:
+        stripped = [label.strip() for label in labels]
+        if any(not label for label in stripped):
+            raise ValueError("labels must not be empty strings")
+        duplicates = sorted({label for label in stripped if stripped.count(label) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate labels: {', '.join(duplicates)}")
+        return stripped
+
+    @field_validator("hypothesis_template")
+    @classmethod
+    def _template_has_one_slot(cls, template: str) -> str:
+        if template.count("{}") != 1:
+            raise ValueError("must contain '{}' exactly once (where the label goes)")
+        try:
+            template.format("label")
+        except (IndexError, KeyError, ValueError) as exc:
+            raise ValueError(f"is not a valid format string: {exc}") from exc
+        return template
+
+    @model_validator(mode="after")
+    def _topics_differ(self) -> TopicConfig:
+        if self.output == self.input:
+            raise ValueError(f"output topic must differ from input topic {self.input!r}")
+        if self.dead_letter == self.input:
+            raise ValueError(f"dead_letter topic must differ from input topic {self.input!r}")
+        if len(self.labels) > self.max_labels:
+            raise ValueError(
+                f"{len(self.labels)} labels configured but max_labels is {self.max_labels}"
+            )
+        return self
+
+
+class MetricsConfig(_Section):
+    enabled: bool = True
+    host: str = "0.0.0.0"
+    port: int = Field(9108, ge=0, le=65535)
+
+
+class ServiceConfig(BaseSettings):
+    """The whole service configuration (the YAML file's top level)."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_nested_delimiter=ENV_NESTED_DELIMITER,
+        extra="forbid",
+        frozen=True,
+    )
+
+    kafka: KafkaConfig = Field(default_factory=KafkaConfig)
+    processing: ProcessingConfig = Field(default_factory=ProcessingConfig)
+    engine: EngineConfig = Field(default_factory=EngineConfig)
+    topics: list[TopicConfig] = Field(min_length=1)
+    metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Environment first so it overrides the file's values (passed as init kwargs).
+        return (env_settings, init_settings)
+
+    @model_validator(mode="after")
+    def _cross_checks(self) -> ServiceConfig:
+        inputs = [topic.input for topic in self.topics]
+        duplicated = sorted({name for name in inputs if inputs.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"input topic configured twice: {', '.join(duplicated)}")
+        produced = {t.output for t in self.topics} | {t.dead_letter for t in self.topics}
+        loops = sorted(produced & set(inputs))
+        if loops:
+            raise ValueError(f"topic is both an input and an output: {', '.join(loops)}")
+        if self.engine.kind == "nli" and self.processing.max_batch_tokens < MAX_PAIR_TOKENS:
+            raise ValueError(
+                f"processing.max_batch_tokens={self.processing.max_batch_tokens} is smaller "
+                f"than one maximal sentence pair ({MAX_PAIR_TOKENS} tokens); set "
+                f"{ENV_PREFIX}PROCESSING__MAX_BATCH_TOKENS to {MAX_PAIR_TOKENS} or more"
+            )
+        return self
+
+    def topic(self, name: str) -> TopicConfig:
+        for topic in self.topics:
+            if topic.input == name:
+                return topic
+        raise KeyError(name)
+
+
+def load_config(path: str | Path | None = None) -> ServiceConfig:
+    """Read the YAML file (or ``$STREAM_CLASSIFIER_CONFIG``), apply the environment, validate."""
+    path = path if path is not None else os.environ.get(CONFIG_PATH_ENV)
+    data: dict[str, Any] = {}
+    if path is not None:
+        data = _read_yaml(Path(path))
+    try:
+        return ServiceConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, source=str(path) if path else "environment")) from exc
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot read config file {path}: {exc.strerror}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _describe(exc: ValidationError, source: str) -> str:
+    lines = [f"invalid configuration ({source}):"]
+    for error in exc.errors():
+        location = ".".join(str(part) for part in error["loc"]) or "(top level)"
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field (check the spelling; see README's configuration section)"
+        env_name = ENV_PREFIX + ENV_NESTED_DELIMITER.join(
+            str(part).upper() for part in error["loc"] if not isinstance(part, int)
+        )
+        hint = f" [env {env_name}]" if error["loc"] and "topics" not in error["loc"] else ""
+        lines.append(f"  {location}: {message}{hint}")
+    return "\n".join(lines)

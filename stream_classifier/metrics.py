@@ -1,0 +1,136 @@
+"""Prometheus metrics and the health endpoints, on one small HTTP server.
+
+``/metrics`` is the Prometheus text format, ``/healthz`` answers 200 while the processing
+loop turns and the sink has not failed, ``/readyz`` answers 200 once the engine is loaded
+and partitions are assigned. Each metric is recorded where its decision is made.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+PREFIX = "stream_classifier_"
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+SIZE_BUCKETS = tuple(float(2**i) for i in range(0, 14))
+TOKEN_BUCKETS = tuple(float(2**i) for i in range(6, 19))
+
+
+class Metrics:
+    """The service's metrics, in a registry of their own (tests make as many as they like)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.consumed = Counter(PREFIX + "events_consumed", "Events read", ["topic"], registry=r)
+        self.produced = Counter(
+            PREFIX + "events_produced", "Scored events acknowledged", ["topic"], registry=r
+        )
+        self.dead_letters = Counter(
+            PREFIX + "dead_letters",
+            "Events sent to the dead-letter topic",
+            ["topic", "reason"],
+            registry=r,
+        )
+        self.batch_messages = Histogram(
+            PREFIX + "batch_messages", "Events per micro-batch", buckets=SIZE_BUCKETS, registry=r
+        )
+        self.batch_pairs = Histogram(
+            PREFIX + "batch_pairs",
+            "Sentence pairs per micro-batch",
+            buckets=SIZE_BUCKETS,
+            registry=r,
+        )
+        self.batch_tokens = Histogram(
+            PREFIX + "batch_tokens",
+            "Padded tokens per micro-batch",
+            buckets=TOKEN_BUCKETS,
+            registry=r,
+        )
+        self.engine_seconds = Histogram(
+            PREFIX + "engine_seconds",
+            "Engine time per micro-batch",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.end_to_end_seconds = Histogram(
+            PREFIX + "end_to_end_latency_seconds",
+            "Input timestamp to output acknowledged",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.in_flight = Gauge(
+            PREFIX + "in_flight_events", "Consumed, not yet acknowledged", registry=r
+        )
+        self.oom_splits = Counter(
+            PREFIX + "oom_splits", "Batches split after running out of GPU memory", registry=r
+        )
+        self.commits = Counter(PREFIX + "commits", "Offset commits", ["result"], registry=r)
+        self.assigned_partitions = Gauge(
+            PREFIX + "assigned_partitions", "Partitions assigned to this process", registry=r
+        )
+
+    def render(self) -> bytes:
+        return bytes(generate_latest(self.registry))
+
+
+class HealthServer:
+    """Serves /metrics, /healthz and /readyz on one port, in a daemon thread."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        host: str,
+        port: int,
+        healthy: Callable[[], tuple[bool, str]],
+        ready: Callable[[], tuple[bool, str]],
+    ) -> None:
+        routes: dict[str, Callable[[], tuple[int, str, bytes]]] = {
+            "/metrics": lambda: (200, CONTENT_TYPE_LATEST, metrics.render()),
+            "/healthz": lambda: _probe(healthy),
+            "/readyz": lambda: _probe(ready),
+        }
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 - the stdlib's name
+                route = routes.get(self.path.split("?")[0])
+                status, content_type, body = route() if route else (404, "text/plain", b"")
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+                return
+
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, name="metrics-http", daemon=True
+        )
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def _probe(check: Callable[[], tuple[bool, str]]) -> tuple[int, str, bytes]:
+    ok, reason = check()
+    return (200 if ok else 503), "text/plain; charset=utf-8", (reason + "\n").encode()

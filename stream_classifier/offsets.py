@@ -1,0 +1,84 @@
+"""What is safe to commit.
+
+Per partition, the service may commit offset N+1 only when every event it consumed at or
+below N has had its output (or dead-letter record) acknowledged by the broker. Outputs are
+acknowledged out of order (batches, retries, two topics), so the tracker keeps the consumed
+offsets of each partition in order and advances over the finished prefix.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+TopicPartition = tuple[str, int]
+
+
+class OffsetOrderError(Exception):
+    """An offset was registered that does not increase within its partition."""
+
+
+@dataclass
+class _PartitionState:
+    pending: deque[int] = field(default_factory=deque)
+    done: set[int] = field(default_factory=set)
+    #: Next offset to commit (last finished + 1), None until something finished.
+    committable: int | None = None
+    committed: int | None = None
+    last_registered: int | None = None
+
+
+class OffsetTracker:
+    """Consumed → finished → committable, per partition."""
+
+    def __init__(self) -> None:
+        self._partitions: dict[TopicPartition, _PartitionState] = {}
+
+    def register(self, tp: TopicPartition, offset: int) -> None:
+        """Record a consumed event whose output is not yet acknowledged."""
+        state = self._partitions.setdefault(tp, _PartitionState())
+        last = state.last_registered
+        if last is not None and offset <= last:
+            raise OffsetOrderError(f"{tp[0]}[{tp[1]}] offset {offset} after {last}")
+        state.last_registered = offset
+        state.pending.append(offset)
+
+    def mark_done(self, tp: TopicPartition, offset: int) -> None:
+        """Record that the event's output (or dead letter) was acknowledged."""
+        state = self._partitions.get(tp)
+        if state is None:
+            return  # the partition was revoked meanwhile; a late ack changes nothing
+        state.done.add(offset)
+        while state.pending and state.pending[0] in state.done:
+            finished = state.pending.popleft()
+            state.done.discard(finished)
+            state.committable = finished + 1
+
+    def to_commit(self) -> dict[TopicPartition, int]:
+        """Offsets that advanced since the last :meth:`committed` call."""
+        return {
+            tp: state.committable
+            for tp, state in self._partitions.items()
+            if state.committable is not None and state.committable != state.committed
+        }
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> None:
+        for tp, offset in offsets.items():
+            state = self._partitions.get(tp)
+            if state is not None:
+                state.committed = offset
+
+    def in_flight(self, tp: TopicPartition | None = None) -> int:
+        """Events consumed but not yet acknowledged (in one partition, or in all)."""
+        if tp is not None:
+            state = self._partitions.get(tp)
+            return len(state.pending) if state else 0
+        return sum(len(state.pending) for state in self._partitions.values())
+
+    def forget(self, partitions: list[TopicPartition]) -> None:
+        """Drop partitions that are no longer ours (revoked or lost)."""
+        for tp in partitions:
+            self._partitions.pop(tp, None)
+
+    def partitions(self) -> list[TopicPartition]:
+        return list(self._partitions)

@@ -1,0 +1,123 @@
+"""The producer side: scored events to the output topic, rejects to the dead-letter topic.
+
+Outputs keep the input's key (so partitioning and per-key order survive), copy its headers
+and add ours, and keep its timestamp. Delivery callbacks never raise: they report each
+acknowledged source offset to ``on_delivered`` and remember the first permanent failure,
+which the next :meth:`KafkaSink.check` raises.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException, Producer
+
+from stream_classifier.messages import HEADER_PREFIX, Envelope, Headers, SourceRef
+
+log = logging.getLogger(__name__)
+
+DeliveredCallback = Callable[[SourceRef, str], None]
+
+
+class SinkError(Exception):
+    """An output could not be delivered; nothing at or after its offset may be committed."""
+
+
+class KafkaSink:
+    def __init__(self, producer_config: dict[str, Any], on_delivered: DeliveredCallback) -> None:
+        self._config = producer_config
+        self._on_delivered = on_delivered
+        self._producer: Producer | None = None
+        self._failure: SinkError | None = None
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        self._producer = Producer(self._config)
+
+    @property
+    def producer(self) -> Producer:
+        if self._producer is None:
+            raise RuntimeError("sink not started")
+        return self._producer
+
+    def send_output(self, topic: str, envelope: Envelope, value: bytes, headers: Headers) -> None:
+        self._produce(topic, envelope, value, envelope.headers + headers, kind="output")
+
+    def send_dead_letter(self, topic: str, envelope: Envelope, headers: Headers) -> None:
+        self._produce(topic, envelope, envelope.value, envelope.headers + headers, kind="dlq")
+
+    def _produce(
+        self, topic: str, envelope: Envelope, value: bytes | None, headers: Headers, kind: str
+    ) -> None:
+        self.check()
+        timestamp = envelope.source.timestamp or 0
+        callback = self._callback(envelope.source, kind)
+        while True:
+            try:
+                self.producer.produce(
+                    topic,
+                    value=value,
+                    key=envelope.key,
+                    headers=headers,
+                    timestamp=timestamp,
+                    on_delivery=callback,
+                )
+                return
+            except BufferError:
+                # The local queue is full: serve delivery reports to make room, then retry.
+                self.producer.poll(0.1)
+                self.check()
+
+    def _callback(self, source: SourceRef, kind: str) -> Callable[[KafkaError | None, Any], None]:
+        def on_delivery(error: KafkaError | None, _message: Any) -> None:
+            if error is None:
+                self._on_delivered(source, kind)
+                return
+            with self._lock:
+                if self._failure is None:
+                    self._failure = SinkError(
+                        f"could not deliver the {kind} record for {source.topic}"
+                        f"[{source.partition}]@{source.offset}: {error.str()} "
+                        f"({error.name()}, retriable={error.retriable()})"
+                    )
+            log.error("delivery failed: %s", error.str())
+
+        return on_delivery
+
+    def poll(self, timeout: float = 0.0) -> None:
+        """Serve delivery callbacks."""
+        self.producer.poll(timeout)
+
+    def flush(self, timeout: float) -> None:
+        """Wait for every outstanding record; raise if one failed or time ran out."""
+        remaining = self.producer.flush(timeout)
+        self.check()
+        if remaining:
+            raise SinkError(f"{remaining} records still undelivered after {timeout:.0f}s")
+
+    def check(self) -> None:
+        if self._failure is not None:
+            raise self._failure
+
+    @property
+    def failed(self) -> bool:
+        return self._failure is not None
+
+    def close(self, timeout: float) -> int:
+        """Flush what can be flushed; return how many records were left undelivered."""
+        if self._producer is None:
+            return 0
+        try:
+            return int(self._producer.flush(timeout))
+        except KafkaException:
+            return -1
+
+
+def our_headers(model: str, truncated: bool) -> Headers:
+    headers: Headers = [(HEADER_PREFIX + "model", model.encode())]
+    if truncated:
+        headers.append((HEADER_PREFIX + "text-truncated", b"true"))
+    return headers
