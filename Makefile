@@ -47,7 +47,7 @@ schemas: env
 	$(BIN)/stream-classifier schemas schemas
 
 fixtures:
-	tests/fixtures/make_tiny_structbert.sh
+	tests/fixtures/make_golden.sh
 
 clean-env:
 	rm -rf $(VENV)

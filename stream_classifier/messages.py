@@ -214,6 +214,11 @@ def decode_event(envelope: Envelope, topic: TopicConfig) -> ClassifyRequest | Re
     )
 
 
+def parse_labels(text: str) -> list[str]:
+    """``"a, b，c"`` → ``["a", "b", "c"]``: ASCII or full-width commas, blanks dropped."""
+    return [label.strip() for label in text.replace("，", ",").split(",") if label.strip()]
+
+
 def _lookup(payload: dict[str, Any], dotted: str) -> tuple[bool, Any]:
     node: Any = payload
     for part in dotted.split("."):

@@ -18,4 +18,8 @@ def load_engine(config: EngineConfig, max_batch_tokens: int) -> Engine:
         from stream_classifier.engine.nli import NliEngine
 
         return NliEngine.load(config, max_batch_tokens=max_batch_tokens)
+    if config.kind == "embedding":
+        from stream_classifier.engine.embedding import EmbeddingEngine
+
+        return EmbeddingEngine.load(config, max_batch_tokens=max_batch_tokens)
     raise EngineError(f"engine.kind={config.kind!r} is not available in this build")

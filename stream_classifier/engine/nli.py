@@ -6,9 +6,17 @@ entailment and 2 contradiction, fixed by the reference pipeline. Single-label mo
 softmax of the entailment logits across the message's labels; multi-label mode (and any
 message with one label) is, per label, the softmax of (contradiction, entailment).
 
-Speed comes from doing the reference's work once: each text is tokenized once and each
-hypothesis once per process, pair ids are assembled by concatenation, and all pairs of a
-micro-batch run as length-sorted batches bounded by a token budget (the memory bound).
+Speed comes from doing the reference's work once and only the real tokens:
+
+- each text is tokenized once and each hypothesis once per process; pair ids are
+  assembled by concatenation (``prepare``);
+- all pairs of a micro-batch are cut into batches bounded by a token budget (the memory
+  bound), their tensors built with numpy in one go and copied from pinned memory;
+- on a GPU in fp16/bf16 the encoder runs padding-free (:mod:`.packed`): the linear layers
+  see only real tokens, attention is variable-length flash attention, and the last layer
+  runs only the [CLS] rows. Elsewhere the Hugging Face model runs on length-sorted,
+  padded batches;
+- batches are queued without synchronising; the logits come back in one copy.
 """
 
 from __future__ import annotations
@@ -20,7 +28,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -28,6 +36,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 
 from stream_classifier.config import MAX_PAIR_TOKENS, EngineConfig
 from stream_classifier.engine.base import EngineError, Prepared, Scores
+from stream_classifier.engine.batches import TokenBatch, packed_batches, padded_batches
 
 log = logging.getLogger(__name__)
 
@@ -38,33 +47,53 @@ UNUSED_CHECKPOINT_KEYS = ("bert.embeddings.position_ids",)
 PAD_MULTIPLE = 8
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 
+Backend = Literal["auto", "packed", "padded"]
+
+
+class Forward(Protocol):
+    """Runs one token batch; returns (entailment, contradiction) logits, fp32, on device."""
+
+    def __call__(self, batch: TokenBatch) -> torch.Tensor: ...
+
 
 @dataclass(frozen=True)
 class PairSet:
-    """One message's sentence pairs, as token ids, already truncated like the reference."""
+    """One message's sentence pairs as token ids, already truncated like the reference.
 
-    input_ids: list[list[int]]
-    segment_a_lengths: list[int]
+    ``ids`` holds the pairs back to back (``[CLS] A [SEP] B [SEP]`` each).
+    """
+
+    ids: np.ndarray
+    lengths: np.ndarray
+    a_lengths: np.ndarray
+
+    @property
+    def input_ids(self) -> list[list[int]]:
+        bounds = np.cumsum(self.lengths)
+        return [chunk.tolist() for chunk in np.split(self.ids, bounds[:-1])]
+
+    @property
+    def segment_a_lengths(self) -> list[int]:
+        return [int(n) for n in self.a_lengths]
 
 
 def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
-    """Lengths after the Hugging Face tokenizers' ``longest_first`` pair truncation.
+    """Lengths after the reference tokenizer's ``longest_first`` pair truncation.
 
-    ``budget`` is max_length minus the special tokens. The shorter sequence keeps its
-    length if it fits in half, the longer one takes the rest; when both exceed half, the
-    one that was longer gets the odd token (segment B on a tie).
+    ``budget`` is max_length minus the special tokens. This is the Python BertTokenizer's
+    rule (transformers 4.x, which ModelScope's pipeline uses): cut the longer sequence down
+    to the shorter one, then split what is left to remove between the two, the extra token
+    coming off segment B. The Rust tokenizer differs when both are cut (it keeps the odd
+    token on the longer one), which moves scores by up to 0.2, so the engine does not use it.
     """
-    if len_a + len_b <= budget:
+    remove = len_a + len_b - budget
+    if remove <= 0:
         return len_a, len_b
-    short, long_ = sorted((len_a, len_b))
-    new_short = short
-    new_long = max(short, budget - short)
-    if new_short + new_long > budget:
-        new_short = budget // 2
-        new_long = new_short + budget % 2
+    first = min(abs(len_a - len_b), remove)
+    second = remove - first
     if len_a > len_b:
-        return new_long, new_short
-    return new_short, new_long
+        return len_a - first - second // 2, len_b - (second - second // 2)
+    return len_a - second // 2, len_b - (first + second - second // 2)
 
 
 def round_up(length: int, multiple: int = PAD_MULTIPLE) -> int:
@@ -81,6 +110,7 @@ class NliEngine:
         model_id: str,
         max_batch_tokens: int,
         max_length: int = MAX_PAIR_TOKENS,
+        backend: Backend = "auto",
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -94,15 +124,27 @@ class NliEngine:
         #: Called with the number of rows whenever a batch ran out of memory and was split.
         self.on_out_of_memory: Callable[[int], None] = lambda rows: None
         self._hypothesis_ids = functools.lru_cache(maxsize=65536)(self._tokenize)
+        self.backend = _pick_backend(backend, model)
+        #: The model call; tests replace it to inject faults.
+        self.forward: Forward = self._make_forward()
 
     @classmethod
-    def load(cls, config: EngineConfig, max_batch_tokens: int) -> NliEngine:
+    def load(
+        cls, config: EngineConfig, max_batch_tokens: int, backend: Backend = "auto"
+    ) -> NliEngine:
         model_dir = resolve_model_dir(config.model, config.cache_dir)
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)
         model = load_classifier(model_dir, device, dtype)
         tokenizer = load_tokenizer(model_dir)
-        return cls(model, tokenizer, config.model, max_batch_tokens)
+        return cls(model, tokenizer, config.model, max_batch_tokens, backend=backend)
+
+    def _make_forward(self) -> Forward:
+        if self.backend == "packed":
+            from stream_classifier.engine.packed import PackedBert
+
+            return PackedBert(self.model)
+        return functools.partial(padded_forward, self.model, self.pad_id)
 
     # -- CPU side --------------------------------------------------------------------------
 
@@ -115,25 +157,39 @@ class NliEngine:
     ) -> Prepared:
         text_ids = self._tokenize(text)
         budget = self.max_length - 3  # [CLS] A [SEP] B [SEP]
-        pairs: list[list[int]] = []
+        flat: list[int] = []
+        lengths: list[int] = []
         a_lengths: list[int] = []
         for label in labels:
             hyp_ids = self._hypothesis_ids(template.format(label))
             len_a, len_b = truncate_longest_first(len(text_ids), len(hyp_ids), budget)
-            pairs.append(
-                [self.cls_id, *text_ids[:len_a], self.sep_id, *hyp_ids[:len_b], self.sep_id]
-            )
+            flat.append(self.cls_id)
+            flat.extend(text_ids[:len_a])
+            flat.append(self.sep_id)
+            flat.extend(hyp_ids[:len_b])
+            flat.append(self.sep_id)
+            lengths.append(len_a + len_b + 3)
             a_lengths.append(len_a)
-        tokens = sum(round_up(len(ids)) for ids in pairs)
-        return Prepared(tuple(labels), multi_label, tokens, PairSet(pairs, a_lengths))
+        pair_set = PairSet(
+            np.array(flat, dtype=np.int32),
+            np.array(lengths, dtype=np.int32),
+            np.array(a_lengths, dtype=np.int32),
+        )
+        tokens = sum(round_up(n) for n in lengths)
+        return Prepared(tuple(labels), multi_label, tokens, pair_set)
 
     # -- model side ------------------------------------------------------------------------
 
     def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
+        if not batch:
+            return []
         pair_sets = [_pair_set(item) for item in batch]
-        flat = [ids for pair_set in pair_sets for ids in pair_set.input_ids]
-        a_lengths = [n for pair_set in pair_sets for n in pair_set.segment_a_lengths]
-        logits = self._logits(flat, a_lengths)
+        everything = TokenBatch(
+            np.concatenate([p.ids for p in pair_sets]),
+            np.concatenate([p.lengths for p in pair_sets]),
+            np.concatenate([p.a_lengths for p in pair_sets]),
+        )
+        logits = self.logits(everything)
         results: list[Scores] = []
         start = 0
         for item in batch:
@@ -142,78 +198,95 @@ class NliEngine:
             start = stop
         return results
 
-    def _logits(self, pairs: list[list[int]], a_lengths: list[int]) -> np.ndarray:
+    def logits(self, pairs: TokenBatch) -> np.ndarray:
         """(entailment, contradiction) logits in fp32 for every pair, in input order."""
-        order = sorted(range(len(pairs)), key=lambda i: len(pairs[i]), reverse=True)
-        out = torch.empty((len(pairs), 2), dtype=torch.float32, device=self.device)
-        for rows in self._token_budget_batches(order, pairs):
-            self._run_rows(rows, pairs, a_lengths, out)
-        return out.cpu().numpy()
+        if self.backend == "packed":
+            plan = packed_batches(pairs.lengths, self.max_batch_tokens)
+        else:
+            plan = padded_batches(pairs.lengths, self.max_batch_tokens, PAD_MULTIPLE)
+        outputs: list[torch.Tensor] = []
+        for rows in plan:
+            self._run(pairs.take(rows), outputs)
+        gathered = torch.cat(outputs).cpu().numpy()  # the one device-to-host copy
+        result = np.empty_like(gathered)
+        result[np.concatenate(plan)] = gathered
+        return result
 
-    def _token_budget_batches(self, order: list[int], pairs: list[list[int]]) -> list[list[int]]:
-        batches: list[list[int]] = []
-        current: list[int] = []
-        width = 0
-        for index in order:
-            length = round_up(len(pairs[index]))
-            new_width = max(width, length)
-            if current and new_width * (len(current) + 1) > self.max_batch_tokens:
-                batches.append(current)
-                current, new_width = [], length
-            current.append(index)
-            width = new_width
-        if current:
-            batches.append(current)
-        return batches
-
-    def _run_rows(
-        self, rows: list[int], pairs: list[list[int]], a_lengths: list[int], out: torch.Tensor
-    ) -> None:
+    def _run(self, batch: TokenBatch, outputs: list[torch.Tensor]) -> None:
+        """Queue one batch; on out-of-memory split it in two and retry each half."""
         try:
-            out[rows] = self._forward(rows, pairs, a_lengths)
+            with torch.inference_mode():
+                outputs.append(self.forward(batch))
+            return
         except torch.OutOfMemoryError as exc:
-            if len(rows) == 1:
+            if batch.rows == 1:
                 raise EngineError("out of memory on a single sentence pair") from exc
-            torch.cuda.empty_cache()
-            self.on_out_of_memory(len(rows))
-            log.warning("out of memory on %d pairs, splitting the batch in two", len(rows))
-            half = len(rows) // 2
-            self._run_rows(rows[:half], pairs, a_lengths, out)
-            self._run_rows(rows[half:], pairs, a_lengths, out)
-
-    def _forward(
-        self, rows: list[int], pairs: list[list[int]], a_lengths: list[int]
-    ) -> torch.Tensor:
-        width = round_up(max(len(pairs[i]) for i in rows))
-        input_ids = np.full((len(rows), width), self.pad_id, dtype=np.int64)
-        token_types = np.zeros((len(rows), width), dtype=np.int64)
-        mask = np.zeros((len(rows), width), dtype=np.int64)
-        for row, index in enumerate(rows):
-            ids = pairs[index]
-            input_ids[row, : len(ids)] = ids
-            token_types[row, a_lengths[index] + 2 : len(ids)] = 1
-            mask[row, : len(ids)] = 1
-        tensors = [self._to_device(array) for array in (input_ids, token_types, mask)]
-        with torch.inference_mode():
-            logits: torch.Tensor = self.model(
-                input_ids=tensors[0], token_type_ids=tensors[1], attention_mask=tensors[2]
-            ).logits
-        return logits[:, [ENTAILMENT, CONTRADICTION]].float()
-
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
         if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+            torch.cuda.empty_cache()
+        self.on_out_of_memory(batch.rows)
+        log.warning("out of memory on %d pairs, splitting the batch in two", batch.rows)
+        first, second = batch.halves()
+        self._run(first, outputs)
+        self._run(second, outputs)
 
     def warmup(self) -> None:
-        """Run one batch of the largest shape so a memory problem shows before consuming."""
-        rows = max(1, self.max_batch_tokens // self.max_length)
-        if self.device.type == "cpu":
-            rows = 1
-        pair = [self.cls_id] + [self.pad_id] * (self.max_length - 3) + [self.sep_id] * 2
-        pairs = [pair] * rows
-        self._logits(pairs, [self.max_length - 3] * rows)
+        """Run the largest batch the budget allows (and a short one) before consuming.
+
+        A memory problem shows here rather than on the first message, and lazily built
+        kernels are ready.
+        """
+        longest = self.max_length
+        rows = 1 if self.device.type == "cpu" else max(1, self.max_batch_tokens // longest)
+        shapes = [(rows, longest)]
+        if self.device.type != "cpu":
+            shapes.append((max(1, self.max_batch_tokens // 64), 64))
+        for count, length in shapes:
+            body = np.full(length - 3, self.pad_id, dtype=np.int32)
+            pair = np.concatenate([[self.cls_id], body, [self.sep_id, self.sep_id]])
+            self.logits(
+                TokenBatch(
+                    np.tile(pair.astype(np.int32), count),
+                    np.full(count, length, dtype=np.int32),
+                    np.full(count, length - 3, dtype=np.int32),
+                )
+            )
+
+
+def _pick_backend(backend: Backend, model: BertForSequenceClassification) -> Backend:
+    parameter = next(model.parameters())
+    gpu_half = parameter.device.type == "cuda" and parameter.dtype != torch.float32
+    if backend == "auto":
+        return "packed" if gpu_half else "padded"
+    return backend
+
+
+def padded_forward(
+    model: BertForSequenceClassification, pad_id: int, batch: TokenBatch
+) -> torch.Tensor:
+    """The Hugging Face model on one padded batch (width: longest pair, rounded up to 8)."""
+    device = next(model.parameters()).device
+    width = round_up(batch.max_length)
+    rows = np.repeat(np.arange(batch.rows), batch.lengths)
+    columns = batch.positions()
+    input_ids = np.full((batch.rows, width), pad_id, dtype=np.int64)
+    input_ids[rows, columns] = batch.ids
+    token_types = np.zeros((batch.rows, width), dtype=np.int64)
+    token_types[rows, columns] = batch.token_types()
+    mask = np.zeros((batch.rows, width), dtype=np.int64)
+    mask[rows, columns] = 1
+    stacked = to_device(np.stack([input_ids, token_types, mask]), device)
+    logits: torch.Tensor = model(
+        input_ids=stacked[0], token_type_ids=stacked[1], attention_mask=stacked[2]
+    ).logits
+    return logits[:, [ENTAILMENT, CONTRADICTION]].float()
+
+
+def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
+    """One host-to-device copy, from pinned memory and without waiting, on a GPU."""
+    tensor = torch.from_numpy(array)
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor
 
 
 def _pair_set(item: Prepared) -> PairSet:
@@ -232,7 +305,8 @@ def score(labels: tuple[str, ...], logits: np.ndarray, multi_label: bool) -> Sco
         entailment = values[:, 0] - values[:, 0].max()
         exp = np.exp(entailment)
         probabilities = exp / exp.sum()
-    order = sorted(range(len(labels)), key=lambda i: -probabilities[i])
+    # The reference reverses an ascending argsort: on a tie the later label comes first.
+    order = sorted(range(len(labels)), key=lambda i: (probabilities[i], i), reverse=True)
     return Scores(
         labels=tuple(labels[i] for i in order),
         scores=tuple(float(probabilities[i]) for i in order),

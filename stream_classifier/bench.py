@@ -1,0 +1,456 @@
+"""``stream-classifier bench``: our engine against the Hugging Face pipeline, same events.
+
+Builds a random-weight StructBERT of a chosen shape (a generated 21128-token Chinese
+vocabulary, saved like a ModelScope checkpoint and loaded through the engine's own loading
+code) and the synthetic workload of ``ENGINE.md``: Chinese-character texts with lognormal
+lengths (median 60 tokens, sigma 0.7, clipped to 8..480), the template
+``这篇文章的标题是{}``, labels of 2 to 5 characters. In one process it runs the Hugging
+Face ``zero-shot-classification`` pipeline (fp16, ``batch_size=64`` on a GPU; fp32 on a
+CPU) and our engine on the same events and prints one table: msgs/s, pairs/s, MFU against
+a matrix-product peak measured here, peak GPU memory, speed-up, and the largest score
+difference between the two.
+
+Needs only torch, transformers, numpy and the project's config module (no Kafka client).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import platform
+import queue
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_classifier.config import EngineConfig
+from stream_classifier.engine.base import Prepared, Scores
+from stream_classifier.engine.nli import Backend, NliEngine, load_classifier, load_tokenizer
+
+TEMPLATE = "这篇文章的标题是{}"
+VOCAB_SIZE = 21128
+CJK_FIRST = 0x4E00
+#: Characters texts and labels are drawn from (all single tokens of the vocabulary).
+TEXT_CHARS = 6000
+MEDIAN_TOKENS = 60
+SIGMA = 0.7
+MIN_TOKENS, MAX_TOKENS = 8, 480
+ID2LABEL = {0: "entailment", 1: "neutral", 2: "contradiction"}
+
+
+@dataclass(frozen=True)
+class Shape:
+    layers: int
+    hidden: int
+    heads: int
+    intermediate: int
+
+    @property
+    def weights(self) -> int:
+        """Non-embedding matrix weights (what ENGINE.md's F(L) counts)."""
+        return self.layers * (4 * self.hidden**2 + 2 * self.hidden * self.intermediate)
+
+    def flops(self, length: int) -> float:
+        """Forward FLOPs of one pair of ``length`` tokens: matrices plus attention."""
+        return float(length * (2 * self.weights + 4 * self.layers * self.hidden * length))
+
+
+SHAPES = {
+    "tiny": Shape(layers=4, hidden=312, heads=12, intermediate=1248),
+    "base": Shape(layers=12, hidden=768, heads=12, intermediate=3072),
+    "large": Shape(layers=24, hidden=1024, heads=16, intermediate=4096),
+}
+
+
+@dataclass(frozen=True)
+class Event:
+    text: str
+    labels: tuple[str, ...]
+
+
+@dataclass
+class Result:
+    """One row of the table."""
+
+    method: str
+    labels: int
+    messages: int
+    seconds: float
+    pairs: int
+    flops: float
+    peak_memory_gb: float | None
+    msgs_per_s: float = 0.0
+    pairs_per_s: float = 0.0
+    mfu: float = 0.0
+    speedup: float = 1.0
+    max_score_diff: float | None = None
+    max_diff_vs_fp32: float | None = None
+    extra: dict[str, float] = field(default_factory=dict)
+
+    def finish(self, peak_flops: float) -> Result:
+        self.msgs_per_s = self.messages / self.seconds
+        self.pairs_per_s = self.pairs / self.seconds
+        self.mfu = self.flops / self.seconds / peak_flops
+        return self
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    shape: str = "tiny"
+    messages: int = 2000
+    baseline_messages: int | None = None
+    labels: tuple[int, ...] = (4, 10)
+    device: str = "auto"
+    max_batch_tokens: int = 65536
+    batch_messages: int = 1024
+    multi_label: bool = False
+    backend: Backend = "auto"
+    reference_messages: int = 200
+    seed: int = 0
+
+
+# -- the model and the workload ------------------------------------------------------------
+
+
+def vocabulary() -> list[str]:
+    """A BERT-Chinese-like vocabulary of 21128 entries: specials, CJK, ``##`` pieces."""
+    specials = ["[PAD]"] + [f"[unused{i}]" for i in range(1, 100)]
+    specials += ["[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = [chr(CJK_FIRST + i) for i in range(VOCAB_SIZE - len(specials))]
+    pieces = specials + chars
+    return pieces[:VOCAB_SIZE]
+
+
+def build_model_dir(shape: Shape, directory: Path, seed: int) -> Path:
+    """Save a random-weight StructBERT zero-shot checkpoint (ModelScope layout)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.intermediate,
+        max_position_embeddings=512,
+        type_vocab_size=2,
+        num_labels=3,
+        id2label=ID2LABEL,
+        label2id={name: index for index, name in ID2LABEL.items()},
+    )
+    torch.manual_seed(seed)
+    model = BertForSequenceClassification(config)
+    with torch.no_grad():  # spread the scores so that a difference would show
+        model.classifier.weight.normal_(0.0, 0.5)
+    directory.mkdir(parents=True, exist_ok=True)
+    saved = config.to_dict()
+    saved["model_type"] = "structbert"
+    (directory / "config.json").write_text(json.dumps(saved, indent=1), encoding="utf-8")
+    (directory / "vocab.txt").write_text("\n".join(vocabulary()) + "\n", encoding="utf-8")
+    torch.save(model.state_dict(), directory / "pytorch_model.bin")
+    return directory
+
+
+def make_events(count: int, labels: int, seed: int) -> list[Event]:
+    """ENGINE.md's workload; one topic, so every message carries the same label set."""
+    rng = np.random.default_rng(seed)
+    pool = np.array([chr(CJK_FIRST + i) for i in range(TEXT_CHARS)])
+    lengths = rng.lognormal(math.log(MEDIAN_TOKENS), SIGMA, size=count)
+    lengths = np.clip(np.rint(lengths), MIN_TOKENS, MAX_TOKENS).astype(int)
+    names: list[str] = []
+    while len(names) < labels:
+        name = "".join(rng.choice(pool, size=int(rng.integers(2, 6))))
+        if name not in names:
+            names.append(name)
+    return [Event("".join(rng.choice(pool, size=int(n))), tuple(names)) for n in lengths]
+
+
+# -- measuring -----------------------------------------------------------------------------
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def matmul_peak(device: torch.device) -> float:
+    """FLOP/s of a large dense matrix product: 8192³ fp16 on a GPU, 2048³ fp32 on a CPU."""
+    size, dtype, repeats = (
+        (8192, torch.float16, 20) if device.type == "cuda" else (2048, torch.float32, 5)
+    )
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    torch.matmul(a, b)
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        synchronize(device)
+        times.append(time.perf_counter() - start)
+    return 2.0 * size**3 / float(np.median(times))
+
+
+def reset_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 1e9
+
+
+def weights_gb(model: torch.nn.Module) -> float:
+    return sum(p.numel() * p.element_size() for p in model.parameters()) / 1e9
+
+
+def run_baseline(
+    model_dir: Path, events: Sequence[Event], device: torch.device, multi_label: bool
+) -> tuple[list[dict[str, float]], float]:
+    """The Hugging Face pipeline: fp16, batch_size=64 on a GPU; fp32, batch 1 on a CPU."""
+    from transformers import pipeline
+
+    dtype = torch.float16 if device.type == "cuda" else torch.float32
+    model = load_classifier(model_dir, device, dtype)
+    classifier = pipeline(
+        "zero-shot-classification",
+        model=model,
+        tokenizer=load_tokenizer(model_dir),
+        device=device,
+        batch_size=64 if device.type == "cuda" else 1,
+    )
+    texts = [event.text for event in events]
+    kwargs = {"hypothesis_template": TEMPLATE, "multi_label": multi_label}
+    classifier(texts[:2], candidate_labels=list(events[0].labels), **kwargs)
+    reset_memory(device)
+    start = time.perf_counter()
+    outputs = classifier(texts, candidate_labels=list(events[0].labels), **kwargs)
+    synchronize(device)
+    seconds = time.perf_counter() - start
+    del classifier, model
+    return [dict(zip(o["labels"], o["scores"], strict=True)) for o in outputs], seconds
+
+
+def _micro_batches(
+    engine: NliEngine, events: Sequence[Event], size: int, multi_label: bool
+) -> Iterator[list[Prepared]]:
+    for start in range(0, len(events), size):
+        chunk = events[start : start + size]
+        yield [engine.prepare(e.text, e.labels, TEMPLATE, multi_label) for e in chunk]
+
+
+def run_ours(
+    engine: NliEngine, events: Sequence[Event], batch_messages: int, multi_label: bool
+) -> tuple[list[Scores], float]:
+    """Texts to scores: one thread prepares micro-batch k+1 while the model runs batch k."""
+    prepared: queue.Queue[list[Prepared] | None] = queue.Queue(maxsize=2)
+
+    def produce() -> None:
+        for chunk in _micro_batches(engine, events, batch_messages, multi_label):
+            prepared.put(chunk)
+        prepared.put(None)
+
+    start = time.perf_counter()
+    producer = threading.Thread(target=produce, daemon=True)
+    producer.start()
+    scores: list[Scores] = []
+    while (chunk := prepared.get()) is not None:
+        scores.extend(engine.classify(chunk))
+    producer.join()
+    return scores, time.perf_counter() - start
+
+
+def max_difference(ours: Sequence[Scores], theirs: Sequence[dict[str, float]]) -> float:
+    worst = 0.0
+    for mine, other in zip(ours, theirs, strict=False):
+        for label, value in zip(mine.labels, mine.scores, strict=True):
+            worst = max(worst, abs(value - other[label]))
+    return worst
+
+
+def as_dicts(scores: Sequence[Scores]) -> list[dict[str, float]]:
+    return [dict(zip(s.labels, s.scores, strict=True)) for s in scores]
+
+
+def pair_lengths(engine: NliEngine, events: Sequence[Event]) -> list[int]:
+    lengths: list[int] = []
+    for event in events:
+        pairs = engine.prepare(event.text, event.labels, TEMPLATE, False).payload
+        lengths.extend(int(n) for n in getattr(pairs, "lengths"))  # noqa: B009
+    return lengths
+
+
+# -- one bench -----------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    options: BenchOptions
+    shape: Shape
+    model_dir: Path
+    device: torch.device
+    peak_flops: float
+    engine: NliEngine
+    warmup_s: float
+    reference: NliEngine | None
+
+
+def bench_labels(context: Context, labels: int) -> list[Result]:
+    """Baseline and ours for one label count, on the same events."""
+    options, device, engine = context.options, context.device, context.engine
+    events = make_events(options.messages, labels, options.seed + labels)
+    baseline_count = min(options.baseline_messages or options.messages, options.messages)
+    lengths = pair_lengths(engine, events)
+    per_message = labels
+
+    theirs, base_s = run_baseline(
+        context.model_dir, events[:baseline_count], device, options.multi_label
+    )
+    base_pairs = lengths[: baseline_count * per_message]
+    baseline = Result(
+        method=_baseline_name(device),
+        labels=labels,
+        messages=baseline_count,
+        seconds=base_s,
+        pairs=len(base_pairs),
+        flops=sum(context.shape.flops(n) for n in base_pairs),
+        peak_memory_gb=peak_memory_gb(device),
+    ).finish(context.peak_flops)
+
+    reset_memory(device)
+    scores, ours_s = run_ours(engine, events, options.batch_messages, options.multi_label)
+    synchronize(device)
+    ours = Result(
+        method=f"stream-classifier ({engine.backend}, {_dtype_name(engine)})",
+        labels=labels,
+        messages=len(events),
+        seconds=ours_s,
+        pairs=len(lengths),
+        flops=sum(context.shape.flops(n) for n in lengths),
+        peak_memory_gb=peak_memory_gb(device),
+        extra={"warmup_s": context.warmup_s, "weights_gb": weights_gb(engine.model)},
+    ).finish(context.peak_flops)
+    ours.speedup = ours.msgs_per_s / baseline.msgs_per_s
+    ours.max_score_diff = max_difference(scores, theirs)
+    _compare_with_fp32(context, events, scores, theirs, baseline, ours)
+    return [baseline, ours]
+
+
+def _compare_with_fp32(
+    context: Context,
+    events: Sequence[Event],
+    ours: Sequence[Scores],
+    theirs: Sequence[dict[str, float]],
+    baseline: Result,
+    result: Result,
+) -> None:
+    """Both against the same model in fp32 (the fidelity bar), on the first events."""
+    if context.reference is None:
+        return
+    count = min(context.options.reference_messages, len(events))
+    prepared = [
+        context.reference.prepare(e.text, e.labels, TEMPLATE, context.options.multi_label)
+        for e in events[:count]
+    ]
+    reference = context.reference.classify(prepared)
+    result.max_diff_vs_fp32 = max_difference(reference, as_dicts(ours[:count]))
+    baseline.max_diff_vs_fp32 = max_difference(reference, theirs[:count])
+
+
+def _baseline_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "HF pipeline (fp16, batch_size=64)"
+    return "HF pipeline (fp32, default batch)"
+
+
+def _dtype_name(engine: NliEngine) -> str:
+    return str(next(engine.model.parameters()).dtype).removeprefix("torch.")
+
+
+def prepare_context(options: BenchOptions, directory: Path) -> Context:
+    shape = SHAPES[options.shape]
+    model_dir = build_model_dir(shape, directory / f"structbert-{options.shape}", options.seed)
+    config = EngineConfig(model=str(model_dir), device=options.device)
+    engine = NliEngine.load(config, options.max_batch_tokens, backend=options.backend)
+    device = engine.device
+    start = time.perf_counter()
+    engine.warmup()
+    synchronize(device)
+    warmup_s = time.perf_counter() - start
+    reference = None
+    if device.type == "cuda" and options.reference_messages > 0:
+        fp32 = EngineConfig(model=str(model_dir), device=options.device, dtype="float32")
+        reference = NliEngine.load(fp32, options.max_batch_tokens, backend="padded")
+    peak = matmul_peak(device)
+    return Context(options, shape, model_dir, device, peak, engine, warmup_s, reference)
+
+
+def run_bench(options: BenchOptions) -> dict[str, Any]:
+    """Run every label count; the report as a JSON-ready dict."""
+    with tempfile.TemporaryDirectory(prefix="stream-classifier-bench-") as tmp:
+        context = prepare_context(options, Path(tmp))
+        results = [row for n in options.labels for row in bench_labels(context, n)]
+    return {
+        "options": asdict(options),
+        "environment": environment(context.device),
+        "peak_tflops": context.peak_flops / 1e12,
+        "results": [asdict(row) for row in results],
+    }
+
+
+def environment(device: torch.device) -> dict[str, str]:
+    import transformers
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor()
+    return {
+        "device": name or platform.machine(),
+        "cpu_threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "command": " ".join(sys.argv),
+    }
+
+
+def format_table(report: dict[str, Any]) -> str:
+    header = (
+        "| method | labels | msgs | msgs/s | pairs/s | MFU | peak GPU GB | speed-up "
+        "| max abs score diff vs HF | vs fp32 |"
+    )
+    lines = [
+        f"{report['environment']['device']}, peak {report['peak_tflops']:.0f} TFLOP/s "
+        f"(measured), shape {report['options']['shape']}",
+        header,
+        "|" + " --- |" * 10,
+    ]
+    for row in report["results"]:
+        memory = "-" if row["peak_memory_gb"] is None else f"{row['peak_memory_gb']:.2f}"
+        diff = "-" if row["max_score_diff"] is None else f"{row['max_score_diff']:.1e}"
+        ref = "-" if row["max_diff_vs_fp32"] is None else f"{row['max_diff_vs_fp32']:.1e}"
+        lines.append(
+            f"| {row['method']} | {row['labels']} | {row['messages']} "
+            f"| {row['msgs_per_s']:,.1f} | {row['pairs_per_s']:,.0f} | {row['mfu']:.3f} "
+            f"| {memory} | {row['speedup']:.1f}x | {diff} | {ref} |"
+        )
+    return "\n".join(lines)
+
+
+def main(options: BenchOptions, json_path: str | None) -> int:
+    report = run_bench(options)
+    print(format_table(report))
+    if json_path:
+        Path(json_path).write_text(json.dumps(report, indent=1), encoding="utf-8")
+    return 0

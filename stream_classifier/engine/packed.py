@@ -1,0 +1,242 @@
+"""A padding-free BERT classifier forward pass over packed token batches.
+
+Same weights and the same arithmetic as ``transformers.BertForSequenceClassification``
+(eval mode), reorganised for speed:
+
+- the tokens of all pairs sit in one ``[tokens, hidden]`` matrix, so every linear layer
+  runs on real tokens only (no padding rows);
+- query, key and value are one matrix product (weights concatenated at load);
+- attention is variable-length flash attention over ``cu_seqlens`` on a GPU (a padded
+  scaled-dot-product fallback elsewhere, used by the CPU tests);
+- the classifier reads only [CLS], so the last layer runs its attention queries, output
+  projection and feed-forward on the [CLS] rows alone.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import BertForSequenceClassification
+
+from stream_classifier.engine.batches import TokenBatch
+
+ENTAILMENT_CONTRADICTION = (0, 2)
+
+
+@dataclass(frozen=True)
+class LayerWeights:
+    qkv_weight: torch.Tensor
+    qkv_bias: torch.Tensor
+    out_weight: torch.Tensor
+    out_bias: torch.Tensor
+    norm1: tuple[torch.Tensor, torch.Tensor]
+    up_weight: torch.Tensor
+    up_bias: torch.Tensor
+    down_weight: torch.Tensor
+    down_bias: torch.Tensor
+    norm2: tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each sequence's tokens are: ``cu`` (int32 offsets) and the longest length.
+
+    ``rows``/``columns`` place the packed tokens in a padded ``[sequences, max_len]`` grid
+    (only the CPU fallback uses them).
+    """
+
+    cu: torch.Tensor
+    max_len: int
+    rows: torch.Tensor
+    columns: torch.Tensor
+
+    @property
+    def sequences(self) -> int:
+        return int(self.cu.shape[0]) - 1
+
+
+def _layer_weights(layer: Any) -> LayerWeights:
+    attention = layer.attention.self
+    qkv_weight = torch.cat(
+        [attention.query.weight, attention.key.weight, attention.value.weight]
+    ).contiguous()
+    qkv_bias = torch.cat([attention.query.bias, attention.key.bias, attention.value.bias])
+    out = layer.attention.output
+    return LayerWeights(
+        qkv_weight=qkv_weight,
+        qkv_bias=qkv_bias,
+        out_weight=out.dense.weight,
+        out_bias=out.dense.bias,
+        norm1=(out.LayerNorm.weight, out.LayerNorm.bias),
+        up_weight=layer.intermediate.dense.weight,
+        up_bias=layer.intermediate.dense.bias,
+        down_weight=layer.output.dense.weight,
+        down_bias=layer.output.dense.bias,
+        norm2=(layer.output.LayerNorm.weight, layer.output.LayerNorm.bias),
+    )
+
+
+class PackedBert:
+    """Callable: a :class:`TokenBatch` in, ``[pairs, 2]`` fp32 (entailment, contradiction)."""
+
+    def __init__(self, model: BertForSequenceClassification) -> None:
+        config = model.config
+        if getattr(config, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError("packed forward supports absolute position embeddings only")
+        if config.hidden_act != "gelu":
+            raise ValueError(f"packed forward supports hidden_act=gelu, not {config.hidden_act}")
+        embeddings = model.bert.embeddings
+        self.device = embeddings.word_embeddings.weight.device
+        self.heads = int(config.num_attention_heads)
+        self.head_dim = int(config.hidden_size) // self.heads
+        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.eps = float(config.layer_norm_eps)
+        self.word = embeddings.word_embeddings.weight
+        self.position = embeddings.position_embeddings.weight
+        self.token_type = embeddings.token_type_embeddings.weight
+        self.embedding_norm = (embeddings.LayerNorm.weight, embeddings.LayerNorm.bias)
+        with torch.no_grad():
+            self.layers = [_layer_weights(layer) for layer in model.bert.encoder.layer]
+        pooler = model.bert.pooler
+        if pooler is None:
+            raise ValueError("the classifier needs the pooler")
+        self.pooler = (pooler.dense.weight, pooler.dense.bias)
+        self.classifier = (model.classifier.weight, model.classifier.bias)
+        self.flash = self.device.type == "cuda"
+
+    def __call__(self, batch: TokenBatch) -> torch.Tensor:
+        tokens, layout = self._upload(batch)
+        hidden = self._embed(tokens)
+        cls_rows = layout.cu[:-1].long()
+        for layer in self.layers[:-1]:
+            hidden = self._layer(hidden, layer, layout)
+        cls_hidden = self._last_layer(hidden, self.layers[-1], layout, cls_rows)
+        pooled = torch.tanh(F.linear(cls_hidden, *self.pooler))
+        logits = F.linear(pooled, *self.classifier)
+        return logits[:, list(ENTAILMENT_CONTRADICTION)].float()
+
+    # -- inputs ------------------------------------------------------------------------
+
+    def _upload(self, batch: TokenBatch) -> tuple[torch.Tensor, Layout]:
+        """One host-to-device copy: ids, token types, positions and the offsets."""
+        offsets = batch.offsets()
+        host = np.concatenate([batch.ids, batch.token_types(), batch.positions(), offsets])
+        tensor = torch.from_numpy(host)
+        if self.device.type == "cuda":
+            tensor = tensor.pin_memory()
+        on_device = tensor.to(self.device, non_blocking=True)
+        tokens = on_device[: 3 * batch.tokens].view(3, batch.tokens)
+        cu = on_device[3 * batch.tokens :]
+        rows, columns = self._grid(batch, offsets)
+        return tokens, Layout(cu, batch.max_length, rows, columns)
+
+    def _grid(self, batch: TokenBatch, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.flash:
+            empty = torch.empty(0, dtype=torch.long, device=self.device)
+            return empty, empty
+        rows = np.repeat(np.arange(batch.rows), batch.lengths)
+        columns = np.arange(batch.tokens) - np.repeat(offsets[:-1], batch.lengths)
+        return torch.from_numpy(rows).to(self.device), torch.from_numpy(columns).to(self.device)
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        # Same order of additions as BertEmbeddings: words + token types, then positions.
+        hidden = F.embedding(tokens[0], self.word) + F.embedding(tokens[1], self.token_type)
+        hidden = hidden + F.embedding(tokens[2], self.position)
+        return F.layer_norm(hidden, hidden.shape[-1:], *self.embedding_norm, self.eps)
+
+    # -- encoder -----------------------------------------------------------------------
+
+    def _layer(self, hidden: torch.Tensor, weights: LayerWeights, layout: Layout) -> torch.Tensor:
+        qkv = F.linear(hidden, weights.qkv_weight, weights.qkv_bias)
+        qkv = qkv.view(hidden.shape[0], 3, self.heads, self.head_dim)
+        context = self._attend(qkv[:, 0], qkv[:, 1], qkv[:, 2], layout, layout)
+        return self._rest(hidden, context, weights)
+
+    def _last_layer(
+        self,
+        hidden: torch.Tensor,
+        weights: LayerWeights,
+        layout: Layout,
+        cls_rows: torch.Tensor,
+    ) -> torch.Tensor:
+        """The last layer for the [CLS] rows only: all keys and values, [CLS] queries."""
+        qkv = F.linear(hidden, weights.qkv_weight, weights.qkv_bias)
+        qkv = qkv.view(hidden.shape[0], 3, self.heads, self.head_dim)
+        query = qkv[cls_rows, 0]
+        sequences = layout.sequences
+        cls_layout = Layout(
+            torch.arange(sequences + 1, dtype=torch.int32, device=self.device),
+            1,
+            torch.arange(sequences, device=self.device),
+            torch.zeros(sequences, dtype=torch.long, device=self.device),
+        )
+        context = self._attend(query, qkv[:, 1], qkv[:, 2], cls_layout, layout)
+        return self._rest(hidden[cls_rows], context, weights)
+
+    def _rest(
+        self, hidden: torch.Tensor, context: torch.Tensor, weights: LayerWeights
+    ) -> torch.Tensor:
+        """Attention output projection, feed-forward, both residual LayerNorms."""
+        attended = F.linear(context.reshape(hidden.shape), weights.out_weight, weights.out_bias)
+        hidden = F.layer_norm(attended + hidden, hidden.shape[-1:], *weights.norm1, self.eps)
+        up = F.gelu(F.linear(hidden, weights.up_weight, weights.up_bias))
+        down = F.linear(up, weights.down_weight, weights.down_bias)
+        return F.layer_norm(down + hidden, hidden.shape[-1:], *weights.norm2, self.eps)
+
+    # -- attention ---------------------------------------------------------------------
+
+    def _attend(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        queries: Layout,
+        keys: Layout,
+    ) -> torch.Tensor:
+        """Attention of each query sequence over its own key sequence, ``[tokens, H, D]``."""
+        if self.flash:
+            result = torch.ops.aten._flash_attention_forward(
+                query,
+                key,
+                value,
+                queries.cu,
+                keys.cu,
+                queries.max_len,
+                keys.max_len,
+                0.0,
+                False,
+                False,
+                scale=self.scale,
+            )
+            return cast(torch.Tensor, result[0])
+        return self._padded_attention(query, key, value, queries, keys)
+
+    def _padded_attention(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        queries: Layout,
+        keys: Layout,
+    ) -> torch.Tensor:
+        def grid(packed: torch.Tensor, layout: Layout) -> torch.Tensor:
+            shape = (layout.sequences, layout.max_len, self.heads, self.head_dim)
+            padded = packed.new_zeros(shape)
+            padded[layout.rows, layout.columns] = packed
+            return padded.transpose(1, 2)
+
+        mask = torch.zeros(keys.sequences, keys.max_len, dtype=torch.bool, device=self.device)
+        mask[keys.rows, keys.columns] = True
+        context = F.scaled_dot_product_attention(
+            grid(query, queries),
+            grid(key, keys),
+            grid(value, keys),
+            attn_mask=mask[:, None, None, :],
+            scale=self.scale,
+        )
+        return context.transpose(1, 2)[queries.rows, queries.columns]

@@ -1,0 +1,70 @@
+from __future__ import annotations
+
+from stream_classifier.batcher import MicroBatcher
+from stream_classifier.config import TopicConfig
+from stream_classifier.engine.base import Prepared
+from stream_classifier.messages import ClassifyRequest, Envelope, SourceRef
+
+TOPIC = TopicConfig(input="in", output="out", dead_letter="dlq", labels=["a", "b"])
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def request(offset: int, tokens: int = 16, partition: int = 0) -> ClassifyRequest:
+    envelope = Envelope(SourceRef(topic="in", partition=partition, offset=offset), None, b"", [], 0)
+    req = ClassifyRequest(envelope, offset, "text", ("a", "b"), TOPIC)
+    req.prepared = Prepared(("a", "b"), False, tokens, None)
+    return req
+
+
+def test_batch_is_due_at_max_messages() -> None:
+    batcher = MicroBatcher(max_messages=3, max_tokens=10_000, max_wait_ms=1000, clock=Clock())
+    for offset in range(2):
+        batcher.add(request(offset))
+    assert not batcher.is_due()
+    batcher.add(request(2))
+    assert batcher.is_due()
+    assert not batcher.fits(request(3))
+
+
+def test_request_that_would_break_token_budget_does_not_fit() -> None:
+    batcher = MicroBatcher(max_messages=100, max_tokens=100, max_wait_ms=1000, clock=Clock())
+    batcher.add(request(0, tokens=60))
+    assert not batcher.fits(request(1, tokens=41))
+    assert batcher.fits(request(1, tokens=40))
+
+
+def test_oversized_request_forms_a_batch_of_its_own() -> None:
+    batcher = MicroBatcher(max_messages=100, max_tokens=100, max_wait_ms=1000, clock=Clock())
+    assert batcher.fits(request(0, tokens=5000))
+    batcher.add(request(0, tokens=5000))
+    assert batcher.is_due()
+
+
+def test_batch_is_due_when_first_request_waited_max_wait() -> None:
+    clock = Clock()
+    batcher = MicroBatcher(max_messages=100, max_tokens=10_000, max_wait_ms=20, clock=clock)
+    assert batcher.time_left() == float("inf")
+    batcher.add(request(0))
+    clock.now += 0.015
+    batcher.add(request(1))
+    assert not batcher.is_due()
+    clock.now += 0.005
+    assert batcher.is_due()
+    assert [r.event_id for r in batcher.take()] == [0, 1]
+    assert not batcher.is_due()
+
+
+def test_drop_removes_only_the_released_partitions() -> None:
+    batcher = MicroBatcher(max_messages=100, max_tokens=10_000, max_wait_ms=20, clock=Clock())
+    batcher.add(request(0, partition=0))
+    batcher.add(request(0, partition=1))
+    dropped = batcher.drop([("in", 1)])
+    assert [r.envelope.source.partition for r in dropped] == [1]
+    assert [r.envelope.source.partition for r in batcher.take()] == [0]

@@ -1,0 +1,121 @@
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stream_classifier.config import ConfigError, load_config
+
+VALID = {
+    "kafka": {"bootstrap_servers": "127.0.0.1:9092"},
+    "engine": {"kind": "nli", "model": "/models/structbert"},
+    "topics": [
+        {
+            "input": "comments",
+            "output": "comments.scored",
+            "dead_letter": "comments.dlq",
+            "labels": ["价格问题", "服务态度"],
+        }
+    ],
+}
+
+
+def write(tmp_path: Path, data: dict) -> Path:
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+    return path
+
+
+def with_topic(**changes: object) -> dict:
+    return {**VALID, "topics": [{**VALID["topics"][0], **changes}]}
+
+
+def test_load_config_valid_file_gives_defaults(tmp_path: Path) -> None:
+    config = load_config(write(tmp_path, VALID))
+    assert config.topics[0].hypothesis_template == "{}"
+    assert config.processing.max_batch_messages == 256
+    assert config.processing.guarantee == "at_least_once"
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "reason"),
+    [
+        ({**VALID, "engine": {"kind": "gpt"}}, "engine.kind", "'nli' or 'embedding'"),
+        (with_topic(labels=[]), "topics.0.labels", "at least 1 item"),
+        (with_topic(labels=["a", " "]), "topics.0.labels", "must not be empty"),
+        (with_topic(labels=["a", "b", "a"]), "topics.0.labels", "duplicate labels: a"),
+        (with_topic(output="comments"), "topics.0", "output topic must differ"),
+        (with_topic(hypothesis_template="about"), "topics.0.hypothesis_template", "'{}'"),
+        ({**VALID, "processing": {"max_batch_tokens": 100}}, "(top level)", "max_batch_tokens"),
+        ({**VALID, "kafka": {"bootstrap_server": "x"}}, "kafka.bootstrap_server", "unknown field"),
+        ({**VALID, "topicz": []}, "topicz", "unknown field"),
+        (with_topic(labels=["a", "b", "c"], max_labels=2), "topics.0", "max_labels is 2"),
+    ],
+)
+def test_load_config_bad_field_names_field_and_reason(
+    tmp_path: Path, data: dict, field: str, reason: str
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_config(write(tmp_path, data))
+    message = str(caught.value)
+    line = next((ln for ln in message.splitlines() if ln.strip().startswith(field + ":")), None)
+    assert line is not None, message
+    assert reason in line, message
+
+
+def test_load_config_batch_tokens_error_names_env_var(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="STREAM_CLASSIFIER_PROCESSING__MAX_BATCH_TOKENS"):
+        load_config(write(tmp_path, {**VALID, "processing": {"max_batch_tokens": 100}}))
+
+
+def test_load_config_environment_overrides_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data = {**VALID, "processing": {"max_batch_wait_ms": 50, "max_batch_messages": 8}}
+    monkeypatch.setenv("STREAM_CLASSIFIER_PROCESSING__MAX_BATCH_WAIT_MS", "5")
+    monkeypatch.setenv("STREAM_CLASSIFIER_KAFKA__BOOTSTRAP_SERVERS", "broker:9093")
+    config = load_config(write(tmp_path, data))
+    assert config.processing.max_batch_wait_ms == 5
+    assert config.processing.max_batch_messages == 8  # the file's value survives
+    assert config.kafka.bootstrap_servers == "broker:9093"
+
+
+def test_load_config_missing_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_validate_config_cli_exits_2_with_reason(tmp_path: Path) -> None:
+    path = write(tmp_path, with_topic(hypothesis_template="no slot"))
+    result = subprocess.run(
+        [sys.executable, "-m", "stream_classifier.cli", "validate-config", str(path)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    assert "topics.0.hypothesis_template" in result.stderr
+
+
+def test_run_with_bad_config_exits_before_touching_kafka(tmp_path: Path) -> None:
+    # The bootstrap address points nowhere: a config error must come first, and fast.
+    data = {**with_topic(labels=[]), "kafka": {"bootstrap_servers": "127.0.0.1:1"}}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream_classifier.cli",
+            "run",
+            "--config",
+            str(write(tmp_path, data)),
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "topics.0.labels" in result.stderr

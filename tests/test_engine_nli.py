@@ -1,0 +1,154 @@
+"""The NLI engine against golden outputs of the real ModelScope pipeline (tests/fixtures)."""
+
+from __future__ import annotations
+
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from stream_classifier.config import EngineConfig
+from stream_classifier.engine import EngineError, Scores, load_engine
+from stream_classifier.engine.nli import NliEngine, truncate_longest_first
+from stream_classifier.messages import parse_labels
+
+GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "golden.json").read_text("utf-8"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> NliEngine:
+    return NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), max_batch_tokens=2048)
+
+
+def prepare(engine: NliEngine, case: dict[str, Any]) -> Any:
+    labels = case["labels"]
+    if isinstance(labels, str):  # the pipeline's "a，b, c" form, parsed as it parses it
+        labels = parse_labels(labels)
+    return engine.prepare(case["text"], labels, case["hypothesis_template"], case["multi_label"])
+
+
+def assert_same_ranking(result: Scores, expected: dict[str, list[Any]]) -> None:
+    """Same scores within 1e-5, same order except among exact ties (the reference's own
+    order of tied labels depends on float32 noise in its batch rows)."""
+    assert dict(zip(result.labels, result.scores, strict=True)) == pytest.approx(
+        dict(zip(expected["labels"], expected["scores"], strict=True)), abs=1e-5
+    )
+    for ours, theirs, score in zip(
+        result.labels, expected["labels"], expected["scores"], strict=True
+    ):
+        if ours != theirs:
+            tied = expected["scores"][expected["labels"].index(ours)]
+            assert abs(tied - score) < 1e-6, (result.labels, expected["labels"])
+
+
+@pytest.mark.parametrize("case", GOLDEN, ids=[case["name"] for case in GOLDEN])
+def test_classify_one_message_matches_modelscope_pipeline(
+    engine: NliEngine, case: dict[str, Any]
+) -> None:
+    assert_same_ranking(engine.classify([prepare(engine, case)])[0], case["expected"])
+
+
+def test_classify_all_messages_in_one_batch_matches_modelscope_pipeline(
+    engine: NliEngine,
+) -> None:
+    results = engine.classify([prepare(engine, case) for case in GOLDEN])
+    for case, result in zip(GOLDEN, results, strict=True):
+        assert_same_ranking(result, case["expected"])
+
+
+def test_golden_covers_truncation_both_modes_and_languages() -> None:
+    names = " ".join(case["name"] for case in GOLDEN)
+    assert any(len(case["text"]) > 600 for case in GOLDEN)
+    assert {case["multi_label"] for case in GOLDEN} == {True, False}
+    assert any(case["text"].isascii() for case in GOLDEN)
+    assert "model_card" in names
+
+
+def test_single_label_uses_entailment_against_contradiction(engine: NliEngine) -> None:
+    prepared = engine.prepare("快递太慢", ["物流"], "{}", multi_label=False)
+    (result,) = engine.classify([prepared])
+    prepared_multi = engine.prepare("快递太慢", ["物流"], "{}", multi_label=True)
+    assert result.scores == engine.classify([prepared_multi])[0].scores
+    assert 0.0 < result.scores[0] < 1.0
+
+
+def remove_one_at_a_time(len_a: int, len_b: int, budget: int) -> tuple[int, int]:
+    """The Python BertTokenizer's original longest_first loop (transformers 3.x)."""
+    while len_a + len_b > budget:
+        if len_a > len_b:
+            len_a -= 1
+        else:
+            len_b -= 1
+    return len_a, len_b
+
+
+def test_truncate_longest_first_matches_the_python_tokenizer_rule() -> None:
+    rng = random.Random(7)
+    lengths = [(300, 300), (301, 300), (300, 301), (263, 264), (600, 5), (5, 600), (509, 1)]
+    lengths += [(rng.randint(0, 900), rng.randint(0, 900)) for _ in range(500)]
+    for len_a, len_b in lengths:
+        expected = remove_one_at_a_time(len_a, len_b, 509)
+        assert truncate_longest_first(len_a, len_b, 509) == expected, (len_a, len_b)
+
+
+def test_truncation_keeps_odd_token_on_the_text_like_the_reference() -> None:
+    # The Rust tokenizer would give (254, 255) here; the reference pipeline gives (255, 254).
+    assert truncate_longest_first(263, 264, 509) == (255, 254)
+
+
+def test_prepare_pair_ids_equal_the_tokenizer_pair_encoding(engine: NliEngine) -> None:
+    text = "The delivery was late, 快递三天还没到！" * 40
+    prepared = engine.prepare(text, ["物流配送", "price"], "这篇文章的标题是{}", False)
+    for ids, label in zip(prepared.payload.input_ids, ["物流配送", "price"], strict=True):
+        expected = engine.tokenizer(
+            text, f"这篇文章的标题是{label}", truncation=True, max_length=512
+        )
+        assert ids == expected["input_ids"]
+
+
+def test_load_engine_missing_local_dir_names_the_path(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match="does not exist"):
+        load_engine(EngineConfig(model=str(tmp_path / "nope"), device="cpu"), 4096)
+
+
+def test_load_engine_hub_id_offline_names_the_id_and_the_fix(tmp_path: Path) -> None:
+    config = EngineConfig(
+        model="damo/nlp_structbert_zero-shot-classification_chinese-tiny",
+        device="cpu",
+        cache_dir=str(tmp_path),
+    )
+    with pytest.raises(EngineError) as caught:
+        load_engine(config, 4096)
+    message = str(caught.value)
+    assert "damo/nlp_structbert_zero-shot-classification_chinese-tiny" in message
+    assert "STREAM_CLASSIFIER_ENGINE__MODEL" in message
+
+
+def test_classify_cli_prints_one_json_line_per_text(tiny_model: Path) -> None:
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "stream_classifier.cli",
+            "classify",
+            "--model",
+            str(tiny_model),
+            "--labels",
+            "家居,旅游,科技,军事,游戏,故事",
+            "--device",
+            "cpu",
+            "世界那么大，我想去看看",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    (line,) = result.stdout.splitlines()
+    record = json.loads(line)
+    case = next(c for c in GOLDEN if c["name"] == "model_card/single")
+    assert record["labels"] == case["expected"]["labels"]
+    assert record["scores"] == pytest.approx(case["expected"]["scores"], abs=1e-5)
