@@ -1,18 +1,56 @@
-"""Micro-batching: the sole owner of requests waiting for the engine.
+"""Micro-batching: the sole owner of events waiting for the engine.
 
-A batch closes at the first of: ``max_batch_messages`` requests, ``max_batch_tokens``
-(sum of the requests' padded pair lengths, the memory bound), or ``max_batch_wait_ms``
-since its first request arrived. A request bigger than the token budget on its own still
-forms a batch of one (the engine splits its pairs into budget-sized GPU batches).
+A batch closes at the first of: ``max_batch_messages`` events, ``max_batch_tokens`` (sum
+of the requests' padded pair lengths, the memory bound), or ``max_batch_wait_ms`` since its
+first event arrived. A request bigger than the token budget on its own still forms a batch
+of one (the engine splits its pairs into budget-sized GPU batches).
+
+Rejected events ride in the batch that is open when they arrive, at no token cost, so that
+every batch is a contiguous run of each partition's events: committing a batch's offsets
+commits exactly the events whose outputs (or dead letters) that batch wrote.
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
 
-from stream_classifier.messages import ClassifyRequest
+from stream_classifier.messages import ClassifyRequest, Rejection
 from stream_classifier.offsets import TopicPartition
+
+Item = ClassifyRequest | Rejection
+
+
+@dataclass
+class Batch:
+    """Events in the order they were consumed: requests to score and rejections to route."""
+
+    items: list[Item] = field(default_factory=list)
+
+    @property
+    def requests(self) -> list[ClassifyRequest]:
+        return [item for item in self.items if isinstance(item, ClassifyRequest)]
+
+    @property
+    def rejections(self) -> list[Rejection]:
+        return [item for item in self.items if isinstance(item, Rejection)]
+
+    def next_offsets(self) -> dict[TopicPartition, int]:
+        """Per partition, the offset after the batch's last event (what to commit)."""
+        offsets: dict[TopicPartition, int] = {}
+        for item in self.items:
+            source = item.envelope.source
+            tp = (source.topic, source.partition)
+            offsets[tp] = max(offsets.get(tp, 0), source.offset + 1)
+        return offsets
+
+    def without(self, partitions: Iterable[TopicPartition]) -> Batch:
+        gone = set(partitions)
+        return Batch([item for item in self.items if topic_partition(item) not in gone])
+
+    def __len__(self) -> int:
+        return len(self.items)
 
 
 class MicroBatcher:
@@ -27,40 +65,39 @@ class MicroBatcher:
         self.max_tokens = max_tokens
         self.max_wait_s = max_wait_ms / 1000.0
         self._clock = clock
-        self._pending: list[ClassifyRequest] = []
+        self._batch = Batch()
         self._tokens = 0
         self._opened_at: float | None = None
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._batch)
 
     @property
     def tokens(self) -> int:
         return self._tokens
 
-    def fits(self, request: ClassifyRequest) -> bool:
-        """Whether ``request`` can join the open batch without breaking a bound."""
-        if not self._pending:
+    def fits(self, item: Item) -> bool:
+        """Whether ``item`` can join the open batch without breaking a bound."""
+        if not self._batch.items:
             return True
         return (
-            len(self._pending) < self.max_messages
-            and self._tokens + _cost(request) <= self.max_tokens
+            len(self._batch) < self.max_messages and self._tokens + _cost(item) <= self.max_tokens
         )
 
-    def add(self, request: ClassifyRequest) -> None:
-        if not self.fits(request):
+    def add(self, item: Item) -> None:
+        if not self.fits(item):
             raise OverflowError("batch is full: take() it before adding more")
-        if not self._pending:
+        if not self._batch.items:
             self._opened_at = self._clock()
-        self._pending.append(request)
-        self._tokens += _cost(request)
+        self._batch.items.append(item)
+        self._tokens += _cost(item)
 
     def is_full(self) -> bool:
-        return len(self._pending) >= self.max_messages or self._tokens >= self.max_tokens
+        return len(self._batch) >= self.max_messages or self._tokens >= self.max_tokens
 
     def is_due(self) -> bool:
-        """Full, or its first request has waited ``max_batch_wait_ms``."""
-        return bool(self._pending) and (self.is_full() or self.time_left() <= 0.0)
+        """Full, or its first event has waited ``max_batch_wait_ms``."""
+        return bool(self._batch.items) and (self.is_full() or self.time_left() <= 0.0)
 
     def time_left(self) -> float:
         """Seconds until the open batch is due by time (inf when nothing is waiting)."""
@@ -68,30 +105,31 @@ class MicroBatcher:
             return float("inf")
         return self._opened_at + self.max_wait_s - self._clock()
 
-    def take(self) -> list[ClassifyRequest]:
-        batch, self._pending = self._pending, []
+    def take(self) -> Batch:
+        batch, self._batch = self._batch, Batch()
         self._tokens = 0
         self._opened_at = None
         return batch
 
-    def drop(self, partitions: Iterable[TopicPartition]) -> list[ClassifyRequest]:
-        """Remove and return the waiting requests of these partitions."""
-        gone = set(partitions)
-        dropped = [r for r in self._pending if _tp(r) in gone]
+    def drop(self, partitions: Iterable[TopicPartition]) -> int:
+        """Remove the waiting events of these partitions; return how many were dropped."""
+        kept = self._batch.without(partitions)
+        dropped = len(self._batch) - len(kept)
         if dropped:
-            kept = [r for r in self._pending if _tp(r) not in gone]
             opened_at = self._opened_at
             self.take()
-            for request in kept:
-                self.add(request)
-            if kept:
+            for item in kept.items:
+                self.add(item)
+            if kept.items:
                 self._opened_at = opened_at
         return dropped
 
 
-def _cost(request: ClassifyRequest) -> int:
-    return int(request.prepared.tokens) if request.prepared is not None else 0
+def topic_partition(item: Item) -> TopicPartition:
+    return item.envelope.source.topic, item.envelope.source.partition
 
 
-def _tp(request: ClassifyRequest) -> TopicPartition:
-    return request.envelope.source.topic, request.envelope.source.partition
+def _cost(item: Item) -> int:
+    if isinstance(item, ClassifyRequest) and item.prepared is not None:
+        return int(item.prepared.tokens)
+    return 0

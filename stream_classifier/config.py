@@ -41,6 +41,10 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+#: ``extra`` keys that would carry a secret past SecretStr (they would show in repr/logs).
+_SECRET_KEY_WORDS = ("password", "secret", "sasl.jaas", "sasl.oauthbearer.config")
+
+
 class KafkaConfig(_Section):
     bootstrap_servers: str = "127.0.0.1:9092"
     group_id: str = "stream-classifier"
@@ -48,8 +52,19 @@ class KafkaConfig(_Section):
     security_protocol: Literal["PLAINTEXT", "SSL", "SASL_PLAINTEXT", "SASL_SSL"] = "PLAINTEXT"
     sasl_mechanism: Literal["PLAIN", "SCRAM-SHA-256", "SCRAM-SHA-512"] | None = None
     sasl_username: str | None = None
+    #: The SASL password itself (env STREAM_CLASSIFIER_KAFKA__SASL_PASSWORD), or ...
     sasl_password: SecretStr | None = None
+    #: ... a file holding it (a mounted secret), read when the clients are built.
+    sasl_password_file: str | None = None
+    #: PEM file of the CA(s) that signed the brokers' certificates (None: system store).
     ssl_ca_location: str | None = None
+    #: Client certificate and key (PEM) for brokers that require TLS client auth.
+    ssl_certificate_location: str | None = None
+    ssl_key_location: str | None = None
+    ssl_key_password: SecretStr | None = None
+    ssl_key_password_file: str | None = None
+    #: Check the broker's host name against its certificate (https) or not (none).
+    ssl_endpoint_identification: Literal["https", "none"] = "https"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
     #: Passed to librdkafka as-is; the explicit fields above win over these.
     extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
@@ -60,10 +75,35 @@ class KafkaConfig(_Section):
             raise ValueError(
                 f"sasl_mechanism is required when security_protocol is {self.security_protocol}"
             )
+        if self.sasl_mechanism is not None and self.sasl_username is None:
+            raise ValueError(f"sasl_username is required for sasl_mechanism {self.sasl_mechanism}")
+        if self.sasl_mechanism is not None and not (self.sasl_password or self.sasl_password_file):
+            raise ValueError("sasl_password or sasl_password_file is required for SASL")
+        if self.sasl_password is not None and self.sasl_password_file is not None:
+            raise ValueError("set sasl_password or sasl_password_file, not both")
+        if self.ssl_key_password is not None and self.ssl_key_password_file is not None:
+            raise ValueError("set ssl_key_password or ssl_key_password_file, not both")
         return self
 
+    @field_validator("extra")
+    @classmethod
+    def _no_secrets_in_extra(
+        cls, extra: dict[str, str | int | float | bool]
+    ) -> dict[str, str | int | float | bool]:
+        secret = sorted(k for k in extra if any(word in k.lower() for word in _SECRET_KEY_WORDS))
+        if secret:
+            raise ValueError(
+                f"{', '.join(secret)}: secrets don't go in extra (it is not masked); use "
+                "sasl_password(_file) or ssl_key_password(_file)"
+            )
+        return extra
+
     def client_config(self) -> dict[str, str | int | float | bool]:
-        """librdkafka settings shared by the consumer and the producer."""
+        """librdkafka settings shared by the consumer and the producer.
+
+        The result holds secrets in clear text: never log it. Raises ConfigError when a
+        secret file cannot be read.
+        """
         config: dict[str, str | int | float | bool] = dict(self.extra)
         config.update(
             {
@@ -72,15 +112,31 @@ class KafkaConfig(_Section):
                 "security.protocol": self.security_protocol,
             }
         )
-        if self.sasl_mechanism is not None:
-            config["sasl.mechanism"] = self.sasl_mechanism
-        if self.sasl_username is not None:
-            config["sasl.username"] = self.sasl_username
-        if self.sasl_password is not None:
-            config["sasl.password"] = self.sasl_password.get_secret_value()
-        if self.ssl_ca_location is not None:
-            config["ssl.ca.location"] = self.ssl_ca_location
+        optional = {
+            "sasl.mechanism": self.sasl_mechanism,
+            "sasl.username": self.sasl_username,
+            "sasl.password": _secret(self.sasl_password, self.sasl_password_file, "sasl"),
+            "ssl.ca.location": self.ssl_ca_location,
+            "ssl.certificate.location": self.ssl_certificate_location,
+            "ssl.key.location": self.ssl_key_location,
+            "ssl.key.password": _secret(self.ssl_key_password, self.ssl_key_password_file, "ssl"),
+        }
+        config.update({key: value for key, value in optional.items() if value is not None})
+        if self.security_protocol in ("SSL", "SASL_SSL"):
+            config["ssl.endpoint.identification.algorithm"] = self.ssl_endpoint_identification
         return config
+
+
+def _secret(value: SecretStr | None, path: str | None, what: str) -> str | None:
+    """The secret's clear text, from the value or from its file (trailing newline dropped)."""
+    if value is not None:
+        return value.get_secret_value()
+    if path is None:
+        return None
+    try:
+        return Path(path).read_text(encoding="utf-8").rstrip("\r\n")
+    except OSError as exc:
+        raise ConfigError(f"cannot read the {what} secret file {path}: {exc.strerror}") from exc
 
 
 class ProcessingConfig(_Section):
@@ -93,7 +149,30 @@ class ProcessingConfig(_Section):
     #: SIGTERM: how long to finish the batch in hand and commit before closing anyway.
     shutdown_timeout_s: float = Field(30.0, gt=0)
     #: How long the producer may try to deliver one record before it counts as failed.
-    delivery_timeout_ms: int = Field(120_000, ge=1000)
+    delivery_timeout_ms: int = Field(30_000, ge=1000)
+    #: Scored batches waiting for the producer at most (beyond it, partitions are paused).
+    max_pending_batches: int = Field(2, ge=1, le=64)
+    #: exactly_once: the producer's transactional.id; stable per instance so a restart
+    #: fences its previous incarnation. Default: "<group_id>-<hostname>".
+    transactional_id: str | None = None
+    #: exactly_once: the broker aborts a transaction open longer than this.
+    transaction_timeout_ms: int = Field(60_000, ge=1000, le=900_000)
+
+    @model_validator(mode="after")
+    def _transaction_outlives_its_batch(self) -> ProcessingConfig:
+        if self.guarantee != "exactly_once":
+            return self
+        if self.delivery_timeout_ms > self.transaction_timeout_ms:
+            raise ValueError(
+                f"delivery_timeout_ms ({self.delivery_timeout_ms}) must not exceed "
+                f"transaction_timeout_ms ({self.transaction_timeout_ms}) under exactly_once"
+            )
+        if self.transaction_timeout_ms < 10 * self.max_batch_wait_ms + 10_000:
+            raise ValueError(
+                f"transaction_timeout_ms ({self.transaction_timeout_ms}) leaves too little room "
+                f"for one micro-batch: make it at least 10 x max_batch_wait_ms + 10000 ms"
+            )
+        return self
 
 
 #: The model each engine kind loads when ``engine.model`` is not set.

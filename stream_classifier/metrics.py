@@ -79,6 +79,31 @@ class Metrics:
         self.assigned_partitions = Gauge(
             PREFIX + "assigned_partitions", "Partitions assigned to this process", registry=r
         )
+        self.paused_partitions = Gauge(
+            PREFIX + "paused_partitions", "Partitions paused by backpressure", registry=r
+        )
+        self.consumer_lag = Gauge(
+            PREFIX + "consumer_lag",
+            "Messages between the committed offset and the partition end (librdkafka stats)",
+            ["topic", "partition"],
+            registry=r,
+        )
+        self.transactions = Counter(
+            PREFIX + "transactions", "Kafka transactions (exactly-once)", ["result"], registry=r
+        )
+        # GPU, sampled through NVML by stream_classifier.gpu (no samples without a GPU).
+        self.gpu_memory_used = Gauge(
+            PREFIX + "gpu_memory_used_bytes", "GPU memory in use (NVML)", ["gpu"], registry=r
+        )
+        self.gpu_memory_total = Gauge(
+            PREFIX + "gpu_memory_total_bytes", "GPU memory installed (NVML)", ["gpu"], registry=r
+        )
+        self.gpu_utilization = Gauge(
+            PREFIX + "gpu_utilization_ratio",
+            "Fraction of the last sample period a kernel ran on the GPU (NVML, 0..1)",
+            ["gpu"],
+            registry=r,
+        )
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

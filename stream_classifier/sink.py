@@ -13,7 +13,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
 from stream_classifier.messages import HEADER_PREFIX, Envelope, Headers, SourceRef
 
@@ -26,6 +26,10 @@ class SinkError(Exception):
     """An output could not be delivered; nothing at or after its offset may be committed."""
 
 
+class TransactionAborted(Exception):
+    """The transaction failed in a way that needs an abort: redo its events."""
+
+
 class KafkaSink:
     def __init__(self, producer_config: dict[str, Any], on_delivered: DeliveredCallback) -> None:
         self._config = producer_config
@@ -36,6 +40,45 @@ class KafkaSink:
 
     def start(self) -> None:
         self._producer = Producer(self._config)
+        if "transactional.id" in self._config:
+            # Fences an earlier incarnation with the same id and aborts what it left open.
+            self._call(lambda: self.producer.init_transactions(30.0), "init_transactions")
+
+    # -- transactions (exactly-once) -----------------------------------------------------
+
+    def begin(self) -> None:
+        self._call(self.producer.begin_transaction, "begin_transaction")
+
+    def commit(self, offsets: list[TopicPartition], group_metadata: object) -> None:
+        """Add the consumed offsets to the transaction and commit it."""
+        if offsets:
+            self._call(
+                lambda: self.producer.send_offsets_to_transaction(offsets, group_metadata, 30.0),
+                "send_offsets_to_transaction",
+            )
+        self._call(lambda: self.producer.commit_transaction(60.0), "commit_transaction")
+        self.check()
+
+    def abort(self) -> None:
+        self._call(lambda: self.producer.abort_transaction(60.0), "abort_transaction")
+        with self._lock:
+            self._failure = None  # the aborted records' failures died with them
+
+    def _call(self, operation: Callable[[], object], name: str) -> None:
+        """Run a transactional call: retry what is retriable, classify the rest."""
+        for _attempt in range(10):
+            try:
+                operation()
+                return
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.retriable():
+                    log.warning("%s: %s, retrying", name, error.str())
+                    continue
+                if error.txn_requires_abort():
+                    raise TransactionAborted(f"{name}: {error.str()}") from exc
+                raise SinkError(f"{name} failed: {error.str()} (fatal={error.fatal()})") from exc
+        raise SinkError(f"{name} still failing after 10 retriable errors")
 
     @property
     def producer(self) -> Producer:

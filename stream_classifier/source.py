@@ -88,6 +88,30 @@ class KafkaSource:
     def assignment(self) -> list[TP]:
         return _tps(self.consumer.assignment())
 
+    def pause_all(self) -> None:
+        """Stop fetching (consume() keeps serving the group); fetched data is re-read later."""
+        assigned = self.consumer.assignment()
+        if assigned:
+            self.consumer.pause(assigned)
+
+    def resume_all(self) -> None:
+        assigned = self.consumer.assignment()
+        if assigned:
+            self.consumer.resume(assigned)
+
+    def seek_to_committed(self, partitions: list[TP], fallback: dict[TP, int]) -> None:
+        """Read these partitions again from their committed offsets (or ``fallback``)."""
+        if not partitions:
+            return
+        committed = self.consumer.committed(
+            [TopicPartition(topic, part) for topic, part in partitions], timeout=30
+        )
+        for tp in committed:
+            offset = tp.offset if tp.offset >= 0 else fallback.get((tp.topic, tp.partition))
+            if offset is None:
+                continue
+            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+
     def close(self) -> None:
         if self._consumer is not None:
             self._consumer.close()

@@ -3,7 +3,7 @@ from __future__ import annotations
 from stream_classifier.batcher import MicroBatcher
 from stream_classifier.config import TopicConfig
 from stream_classifier.engine.base import Prepared
-from stream_classifier.messages import ClassifyRequest, Envelope, SourceRef
+from stream_classifier.messages import ClassifyRequest, Envelope, Rejection, SourceRef
 
 TOPIC = TopicConfig(input="in", output="out", dead_letter="dlq", labels=["a", "b"])
 
@@ -57,7 +57,7 @@ def test_batch_is_due_when_first_request_waited_max_wait() -> None:
     assert not batcher.is_due()
     clock.now += 0.005
     assert batcher.is_due()
-    assert [r.event_id for r in batcher.take()] == [0, 1]
+    assert [r.event_id for r in batcher.take().requests] == [0, 1]
     assert not batcher.is_due()
 
 
@@ -65,6 +65,16 @@ def test_drop_removes_only_the_released_partitions() -> None:
     batcher = MicroBatcher(max_messages=100, max_tokens=10_000, max_wait_ms=20, clock=Clock())
     batcher.add(request(0, partition=0))
     batcher.add(request(0, partition=1))
-    dropped = batcher.drop([("in", 1)])
-    assert [r.envelope.source.partition for r in dropped] == [1]
-    assert [r.envelope.source.partition for r in batcher.take()] == [0]
+    assert batcher.drop([("in", 1)]) == 1
+    assert [r.envelope.source.partition for r in batcher.take().requests] == [0]
+
+
+def test_rejections_ride_in_the_open_batch_and_count_in_its_offsets() -> None:
+    batcher = MicroBatcher(max_messages=100, max_tokens=10_000, max_wait_ms=20, clock=Clock())
+    batcher.add(request(4))
+    batcher.add(Rejection(request(5).envelope, "not_json", "bad"))
+    batcher.add(request(0, partition=1))
+    batch = batcher.take()
+    assert [r.event_id for r in batch.requests] == [4, 0]
+    assert [r.code for r in batch.rejections] == ["not_json"]
+    assert batch.next_offsets() == {("in", 0): 6, ("in", 1): 1}
