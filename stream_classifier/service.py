@@ -112,6 +112,7 @@ class Service:
         self._last_commit = clock()
         self._last_turn = clock()
         self._started = False
+        self.closing = False
 
     # -- client settings -----------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class Service:
             self._drain()
         finally:
             self._engine_thread.shutdown(wait=True, cancel_futures=True)
+            self.closing = True  # close() revokes the assignment: nothing left to finish
             self.source.close()
             left = self.sink.close(timeout=5.0)
             if left:

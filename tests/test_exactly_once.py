@@ -1,0 +1,146 @@
+"""Exactly-once on the real broker: one transaction per micro-batch, aborts redone."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import RunningService, service_config
+from kafka_helpers import (
+    committed,
+    create_topics,
+    end_offsets,
+    produce,
+    read_all,
+    unique,
+    wait_until,
+)
+
+from stream_classifier.config import EngineConfig
+from stream_classifier.engine.nli import NliEngine
+from stream_classifier.service import Service
+from stream_classifier.sink import TransactionAborted
+
+pytestmark = pytest.mark.kafka
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path) -> NliEngine:
+    return NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), max_batch_tokens=4096)
+
+
+def eos_setup(bootstrap: str, partitions: int = 2) -> Any:
+    topics = {"input": unique("in"), "output": unique("out"), "dead_letter": unique("dlq")}
+    create_topics(bootstrap, list(topics.values()), partitions)
+    return service_config(
+        bootstrap,
+        [{**topics, "labels": ["spam", "ok"]}],
+        processing={
+            "guarantee": "exactly_once",
+            "max_batch_messages": 16,
+            "transactional_id": unique("txn"),
+        },
+    )
+
+
+def mixed(n: int) -> list[bytes]:
+    return [
+        b"not json" if i % 9 == 4 else json.dumps({"text": f"offer {i}"}).encode() for i in range(n)
+    ]
+
+
+def sources(records: list[Any], dead: bool = False) -> Counter[tuple[int, int]]:
+    if dead:
+        return Counter(
+            (
+                int(r.headers["stream-classifier.source.partition"]),
+                int(r.headers["stream-classifier.source.offset"]),
+            )
+            for r in records
+        )
+    return Counter(
+        (json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"])
+        for r in records
+    )
+
+
+def assert_exactly_once(bootstrap: str, config: Any, n: int, partitions: int = 2) -> None:
+    topic = config.topics[0]
+    values = mixed(n)
+    bad = values.count(b"not json")
+    outputs = sources(read_all(bootstrap, topic.output, n - bad + 1, timeout=15))
+    dead = sources(read_all(bootstrap, topic.dead_letter, bad + 1, timeout=5), dead=True)
+    assert sum(outputs.values()) == n - bad and max(outputs.values()) == 1
+    assert sum(dead.values()) == bad and max(dead.values()) == 1
+    assert not set(outputs) & set(dead)
+
+
+def test_exactly_once_every_event_once_and_offsets_in_the_transaction(
+    bootstrap: str, engine: NliEngine
+) -> None:
+    config = eos_setup(bootstrap)
+    n = 200
+    produce(bootstrap, config.topics[0].input, mixed(n), keys=[str(i).encode() for i in range(n)])
+    service = Service(config, engine)
+    with RunningService(service):
+        wait_until(
+            lambda: (
+                committed(bootstrap, config.kafka.group_id, config.topics[0].input, 2)
+                == end_offsets(bootstrap, config.topics[0].input, 2)
+            ),
+            90,
+            "offsets committed by the transactions",
+        )
+    assert_exactly_once(bootstrap, config, n)
+    assert service.metrics.transactions.labels("committed")._value.get() >= 2
+
+
+def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
+    bootstrap: str, engine: NliEngine
+) -> None:
+    config = eos_setup(bootstrap)
+    n = 120
+    produce(bootstrap, config.topics[0].input, mixed(n), keys=[str(i).encode() for i in range(n)])
+    service = Service(config, engine)
+    real_commit = service.sink.commit
+    aborts = []
+
+    def commit_failing_twice(offsets: Any, metadata: Any) -> None:
+        if len(aborts) < 2:
+            aborts.append(offsets)
+            raise TransactionAborted("simulated abortable error")
+        real_commit(offsets, metadata)
+
+    service.sink.commit = commit_failing_twice  # type: ignore[method-assign]
+    with RunningService(service):
+        wait_until(
+            lambda: (
+                committed(bootstrap, config.kafka.group_id, config.topics[0].input, 2)
+                == end_offsets(bootstrap, config.topics[0].input, 2)
+            ),
+            90,
+            "offsets committed after the aborts",
+        )
+    assert len(aborts) == 2
+    assert service.metrics.transactions.labels("aborted")._value.get() == 2
+    assert_exactly_once(bootstrap, config, n)
+
+
+def test_exactly_once_outputs_invisible_to_read_committed_until_commit(
+    bootstrap: str, engine: NliEngine
+) -> None:
+    config = eos_setup(bootstrap, partitions=1)
+    produce(bootstrap, config.topics[0].input, mixed(10))
+    service = Service(config, engine)
+    service.sink.commit = lambda offsets, metadata: (_ for _ in ()).throw(  # type: ignore[method-assign]
+        RuntimeError("crash before commit")
+    )
+    runner = RunningService(service)
+    with runner:
+        wait_until(lambda: runner.error is not None, 60, "the simulated crash")
+    # The records were written inside a transaction that never committed.
+    assert read_all(bootstrap, config.topics[0].output, 1, timeout=5) == []
+    assert committed(bootstrap, config.kafka.group_id, config.topics[0].input) == {0: -1001}
