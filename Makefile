@@ -9,7 +9,7 @@ BIN := $(VENV)/bin
 KAFKA_LOCAL := deploy/kafka/kafka-local
 export KAFKA_PORT ?= 9092
 
-.PHONY: env test lint typecheck pytest demo broker-start broker-stop schemas fixtures clean-env
+.PHONY: env tools test lint typecheck pytest demo broker-start broker-stop schemas fixtures clean-env
 
 env: $(VENV)/.complete
 	@$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . >/dev/null
@@ -29,7 +29,12 @@ lint: env
 typecheck: env
 	$(BIN)/mypy
 
-pytest: env broker-start
+# Debian's prometheus package: promtool for the rule tests, prometheus for the real scrape.
+tools:
+	@command -v promtool >/dev/null && command -v prometheus >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null)
+
+pytest: env tools broker-start
 	KAFKA_BOOTSTRAP=127.0.0.1:$(KAFKA_PORT) $(BIN)/pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest

@@ -1,7 +1,8 @@
 """``stream-classifier``: run the service, classify from the shell, check configs, write schemas.
 
 Exit codes: 0 done, 1 the service stopped on a failure (nothing past it was committed),
-2 bad configuration or arguments, 3 the engine could not load.
+2 bad configuration or arguments, 3 the engine could not load, 4 Kafka could not be used
+(unreachable, authentication or TLS failed, a configured topic missing).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ log = logging.getLogger("stream_classifier")
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_ENGINE = 3
+EXIT_KAFKA = 4
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -106,17 +108,29 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
+    stop = threading.Event()
+    _stop_on_signals(stop)  # first: a SIGTERM while the model loads still exits cleanly
     from stream_classifier.engine import EngineError, load_engine
+    from stream_classifier.gpu import start_gpu_sampler
     from stream_classifier.metrics import Metrics
+    from stream_classifier.preflight import PreflightError, check_kafka
     from stream_classifier.service import Service, ServiceError
     from stream_classifier.sink import SinkError
     from stream_classifier.source import SourceError
 
+    try:
+        check_kafka(config)
+    except PreflightError as exc:
+        print(f"kafka: {exc}", file=sys.stderr)
+        return EXIT_KAFKA
     metrics = Metrics()
     try:
         engine = load_engine(config.engine, config.processing.max_batch_tokens)
         log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
         engine.warmup()
+        if hasattr(engine, "prime"):  # embed each topic's label hypotheses once, now
+            for topic in config.topics:
+                engine.prime(topic.labels, topic.hypothesis_template)
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
         return EXIT_ENGINE
@@ -124,8 +138,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine.on_out_of_memory = lambda rows: metrics.oom_splits.inc()
     service = Service(config, engine, metrics)
     server = _start_health_server(config, metrics, service)
-    stop = threading.Event()
-    _stop_on_signals(stop)
+    gpu = start_gpu_sampler(metrics)
     try:
         service.run(stop)
     except (ServiceError, SinkError, SourceError, EngineError) as exc:
@@ -134,6 +147,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
+        if gpu is not None:
+            gpu.stop()
     log.info("stopped cleanly")
     return 0
 
@@ -164,7 +179,6 @@ def _stop_on_signals(stop: threading.Event) -> None:
 
 def cmd_classify(args: argparse.Namespace) -> int:
     from stream_classifier.engine import EngineError, load_engine
-
     from stream_classifier.messages import parse_labels
 
     labels = parse_labels(args.labels)

@@ -222,11 +222,11 @@ def cli_variants(templates: Sequence[str], label_lists: Sequence[str]) -> list[V
 class Progress:
     """A one-line progress bar on a terminal (nothing when disabled)."""
 
-    def __init__(self, total: int, enabled: bool, stream: TextIO = sys.stderr) -> None:
+    def __init__(self, total: int, enabled: bool, stream: TextIO | None = None) -> None:
         self.total = max(1, total)
         self.done = 0
         self.enabled = enabled
-        self.stream = stream
+        self.stream = stream if stream is not None else sys.stderr
 
     def advance(self, count: int, what: str) -> None:
         self.done += count
@@ -494,7 +494,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="CSV",
         help="also try these wordings, one per configured label, in order (repeatable)",
     )
-    parser.add_argument("--compare", type=Path, metavar="VARIANTS.yaml", help="variants file")
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="VARIANTS.yaml",
+        help="also try the variants in this file (repeatable)",
+    )
     parser.add_argument("--threshold", type=float, default=0.5, help="multi-label cut-off")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
@@ -540,8 +547,8 @@ def command(args: argparse.Namespace) -> int:
 
 def _variants(args: argparse.Namespace) -> list[Variant]:
     variants = cli_variants(args.compare_template, args.compare_labels)
-    if args.compare is not None:
-        variants += read_variants(args.compare)
+    for path in args.compare:
+        variants += read_variants(path)
     names = [BASELINE.name, *(v.name for v in variants)]
     if len(set(names)) != len(names):
         raise EvalError("two variants have the same name")
@@ -565,6 +572,8 @@ def _json_report(results: Sequence[Result], model_id: str) -> dict[str, Any]:
 
 def _setup(args: argparse.Namespace) -> tuple[EngineConfig, int, list[Task]]:
     """The engine to load, its token budget and the tasks, from a config or from flags."""
+    if args.batch_size < 1 or not 0.0 <= args.threshold <= 1.0:
+        raise EvalError("--batch-size must be 1 or more and --threshold within 0..1")
     if args.config:
         config = load_config(args.config)
         engine = _override(config.engine, args)

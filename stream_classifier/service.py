@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 
 #: Longest single wait on the consumer, so stop requests and timers are seen promptly.
 POLL_SLICE_S = 0.1
+#: exactly_once: /healthz fails after this many aborted transactions in a row.
+UNHEALTHY_ABORTS = 3
+#: exactly_once: longest pause between retries of an aborted transaction.
+ABORT_BACKOFF_MAX_S = 5.0
 #: librdkafka statistics (consumer lag) interval when metrics are on.
 STATS_INTERVAL_MS = 5000
 
@@ -113,6 +117,8 @@ class Service:
         self._last_turn = clock()
         self._started = False
         self.closing = False
+        #: exactly_once: transactions aborted in a row (a failing output makes it grow).
+        self._aborts_in_a_row = 0
 
     # -- client settings -----------------------------------------------------------------
 
@@ -146,6 +152,8 @@ class Service:
     def healthy(self) -> tuple[bool, str]:
         if self.sink.failed:
             return False, "output delivery failed"
+        if self._aborts_in_a_row >= UNHEALTHY_ABORTS:
+            return False, f"{self._aborts_in_a_row} transactions aborted in a row"
         stalled = self._clock() - self._last_turn
         if self._started and stalled > 60.0:
             return False, f"processing loop has not turned for {stalled:.0f}s"
@@ -356,7 +364,11 @@ class Service:
             self.metrics.transactions.labels("aborted").inc()
             self.sink.abort()
             self._rewind()
+            self._aborts_in_a_row += 1
+            # Back off so a permanent failure (a missing topic) retries slowly, not hot.
+            time.sleep(min(ABORT_BACKOFF_MAX_S, 0.1 * 2**self._aborts_in_a_row))
             return
+        self._aborts_in_a_row = 0
         self.metrics.transactions.labels("committed").inc()
         self.metrics.in_flight.dec(len(batch))
 

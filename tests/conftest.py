@@ -18,6 +18,10 @@ KAFKA_LOCAL = ROOT / "deploy" / "kafka" / "kafka-local"
 TINY_MODEL = ROOT / "tests" / "fixtures" / "tiny-structbert"
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--long", action="store_true", help="fault suite at full size (20,000)")
+
+
 @pytest.fixture(scope="session")
 def bootstrap() -> str:
     """The broker's address: $KAFKA_BOOTSTRAP, or a kafka-local broker started here."""

@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from confluent_kafka import Consumer, Producer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 
 
@@ -60,39 +60,84 @@ def produce(
     assert not errors, errors
 
 
+class TopicReader:
+    """An independent read_committed reader of every partition, from the beginning.
+
+    It assigns partitions directly (no group join), so reading again is cheap.
+    """
+
+    def __init__(self, bootstrap: str, topic: str) -> None:
+        self.topic = topic
+        self.records: list[Record] = []
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": unique("reader"),
+                "enable.auto.commit": False,
+                "isolation.level": "read_committed",
+            }
+        )
+        metadata = self._consumer.list_topics(topic, timeout=30)
+        partitions = sorted(metadata.topics[topic].partitions)
+        self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+
+    def poll(self, timeout: float) -> None:
+        for message in self._consumer.consume(num_messages=5000, timeout=timeout):
+            if message.error():
+                continue
+            self.records.append(
+                Record(
+                    topic=message.topic(),
+                    partition=message.partition(),
+                    offset=message.offset(),
+                    key=message.key(),
+                    value=message.value(),
+                    headers=dict(message.headers() or []),
+                    timestamp=message.timestamp()[1],
+                )
+            )
+
+    def read_until(self, count: int, timeout: float) -> list[Record]:
+        deadline = time.monotonic() + timeout
+        while len(self.records) < count and time.monotonic() < deadline:
+            self.poll(min(0.5, max(0.0, deadline - time.monotonic())))
+        return self.records
+
+    def read_to_end(self, timeout: float) -> list[Record]:
+        """Read until every partition's position reaches its end offset (or the deadline)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.poll(0.2)
+            if self.caught_up():
+                return self.records
+        raise AssertionError(f"{self.topic}: not at the end after {timeout:.0f}s")
+
+    def caught_up(self) -> bool:
+        for tp in self._consumer.position(self._consumer.assignment()):
+            high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
+            if high > 0 and tp.offset < high:
+                return False
+        return True
+
+    def close(self) -> None:
+        self._consumer.close()
+
+
+def read_to_end(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Record]:
+    reader = TopicReader(bootstrap, topic)
+    try:
+        return reader.read_to_end(timeout)
+    finally:
+        reader.close()
+
+
 def read_all(bootstrap: str, topic: str, count: int, timeout: float = 60.0) -> list[Record]:
     """Read from the beginning (read_committed) until ``count`` records or the deadline."""
-    consumer = Consumer(
-        {
-            "bootstrap.servers": bootstrap,
-            "group.id": unique("reader"),
-            "auto.offset.reset": "earliest",
-            "enable.auto.commit": False,
-            "isolation.level": "read_committed",
-        }
-    )
-    consumer.subscribe([topic])
-    records: list[Record] = []
-    deadline = time.monotonic() + timeout
+    reader = TopicReader(bootstrap, topic)
     try:
-        while len(records) < count and time.monotonic() < deadline:
-            for message in consumer.consume(num_messages=1000, timeout=0.5):
-                if message.error():
-                    continue
-                records.append(
-                    Record(
-                        topic=message.topic(),
-                        partition=message.partition(),
-                        offset=message.offset(),
-                        key=message.key(),
-                        value=message.value(),
-                        headers=dict(message.headers() or []),
-                        timestamp=message.timestamp()[1],
-                    )
-                )
+        return reader.read_until(count, timeout)
     finally:
-        consumer.close()
-    return records
+        reader.close()
 
 
 def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> dict[int, int]:

@@ -144,3 +144,37 @@ def test_exactly_once_outputs_invisible_to_read_committed_until_commit(
     # The records were written inside a transaction that never committed.
     assert read_all(bootstrap, config.topics[0].output, 1, timeout=5) == []
     assert committed(bootstrap, config.kafka.group_id, config.topics[0].input) == {0: -1001}
+
+
+def test_exactly_once_failing_output_is_unhealthy_commits_nothing_and_recovers(
+    bootstrap: str, engine: NliEngine
+) -> None:
+    config = eos_setup(bootstrap, partitions=1)
+    topic = config.topics[0]
+    config = config.model_copy(
+        update={
+            "kafka": config.kafka.model_copy(update={"extra": {"allow.auto.create.topics": False}}),
+            "processing": config.processing.model_copy(update={"delivery_timeout_ms": 2000}),
+            "topics": [topic.model_copy(update={"output": unique("missing")})],
+        }
+    )
+    produce(bootstrap, topic.input, mixed(30))
+    service = Service(config, engine)
+    with RunningService(service):
+        wait_until(lambda: not service.healthy()[0], 120, "repeated aborts to show")
+        wait_until(
+            lambda: service.metrics.transactions.labels("aborted")._value.get() >= 2,
+            60,
+            "the failing transaction to be aborted and retried",
+        )
+        assert committed(bootstrap, config.kafka.group_id, topic.input) == {0: -1001}
+        create_topics(bootstrap, [config.topics[0].output])
+        wait_until(
+            lambda: committed(bootstrap, config.kafka.group_id, topic.input) == {0: 30},
+            120,
+            "recovery once the topic exists",
+        )
+        assert service.healthy()[0]
+    outputs = sources(read_all(bootstrap, config.topics[0].output, 100, timeout=5))
+    assert sum(outputs.values()) == 30 - mixed(30).count(b"not json")
+    assert max(outputs.values()) == 1

@@ -43,12 +43,14 @@ class TokenBatch:
     def positions(self) -> np.ndarray:
         """Position of every token inside its pair."""
         starts = np.repeat(self.offsets()[:-1], self.lengths)
-        return np.arange(self.tokens, dtype=np.int32) - starts
+        positions: np.ndarray = np.arange(self.tokens, dtype=np.int32) - starts
+        return positions
 
     def token_types(self) -> np.ndarray:
         """0 for ``[CLS] A [SEP]``, 1 for ``B [SEP]``."""
         first_b = np.repeat(self.a_lengths + 2, self.lengths)
-        return (self.positions() >= first_b).astype(np.int32)
+        types: np.ndarray = (self.positions() >= first_b).astype(np.int32)
+        return types
 
     def take(self, rows: np.ndarray) -> TokenBatch:
         """The pairs ``rows`` (indices, any order), in that order."""

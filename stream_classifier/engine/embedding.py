@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -88,6 +89,7 @@ class EmbeddingEngine:
         #: Called with the number of rows whenever a batch ran out of memory and was split.
         self.on_out_of_memory: Callable[[int], None] = lambda rows: None
         self._labels: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._tokenizer_lock = threading.Lock()
 
     @classmethod
     def load(cls, config: EngineConfig, max_batch_tokens: int) -> EmbeddingEngine:
@@ -118,7 +120,10 @@ class EmbeddingEngine:
     # -- CPU side --------------------------------------------------------------------------
 
     def _token_ids(self, text: str) -> tuple[int, ...]:
-        encoded = self.tokenizer(text, truncation=True, max_length=self.max_length)
+        # prepare() runs on the consuming thread, hypotheses are tokenized on the engine's;
+        # a fast tokenizer must not be entered twice at once ("Already borrowed").
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(text, truncation=True, max_length=self.max_length)
         return tuple(int(i) for i in encoded["input_ids"])
 
     def prepare(
@@ -358,7 +363,7 @@ def load_encoder(model_dir: Path, device: torch.device, dtype: torch.dtype) -> t
     from transformers import AutoModel, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
 
     if not (model_dir / "config.json").is_file():
         raise EngineError(f"{model_dir} has no config.json (not a Hugging Face model directory)")

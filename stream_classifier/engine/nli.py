@@ -111,8 +111,10 @@ class NliEngine:
         max_batch_tokens: int,
         max_length: int = MAX_PAIR_TOKENS,
         backend: Backend = "auto",
+        compile_layers: bool = True,
     ) -> None:
         self.model = model
+        self.compile_layers = compile_layers
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.max_batch_tokens = max_batch_tokens
@@ -123,7 +125,10 @@ class NliEngine:
         self.pad_id = int(tokenizer.pad_token_id)
         #: Called with the number of rows whenever a batch ran out of memory and was split.
         self.on_out_of_memory: Callable[[int], None] = lambda rows: None
-        self._hypothesis_ids = functools.lru_cache(maxsize=65536)(self._tokenize)
+        # Cached on the tokenizer, not on self: no reference cycle keeps a dropped engine.
+        self._hypothesis_ids = functools.lru_cache(maxsize=65536)(
+            functools.partial(tokenize, tokenizer)
+        )
         self.backend = _pick_backend(backend, model)
         #: The model call; tests replace it to inject faults.
         self.forward: Forward = self._make_forward()
@@ -143,14 +148,13 @@ class NliEngine:
         if self.backend == "packed":
             from stream_classifier.engine.packed import PackedBert
 
-            return PackedBert(self.model)
+            return PackedBert(self.model, compile_layers=self.compile_layers)
         return functools.partial(padded_forward, self.model, self.pad_id)
 
     # -- CPU side --------------------------------------------------------------------------
 
     def _tokenize(self, text: str) -> tuple[int, ...]:
-        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        return tuple(int(i) for i in ids)
+        return tokenize(self.tokenizer, text)
 
     def prepare(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
@@ -181,25 +185,29 @@ class NliEngine:
     # -- model side ------------------------------------------------------------------------
 
     def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
-        if not batch:
-            return []
-        pair_sets = [_pair_set(item) for item in batch]
+        return self.classify_async(batch).result()
+
+    def classify_async(self, batch: Sequence[Prepared]) -> PendingScores:
+        """Queue every batch on the device and return at once; ``result()`` waits.
+
+        The caller can prepare (or queue) the next micro-batch while this one runs.
+        """
+        items = tuple(batch)
+        if not items:
+            return PendingScores(items, None)
+        pair_sets = [_pair_set(item) for item in items]
         everything = TokenBatch(
             np.concatenate([p.ids for p in pair_sets]),
             np.concatenate([p.lengths for p in pair_sets]),
             np.concatenate([p.a_lengths for p in pair_sets]),
         )
-        logits = self.logits(everything)
-        results: list[Scores] = []
-        start = 0
-        for item in batch:
-            stop = start + len(item.labels)
-            results.append(score(item.labels, logits[start:stop], item.multi_label))
-            start = stop
-        return results
+        return PendingScores(items, self._launch(everything))
 
     def logits(self, pairs: TokenBatch) -> np.ndarray:
         """(entailment, contradiction) logits in fp32 for every pair, in input order."""
+        return self._launch(pairs).wait()
+
+    def _launch(self, pairs: TokenBatch) -> PendingLogits:
         if self.backend == "packed":
             plan = packed_batches(pairs.lengths, self.max_batch_tokens)
         else:
@@ -207,10 +215,7 @@ class NliEngine:
         outputs: list[torch.Tensor] = []
         for rows in plan:
             self._run(pairs.take(rows), outputs)
-        gathered = torch.cat(outputs).cpu().numpy()  # the one device-to-host copy
-        result = np.empty_like(gathered)
-        result[np.concatenate(plan)] = gathered
-        return result
+        return PendingLogits(torch.cat(outputs), np.concatenate(plan))
 
     def _run(self, batch: TokenBatch, outputs: list[torch.Tensor]) -> None:
         """Queue one batch; on out-of-memory split it in two and retry each half."""
@@ -250,6 +255,60 @@ class NliEngine:
                     np.full(count, length - 3, dtype=np.int32),
                 )
             )
+
+
+class PendingLogits:
+    """Logits still on their way back: one non-blocking copy into pinned memory."""
+
+    def __init__(self, on_device: torch.Tensor, order: np.ndarray) -> None:
+        self._order = order
+        self._event: torch.cuda.Event | None = None
+        if on_device.device.type == "cuda":
+            self._host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
+            self._host.copy_(on_device, non_blocking=True)
+            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._event.record()
+        else:
+            self._host = on_device
+
+    def wait(self) -> np.ndarray:
+        """The logits in input order (blocks until the device is done)."""
+        if self._event is not None:
+            self._event.synchronize()
+        gathered = self._host.numpy()
+        result = np.empty_like(gathered)
+        result[self._order] = gathered
+        return result
+
+
+class PendingScores:
+    """The scores of a queued micro-batch; ``result()`` blocks until they are ready."""
+
+    def __init__(self, items: tuple[Prepared, ...], logits: PendingLogits | None) -> None:
+        self._items = items
+        self._logits = logits
+
+    def result(self) -> list[Scores]:
+        if self._logits is None:
+            return []
+        logits = self._logits.wait()
+        results: list[Scores] = []
+        start = 0
+        for item in self._items:
+            stop = start + len(item.labels)
+            results.append(score(item.labels, logits[start:stop], item.multi_label))
+            start = stop
+        return results
+
+
+def tokenize(tokenizer: BertTokenizer, text: str) -> tuple[int, ...]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return tuple(int(i) for i in ids)
+
+
+def tokenize_backend(tokenizer: BertTokenizer, text: str) -> tuple[int, ...]:
+    """The same ids straight from the Rust backend (transformers 5), skipping the wrapper."""
+    return tuple(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
 
 
 def _pick_backend(backend: Backend, model: BertForSequenceClassification) -> Backend:

@@ -14,7 +14,9 @@ Same weights and the same arithmetic as ``transformers.BertForSequenceClassifica
 
 from __future__ import annotations
 
+import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -25,7 +27,10 @@ from transformers import BertForSequenceClassification
 
 from stream_classifier.engine.batches import TokenBatch
 
+log = logging.getLogger(__name__)
+
 ENTAILMENT_CONTRADICTION = (0, 2)
+LayerFn = Callable[[torch.Tensor, "LayerWeights", "Layout"], torch.Tensor]
 
 
 @dataclass(frozen=True)
@@ -84,7 +89,7 @@ def _layer_weights(layer: Any) -> LayerWeights:
 class PackedBert:
     """Callable: a :class:`TokenBatch` in, ``[pairs, 2]`` fp32 (entailment, contradiction)."""
 
-    def __init__(self, model: BertForSequenceClassification) -> None:
+    def __init__(self, model: BertForSequenceClassification, compile_layers: bool = True) -> None:
         config = model.config
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("packed forward supports absolute position embeddings only")
@@ -108,13 +113,19 @@ class PackedBert:
         self.pooler = (pooler.dense.weight, pooler.dense.bias)
         self.classifier = (model.classifier.weight, model.classifier.bias)
         self.flash = self.device.type == "cuda"
+        #: One encoder layer; on a GPU compiled once (dynamic shapes) for all 24 layers,
+        #: which fuses bias+GELU and residual+LayerNorm into single kernels.
+        self.layer: LayerFn = self._layer
+        self._compiled = compile_layers and self.flash
+        if self._compiled:
+            self.layer = torch.compile(self._layer, dynamic=True)
 
     def __call__(self, batch: TokenBatch) -> torch.Tensor:
         tokens, layout = self._upload(batch)
         hidden = self._embed(tokens)
         cls_rows = layout.cu[:-1].long()
         for layer in self.layers[:-1]:
-            hidden = self._layer(hidden, layer, layout)
+            hidden = self._run_layer(hidden, layer, layout)
         cls_hidden = self._last_layer(hidden, self.layers[-1], layout, cls_rows)
         pooled = torch.tanh(F.linear(cls_hidden, *self.pooler))
         logits = F.linear(pooled, *self.classifier)
@@ -150,6 +161,20 @@ class PackedBert:
         return F.layer_norm(hidden, hidden.shape[-1:], *self.embedding_norm, self.eps)
 
     # -- encoder -----------------------------------------------------------------------
+
+    def _run_layer(
+        self, hidden: torch.Tensor, weights: LayerWeights, layout: Layout
+    ) -> torch.Tensor:
+        if not self._compiled:
+            return self._layer(hidden, weights, layout)
+        try:
+            return self.layer(hidden, weights, layout)
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop scoring
+            log.warning("torch.compile failed (%s); running the layers eagerly", exc)
+            self.layer, self._compiled = self._layer, False
+            return self._layer(hidden, weights, layout)
 
     def _layer(self, hidden: torch.Tensor, weights: LayerWeights, layout: Layout) -> torch.Tensor:
         qkv = F.linear(hidden, weights.qkv_weight, weights.qkv_bias)

@@ -1,0 +1,35 @@
+"""Fault suite options and its report (docs/RELIABILITY.md is made from it)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from faults.harness import REPORT
+
+
+@pytest.fixture
+def events(request: pytest.FixtureRequest) -> int:
+    """Events per fault run: small enough for CI, 20,000 with --long."""
+    return 20_000 if request.config.getoption("--long") else 1_500
+
+
+@pytest.fixture(params=["at_least_once", "exactly_once"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    if not REPORT:
+        return
+    header = ["fault", "mode", "events_in", "outputs", "dead_letters", "lost", "duplicated"]
+    terminalreporter.section("fault suite counts")
+    terminalreporter.write_line(" | ".join(header))
+    for row in REPORT:
+        terminalreporter.write_line(" | ".join(str(row[key]) for key in header))
+    path = os.environ.get("FAULT_REPORT")
+    if path:
+        Path(path).write_text(json.dumps(REPORT, indent=2), encoding="utf-8")

@@ -1,0 +1,219 @@
+"""Fault-suite harness: service processes, an outside producer, and independent counts.
+
+Every run records one row (fault, mode, events in, outputs, dead letters, lost,
+duplicated) in the session report that ``tests/faults/conftest.py`` prints and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections import Counter
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from conftest import TINY_MODEL
+from kafka_helpers import (
+    TopicReader,
+    committed,
+    create_topics,
+    end_offsets,
+    produce,
+    read_to_end,
+    unique,
+    wait_until,
+)
+
+BAD_EVENT = b"{malformed"
+REPORT: list[dict[str, Any]] = []
+
+
+@dataclass
+class Counts:
+    fault: str
+    mode: str
+    events_in: int
+    outputs: int
+    dead_letters: int
+    lost: int
+    duplicated: int
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+class FaultRun:
+    """One input topic with its output and dead-letter topics, and the processes on it."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        mode: str,
+        tmp_path: Path,
+        partitions: int = 3,
+        create_output: bool = True,
+        **processing: Any,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.mode = mode
+        self.partitions = partitions
+        self.tmp_path = tmp_path
+        self.input, self.output, self.dead_letter = unique("in"), unique("out"), unique("dlq")
+        self.group = unique("group")
+        topics = [self.input, self.dead_letter] + ([self.output] if create_output else [])
+        create_topics(bootstrap, topics, partitions)
+        self.values: list[bytes] = []
+        self._output_reader: TopicReader | None = None
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.config_path = tmp_path / "config.yaml"
+        self._write_config(processing)
+
+    def _write_config(self, processing: dict[str, Any]) -> None:
+        config = {
+            "kafka": {
+                "bootstrap_servers": self.bootstrap,
+                "group_id": self.group,
+                "extra": {"allow.auto.create.topics": False},
+            },
+            "processing": {
+                "guarantee": self.mode,
+                "max_batch_messages": 64,
+                "max_batch_wait_ms": 10,
+                "commit_interval_ms": 200,
+                "shutdown_timeout_s": 20,
+                **processing,
+            },
+            "engine": {"kind": "nli", "model": str(TINY_MODEL), "device": "cpu"},
+            "metrics": {"enabled": False},
+            "topics": [
+                {
+                    "input": self.input,
+                    "output": self.output,
+                    "dead_letter": self.dead_letter,
+                    "labels": ["spam", "harassment", "self-harm", "safe"],
+                }
+            ],
+        }
+        self.config_path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    # -- processes -----------------------------------------------------------------------
+
+    def start(self, **env: str) -> subprocess.Popen[bytes]:
+        index = len(self.processes)
+        log = (self.tmp_path / f"service-{index}.log").open("ab")
+        process_env = {
+            **os.environ,
+            "STREAM_CLASSIFIER_PROCESSING__TRANSACTIONAL_ID": f"{self.group}-{index % 8}",
+            **env,
+        }
+        process = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "stream_classifier.cli",
+                "run",
+                "--config",
+                str(self.config_path),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env=process_env,
+        )
+        self.processes.append(process)
+        return process
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        process.send_signal(signal.SIGKILL)
+        process.wait(30)
+
+    def terminate_all(self, timeout: float = 60) -> list[int]:
+        codes = []
+        for process in self.processes:
+            if process.poll() is None:
+                process.send_signal(signal.SIGTERM)
+        for process in self.processes:
+            codes.append(process.wait(timeout))
+        return codes
+
+    def logs(self) -> str:
+        return "\n".join(
+            p.read_text(errors="replace")[-3000:]
+            for p in sorted(self.tmp_path.glob("service-*.log"))
+        )
+
+    # -- events --------------------------------------------------------------------------
+
+    def produce(self, n: int, bad_every: int = 10) -> None:
+        start = len(self.values)
+        values = [
+            BAD_EVENT
+            if (start + i) % bad_every == bad_every // 2
+            else json.dumps(
+                {"id": start + i, "text": f"event {start + i}: cheap pills here"}
+            ).encode()
+            for i in range(n)
+        ]
+        self.values += values
+        produce(
+            self.bootstrap, self.input, values, keys=[str(start + i).encode() for i in range(n)]
+        )
+
+    def scored_count(self) -> int:
+        if self._output_reader is None:
+            self._output_reader = TopicReader(self.bootstrap, self.output)
+        self._output_reader.poll(0.2)
+        return len(self._output_reader.records)
+
+    def wait_scored(self, at_least: int, timeout: float = 120) -> None:
+        wait_until(
+            lambda: self.scored_count() >= at_least, timeout, f"{at_least} outputs\n{self.logs()}"
+        )
+
+    def drained(self) -> bool:
+        return committed(self.bootstrap, self.group, self.input, self.partitions) == end_offsets(
+            self.bootstrap, self.input, self.partitions
+        )
+
+    def wait_drained(self, timeout: float = 180) -> None:
+        wait_until(self.drained, timeout, f"all offsets committed\n{self.logs()}")
+
+    # -- counting ------------------------------------------------------------------------
+
+    def count(self, fault: str) -> Counts:
+        """Read everything back with an independent read_committed consumer and compare."""
+        inputs = read_to_end(self.bootstrap, self.input)
+        outputs = read_to_end(self.bootstrap, self.output)
+        dead = read_to_end(self.bootstrap, self.dead_letter)
+        scored = Counter(
+            (json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"])
+            for r in outputs
+        )
+        rejected = Counter(
+            (
+                int(r.headers["stream-classifier.source.partition"]),
+                int(r.headers["stream-classifier.source.offset"]),
+            )
+            for r in dead
+        )
+        expected_good = {(r.partition, r.offset) for r in inputs if r.value != BAD_EVENT}
+        expected_bad = {(r.partition, r.offset) for r in inputs if r.value == BAD_EVENT}
+        lost = len(expected_good - set(scored)) + len(expected_bad - set(rejected))
+        duplicated = sum(c - 1 for c in scored.values()) + sum(c - 1 for c in rejected.values())
+        counts = Counts(fault, self.mode, len(inputs), len(outputs), len(dead), lost, duplicated)
+        REPORT.append(asdict(counts))
+        return counts
+
+    def assert_guarantee(self, counts: Counts) -> None:
+        assert counts.events_in == len(self.values)
+        assert counts.lost == 0, f"{counts}\n{self.logs()}"
+        if self.mode == "exactly_once":
+            assert counts.duplicated == 0, f"{counts}\n{self.logs()}"
