@@ -22,6 +22,7 @@ from stream_classifier.config import ConfigError, EngineConfig, ServiceConfig, l
 from stream_classifier.eval import add_arguments as add_eval_arguments
 
 if TYPE_CHECKING:  # the run command's modules import confluent_kafka; load them lazily
+    from stream_classifier.engine import Engine
     from stream_classifier.metrics import HealthServer, Metrics
     from stream_classifier.service import Service
 
@@ -110,7 +111,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     stop = threading.Event()
     _stop_on_signals(stop)  # first: a SIGTERM while the model loads still exits cleanly
-    from stream_classifier.engine import EngineError, load_engine
+    from stream_classifier.engine import EngineError
     from stream_classifier.gpu import start_gpu_sampler
     from stream_classifier.metrics import Metrics
     from stream_classifier.preflight import PreflightError, check_kafka
@@ -125,17 +126,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_KAFKA
     metrics = Metrics()
     try:
-        engine = load_engine(config.engine, config.processing.max_batch_tokens)
-        log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
-        engine.warmup()
-        if hasattr(engine, "prime"):  # embed each topic's label hypotheses once, now
-            for topic in config.topics:
-                engine.prime(topic.labels, topic.hypothesis_template)
+        engine = _ready_engine(config, metrics)
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
         return EXIT_ENGINE
-    if hasattr(engine, "on_out_of_memory"):
-        engine.on_out_of_memory = lambda rows: metrics.oom_splits.inc()
     service = Service(config, engine, metrics)
     server = _start_health_server(config, metrics, service)
     gpu = start_gpu_sampler(metrics)
@@ -151,6 +145,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             gpu.stop()
     log.info("stopped cleanly")
     return 0
+
+
+def _ready_engine(config: ServiceConfig, metrics: Metrics) -> Engine:
+    """Load, warm up at the largest batch, and prepare each topic's labels once."""
+    from stream_classifier.engine import load_engine
+
+    engine = load_engine(config.engine, config.processing.max_batch_tokens)
+    log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
+    engine.warmup()
+    if hasattr(engine, "prime"):  # embed each topic's label hypotheses once, now
+        for topic in config.topics:
+            engine.prime(topic.labels, topic.hypothesis_template)
+    if hasattr(engine, "on_out_of_memory"):
+        engine.on_out_of_memory = lambda rows: metrics.oom_splits.inc()
+    return engine
 
 
 def _start_health_server(

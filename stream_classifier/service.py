@@ -302,7 +302,7 @@ class Service:
 
     def _dead_letter(self, rejection: Rejection) -> None:
         topic = self._topics[rejection.envelope.source.topic]
-        log.info("dead letter %s: %s", rejection.code, rejection.reason)
+        log.debug("dead letter %s: %s", rejection.code, rejection.reason)
         self.metrics.dead_letters.labels(topic.input, rejection.code).inc()
         self.sink.send_dead_letter(
             topic.dead_letter, rejection.envelope, rejection.context().headers()

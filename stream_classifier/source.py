@@ -56,8 +56,14 @@ class KafkaSource:
         return self._consumer
 
     def consume(self, max_messages: int, timeout: float) -> list[Message]:
-        """Fetch up to ``max_messages``; transient errors are logged, fatal ones raise."""
-        messages = self.consumer.consume(num_messages=max_messages, timeout=timeout)
+        """Fetch up to ``max_messages``; transient errors are logged, fatal ones raise.
+
+        Waits up to ``timeout`` for the first message only, then takes what is already
+        fetched: consume(n, timeout) alone would hold a lone event until n arrive.
+        """
+        messages = self.consumer.consume(num_messages=1, timeout=timeout)
+        if messages and max_messages > 1:
+            messages += self.consumer.consume(num_messages=max_messages - 1, timeout=0)
         good: list[Message] = []
         for message in messages:
             error = message.error()

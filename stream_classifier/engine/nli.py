@@ -45,6 +45,9 @@ CONTRADICTION = 2
 #: Saved by the StructBERT checkpoints, not kept by transformers' BertModel.
 UNUSED_CHECKPOINT_KEYS = ("bert.embeddings.position_ids",)
 PAD_MULTIPLE = 8
+#: Token budget per batch on a CPU: larger batches stop fitting the caches (measured 2x
+#: slower at 65,536 than at 8,192 tokens on the tiny shape; docs/PERFORMANCE.md).
+CPU_BATCH_TOKENS = 8192
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 
 Backend = Literal["auto", "packed", "padded"]
@@ -208,10 +211,13 @@ class NliEngine:
         return self._launch(pairs).wait()
 
     def _launch(self, pairs: TokenBatch) -> PendingLogits:
+        budget = self.max_batch_tokens
+        if self.device.type == "cpu":
+            budget = min(budget, CPU_BATCH_TOKENS)
         if self.backend == "packed":
-            plan = packed_batches(pairs.lengths, self.max_batch_tokens)
+            plan = packed_batches(pairs.lengths, budget)
         else:
-            plan = padded_batches(pairs.lengths, self.max_batch_tokens, PAD_MULTIPLE)
+            plan = padded_batches(pairs.lengths, budget, PAD_MULTIPLE)
         outputs: list[torch.Tensor] = []
         for rows in plan:
             self._run(pairs.take(rows), outputs)

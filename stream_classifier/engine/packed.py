@@ -65,12 +65,21 @@ class Layout:
         return int(self.cu.shape[0]) - 1
 
 
+def _fuse_qkv(attention: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """One [3·hidden, hidden] matrix; the model's own q/k/v become views of it (no copy)."""
+    projections = (attention.query, attention.key, attention.value)
+    weight = torch.cat([p.weight for p in projections]).contiguous()
+    bias = torch.cat([p.bias for p in projections])
+    size = projections[0].weight.shape[0]
+    for index, projection in enumerate(projections):
+        rows = slice(index * size, (index + 1) * size)
+        projection.weight = torch.nn.Parameter(weight[rows], requires_grad=False)
+        projection.bias = torch.nn.Parameter(bias[rows], requires_grad=False)
+    return weight, bias
+
+
 def _layer_weights(layer: Any) -> LayerWeights:
-    attention = layer.attention.self
-    qkv_weight = torch.cat(
-        [attention.query.weight, attention.key.weight, attention.value.weight]
-    ).contiguous()
-    qkv_bias = torch.cat([attention.query.bias, attention.key.bias, attention.value.bias])
+    qkv_weight, qkv_bias = _fuse_qkv(layer.attention.self)
     out = layer.attention.output
     return LayerWeights(
         qkv_weight=qkv_weight,

@@ -82,7 +82,12 @@ class FaultRun:
             "kafka": {
                 "bootstrap_servers": self.bootstrap,
                 "group_id": self.group,
-                "extra": {"allow.auto.create.topics": False},
+                # A killed member's partitions move after 6 s, not librdkafka's 45 s.
+                "extra": {
+                    "allow.auto.create.topics": False,
+                    "session.timeout.ms": 6000,
+                    "heartbeat.interval.ms": 1000,
+                },
             },
             "processing": {
                 "guarantee": self.mode,
@@ -107,12 +112,13 @@ class FaultRun:
 
     # -- processes -----------------------------------------------------------------------
 
-    def start(self, **env: str) -> subprocess.Popen[bytes]:
+    def start(self, slot: int = 0, **env: str) -> subprocess.Popen[bytes]:
         index = len(self.processes)
         log = (self.tmp_path / f"service-{index}.log").open("ab")
         process_env = {
             **os.environ,
-            "STREAM_CLASSIFIER_PROCESSING__TRANSACTIONAL_ID": f"{self.group}-{index % 8}",
+            # Stable per instance: a restart takes the killed one's id and fences it.
+            "STREAM_CLASSIFIER_PROCESSING__TRANSACTIONAL_ID": f"{self.group}-{slot}",
             **env,
         }
         process = subprocess.Popen(
@@ -206,7 +212,9 @@ class FaultRun:
         )
         expected_good = {(r.partition, r.offset) for r in inputs if r.value != BAD_EVENT}
         expected_bad = {(r.partition, r.offset) for r in inputs if r.value == BAD_EVENT}
-        lost = len(expected_good - set(scored)) + len(expected_bad - set(rejected))
+        missing = sorted((expected_good - set(scored)) | (expected_bad - set(rejected)))
+        self.missing = missing
+        lost = len(missing)
         duplicated = sum(c - 1 for c in scored.values()) + sum(c - 1 for c in rejected.values())
         counts = Counts(fault, self.mode, len(inputs), len(outputs), len(dead), lost, duplicated)
         REPORT.append(asdict(counts))
@@ -214,6 +222,6 @@ class FaultRun:
 
     def assert_guarantee(self, counts: Counts) -> None:
         assert counts.events_in == len(self.values)
-        assert counts.lost == 0, f"{counts}\n{self.logs()}"
+        assert counts.lost == 0, f"{counts} missing {self.missing[:40]}\n{self.logs()}"
         if self.mode == "exactly_once":
             assert counts.duplicated == 0, f"{counts}\n{self.logs()}"
