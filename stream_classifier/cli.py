@@ -97,6 +97,13 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--reference-messages", type=int, default=200, help="fp32 check (GPU)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", metavar="FILE", help="also write the report as JSON")
+    pipeline = bench.add_argument_group("--pipeline: the Kafka path with a bench-only engine")
+    pipeline.add_argument("--pipeline", action="store_true", help="benchmark the Kafka path")
+    pipeline.add_argument("--bootstrap", default="127.0.0.1:9092", help="broker to use")
+    pipeline.add_argument("--events", type=int, default=100_000, help="pre-filled events")
+    pipeline.add_argument("--rate", type=int, default=5_000, help="msgs/s for the latency run")
+    pipeline.add_argument("--seconds", type=float, default=5.0, help="latency run length")
+    pipeline.add_argument("--cpu", type=int, help="pin the process to this CPU core")
     bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -233,6 +240,8 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    if args.pipeline:
+        return cmd_bench_pipeline(args)
     from stream_classifier import bench
 
     options = bench.BenchOptions(
@@ -249,6 +258,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seed=args.seed,
     )
     return bench.main(options, args.json)
+
+
+def cmd_bench_pipeline(args: argparse.Namespace) -> int:
+    import os
+
+    from stream_classifier import bench_pipeline
+
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    report = bench_pipeline.run_pipeline_bench(args.bootstrap, args.events, args.rate, args.seconds)
+    print(bench_pipeline.format_report(report))
+    if args.json:
+        Path(args.json).write_text(bench_pipeline.report_json(report), encoding="utf-8")
+    return 0
 
 
 class _JsonFormatter(logging.Formatter):

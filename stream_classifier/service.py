@@ -405,6 +405,9 @@ class Service:
 
     def _on_revoke(self, partitions: list[TopicPartition]) -> None:
         """Finish the batches already scoring, drop the rest of these partitions, commit."""
+        if self.closing:  # close() after the drain: everything is finished already
+            self._release(partitions)
+            return
         log.info("revoked %s: finishing the batches in hand", partitions)
         if not self.sink.failed:
             self._write_scored(wait=True)
