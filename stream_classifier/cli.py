@@ -8,6 +8,7 @@ Exit codes: 0 done, 1 the service stopped on a failure (nothing past it was comm
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import logging
 import signal
@@ -118,6 +119,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     config = load_config(args.config)
     stop = threading.Event()
     _stop_on_signals(stop)  # first: a SIGTERM while the model loads still exits cleanly
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
     from stream_classifier.engine import EngineError
     from stream_classifier.gpu import start_gpu_sampler
     from stream_classifier.metrics import Metrics

@@ -419,6 +419,13 @@ class Service:
     def _on_lost(self, partitions: list[TopicPartition]) -> None:
         log.warning("lost %s: dropping their queued events (they will be read again)", partitions)
         self._release(partitions)
+        if self.exactly_once:
+            # Batches already scoring may hold events of the lost partitions; once those come
+            # back their committed offsets are read again, so no old result may be written.
+            self._rewind()
+            # Losing the group means the cluster was unreachable: start the transactional
+            # producer afresh rather than trust its cached coordinators (see sink.restart).
+            self.sink.restart()
 
     def _release(self, partitions: list[TopicPartition]) -> None:
         gone = set(partitions)

@@ -37,12 +37,28 @@ class KafkaSink:
         self._producer: Producer | None = None
         self._failure: SinkError | None = None
         self._lock = threading.Lock()
+        #: Producers replaced by :meth:`restart`, kept so that destroying one cannot block.
+        self._retired: list[Producer] = []
 
     def start(self) -> None:
         self._producer = Producer(self._config)
         if "transactional.id" in self._config:
             # Fences an earlier incarnation with the same id and aborts what it left open.
             self._call(lambda: self.producer.init_transactions(30.0), "init_transactions")
+
+    def restart(self) -> None:
+        """A fresh transactional producer (same id) after the cluster lost track of us.
+
+        librdkafka can keep a stale group-coordinator entry after an outage, and then
+        ``send_offsets_to_transaction`` blocks past its timeout (librdkafka issues #5456,
+        #5511). A new producer looks the coordinators up again and fences the old one.
+        Call it only between transactions.
+        """
+        if self._producer is not None:
+            self._retired.append(self._producer)
+        with self._lock:
+            self._failure = None
+        self.start()
 
     # -- transactions (exactly-once) -----------------------------------------------------
 
@@ -68,7 +84,7 @@ class KafkaSink:
         """Run a transactional call: retry what is retriable, classify the rest."""
         for _attempt in range(10):
             try:
-                operation()
+                _within_deadline(operation, name)
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
@@ -164,3 +180,33 @@ def our_headers(model: str, truncated: bool) -> Headers:
     if truncated:
         headers.append((HEADER_PREFIX + "text-truncated", b"true"))
     return headers
+
+
+#: How long past its own timeout a transactional call may block before the process gives
+#: up on this producer (a known librdkafka hang; the supervisor restarts the process, whose
+#: new producer fences this one: nothing is lost or duplicated).
+HANG_MARGIN_S = 30.0
+CALL_TIMEOUT_S = 60.0
+
+
+def _within_deadline(operation: Callable[[], object], name: str) -> None:
+    """Run ``operation`` in a helper thread; raise SinkError if it hangs past its deadline."""
+    outcome: list[BaseException | None] = []
+
+    def target() -> None:
+        try:
+            operation()
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller below
+            outcome.append(exc)
+
+    worker = threading.Thread(target=target, name=f"txn-{name}", daemon=True)
+    worker.start()
+    worker.join(CALL_TIMEOUT_S + HANG_MARGIN_S)
+    if worker.is_alive():
+        raise SinkError(
+            f"{name} blocked for {CALL_TIMEOUT_S + HANG_MARGIN_S:.0f}s past any "
+            "timeout (librdkafka #5456): restarting the process is the way out"
+        )
+    if outcome and outcome[0] is not None:
+        raise outcome[0]

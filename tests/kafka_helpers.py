@@ -169,3 +169,17 @@ def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None
             return
         time.sleep(0.2)
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def wait_drained(
+    bootstrap: str, group: str, topic: str, partitions: int = 1, timeout: float = 90.0
+) -> None:
+    """Wait until the group's committed offsets equal the topic's end offsets."""
+    wait_until(
+        lambda: (
+            committed(bootstrap, group, topic, partitions)
+            == end_offsets(bootstrap, topic, partitions)
+        ),
+        timeout,
+        f"{group} committed to the end of {topic}",
+    )

@@ -12,10 +12,10 @@ from conftest import RunningService, service_config
 from kafka_helpers import (
     committed,
     create_topics,
-    end_offsets,
     produce,
     read_all,
     unique,
+    wait_drained,
     wait_until,
 )
 
@@ -86,14 +86,7 @@ def test_exactly_once_every_event_once_and_offsets_in_the_transaction(
     produce(bootstrap, config.topics[0].input, mixed(n), keys=[str(i).encode() for i in range(n)])
     service = Service(config, engine)
     with RunningService(service):
-        wait_until(
-            lambda: (
-                committed(bootstrap, config.kafka.group_id, config.topics[0].input, 2)
-                == end_offsets(bootstrap, config.topics[0].input, 2)
-            ),
-            90,
-            "offsets committed by the transactions",
-        )
+        wait_drained(bootstrap, config.kafka.group_id, config.topics[0].input, 2)
     assert_exactly_once(bootstrap, config, n)
     assert service.metrics.transactions.labels("committed")._value.get() >= 2
 
@@ -116,14 +109,7 @@ def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
 
     service.sink.commit = commit_failing_twice  # type: ignore[method-assign]
     with RunningService(service):
-        wait_until(
-            lambda: (
-                committed(bootstrap, config.kafka.group_id, config.topics[0].input, 2)
-                == end_offsets(bootstrap, config.topics[0].input, 2)
-            ),
-            90,
-            "offsets committed after the aborts",
-        )
+        wait_drained(bootstrap, config.kafka.group_id, config.topics[0].input, 2)
     assert len(aborts) == 2
     assert service.metrics.transactions.labels("aborted")._value.get() == 2
     assert_exactly_once(bootstrap, config, n)

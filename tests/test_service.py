@@ -6,9 +6,10 @@ import json
 from pathlib import Path
 from typing import Any
 
+import kafka_helpers
 import pytest
 from conftest import RunningService, service_config
-from kafka_helpers import committed, create_topics, end_offsets, produce, read_all, unique
+from kafka_helpers import committed, create_topics, produce, read_all, unique
 
 from stream_classifier.config import EngineConfig, ServiceConfig
 from stream_classifier.engine.nli import NliEngine
@@ -46,17 +47,8 @@ def events(n: int) -> list[bytes]:
     ]
 
 
-def drained(bootstrap: str, config: ServiceConfig, partitions: int = 1) -> bool:
-    topic = config.topics[0].input
-    return committed(bootstrap, config.kafka.group_id, topic, partitions) == end_offsets(
-        bootstrap, topic, partitions
-    )
-
-
 def wait_drained(bootstrap: str, config: ServiceConfig, partitions: int = 1) -> None:
-    from kafka_helpers import wait_until
-
-    wait_until(lambda: drained(bootstrap, config, partitions), 60, "committed == end offsets")
+    kafka_helpers.wait_drained(bootstrap, config.kafka.group_id, config.topics[0].input, partitions)
 
 
 def test_every_event_gets_one_output_with_key_source_and_headers(

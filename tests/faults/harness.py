@@ -194,7 +194,7 @@ class FaultRun:
 
     # -- counting ------------------------------------------------------------------------
 
-    def count(self, fault: str) -> Counts:
+    def count(self, fault: str, record: bool = True) -> Counts:
         """Read everything back with an independent read_committed consumer and compare."""
         inputs = read_to_end(self.bootstrap, self.input)
         outputs = read_to_end(self.bootstrap, self.output)
@@ -217,7 +217,8 @@ class FaultRun:
         lost = len(missing)
         duplicated = sum(c - 1 for c in scored.values()) + sum(c - 1 for c in rejected.values())
         counts = Counts(fault, self.mode, len(inputs), len(outputs), len(dead), lost, duplicated)
-        REPORT.append(asdict(counts))
+        if record:
+            REPORT.append(asdict(counts))
         return counts
 
     def assert_guarantee(self, counts: Counts) -> None:
