@@ -12,7 +12,8 @@ export KAFKA_PORT ?= 9092
 .PHONY: env tools test lint typecheck pytest demo broker-start broker-stop schemas fixtures clean-env
 
 env: $(VENV)/.complete
-	@$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . >/dev/null
+	@$(BIN)/pip install --quiet --no-deps --no-build-isolation -e . >$(VENV)/editable.log 2>&1 \
+	  || (cat $(VENV)/editable.log; exit 1)
 
 $(VENV)/.complete:
 	@echo "==> building environment $(VENV)"

@@ -72,10 +72,6 @@ class MicroBatcher:
     def __len__(self) -> int:
         return len(self._batch)
 
-    @property
-    def tokens(self) -> int:
-        return self._tokens
-
     def fits(self, item: Item) -> bool:
         """Whether ``item`` can join the open batch without breaking a bound."""
         if not self._batch.items:

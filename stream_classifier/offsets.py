@@ -79,6 +79,3 @@ class OffsetTracker:
         """Drop partitions that are no longer ours (revoked or lost)."""
         for tp in partitions:
             self._partitions.pop(tp, None)
-
-    def partitions(self) -> list[TopicPartition]:
-        return list(self._partitions)

@@ -91,9 +91,6 @@ class KafkaSource:
             )
         return not failed
 
-    def assignment(self) -> list[TP]:
-        return _tps(self.consumer.assignment())
-
     def pause_all(self) -> None:
         """Stop fetching (consume() keeps serving the group); fetched data is re-read later."""
         assigned = self.consumer.assignment()
