@@ -192,3 +192,29 @@ def test_delivery_failure_stops_the_service_without_committing_past_it(
     assert "could not deliver" in str(runner.error)
     # The dead letter at offset 0 may be committed; the undelivered outputs at 1.. never.
     assert committed(bootstrap, config.kafka.group_id, topics["input"])[0] in (-1001, 1)
+
+
+def test_consumer_lag_metric_follows_librdkafka_statistics(
+    bootstrap: str, engine: NliEngine
+) -> None:
+    from kafka_helpers import wait_until
+
+    config = setup(bootstrap, topic_set())
+    config = config.model_copy(
+        update={"metrics": config.metrics.model_copy(update={"enabled": True})}
+    )
+    topic = config.topics[0]
+    produce(bootstrap, topic.input, events(40))
+    service = Service(config, engine)
+    lag = service.metrics.consumer_lag
+
+    def lag_sample() -> float | None:
+        for metric in lag.collect():
+            for sample in metric.samples:
+                if sample.labels == {"topic": topic.input, "partition": "0"}:
+                    return float(sample.value)
+        return None
+
+    with RunningService(service):
+        wait_drained(bootstrap, config)
+        wait_until(lambda: lag_sample() == 0.0, 30, "the lag gauge to report 0 once drained")
