@@ -46,7 +46,7 @@ from stream_classifier.messages import (
 )
 from stream_classifier.metrics import Metrics
 from stream_classifier.offsets import OffsetTracker, TopicPartition
-from stream_classifier.sink import KafkaSink, TransactionAborted, our_headers
+from stream_classifier.sink import KafkaSink, ProducerHung, TransactionAborted, our_headers
 from stream_classifier.source import KafkaSource, consumer_config
 
 log = logging.getLogger(__name__)
@@ -362,7 +362,10 @@ class Service:
         except TransactionAborted as exc:
             log.warning("transaction aborted (%s): rewinding to the committed offsets", exc)
             self.metrics.transactions.labels("aborted").inc()
-            self.sink.abort()
+            if isinstance(exc, ProducerHung):
+                self.sink.restart()  # the new producer fences the hung one and aborts its work
+            else:
+                self.sink.abort()
             self._rewind()
             self._aborts_in_a_row += 1
             # Back off so a permanent failure (a missing topic) retries slowly, not hot.

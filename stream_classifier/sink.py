@@ -30,6 +30,14 @@ class TransactionAborted(Exception):
     """The transaction failed in a way that needs an abort: redo its events."""
 
 
+class ProducerHung(TransactionAborted):
+    """A transactional call blocked past its timeout (librdkafka #5456, #5511).
+
+    The producer cannot be used any more, not even to abort: replace it with
+    :meth:`KafkaSink.restart` (whose new producer fences it) and redo the events.
+    """
+
+
 class KafkaSink:
     def __init__(self, producer_config: dict[str, Any], on_delivered: DeliveredCallback) -> None:
         self._config = producer_config
@@ -44,7 +52,7 @@ class KafkaSink:
         self._producer = Producer(self._config)
         if "transactional.id" in self._config:
             # Fences an earlier incarnation with the same id and aborts what it left open.
-            self._call(lambda: self.producer.init_transactions(30.0), "init_transactions")
+            self._call(lambda: self.producer.init_transactions(30.0), "init_transactions", 30.0)
 
     def restart(self) -> None:
         """A fresh transactional producer (same id) after the cluster lost track of us.
@@ -63,7 +71,7 @@ class KafkaSink:
     # -- transactions (exactly-once) -----------------------------------------------------
 
     def begin(self) -> None:
-        self._call(self.producer.begin_transaction, "begin_transaction")
+        self._call(self.producer.begin_transaction, "begin_transaction", 1.0)
 
     def commit(self, offsets: list[TopicPartition], group_metadata: object) -> None:
         """Add the consumed offsets to the transaction and commit it."""
@@ -71,20 +79,21 @@ class KafkaSink:
             self._call(
                 lambda: self.producer.send_offsets_to_transaction(offsets, group_metadata, 30.0),
                 "send_offsets_to_transaction",
+                30.0,
             )
-        self._call(lambda: self.producer.commit_transaction(60.0), "commit_transaction")
+        self._call(lambda: self.producer.commit_transaction(60.0), "commit_transaction", 60.0)
         self.check()
 
     def abort(self) -> None:
-        self._call(lambda: self.producer.abort_transaction(60.0), "abort_transaction")
+        self._call(lambda: self.producer.abort_transaction(60.0), "abort_transaction", 60.0)
         with self._lock:
             self._failure = None  # the aborted records' failures died with them
 
-    def _call(self, operation: Callable[[], object], name: str) -> None:
+    def _call(self, operation: Callable[[], object], name: str, timeout: float) -> None:
         """Run a transactional call: retry what is retriable, classify the rest."""
         for _attempt in range(10):
             try:
-                _within_deadline(operation, name)
+                _within_deadline(operation, name, timeout + HANG_MARGIN_S)
                 return
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
@@ -182,15 +191,14 @@ def our_headers(model: str, truncated: bool) -> Headers:
     return headers
 
 
-#: How long past its own timeout a transactional call may block before the process gives
-#: up on this producer (a known librdkafka hang; the supervisor restarts the process, whose
-#: new producer fences this one: nothing is lost or duplicated).
-HANG_MARGIN_S = 30.0
-CALL_TIMEOUT_S = 60.0
+#: How long past its own timeout a transactional call may block before this producer is
+#: given up (a known librdkafka hang): the service then starts a new one with the same
+#: transactional.id, which fences this one, and redoes the uncommitted events.
+HANG_MARGIN_S = 15.0
 
 
-def _within_deadline(operation: Callable[[], object], name: str) -> None:
-    """Run ``operation`` in a helper thread; raise SinkError if it hangs past its deadline."""
+def _within_deadline(operation: Callable[[], object], name: str, deadline: float) -> None:
+    """Run ``operation`` in a helper thread; raise ProducerHung if it outlives ``deadline``."""
     outcome: list[BaseException | None] = []
 
     def target() -> None:
@@ -202,11 +210,8 @@ def _within_deadline(operation: Callable[[], object], name: str) -> None:
 
     worker = threading.Thread(target=target, name=f"txn-{name}", daemon=True)
     worker.start()
-    worker.join(CALL_TIMEOUT_S + HANG_MARGIN_S)
+    worker.join(deadline)
     if worker.is_alive():
-        raise SinkError(
-            f"{name} blocked for {CALL_TIMEOUT_S + HANG_MARGIN_S:.0f}s past any "
-            "timeout (librdkafka #5456): restarting the process is the way out"
-        )
+        raise ProducerHung(f"{name} still blocked after {deadline:.0f}s (librdkafka #5456)")
     if outcome and outcome[0] is not None:
         raise outcome[0]

@@ -22,7 +22,7 @@ from kafka_helpers import (
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.service import Service
-from stream_classifier.sink import TransactionAborted
+from stream_classifier.sink import ProducerHung, TransactionAborted
 
 pytestmark = pytest.mark.kafka
 
@@ -91,9 +91,11 @@ def test_exactly_once_every_event_once_and_offsets_in_the_transaction(
     assert service.metrics.transactions.labels("committed")._value.get() >= 2
 
 
+@pytest.mark.parametrize("failure", [TransactionAborted, ProducerHung])
 def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
-    bootstrap: str, engine: NliEngine
+    bootstrap: str, engine: NliEngine, failure: type[TransactionAborted]
 ) -> None:
+    """An abortable error aborts; a hung producer is replaced (fencing it). Both redo."""
     config = eos_setup(bootstrap)
     n = 120
     produce(bootstrap, config.topics[0].input, mixed(n), keys=[str(i).encode() for i in range(n)])
@@ -104,7 +106,7 @@ def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
     def commit_failing_twice(offsets: Any, metadata: Any) -> None:
         if len(aborts) < 2:
             aborts.append(offsets)
-            raise TransactionAborted("simulated abortable error")
+            raise failure("simulated")
         real_commit(offsets, metadata)
 
     service.sink.commit = commit_failing_twice  # type: ignore[method-assign]
