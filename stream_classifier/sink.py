@@ -62,11 +62,17 @@ class KafkaSink:
         #5511). A new producer looks the coordinators up again and fences the old one.
         Call it only between transactions.
         """
-        if self._producer is not None:
-            self._retired.append(self._producer)
         with self._lock:
             self._failure = None
-        self.start()
+        for _attempt in range(RESTART_ATTEMPTS):
+            if self._producer is not None:
+                self._retired.append(self._producer)
+            try:
+                self.start()
+                return
+            except ProducerHung as exc:
+                log.warning("new transactional producer hung too (%s), trying another", exc)
+        raise SinkError(f"no transactional producer could start in {RESTART_ATTEMPTS} tries")
 
     # -- transactions (exactly-once) -----------------------------------------------------
 
@@ -195,6 +201,7 @@ def our_headers(model: str, truncated: bool) -> Headers:
 #: given up (a known librdkafka hang): the service then starts a new one with the same
 #: transactional.id, which fences this one, and redoes the uncommitted events.
 HANG_MARGIN_S = 15.0
+RESTART_ATTEMPTS = 5
 
 
 def _within_deadline(operation: Callable[[], object], name: str, deadline: float) -> None:
