@@ -66,8 +66,16 @@ class KafkaConfig(_Section):
     #: Check the broker's host name against its certificate (https) or not (none).
     ssl_endpoint_identification: Literal["https", "none"] = "https"
     auto_offset_reset: Literal["earliest", "latest"] = "earliest"
-    #: Passed to librdkafka as-is; the explicit fields above win over these.
+    #: Passed to librdkafka as-is, to both the consumer and the producer (settings both
+    #: understand, such as ``socket.keepalive.enable``); the explicit fields above win.
     extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    #: Consumer-only librdkafka settings (``session.timeout.ms``, ``max.poll.interval.ms``,
+    #: ``fetch.max.bytes``...); they win over ``extra``. A consumer-only key in ``extra``
+    #: makes the producer log "CONFWARN ... is a consumer property and will be ignored".
+    consumer_extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
+    #: Producer-only librdkafka settings (``linger.ms``, ``compression.type``,
+    #: ``batch.size``...); they win over ``extra``.
+    producer_extra: dict[str, str | int | float | bool] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _sasl_is_complete(self) -> KafkaConfig:
@@ -85,7 +93,7 @@ class KafkaConfig(_Section):
             raise ValueError("set ssl_key_password or ssl_key_password_file, not both")
         return self
 
-    @field_validator("extra")
+    @field_validator("extra", "consumer_extra", "producer_extra")
     @classmethod
     def _no_secrets_in_extra(
         cls, extra: dict[str, str | int | float | bool]
@@ -99,12 +107,31 @@ class KafkaConfig(_Section):
         return extra
 
     def client_config(self) -> dict[str, str | int | float | bool]:
-        """librdkafka settings shared by the consumer and the producer.
+        """librdkafka settings shared by the consumer and the producer (and admin clients).
 
-        The result holds secrets in clear text: never log it. Raises ConfigError when a
-        secret file cannot be read.
+        ``extra``, then the explicit fields. The result holds secrets in clear text: never
+        log it. Raises ConfigError when a secret file cannot be read.
         """
-        config: dict[str, str | int | float | bool] = dict(self.extra)
+        return self._settings(self.extra)
+
+    def consumer_client_config(self) -> dict[str, str | int | float | bool]:
+        """The consumer's librdkafka settings: ``extra``, ``consumer_extra``, explicit fields.
+
+        Holds secrets in clear text, like :meth:`client_config`.
+        """
+        return self._settings({**self.extra, **self.consumer_extra})
+
+    def producer_client_config(self) -> dict[str, str | int | float | bool]:
+        """The producer's librdkafka settings: ``extra``, ``producer_extra``, explicit fields.
+
+        Holds secrets in clear text, like :meth:`client_config`.
+        """
+        return self._settings({**self.extra, **self.producer_extra})
+
+    def _settings(
+        self, extra: dict[str, str | int | float | bool]
+    ) -> dict[str, str | int | float | bool]:
+        config: dict[str, str | int | float | bool] = dict(extra)
         config.update(
             {
                 "bootstrap.servers": self.bootstrap_servers,

@@ -1,13 +1,15 @@
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
-from stream_classifier.config import ConfigError, load_config
+from stream_classifier.config import ConfigError, KafkaConfig, load_config
 
 VALID = {
     "kafka": {"bootstrap_servers": "127.0.0.1:9092"},
@@ -119,3 +121,66 @@ def test_run_with_bad_config_exits_before_touching_kafka(tmp_path: Path) -> None
     )
     assert result.returncode == 2
     assert "topics.0.labels" in result.stderr
+
+
+class _LibrdkafkaLog(logging.Logger):
+    """Collects a client's librdkafka log lines (CONFWARN among them)."""
+
+    def __init__(self) -> None:
+        super().__init__("test.librdkafka")
+        self.lines: list[str] = []
+
+    def log(self, level: int, msg: object, *args: object, **kwargs: object) -> None:
+        self.lines.append(str(msg) % args if args else str(msg))
+
+
+def _confwarns(client: type, settings: dict[str, object]) -> list[str]:
+    log = _LibrdkafkaLog()
+    instance = client({**settings, "logger": log})
+    instance.poll(0)
+    if hasattr(instance, "close"):
+        instance.close()
+    return [line for line in log.lines if "CONFWARN" in line]
+
+
+def test_kafka_consumer_and_producer_settings_reach_only_their_client() -> None:
+    from confluent_kafka import Consumer, Producer
+
+    from stream_classifier.source import consumer_config
+
+    kafka = KafkaConfig(
+        bootstrap_servers="127.0.0.1:1",
+        extra={"socket.keepalive.enable": True, "session.timeout.ms": 45000},
+        consumer_extra={
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 1000,
+            "bootstrap.servers": "ignored:1",  # the explicit field wins
+        },
+        producer_extra={"linger.ms": 7, "compression.type": "lz4"},
+    )
+    consumer = kafka.consumer_client_config()
+    producer = kafka.producer_client_config()
+    common = kafka.client_config()
+    assert consumer["session.timeout.ms"] == 6000  # consumer_extra wins over extra
+    assert consumer["bootstrap.servers"] == producer["bootstrap.servers"] == "127.0.0.1:1"
+    assert consumer["socket.keepalive.enable"] is producer["socket.keepalive.enable"] is True
+    assert "linger.ms" not in consumer and "heartbeat.interval.ms" not in producer
+    assert producer["linger.ms"] == 7 and "linger.ms" not in common
+
+    split = KafkaConfig(
+        bootstrap_servers="127.0.0.1:1",
+        consumer_extra={"session.timeout.ms": 6000, "max.poll.interval.ms": 6000},
+        producer_extra={"linger.ms": 7},
+    )
+    group = consumer_config(split.consumer_client_config(), "g", "earliest")
+    assert _confwarns(Consumer, group) == []
+    assert _confwarns(Producer, split.producer_client_config()) == []
+    # The same keys all in `extra` (the old way) warn in the producer: the check can fail.
+    together = KafkaConfig(bootstrap_servers="127.0.0.1:1", extra={"session.timeout.ms": 6000})
+    assert any("session.timeout.ms" in w for w in _confwarns(Producer, together.client_config()))
+
+
+@pytest.mark.parametrize("field", ["extra", "consumer_extra", "producer_extra"])
+def test_kafka_extra_settings_refuse_secrets(field: str) -> None:
+    with pytest.raises(ValidationError, match="secrets don't go in extra"):
+        KafkaConfig(**{field: {"sasl.password": "hunter2"}})
