@@ -9,11 +9,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import EngineError, Scores, load_engine
 from stream_classifier.engine.nli import NliEngine, truncate_longest_first
+from stream_classifier.engine.nli import score as nli_score
 from stream_classifier.messages import parse_labels
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "golden.json").read_text("utf-8"))
@@ -152,3 +154,48 @@ def test_classify_cli_prints_one_json_line_per_text(tiny_model: Path) -> None:
     case = next(c for c in GOLDEN if c["name"] == "model_card/single")
     assert record["labels"] == case["expected"]["labels"]
     assert record["scores"] == pytest.approx(case["expected"]["scores"], abs=1e-5)
+
+
+def reference_postprocess(
+    logits: np.ndarray, labels: list[str], multi_label: bool
+) -> tuple[list[str], list[float]]:
+    """ModelScope 1.40's ``ZeroShotClassificationPipeline.postprocess``, line for line, on
+    float32 ``[entailment, neutral, contradiction]`` logits (one row per label); its
+    ``scipy.special.softmax`` written out as scipy 1.17 computes it."""
+
+    def softmax(x: np.ndarray) -> np.ndarray:
+        shifted = np.exp(x - np.max(x, axis=-1, keepdims=True))
+        result: np.ndarray = shifted / np.sum(shifted, axis=-1, keepdims=True)
+        return result
+
+    if multi_label or len(labels) == 1:
+        scores = softmax(logits[..., [2, 0]])[..., 1]
+    else:
+        scores = softmax(logits[..., 0])
+    reversed_index = list(reversed(scores.argsort()))
+    return [labels[i] for i in reversed_index], [scores[i].item() for i in reversed_index]
+
+
+def test_score_orders_float32_saturated_ties_like_the_reference() -> None:
+    """Margins of 20 and 30 are distinct in float64 but both 1.0 in float32: the reference
+    sorts its float32 values, so the tie's order (and the reported 1.0) is what it gives."""
+    rng = np.random.default_rng(3)
+    cases: list[tuple[np.ndarray, bool]] = [
+        (np.array([[30, 0, 0], [20, 0, 0], [0, 0, 0]], dtype=np.float32), True),
+        (np.array([[0, 0, -30], [0, 0, 0], [0, 0, -20]], dtype=np.float32), True),
+        # single-label: entailment gaps beyond ~104 underflow to 0.0 in float32
+        (np.array([[200, 0, 0], [10, 0, 0], [0, 0, 0], [5, 0, 0]], dtype=np.float32), False),
+    ]
+    for size in (5, 12, 40):  # larger ties too: numpy's argsort is not stable there
+        margins = rng.choice([-40.0, -25.0, 0.5, 22.0, 35.0], size=size)
+        rows = np.zeros((size, 3), dtype=np.float32)
+        rows[:, 0] = margins + rng.normal(0, 2, size)
+        rows[:, 2] = rows[:, 0] - margins
+        cases.append((rows, True))
+    for logits, multi_label in cases:
+        labels = [f"label{i}" for i in range(logits.shape[0])]
+        expected_labels, expected_scores = reference_postprocess(logits, labels, multi_label)
+        result = nli_score(tuple(labels), logits[:, [0, 2]], multi_label)
+        assert list(result.labels) == expected_labels, (logits.tolist(), multi_label)
+        np.testing.assert_allclose(result.scores, expected_scores, rtol=1e-6, atol=1e-12)
+        assert list(result.scores) == sorted(result.scores, reverse=True)

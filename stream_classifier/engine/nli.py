@@ -361,17 +361,23 @@ def _pair_set(item: Prepared) -> PairSet:
 
 
 def score(labels: tuple[str, ...], logits: np.ndarray, multi_label: bool) -> Scores:
-    """The reference pipeline's math on (entailment, contradiction) logits, in float64."""
-    values = logits.astype(np.float64)
+    """The reference pipeline's postprocess on (entailment, contradiction) logits.
+
+    Same arithmetic as the reference (scipy's softmax on float32 logits) and the same order:
+    it reverses ``argsort`` of those float32 scores. Computing in float64 would order labels
+    whose float32 scores tie (saturated at 1.0, or underflowed to 0.0) differently, and
+    numpy's argsort is not stable, so the tie order is whatever that call gives.
+    """
+    values = logits.astype(np.float32)
     if multi_label or len(labels) == 1:
-        # softmax([contradiction, entailment])[entailment] == sigmoid(entail - contra)
-        probabilities = 1.0 / (1.0 + np.exp(values[:, 1] - values[:, 0]))
+        # softmax([contradiction, entailment])[entailment], per label
+        pairs = values[:, [1, 0]]
+        exp = np.exp(pairs - np.max(pairs, axis=-1, keepdims=True))
+        probabilities = (exp / np.sum(exp, axis=-1, keepdims=True))[:, 1]
     else:
-        entailment = values[:, 0] - values[:, 0].max()
-        exp = np.exp(entailment)
-        probabilities = exp / exp.sum()
-    # The reference reverses an ascending argsort: on a tie the later label comes first.
-    order = sorted(range(len(labels)), key=lambda i: (probabilities[i], i), reverse=True)
+        exp = np.exp(values[:, 0] - np.max(values[:, 0]))
+        probabilities = exp / np.sum(exp)
+    order = probabilities.argsort()[::-1]
     return Scores(
         labels=tuple(labels[i] for i in order),
         scores=tuple(float(probabilities[i]) for i in order),
