@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
+import torch
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import EngineError, Scores, load_engine
@@ -199,3 +201,47 @@ def test_score_orders_float32_saturated_ties_like_the_reference() -> None:
         assert list(result.labels) == expected_labels, (logits.tolist(), multi_label)
         np.testing.assert_allclose(result.scores, expected_scores, rtol=1e-6, atol=1e-12)
         assert list(result.scores) == sorted(result.scores, reverse=True)
+
+
+@pytest.fixture(scope="module")
+def short_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny checkpoint cut to 128 positions (``max_position_embeddings: 128``)."""
+    directory = tmp_path_factory.mktemp("structbert-128")
+    for name in ("vocab.txt", "configuration.json"):
+        shutil.copy(tiny_model / name, directory / name)
+    config = json.loads((tiny_model / "config.json").read_text("utf-8"))
+    config["max_position_embeddings"] = 128
+    (directory / "config.json").write_text(json.dumps(config), "utf-8")
+    state = torch.load(tiny_model / "pytorch_model.bin", weights_only=True)
+    state["bert.embeddings.position_embeddings.weight"] = state[
+        "bert.embeddings.position_embeddings.weight"
+    ][:128].clone()
+    state["bert.embeddings.position_ids"] = state["bert.embeddings.position_ids"][:, :128].clone()
+    torch.save(state, directory / "pytorch_model.bin")
+    return directory
+
+
+@pytest.mark.parametrize("backend", ["padded", "packed"])
+def test_a_checkpoint_with_128_positions_truncates_pairs_to_128_tokens(
+    short_model: Path, backend: Literal["padded", "packed"]
+) -> None:
+    engine = NliEngine.load(
+        EngineConfig(model=str(short_model), device="cpu"), 2048, backend=backend
+    )
+    engine.warmup()
+    text = "世界那么大我想去看看" * 30  # 300 tokens
+    labels = ["旅游", "这篇文章的标题是科技"]
+    for multi_label in (False, True):
+        prepared = engine.prepare(text, labels, "{}", multi_label)
+        (result,) = engine.classify([prepared])
+        # the reference's own steps with max_length = the model's 128 positions
+        encoded = engine.tokenizer(
+            [text] * len(labels), labels, truncation=True, max_length=128, return_tensors="pt"
+        )
+        assert encoded["input_ids"].shape[1] == 128
+        assert prepared.payload.input_ids == encoded["input_ids"].tolist()
+        with torch.inference_mode():
+            logits = engine.model(**encoded).logits.numpy()
+        expected_labels, expected_scores = reference_postprocess(logits, labels, multi_label)
+        assert list(result.labels) == expected_labels
+        np.testing.assert_allclose(result.scores, expected_scores, rtol=0, atol=1e-5)

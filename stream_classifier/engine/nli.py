@@ -1,10 +1,11 @@
 """The StructBERT NLI cross-encoder, scoring exactly like ModelScope's zero-shot pipeline.
 
 Each (text, label) is one sentence pair ``[text, template.format(label)]`` (text is segment
-A, hypothesis segment B), truncated longest-first to 512 tokens. Logit column 0 is
-entailment and 2 contradiction, fixed by the reference pipeline. Single-label mode is a
-softmax of the entailment logits across the message's labels; multi-label mode (and any
-message with one label) is, per label, the softmax of (contradiction, entailment).
+A, hypothesis segment B), truncated longest-first to 512 tokens (to the checkpoint's
+``max_position_embeddings`` where that is smaller). Logit column 0 is entailment and 2
+contradiction, fixed by the reference pipeline. Single-label mode is a softmax of the
+entailment logits across the message's labels; multi-label mode (and any message with one
+label) is, per label, the softmax of (contradiction, entailment).
 
 Speed comes from doing the reference's work once and only the real tokens:
 
@@ -121,7 +122,9 @@ class NliEngine:
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.max_batch_tokens = max_batch_tokens
-        self.max_length = max_length
+        #: The reference's 512, or fewer where the checkpoint has fewer positions (a longer
+        #: pair would index past the position embeddings).
+        self.max_length = min(max_length, int(model.config.max_position_embeddings))
         self.device = next(model.parameters()).device
         self.cls_id = int(tokenizer.cls_token_id)
         self.sep_id = int(tokenizer.sep_token_id)
