@@ -38,6 +38,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from stream_classifier.config import MAX_PAIR_TOKENS, EngineConfig
 from stream_classifier.engine.base import EngineError, Prepared, Scores
 from stream_classifier.engine.batches import TokenBatch, packed_batches, padded_batches
+from stream_classifier.engine.head import ClassifierHead
 
 log = logging.getLogger(__name__)
 
@@ -116,8 +117,11 @@ class NliEngine:
         max_length: int = MAX_PAIR_TOKENS,
         backend: Backend = "auto",
         compile_layers: bool = True,
+        head: ClassifierHead | None = None,
     ) -> None:
         self.model = model
+        #: The pooler and classifier in fp32 (the checkpoint's weights where given).
+        self.head = head if head is not None else ClassifierHead.of(model)
         self.compile_layers = compile_layers
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -146,16 +150,16 @@ class NliEngine:
         model_dir = resolve_model_dir(config.model, config.cache_dir)
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)
-        model = load_classifier(model_dir, device, dtype)
+        model, head = load_classifier_and_head(model_dir, device, dtype)
         tokenizer = load_tokenizer(model_dir)
-        return cls(model, tokenizer, config.model, max_batch_tokens, backend=backend)
+        return cls(model, tokenizer, config.model, max_batch_tokens, backend=backend, head=head)
 
     def _make_forward(self) -> Forward:
         if self.backend == "packed":
             from stream_classifier.engine.packed import PackedBert
 
-            return PackedBert(self.model, compile_layers=self.compile_layers)
-        return functools.partial(padded_forward, self.model, self.pad_id)
+            return PackedBert(self.model, self.head, compile_layers=self.compile_layers)
+        return functools.partial(padded_forward, self.model, self.head, self.pad_id)
 
     # -- CPU side --------------------------------------------------------------------------
 
@@ -329,9 +333,10 @@ def _pick_backend(backend: Backend, model: BertForSequenceClassification) -> Bac
 
 
 def padded_forward(
-    model: BertForSequenceClassification, pad_id: int, batch: TokenBatch
+    model: BertForSequenceClassification, head: ClassifierHead, pad_id: int, batch: TokenBatch
 ) -> torch.Tensor:
-    """The Hugging Face model on one padded batch (width: longest pair, rounded up to 8)."""
+    """The Hugging Face encoder on one padded batch (width: longest pair, rounded up to 8),
+    then the fp32 head on its [CLS] rows."""
     device = next(model.parameters()).device
     width = round_up(batch.max_length)
     rows = np.repeat(np.arange(batch.rows), batch.lengths)
@@ -343,10 +348,10 @@ def padded_forward(
     mask = np.zeros((batch.rows, width), dtype=np.int64)
     mask[rows, columns] = 1
     stacked = to_device(np.stack([input_ids, token_types, mask]), device)
-    logits: torch.Tensor = model(
+    hidden: torch.Tensor = model.bert(
         input_ids=stacked[0], token_type_ids=stacked[1], attention_mask=stacked[2]
-    ).logits
-    return logits[:, [ENTAILMENT, CONTRADICTION]].float()
+    )[0]
+    return head(hidden[:, 0])
 
 
 def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
@@ -437,6 +442,13 @@ def load_classifier(
     model_dir: Path, device: torch.device, dtype: torch.dtype
 ) -> BertForSequenceClassification:
     """Build a BertForSequenceClassification (SDPA attention) from a StructBERT/BERT dir."""
+    return load_classifier_and_head(model_dir, device, dtype)[0]
+
+
+def load_classifier_and_head(
+    model_dir: Path, device: torch.device, dtype: torch.dtype
+) -> tuple[BertForSequenceClassification, ClassifierHead]:
+    """The model in ``dtype`` and its head in fp32, from the checkpoint's own weights."""
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise EngineError(f"{model_dir} has no config.json")
@@ -468,10 +480,11 @@ def load_classifier(
             torch.zeros((1, config.max_position_embeddings), dtype=torch.long),
             persistent=False,
         )
+    head = ClassifierHead.of(model, device)  # before the cast: the checkpoint's precision
     module: torch.nn.Module = model
     module.to(device=device, dtype=dtype)
     module.train(False)
-    return model
+    return model, head
 
 
 def _load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:

@@ -9,7 +9,8 @@ Same weights and the same arithmetic as ``transformers.BertForSequenceClassifica
 - attention is variable-length flash attention over ``cu_seqlens`` on a GPU (a padded
   scaled-dot-product fallback elsewhere, used by the CPU tests);
 - the classifier reads only [CLS], so the last layer runs its attention queries, output
-  projection and feed-forward on the [CLS] rows alone.
+  projection and feed-forward on the [CLS] rows alone, and the head (:mod:`.head`) runs in
+  fp32 on those rows.
 """
 
 from __future__ import annotations
@@ -26,10 +27,10 @@ import torch.nn.functional as F
 from transformers import BertForSequenceClassification
 
 from stream_classifier.engine.batches import TokenBatch
+from stream_classifier.engine.head import ClassifierHead
 
 log = logging.getLogger(__name__)
 
-ENTAILMENT_CONTRADICTION = (0, 2)
 LayerFn = Callable[[torch.Tensor, "LayerWeights", "Layout"], torch.Tensor]
 
 
@@ -98,7 +99,12 @@ def _layer_weights(layer: Any) -> LayerWeights:
 class PackedBert:
     """Callable: a :class:`TokenBatch` in, ``[pairs, 2]`` fp32 (entailment, contradiction)."""
 
-    def __init__(self, model: BertForSequenceClassification, compile_layers: bool = True) -> None:
+    def __init__(
+        self,
+        model: BertForSequenceClassification,
+        head: ClassifierHead | None = None,
+        compile_layers: bool = True,
+    ) -> None:
         config = model.config
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("packed forward supports absolute position embeddings only")
@@ -116,11 +122,7 @@ class PackedBert:
         self.embedding_norm = (embeddings.LayerNorm.weight, embeddings.LayerNorm.bias)
         with torch.no_grad():
             self.layers = [_layer_weights(layer) for layer in model.bert.encoder.layer]
-        pooler = model.bert.pooler
-        if pooler is None:
-            raise ValueError("the classifier needs the pooler")
-        self.pooler = (pooler.dense.weight, pooler.dense.bias)
-        self.classifier = (model.classifier.weight, model.classifier.bias)
+        self.head = head if head is not None else ClassifierHead.of(model)
         self.flash = self.device.type == "cuda"
         #: One encoder layer; on a GPU compiled once (dynamic shapes) for all 24 layers,
         #: which fuses bias+GELU and residual+LayerNorm into single kernels.
@@ -136,9 +138,7 @@ class PackedBert:
         for layer in self.layers[:-1]:
             hidden = self._run_layer(hidden, layer, layout)
         cls_hidden = self._last_layer(hidden, self.layers[-1], layout, cls_rows)
-        pooled = torch.tanh(F.linear(cls_hidden, *self.pooler))
-        logits = F.linear(pooled, *self.classifier)
-        return logits[:, list(ENTAILMENT_CONTRADICTION)].float()
+        return self.head(cls_hidden)
 
     # -- inputs ------------------------------------------------------------------------
 
