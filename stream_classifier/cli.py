@@ -1,4 +1,4 @@
-"""``stream-classifier``: run the service, classify from the shell, check configs, write schemas.
+"""stream-classifier: run the service, classify from the shell, check configs, write schemas.
 
 Exit codes: 0 done, 1 the service stopped on a failure (nothing past it was committed),
 2 bad configuration or arguments, 3 the engine could not load, 4 Kafka could not be used
@@ -19,7 +19,15 @@ from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from stream_classifier.config import ConfigError, EngineConfig, ServiceConfig, load_config
+from pydantic import ValidationError
+
+from stream_classifier.config import (
+    DEFAULT_MODELS,
+    ConfigError,
+    EngineConfig,
+    ServiceConfig,
+    load_config,
+)
 from stream_classifier.eval import add_arguments as add_eval_arguments
 
 if TYPE_CHECKING:  # the run command's modules import confluent_kafka; load them lazily
@@ -62,16 +70,20 @@ def _parser() -> argparse.ArgumentParser:
 
     classify = commands.add_parser("classify", help="classify texts from the shell, no Kafka")
     classify.add_argument(
-        "--engine", choices=["nli", "embedding"], default="nli", help="engine kind (default nli)"
+        "--engine",
+        choices=["nli", "embedding"],
+        help="engine kind (default: $STREAM_CLASSIFIER_ENGINE__KIND, else nli)",
     )
     classify.add_argument(
-        "--model", help="model directory or id (default: the engine kind's default model)"
+        "--model",
+        help="model directory or id (default: $STREAM_CLASSIFIER_ENGINE__MODEL, else the "
+        "engine kind's default model)",
     )
     classify.add_argument("--labels", required=True, help="comma-separated labels")
     classify.add_argument("--template", default="{}", help="hypothesis template with {}")
     classify.add_argument("--multi-label", action="store_true")
-    classify.add_argument("--device", default="auto")
-    classify.add_argument("--dtype", default="auto")
+    classify.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
+    classify.add_argument("--dtype", help="auto, float16, bfloat16, float32 (default: auto)")
     classify.add_argument("texts", nargs="+", metavar="TEXT")
     classify.set_defaults(handler=cmd_classify)
 
@@ -111,7 +123,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
     config = load_config(args.config)
-    print(f"{args.config}: ok ({len(config.topics)} topics, engine {config.engine.kind})")
+    topics = len(config.topics)
+    print(
+        f"{args.config}: ok ({topics} topic{'' if topics == 1 else 's'}, "
+        f"engine {config.engine.kind})"
+    )
     return 0
 
 
@@ -123,7 +139,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stream_classifier.engine import EngineError
     from stream_classifier.gpu import start_gpu_sampler
     from stream_classifier.metrics import Metrics
-    from stream_classifier.preflight import PreflightError, check_kafka
+    from stream_classifier.preflight import PreflightError, check_kafka, check_model_hub
     from stream_classifier.service import Service, ServiceError
     from stream_classifier.sink import SinkError
     from stream_classifier.source import SourceError
@@ -135,6 +151,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return EXIT_KAFKA
     metrics = Metrics()
     try:
+        check_model_hub(config.engine)
         engine = _ready_engine(config, metrics)
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
@@ -198,15 +215,15 @@ def _stop_on_signals(stop: threading.Event) -> None:
 def cmd_classify(args: argparse.Namespace) -> int:
     from stream_classifier.engine import EngineError, load_engine
     from stream_classifier.messages import parse_labels
+    from stream_classifier.preflight import check_model_hub
 
     labels = parse_labels(args.labels)
     if not labels or "{}" not in args.template:
         print("--labels needs at least one label and --template needs '{}'", file=sys.stderr)
         return EXIT_CONFIG
-    engine_config = EngineConfig(
-        kind=args.engine, model=args.model, device=args.device, dtype=args.dtype
-    )
+    engine_config = _classify_engine_config(args, labels)
     try:
+        check_model_hub(engine_config)  # before torch loads: offline fails in a second
         engine = load_engine(engine_config, max_batch_tokens=65536)
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
@@ -227,9 +244,42 @@ def cmd_classify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _classify_engine_config(args: argparse.Namespace, labels: list[str]) -> EngineConfig:
+    """The flags given, over the STREAM_CLASSIFIER_ENGINE__* variables, over the defaults.
+
+    The environment is read the way ``run`` reads it (through ServiceConfig), so that
+    ``STREAM_CLASSIFIER_ENGINE__MODEL=/models/structbert`` means the same to both.
+    """
+    topic = {"input": "classify", "output": "classify.out", "dead_letter": "classify.dlq"}
+    try:
+        from_env = ServiceConfig(topics=[{**topic, "labels": labels}]).engine
+    except ValidationError as exc:
+        raise ConfigError(f"invalid STREAM_CLASSIFIER_* environment:\n{exc}") from exc
+    settings = from_env.model_dump(include=from_env.model_fields_set)
+    if "model" in settings and settings["model"] == DEFAULT_MODELS.get(from_env.kind):
+        del settings["model"]  # a default that follows the kind, not a choice
+    flags = {"kind": args.engine, "model": args.model, "device": args.device, "dtype": args.dtype}
+    settings.update({name: value for name, value in flags.items() if value is not None})
+    if args.engine is not None and args.model is None and args.engine != from_env.kind:
+        settings.pop("model", None)  # the environment's model belongs to another kind
+    try:
+        return EngineConfig(**settings)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()
+        )
+        raise ConfigError(f"classify: {problems}") from exc
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     from stream_classifier.eval import command
 
+    missing = [str(path) for path in [*args.samples, *args.compare] if not path.is_file()]
+    if args.config is not None and not Path(args.config).is_file():
+        missing.insert(0, args.config)
+    if missing:
+        print(f"eval: no such file: {', '.join(missing)}", file=sys.stderr)
+        return EXIT_CONFIG
     return command(args)
 
 

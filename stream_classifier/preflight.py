@@ -7,18 +7,28 @@ fails at once, naming the bootstrap servers, the security protocol, the SASL mec
 and user (never the password) and librdkafka's error, when authentication or TLS fails.
 An unreachable cluster is retried until the deadline (a broker may still be starting).
 It then checks that every input, output and dead-letter topic exists.
+
+:func:`check_model_hub` does the same for the model: a ModelScope id needs ModelScope's
+hub, and ModelScope retries an unreachable hub for about half a minute before it gives
+up, so an offline start would look hung. One TCP connection with a short timeout tells.
 """
 
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 
-from stream_classifier.config import KafkaConfig, ServiceConfig
+from stream_classifier.config import EngineConfig, KafkaConfig, ServiceConfig
+from stream_classifier.engine.base import EngineError
 
 #: Errors that waiting will not fix: wrong credentials, wrong mechanism, TLS trust.
 FATAL_CODES = frozenset(
@@ -33,6 +43,11 @@ FATAL_CODES = frozenset(
 DEFAULT_TIMEOUT_S = 30.0
 #: One metadata request's wait; errors are collected between attempts.
 ATTEMPT_S = 1.0
+
+
+#: ModelScope's hub, unless its own variable MODELSCOPE_ENDPOINT names another.
+MODELSCOPE_ENDPOINT = "https://modelscope.cn"
+HUB_TIMEOUT_S = 2.0
 
 
 class PreflightError(Exception):
@@ -107,3 +122,34 @@ def _where(kafka: KafkaConfig) -> str:
     if kafka.sasl_mechanism is not None:
         parts.append(f"sasl.mechanism {kafka.sasl_mechanism} as user {kafka.sasl_username!r}")
     return "cannot use Kafka (" + ", ".join(parts) + ")"
+
+
+def check_model_hub(engine: EngineConfig, timeout_s: float = HUB_TIMEOUT_S) -> None:
+    """Raise EngineError at once when the model is a ModelScope id and the hub is unreachable.
+
+    Directories, the embedding engine's packaged model and malformed names are left to the
+    engine, which reports them itself. Behind an HTTP(S) proxy the hub is not probed
+    (the proxy, not this machine, decides what is reachable).
+    """
+    model = engine.model
+    path = Path(model).expanduser()
+    if engine.kind != "nli" or path.is_dir() or path.is_absolute() or model.startswith("."):
+        return
+    if model.count("/") != 1:
+        return
+    # ModelScope's own variable, read here because its hub is what is being probed.
+    endpoint = os.environ.get("MODELSCOPE_ENDPOINT") or MODELSCOPE_ENDPOINT
+    url = urllib.parse.urlsplit(endpoint if "//" in endpoint else f"https://{endpoint}")
+    if url.hostname is None or urllib.request.getproxies().get(url.scheme):
+        return
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname, port), timeout=timeout_s).close()
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise EngineError(
+            f"cannot fetch model {model!r} from ModelScope ({url.hostname}:{port} is "
+            f"unreachable: {reason}). Without network access, download it elsewhere and set "
+            "engine.model (env STREAM_CLASSIFIER_ENGINE__MODEL) to the absolute path of a "
+            "directory holding config.json, vocab.txt and pytorch_model.bin"
+        ) from exc
