@@ -225,6 +225,17 @@ class EngineConfig(_Section):
     #: examples/eval (see docs/DEMO.md).
     multi_label_scale: float = Field(20.0, gt=0)
     multi_label_bias: float = -6.0
+    #: nli with a transformers checkpoint: the logit column of entailment (and of
+    #: contradiction), for a model whose id2label does not name them. None: read from
+    #: id2label ("entail...", "contradict...", or a two-class head's other class).
+    entailment_index: int | None = Field(None, ge=0)
+    contradiction_index: int | None = Field(None, ge=0)
+
+    @model_validator(mode="after")
+    def _distinct_nli_columns(self) -> EngineConfig:
+        if self.entailment_index is not None and self.entailment_index == self.contradiction_index:
+            raise ValueError("entailment_index and contradiction_index must differ")
+        return self
 
     @model_validator(mode="before")
     @classmethod
