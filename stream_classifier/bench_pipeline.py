@@ -29,8 +29,8 @@ from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-def
 
 from stream_classifier.config import ServiceConfig
 from stream_classifier.engine.base import Prepared, Scores
-from stream_classifier.messages import SourceRef
 from stream_classifier.service import Service
+from stream_classifier.sink import Record
 
 TEXTS = [
     "Your invoice shows a charge I never authorised, please refund it",
@@ -213,13 +213,11 @@ def _service_throughput(bootstrap: str, events: int) -> float:
 
 def _count_deliveries(service: Service) -> dict[str, int]:
     counts = {"n": 0}
-    original = service._on_delivered
 
-    def counting(source: SourceRef, kind: str) -> None:
-        original(source, kind)
+    def counting(_record: Record) -> None:
         counts["n"] += 1
 
-    service.sink._on_delivered = counting
+    service.written_hook = counting
     return counts
 
 
@@ -227,17 +225,15 @@ def _service_latency(bootstrap: str, rate: int, seconds: float) -> tuple[float, 
     names = _topics(bootstrap)
     service = Service(_bench_config(bootstrap, names), BenchNullEngine())
     latencies: list[float] = []
-    original = service._on_delivered
 
-    def timing(source: SourceRef, kind: str) -> None:
-        original(source, kind)
-        if source.timestamp:
-            latencies.append(time.time() * 1000.0 - source.timestamp)
+    def timing(record: Record) -> None:
+        if record.source.timestamp:
+            latencies.append(time.time() * 1000.0 - record.source.timestamp)
 
-    service.sink._on_delivered = timing
+    service.written_hook = timing
     total = int(rate * seconds)
     with _Running(service):
-        _wait(lambda: bool(service._assigned), 60)
+        _wait(lambda: bool(service.assigned_partitions), 60)
         # Produce from another process, unpinned, so the load does not share our core.
         producer = multiprocessing.get_context("spawn").Process(
             target=_produce_at_rate, args=(bootstrap, names[0], rate, total)

@@ -7,6 +7,7 @@ and partitions are assigned. Each metric is recorded where its decision is made.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -104,6 +105,11 @@ class Metrics:
             ["gpu"],
             registry=r,
         )
+
+    def forget_partition(self, topic: str, partition: int) -> None:
+        """Drop a released partition's series, so lag alerts don't fire on what moved away."""
+        with contextlib.suppress(KeyError):
+            self.consumer_lag.remove(topic, str(partition))
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -1,20 +1,17 @@
 """The processing loop: source → decode → batcher → engine → sink, and what to commit.
 
 Two threads. The Kafka thread (the caller of :meth:`Service.run`) owns the consumer and
-the producer: it polls, decodes, batches, produces and commits, and never blocks on the
-model, so the group membership survives a slow engine. The engine thread scores one batch
-at a time, in submission order. At most ``max_pending_batches`` batches wait for it; when
-they and the open batch are full, the Kafka thread pauses its partitions and keeps polling,
-and resumes them once the engine catches up. That bounds memory for any input rate.
+the producer: each turn it applies what the rebalance callbacks recorded, consumes once,
+decodes, batches, writes finished batches through the :mod:`~stream_classifier.checkpoint`
+(which alone decides what is committed), and never waits on the model, so the group
+membership survives a slow engine. The engine thread scores one batch at a time, in
+submission order. At most ``max_pending_batches`` batches wait for it, and at most
+:attr:`Service.max_in_flight` events wait for their acknowledgements; beyond either, the
+partitions are paused (the loop keeps polling), which bounds memory for any input rate and
+any outage length.
 
-Guarantees:
-
-- ``at_least_once``: outputs and dead letters are produced with delivery reports; a
-  partition's offset is committed only up to the last contiguous event the broker
-  acknowledged. A crash replays what was not committed (duplicates, never a loss).
-- ``exactly_once``: each scored batch is one Kafka transaction holding its outputs, its
-  dead letters and the batch's consumed offsets. An abortable error aborts it and rewinds
-  the partitions to their committed offsets; a fatal one stops the process.
+Any exception about one event's content (decoding, tokenizing, scoring, serialising)
+turns that event into a dead letter; only failures of the service itself stop it.
 """
 
 from __future__ import annotations
@@ -25,40 +22,41 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
-from confluent_kafka import TopicPartition as KafkaTopicPartition
-
 from stream_classifier.batcher import Batch, Item, MicroBatcher, topic_partition
+from stream_classifier.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce
 from stream_classifier.config import ServiceConfig
-from stream_classifier.engine.base import Engine, Scores
+from stream_classifier.engine.base import Engine, EngineError, Scores
 from stream_classifier.messages import (
     ClassifyRequest,
     Envelope,
     KafkaMessage,
     Rejection,
     ScoredEvent,
-    SourceRef,
     decode_event,
 )
 from stream_classifier.metrics import Metrics
-from stream_classifier.offsets import OffsetTracker, TopicPartition
-from stream_classifier.sink import KafkaSink, ProducerHung, TransactionAborted, our_headers
-from stream_classifier.source import KafkaSource, consumer_config
+from stream_classifier.offsets import TopicPartition
+from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink, our_headers
+from stream_classifier.source import KafkaSource, Source, consumer_config
 
 log = logging.getLogger(__name__)
 
 #: Longest single wait on the consumer, so stop requests and timers are seen promptly.
 POLL_SLICE_S = 0.1
-#: exactly_once: /healthz fails after this many aborted transactions in a row.
-UNHEALTHY_ABORTS = 3
-#: exactly_once: longest pause between retries of an aborted transaction.
-ABORT_BACKOFF_MAX_S = 5.0
+#: The loop counts as stalled (unhealthy) when a turn has not started for this long.
+STALL_S = 60.0
+#: How long a revoke callback may wait for acknowledgements before committing.
+REVOKE_FLUSH_S = 5.0
 #: librdkafka statistics (consumer lag) interval when metrics are on.
 STATS_INTERVAL_MS = 5000
+
+#: What the engine stage returns per request: its scores, or why scoring it failed.
+Outcome = Scores | str
 
 
 class ServiceError(Exception):
@@ -66,12 +64,27 @@ class ServiceError(Exception):
 
 
 @dataclass
-class Scored:
-    """A batch handed to the engine; ``generation`` discards it after a rewind."""
+class Scoring:
+    """A batch handed to the engine.
+
+    ``generation`` discards it after a rewind; ``epochs`` (each partition's assignment
+    epoch at submission) discards the events of a partition released meanwhile, even
+    if it was assigned again since: those are read again from the committed offset.
+    """
 
     batch: Batch
-    future: Future[list[Scores]]
+    future: Future[list[Outcome]]
     generation: int
+    epochs: dict[TopicPartition, int]
+
+
+@dataclass
+class Rebalance:
+    """What the callbacks saw during one consume(), applied by the loop afterwards."""
+
+    assigned: list[TopicPartition] = field(default_factory=list)
+    released: list[TopicPartition] = field(default_factory=list)
+    lost: bool = False
 
 
 class Service:
@@ -81,6 +94,9 @@ class Service:
         engine: Engine,
         metrics: Metrics | None = None,
         clock: Callable[[], float] = time.monotonic,
+        source: Source | None = None,
+        sink: Sink | None = None,
+        executor: Executor | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -94,31 +110,40 @@ class Service:
             processing.max_batch_wait_ms,
             clock,
         )
-        self.tracker = OffsetTracker()
+        #: Events written and not yet acknowledged, at most (beyond: pause).
+        self.max_in_flight = processing.max_batch_messages * (processing.max_pending_batches + 2)
         self._topics = {topic.input: topic for topic in config.topics}
-        self.source = KafkaSource(
-            self._consumer_config(),
-            list(self._topics),
-            on_assign=self._on_assign,
-            on_revoke=self._on_revoke,
-            on_lost=self._on_lost,
-        )
-        self.sink = KafkaSink(self._producer_config(), self._on_delivered)
-        self._engine_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="engine")
-        self._scoring: deque[Scored] = deque()
+        self.source: Source = source or KafkaSource(self._consumer_config(), list(self._topics))
+        self.sink: Sink = sink or KafkaSink(self._producer_config(), self._on_delivery)
+        self.checkpoint: Checkpoint = self._make_checkpoint()
+        self._engine_thread = executor or ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._scoring: deque[Scoring] = deque()
         self._backlog: deque[Item] = deque()
         self._generation = 0
-        self._paused = False
         self._assigned: set[TopicPartition] = set()
-        #: The first offset read from each partition since it was assigned (rewind target
-        #: when the group has no committed offset yet).
-        self._first_offsets: dict[TopicPartition, int] = {}
-        self._last_commit = clock()
+        #: Per partition, how many times it was released (see :class:`Scoring`).
+        self._epochs: dict[TopicPartition, int] = {}
+        self._paused: set[TopicPartition] = set()
+        #: Assigned partitions whose pause state librdkafka may not match (new ones).
+        self._unsettled: set[TopicPartition] = set()
+        #: Partitions to read again from their committed offsets (after a failed
+        #: transaction, or a revoke and re-assign inside one consume()).
+        self._rewinding: set[TopicPartition] = set()
+        self._rebalance = Rebalance()
         self._last_turn = clock()
         self._started = False
         self.closing = False
-        #: exactly_once: transactions aborted in a row (a failing output makes it grow).
-        self._aborts_in_a_row = 0
+        #: Called with every record once it is durably written (benchmarks count them).
+        self.written_hook: Callable[[Record], None] | None = None
+
+    def _make_checkpoint(self) -> Checkpoint:
+        earliest = self.config.kafka.auto_offset_reset == "earliest"
+        if self.exactly_once:
+            return ExactlyOnce(self.source, self.sink, self._clock, earliest, self._on_committed)
+        interval = self.config.processing.commit_interval_ms / 1000.0
+        return AtLeastOnce(
+            self.source, self.sink, interval, self._clock, earliest, self._on_written
+        )
 
     # -- client settings -----------------------------------------------------------------
 
@@ -139,25 +164,38 @@ class Service:
             "enable.idempotence": True,
             "linger.ms": 5,
             "delivery.timeout.ms": processing.delivery_timeout_ms,
+            # Room for every record the service lets wait for an acknowledgement.
+            "queue.buffering.max.messages": max(100_000, 4 * self.max_in_flight),
         }
         if self.exactly_once:
-            config["transactional.id"] = processing.transactional_id or (
-                f"{self.config.kafka.group_id}-{socket.gethostname()}"
-            )
+            config["transactional.id"] = processing.transactional_id or self._default_txn_id()
             config["transaction.timeout.ms"] = processing.transaction_timeout_ms
         return config
+
+    def _default_txn_id(self) -> str:
+        """Stable across restarts (a restart fences its predecessor), unique per process.
+
+        Two processes on one host differ in their metrics port (they could not both bind
+        it) or, with metrics off, in their device.
+        """
+        metrics = self.config.metrics
+        slot = str(metrics.port) if metrics.enabled else self.config.engine.device
+        return f"{self.config.kafka.group_id}-{socket.gethostname()}-{slot}"
 
     # -- health --------------------------------------------------------------------------
 
     def healthy(self) -> tuple[bool, str]:
-        if self.sink.failed:
-            return False, "output delivery failed"
-        if self._aborts_in_a_row >= UNHEALTHY_ABORTS:
-            return False, f"{self._aborts_in_a_row} transactions aborted in a row"
+        ok, why = self.checkpoint.health()
+        if not ok:
+            return ok, why
         stalled = self._clock() - self._last_turn
-        if self._started and stalled > 60.0:
+        if self._started and stalled > STALL_S:
             return False, f"processing loop has not turned for {stalled:.0f}s"
         return True, "ok"
+
+    @property
+    def assigned_partitions(self) -> frozenset[TopicPartition]:
+        return frozenset(self._assigned)
 
     def ready(self) -> tuple[bool, str]:
         if not self._started:
@@ -170,55 +208,59 @@ class Service:
 
     def run(self, stop: threading.Event) -> None:
         """Consume until ``stop`` is set, then drain and commit; raise on failure."""
-        self.sink.start()
-        self.source.start()
-        self._started = True
         try:
+            self.start()
             while not stop.is_set():
-                self._turn()
-            self._drain()
+                self.turn()
+            self.drain()
         finally:
-            self._engine_thread.shutdown(wait=True, cancel_futures=True)
-            self.closing = True  # close() revokes the assignment: nothing left to finish
-            self.source.close()
-            left = self.sink.close(timeout=5.0)
-            if left:
-                log.warning("%d records left undelivered at close", left)
+            self.close()
 
-    def _turn(self) -> None:
+    def start(self) -> None:
+        self.checkpoint.start()
+        self.source.start(self)
+        self._started = True
+
+    def turn(self) -> None:
+        """One pass: rebalance, rewind, pause/resume, consume once, batch, write, commit."""
         self._last_turn = self._clock()
-        self._apply_backpressure()
+        self._rewind_due()
+        self._apply_pause()
         timeout = max(0.0, min(POLL_SLICE_S, self.batcher.time_left()))
         if self._scoring:
             timeout = min(timeout, 0.005)
+        messages = self.source.consume(self._room(), timeout)
+        self._apply_rebalance()  # callbacks served inside consume() come first
         received_at = time.monotonic()
-        for message in self.source.consume(self._room(), timeout):
-            self._backlog.append(self._accept(message, received_at))
+        for message in messages:
+            self._take(message, received_at)
         self._fill_batches()
         self._write_scored(wait=False)
-        self.sink.poll(0)
-        self.sink.check()
-        if not self.exactly_once:
-            self._commit(force=False)
+        self.checkpoint.turn()
+        self._update_gauges()
 
     def _room(self) -> int:
         """How many events to fetch now (at least 1: consume() also serves the group)."""
         queued = len(self._backlog) + len(self.batcher)
         return max(1, self.config.processing.max_batch_messages - queued)
 
-    def _accept(self, message: KafkaMessage, received_at: float) -> Item:
-        envelope = Envelope.of(message, received_at)
-        source = envelope.source
-        self._first_offsets.setdefault((source.topic, source.partition), source.offset)
-        if not self.exactly_once:
-            self.tracker.register((source.topic, source.partition), source.offset)
-        self.metrics.consumed.labels(source.topic).inc()
-        self.metrics.in_flight.inc()
-        topic = self._topics[source.topic]
-        decoded = decode_event(envelope, topic)
-        if isinstance(decoded, Rejection):
-            return decoded
+    def _take(self, message: KafkaMessage, received_at: float) -> None:
+        tp = (message.topic() or "", message.partition() or 0)
+        if tp not in self._assigned or tp in self._rewinding:
+            return  # not ours (any more), or read again from the committed offset soon
+        offset = message.offset()
+        assert offset is not None
+        self.checkpoint.consumed(tp, offset)
+        self.metrics.consumed.labels(tp[0]).inc()
+        self._backlog.append(self._accept(Envelope.of(message, received_at)))
+
+    def _accept(self, envelope: Envelope) -> Item:
+        """Decode and tokenize one event; any failure about its content rejects it."""
+        topic = self._topics[envelope.source.topic]
         try:
+            decoded = decode_event(envelope, topic)
+            if isinstance(decoded, Rejection):
+                return decoded
             decoded.prepared = self.engine.prepare(
                 decoded.text, decoded.labels, topic.hypothesis_template, topic.multi_label
             )
@@ -237,75 +279,137 @@ class Service:
             self._submit(self.batcher.take())
 
     def _submit(self, batch: Batch) -> None:
-        if not batch.items:
-            return
-        requests = batch.requests
-        future = self._engine_thread.submit(self._score, requests)
-        self._scoring.append(Scored(batch, future, self._generation))
+        if batch.items:
+            future = self._engine_thread.submit(self._score, batch.requests)
+            epochs = {tp: self._epochs.get(tp, 0) for tp in batch.next_offsets()}
+            self._scoring.append(Scoring(batch, future, self._generation, epochs))
 
-    def _score(self, requests: list[ClassifyRequest]) -> list[Scores]:
+    # -- the engine stage (engine thread) ------------------------------------------------
+
+    def _score(self, requests: list[ClassifyRequest]) -> list[Outcome]:
         if not requests:
             return []
         started = time.monotonic()
-        results = self.engine.classify([request.prepared for request in requests])
+        outcomes = self._score_isolating(requests)
         self._record_batch(requests, time.monotonic() - started)
-        return results
+        return outcomes
 
-    def _apply_backpressure(self) -> None:
+    def _score_isolating(self, requests: list[ClassifyRequest]) -> list[Outcome]:
+        """Score; when the engine raises, split down to the events it raises on.
+
+        An :class:`EngineError` (the device itself failed) still stops the service: sending
+        every event to the dead-letter topic would not be isolating a poison event.
+        """
+        try:
+            return list(self.engine.classify([request.prepared for request in requests]))
+        except EngineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - isolated below, reported per event
+            if len(requests) == 1:
+                return [f"{type(exc).__name__}: {exc}"]
+        half = len(requests) // 2
+        return self._score_isolating(requests[:half]) + self._score_isolating(requests[half:])
+
+    def _record_batch(self, requests: list[ClassifyRequest], seconds: float) -> None:
+        self.metrics.batch_messages.observe(len(requests))
+        self.metrics.batch_pairs.observe(sum(len(r.labels) for r in requests))
+        self.metrics.batch_tokens.observe(sum(r.prepared.tokens for r in requests))
+        self.metrics.engine_seconds.observe(seconds)
+
+    # -- backpressure --------------------------------------------------------------------
+
+    def _apply_pause(self) -> None:
+        """Pause what must not be fetched now, resume the rest; settle new partitions."""
         processing = self.config.processing
-        full = (
+        engine_full = (
             len(self._scoring) >= processing.max_pending_batches
             and len(self._backlog) + len(self.batcher) >= processing.max_batch_messages
         )
-        if full and not self._paused:
-            log.info("engine busy: pausing %d partitions", len(self._assigned))
-            self._paused = True
-        elif self._paused and len(self._scoring) < processing.max_pending_batches:
-            log.info("engine caught up: resuming partitions")
-            self._paused = False
-            self.source.resume_all()
-        if self._paused:
-            self.source.pause_all()  # also covers partitions assigned while paused
-        self.metrics.paused_partitions.set(len(self._assigned) if self._paused else 0)
+        hold = (
+            engine_full
+            or self.checkpoint.in_flight() >= self.max_in_flight
+            or not self.checkpoint.can_write()
+        )
+        want = set(self._assigned) if hold else set(self._rewinding)
+        pause = sorted((want - self._paused) | (want & self._unsettled))
+        resume = sorted((self._paused - want) | (self._unsettled - want))
+        if pause and not self._paused:
+            log.info("holding input: pausing %d partitions", len(pause))
+        self.source.pause(pause)
+        self.source.resume([tp for tp in resume if tp in self._assigned])
+        self._paused = want
+        self._unsettled.clear()
+        self.metrics.paused_partitions.set(len(self._paused))
 
     # -- writing results -----------------------------------------------------------------
 
-    def _write_scored(self, wait: bool) -> None:
-        """Produce the outputs of finished batches, oldest first (all of them if ``wait``)."""
-        while self._scoring and (wait or self._scoring[0].future.done()):
-            scored = self._scoring.popleft()
-            results = scored.future.result()  # an engine failure propagates from here
-            if scored.generation != self._generation:
-                continue  # rewound after it was submitted: its events will be read again
-            self._write(scored.batch, results)
+    def _write_scored(self, wait: bool, deadline: float | None = None) -> None:
+        """Write finished batches, oldest first (all of them if ``wait``, until deadline)."""
+        while self._scoring:
+            head = self._scoring[0]
+            if not head.future.done():
+                if not wait:
+                    return
+                left = None if deadline is None else max(0.0, deadline - self._clock())
+                head.future.exception(timeout=left)  # raises TimeoutError at the deadline
+            if head.generation == self._generation and not self.checkpoint.can_write():
+                return
+            self._scoring.popleft()
+            outcomes = head.future.result()  # an EngineError propagates from here
+            if head.generation == self._generation:
+                self._write(head, outcomes)
 
-    def _write(self, batch: Batch, results: list[Scores]) -> None:
-        scores = dict(zip((id(r) for r in batch.requests), results, strict=True))
-        owned = batch.without(tp for tp in batch.next_offsets() if tp not in self._assigned)
+    def _write(self, scoring: Scoring, outcomes: list[Outcome]) -> None:
+        batch = scoring.batch
+        owned = batch.without(
+            tp
+            for tp, epoch in scoring.epochs.items()
+            if tp not in self._assigned or self._epochs.get(tp, 0) != epoch
+        )
         if not owned.items:
             return
+        by_request = dict(zip((id(r) for r in batch.requests), outcomes, strict=True))
         now = time.monotonic()
-        if self.exactly_once:
-            self.sink.begin()
+        records: list[Record] = []
         for item in owned.items:
-            if isinstance(item, Rejection):
-                self._dead_letter(item)
-            else:
-                self._output(item, scores[id(item)], now)
-        if self.exactly_once:
-            self._commit_transaction(owned)
+            records += self._records_for(item, by_request.get(id(item)), now)
+        if not self.checkpoint.write(records, owned.next_offsets()):
+            self._start_rewind()
 
-    def _output(self, request: ClassifyRequest, scores: Scores, now: float) -> None:
-        value = self._scored(request, scores, now).model_dump_json().encode()
-        headers = our_headers(self.engine.model_id, request.text_truncated)
-        self.sink.send_output(request.topic.output, request.envelope, value, headers)
+    def _records_for(self, item: Item, outcome: Outcome | None, now: float) -> list[Record]:
+        if isinstance(item, Rejection):
+            return [self._dead_letter(item)]
+        if isinstance(outcome, str):
+            return [self._dead_letter(Rejection(item.envelope, "engine_failed", outcome))]
+        assert outcome is not None
+        try:
+            value = self._scored(item, outcome, now).model_dump_json().encode()
+        except Exception as exc:  # noqa: BLE001 - e.g. an id no JSON encoder accepts
+            reason = f"{type(exc).__name__}: {exc}"
+            return [self._dead_letter(Rejection(item.envelope, "output_failed", reason))]
+        headers = item.envelope.headers + our_headers(self.engine.model_id, item.text_truncated)
+        return [self._record(item.topic.output, item.envelope, value, headers, "output")]
 
-    def _dead_letter(self, rejection: Rejection) -> None:
+    def _dead_letter(self, rejection: Rejection) -> Record:
         topic = self._topics[rejection.envelope.source.topic]
         log.debug("dead letter %s: %s", rejection.code, rejection.reason)
         self.metrics.dead_letters.labels(topic.input, rejection.code).inc()
-        self.sink.send_dead_letter(
-            topic.dead_letter, rejection.envelope, rejection.context().headers()
+        envelope = rejection.envelope
+        headers = envelope.headers + rejection.context().headers()
+        return self._record(topic.dead_letter, envelope, envelope.value, headers, "dead_letter")
+
+    @staticmethod
+    def _record(
+        topic: str, envelope: Envelope, value: bytes | None, headers: Any, kind: str
+    ) -> Record:
+        return Record(
+            topic=topic,
+            key=envelope.key,
+            value=value,
+            headers=headers,
+            timestamp=envelope.source.timestamp or 0,
+            source=envelope.source,
+            kind=kind,
         )
 
     def _scored(self, request: ClassifyRequest, scores: Scores, now: float) -> ScoredEvent:
@@ -320,138 +424,143 @@ class Service:
             latency_ms=round((now - request.envelope.received_at) * 1000.0, 3),
         )
 
-    def _record_batch(self, requests: list[ClassifyRequest], seconds: float) -> None:
-        self.metrics.batch_messages.observe(len(requests))
-        self.metrics.batch_pairs.observe(sum(len(r.labels) for r in requests))
-        self.metrics.batch_tokens.observe(sum(r.prepared.tokens for r in requests))
-        self.metrics.engine_seconds.observe(seconds)
+    # -- acknowledgements (delivery reports, committed transactions) ----------------------
 
-    def _on_delivered(self, source: SourceRef, kind: str) -> None:
-        if not self.exactly_once:
-            self.tracker.mark_done((source.topic, source.partition), source.offset)
-            self.metrics.in_flight.dec()
-        if kind == "output":
-            self.metrics.produced.labels(source.topic).inc()
-        if source.timestamp:
-            self.metrics.end_to_end_seconds.observe(max(0.0, time.time() - source.timestamp / 1e3))
+    def _on_delivery(self, record: Record, failure: DeliveryFailure | None) -> None:
+        self.checkpoint.on_delivery(record, failure)
 
-    # -- commits -------------------------------------------------------------------------
+    def _on_written(self, record: Record) -> None:
+        """A record is durably written (at-least-once: acknowledged)."""
+        if record.kind == "output":
+            self.metrics.produced.labels(record.source.topic).inc()
+        if record.source.timestamp:
+            age = time.time() - record.source.timestamp / 1e3
+            self.metrics.end_to_end_seconds.observe(max(0.0, age))
+        if self.written_hook is not None:
+            self.written_hook(record)
 
-    def _commit(self, force: bool) -> None:
-        """At-least-once: commit what the broker acknowledged, at most once an interval."""
-        interval = self.config.processing.commit_interval_ms / 1000.0
-        if not force and self._clock() - self._last_commit < interval:
-            return
-        self._last_commit = self._clock()
-        offsets = self.tracker.to_commit()
-        if not offsets:
-            return
-        ok = self.source.commit(offsets)
-        self.metrics.commits.labels("ok" if ok else "failed").inc()
-        if ok:
-            self.tracker.committed(offsets)
-
-    def _commit_transaction(self, batch: Batch) -> None:
-        """Exactly-once: the batch's outputs and its consumed offsets commit together."""
-        offsets = [
-            KafkaTopicPartition(topic, partition, offset)
-            for (topic, partition), offset in batch.next_offsets().items()
-        ]
-        try:
-            self.sink.commit(offsets, self.source.consumer.consumer_group_metadata())
-        except TransactionAborted as exc:
-            log.warning("transaction aborted (%s): rewinding to the committed offsets", exc)
-            self.metrics.transactions.labels("aborted").inc()
-            if isinstance(exc, ProducerHung):
-                self.sink.restart()  # the new producer fences the hung one and aborts its work
-            else:
-                self.sink.abort()
-            self._rewind()
-            self._aborts_in_a_row += 1
-            # Back off so a permanent failure (a missing topic) retries slowly, not hot.
-            time.sleep(min(ABORT_BACKOFF_MAX_S, 0.1 * 2**self._aborts_in_a_row))
-            return
-        self._aborts_in_a_row = 0
+    def _on_committed(self, records: list[Record]) -> None:
+        """exactly_once: a transaction committed; its records are now visible."""
         self.metrics.transactions.labels("committed").inc()
-        self.metrics.in_flight.dec(len(batch))
+        for record in records:
+            self._on_written(record)
 
-    def _rewind(self) -> None:
-        """Forget everything not committed and read it again from the committed offsets."""
+    # -- rewinds -------------------------------------------------------------------------
+
+    def _start_rewind(self) -> None:
+        """Forget everything not committed; read it again from the committed offsets."""
+        self.metrics.transactions.labels("aborted").inc()
         self._generation += 1
         self._backlog.clear()
         self.batcher.take()
-        self.metrics.in_flight.set(0)
-        self.source.seek_to_committed(sorted(self._assigned), self._first_offsets)
+        self._rewinding |= self._assigned
 
-    def _finish_in_hand(self, timeout: float) -> None:
-        """Score and write everything consumed so far; wait for acknowledgements; commit."""
+    def _rewind_due(self) -> None:
+        if not self._rewinding or not self.checkpoint.can_write():
+            return
+        targets = self.checkpoint.rewind_targets(sorted(self._rewinding))
+        if targets is None:
+            return  # not readable now (an outage, another member's open transaction)
+        for tp, offset in targets.items():
+            self.source.seek(tp, offset)
+        self._rewinding.clear()
+
+    # -- stopping ------------------------------------------------------------------------
+
+    def drain(self) -> None:
+        """SIGTERM: stop fetching, finish what was read, commit it, all within the deadline."""
+        deadline = self._clock() + self.config.processing.shutdown_timeout_s
+        queued = len(self._backlog) + len(self.batcher)
+        log.info("stopping: finishing %d queued events and %d batches", queued, len(self._scoring))
+        self.source.pause(sorted(self._assigned))
         while self._backlog or len(self.batcher):
             while self._backlog and self.batcher.fits(self._backlog[0]):
                 self.batcher.add(self._backlog.popleft())
             self._submit(self.batcher.take())
-        self._write_scored(wait=True)
-        self.sink.flush(timeout)
-        if not self.exactly_once:
-            self._commit(force=True)
+        try:
+            self._write_scored(wait=True, deadline=deadline)
+        except TimeoutError:
+            log.warning("shutdown deadline reached with batches unscored: they will be redone")
+        if not self.checkpoint.finish(max(0.0, deadline - self._clock())):
+            log.warning("shutdown deadline reached before every output was acknowledged")
 
-    def _drain(self) -> None:
-        queued = len(self._backlog) + len(self.batcher)
-        log.info("stopping: finishing %d queued events and %d batches", queued, len(self._scoring))
-        self._finish_in_hand(self.config.processing.shutdown_timeout_s)
+    def close(self) -> None:
+        self.closing = True  # close() revokes the assignment: nothing left to finish
+        self._engine_thread.shutdown(wait=True, cancel_futures=True)
+        if self._started:
+            self.source.close()
+            left = self.sink.close(timeout=5.0)
+            if left:
+                log.warning("%d records left undelivered at close", left)
 
-    # -- rebalances (called from inside consume()) ----------------------------------------
+    # -- rebalances: the callbacks record, the loop acts ---------------------------------
 
-    def _on_assign(self, partitions: list[TopicPartition]) -> None:
-        self._assigned.update(partitions)
-        self.metrics.assigned_partitions.set(len(self._assigned))
+    def assigned(self, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", partitions)
+        self._assigned.update(partitions)
+        self._rebalance.assigned += partitions
 
-    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
-        """Finish the batches already scoring, drop the rest of these partitions, commit."""
-        if self.closing:  # close() after the drain: everything is finished already
-            self._release(partitions)
-            return
-        log.info("revoked %s: finishing the batches in hand", partitions)
-        if not self.sink.failed:
-            self._write_scored(wait=True)
-            self.sink.flush(self.config.processing.shutdown_timeout_s)
-            if not self.exactly_once:
-                self._commit(force=True)
-        self._release(partitions)
+    def revoked(self, partitions: list[TopicPartition]) -> None:
+        """The one thing that must happen inside the callback: commit what is finished."""
+        log.info("revoked %s", partitions)
+        if not self.closing:
+            self.checkpoint.commit_revoked(partitions, REVOKE_FLUSH_S)
+        self._forget(partitions)
 
-    def _on_lost(self, partitions: list[TopicPartition]) -> None:
-        log.warning("lost %s: dropping their queued events (they will be read again)", partitions)
-        self._release(partitions)
-        if self.exactly_once:
-            # Batches already scoring may hold events of the lost partitions; once those come
-            # back their committed offsets are read again, so no old result may be written.
-            self._rewind()
+    def lost(self, partitions: list[TopicPartition]) -> None:
+        log.warning(
+            "lost %s: their unfinished events will be read again by their owner", partitions
+        )
+        self._forget(partitions)
+        self._rebalance.lost = True
+
+    def _forget(self, partitions: list[TopicPartition]) -> None:
+        self._assigned.difference_update(partitions)
+        self._rebalance.released += partitions
+
+    def _apply_rebalance(self) -> None:
+        change, self._rebalance = self._rebalance, Rebalance()
+        if change.released:
+            self._release(change.released)
+            # Revoked and assigned again within one consume(): what it returned for such a
+            # partition may predate either callback, so drop it and read again.
+            self._rewinding |= set(change.released) & self._assigned
+        if change.assigned:
+            self.checkpoint.assigned(change.assigned)
+            self._unsettled.update(change.assigned)
+        if change.lost and isinstance(self.checkpoint, ExactlyOnce):
             # Losing the group means the cluster was unreachable: start the transactional
-            # producer afresh rather than trust its cached coordinators (see sink.restart).
-            self.sink.restart()
+            # producer afresh rather than trust its cached coordinators (librdkafka #5456).
+            self.checkpoint.replace_producer()
+        self.metrics.assigned_partitions.set(len(self._assigned))
 
-    def _release(self, partitions: list[TopicPartition]) -> None:
+    def _release(self, partitions: Iterable[TopicPartition]) -> None:
         gone = set(partitions)
         dropped = self.batcher.drop(gone)
         kept = [item for item in self._backlog if topic_partition(item) not in gone]
         dropped += len(self._backlog) - len(kept)
         self._backlog = deque(kept)
-        if not self.exactly_once:
-            self.metrics.in_flight.dec(sum(self.tracker.in_flight(tp) for tp in partitions))
-            self.tracker.forget(partitions)
-        self._assigned.difference_update(partitions)
-        for tp in partitions:
-            self._first_offsets.pop(tp, None)
-        self.metrics.assigned_partitions.set(len(self._assigned))
+        self.checkpoint.released(gone)
+        for tp in gone:
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1
+        self._paused -= gone
+        self._rewinding -= gone
+        for topic, partition in gone:
+            self.metrics.forget_partition(topic, partition)
         if dropped:
             log.info("dropped %d queued events of released partitions", dropped)
 
-    # -- statistics ----------------------------------------------------------------------
+    # -- gauges and statistics -----------------------------------------------------------
+
+    def _update_gauges(self) -> None:
+        scoring = sum(len(s.batch) for s in self._scoring if s.generation == self._generation)
+        queued = len(self._backlog) + len(self.batcher) + scoring
+        self.metrics.in_flight.set(queued + self.checkpoint.in_flight())
 
     def _on_stats(self, stats_json: str) -> None:
         stats = json.loads(stats_json)
         for topic, topic_stats in stats.get("topics", {}).items():
             for partition, p in topic_stats.get("partitions", {}).items():
                 lag = p.get("consumer_lag", -1)
-                if int(partition) >= 0 and lag >= 0:
+                if (topic, int(partition)) in self._assigned and lag >= 0:
                     self.metrics.consumer_lag.labels(topic, partition).set(lag)

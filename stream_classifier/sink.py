@@ -1,9 +1,13 @@
-"""The producer side: scored events to the output topic, rejects to the dead-letter topic.
+"""The producer side: the :class:`Sink` port and its Kafka adapter.
 
 Outputs keep the input's key (so partitioning and per-key order survive), copy its headers
-and add ours, and keep its timestamp. Delivery callbacks never raise: they report each
-acknowledged source offset to ``on_delivered`` and remember the first permanent failure,
-which the next :meth:`KafkaSink.check` raises.
+and add ours, and keep its timestamp. Delivery callbacks never raise: they hand each
+record and its outcome to the ``on_delivery`` function given at construction, and only for
+records of the current producer (a replaced producer's late reports are ignored).
+
+Transactional calls are classified here, once, into three outcomes the checkpoint acts
+on: done, :class:`TransactionFailed` (abort or replace the producer, then redo the
+events) and :class:`SinkError` (fatal: this instance was fenced or misconfigured).
 """
 
 from __future__ import annotations
@@ -11,105 +15,85 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from stream_classifier.messages import HEADER_PREFIX, Envelope, Headers, SourceRef
+from stream_classifier.messages import HEADER_PREFIX, Headers, SourceRef
+from stream_classifier.offsets import TopicPartition as TP
 
 log = logging.getLogger(__name__)
 
-DeliveredCallback = Callable[[SourceRef, str], None]
-
 
 class SinkError(Exception):
-    """An output could not be delivered; nothing at or after its offset may be committed."""
+    """The producer cannot go on (fenced, fatal error, permanent delivery failure)."""
 
 
-class TransactionAborted(Exception):
-    """The transaction failed in a way that needs an abort: redo its events."""
+class TransactionFailed(Exception):
+    """The open transaction did not commit; its events must be redone.
 
-
-class ProducerHung(TransactionAborted):
-    """A transactional call blocked past its timeout (librdkafka #5456, #5511).
-
-    The producer cannot be used any more, not even to abort: replace it with
-    :meth:`KafkaSink.restart` (whose new producer fences it) and redo the events.
+    ``abortable``: ``abort()`` ends it cleanly. Otherwise its outcome is unknown (a
+    timeout, a hung call, a lost coordinator) and only a new producer with the same
+    transactional id, which fences this one and settles the transaction, is safe.
     """
+
+    def __init__(self, message: str, abortable: bool) -> None:
+        super().__init__(message)
+        self.abortable = abortable
+
+
+@dataclass(frozen=True)
+class Record:
+    """One record to write, and the input event it is written for."""
+
+    topic: str
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    timestamp: int
+    source: SourceRef
+    kind: str  # "output", "dead_letter" or "route"
+
+
+@dataclass(frozen=True)
+class DeliveryFailure:
+    reason: str
+    #: True for what a later attempt may cure (a timeout, the broker away).
+    retriable: bool
+
+
+DeliveryCallback = Callable[[Record, DeliveryFailure | None], None]
+
+
+class Sink(Protocol):
+    """What the service needs from a producer."""
+
+    def start(self) -> None: ...
+    def restart(self) -> None: ...
+    def produce(self, record: Record) -> None: ...
+    def poll(self, timeout: float) -> None: ...
+    def flush(self, timeout: float) -> int: ...
+    def begin(self) -> None: ...
+    def commit(self, offsets: dict[TP, int], group_metadata: object) -> None: ...
+    def abort(self) -> None: ...
+    def close(self, timeout: float) -> int: ...
+
+
+#: Each transactional call's own timeout, and how long past it a call may block before
+#: the producer is given up as hung (librdkafka #5456, #5511).
+TXN_TIMEOUT_S = 30.0
+HANG_MARGIN_S = 15.0
 
 
 class KafkaSink:
-    def __init__(self, producer_config: dict[str, Any], on_delivered: DeliveredCallback) -> None:
+    """:class:`Sink` over one ``confluent_kafka.Producer`` (replaced on :meth:`restart`)."""
+
+    def __init__(self, producer_config: dict[str, Any], on_delivery: DeliveryCallback) -> None:
         self._config = producer_config
-        self._on_delivered = on_delivered
+        self._on_delivery = on_delivery
         self._producer: Producer | None = None
-        self._failure: SinkError | None = None
-        self._lock = threading.Lock()
-        #: Producers replaced by :meth:`restart`, kept so that destroying one cannot block.
-        self._retired: list[Producer] = []
-
-    def start(self) -> None:
-        self._producer = Producer(self._config)
-        if "transactional.id" in self._config:
-            # Fences an earlier incarnation with the same id and aborts what it left open.
-            self._call(lambda: self.producer.init_transactions(30.0), "init_transactions", 30.0)
-
-    def restart(self) -> None:
-        """A fresh transactional producer (same id) after the cluster lost track of us.
-
-        librdkafka can keep a stale group-coordinator entry after an outage, and then
-        ``send_offsets_to_transaction`` blocks past its timeout (librdkafka issues #5456,
-        #5511). A new producer looks the coordinators up again and fences the old one.
-        Call it only between transactions.
-        """
-        with self._lock:
-            self._failure = None
-        for _attempt in range(RESTART_ATTEMPTS):
-            if self._producer is not None:
-                self._retired.append(self._producer)
-            try:
-                self.start()
-                return
-            except ProducerHung as exc:
-                log.warning("new transactional producer hung too (%s), trying another", exc)
-        raise SinkError(f"no transactional producer could start in {RESTART_ATTEMPTS} tries")
-
-    # -- transactions (exactly-once) -----------------------------------------------------
-
-    def begin(self) -> None:
-        self._call(self.producer.begin_transaction, "begin_transaction", 1.0)
-
-    def commit(self, offsets: list[TopicPartition], group_metadata: object) -> None:
-        """Add the consumed offsets to the transaction and commit it."""
-        if offsets:
-            self._call(
-                lambda: self.producer.send_offsets_to_transaction(offsets, group_metadata, 30.0),
-                "send_offsets_to_transaction",
-                30.0,
-            )
-        self._call(lambda: self.producer.commit_transaction(60.0), "commit_transaction", 60.0)
-        self.check()
-
-    def abort(self) -> None:
-        self._call(lambda: self.producer.abort_transaction(60.0), "abort_transaction", 60.0)
-        with self._lock:
-            self._failure = None  # the aborted records' failures died with them
-
-    def _call(self, operation: Callable[[], object], name: str, timeout: float) -> None:
-        """Run a transactional call: retry what is retriable, classify the rest."""
-        for _attempt in range(10):
-            try:
-                _within_deadline(operation, name, timeout + HANG_MARGIN_S)
-                return
-            except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-                if error.retriable():
-                    log.warning("%s: %s, retrying", name, error.str())
-                    continue
-                if error.txn_requires_abort():
-                    raise TransactionAborted(f"{name}: {error.str()}") from exc
-                raise SinkError(f"{name} failed: {error.str()} (fatal={error.fatal()})") from exc
-        raise SinkError(f"{name} still failing after 10 retriable errors")
+        self._epoch = 0
 
     @property
     def producer(self) -> Producer:
@@ -117,68 +101,95 @@ class KafkaSink:
             raise RuntimeError("sink not started")
         return self._producer
 
-    def send_output(self, topic: str, envelope: Envelope, value: bytes, headers: Headers) -> None:
-        self._produce(topic, envelope, value, envelope.headers + headers, kind="output")
+    def start(self) -> None:
+        """A producer; a transactional one fences its predecessors and settles their work."""
+        self._epoch += 1
+        self._producer = Producer(self._config)
+        if "transactional.id" in self._config:
+            producer = self._producer
+            self._call(lambda: producer.init_transactions(TXN_TIMEOUT_S), "init_transactions")
 
-    def send_dead_letter(self, topic: str, envelope: Envelope, headers: Headers) -> None:
-        self._produce(topic, envelope, envelope.value, envelope.headers + headers, kind="dlq")
+    def restart(self) -> None:
+        """Retire the current producer (its late reports are ignored) and start another."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            _retire(old)
+        self.start()
 
-    def _produce(
-        self, topic: str, envelope: Envelope, value: bytes | None, headers: Headers, kind: str
-    ) -> None:
-        self.check()
-        timestamp = envelope.source.timestamp or 0
-        callback = self._callback(envelope.source, kind)
+    # -- records ---------------------------------------------------------------------------
+
+    def produce(self, record: Record) -> None:
+        callback = self._callback(record, self._epoch)
         while True:
             try:
                 self.producer.produce(
-                    topic,
-                    value=value,
-                    key=envelope.key,
-                    headers=headers,
-                    timestamp=timestamp,
+                    record.topic,
+                    value=record.value,
+                    key=record.key,
+                    headers=record.headers,
+                    timestamp=record.timestamp,
                     on_delivery=callback,
                 )
                 return
             except BufferError:
-                # The local queue is full: serve delivery reports to make room, then retry.
+                self.producer.poll(0.1)  # serve delivery reports to make room
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if error.fatal() or not error.retriable():
+                    raise SinkError(f"produce to {record.topic} failed: {error.str()}") from exc
                 self.producer.poll(0.1)
-                self.check()
 
-    def _callback(self, source: SourceRef, kind: str) -> Callable[[KafkaError | None, Any], None]:
+    def _callback(self, record: Record, epoch: int) -> Callable[[KafkaError | None, Any], None]:
         def on_delivery(error: KafkaError | None, _message: Any) -> None:
+            if epoch != self._epoch:
+                return  # a replaced producer's report: its records are redone elsewhere
             if error is None:
-                self._on_delivered(source, kind)
+                self._on_delivery(record, None)
                 return
-            with self._lock:
-                if self._failure is None:
-                    self._failure = SinkError(
-                        f"could not deliver the {kind} record for {source.topic}"
-                        f"[{source.partition}]@{source.offset}: {error.str()} "
-                        f"({error.name()}, retriable={error.retriable()})"
-                    )
-            log.error("delivery failed: %s", error.str())
+            retriable = error.retriable() or error.code() in _RIDE_OUT
+            failure = DeliveryFailure(f"{error.str()} ({error.name()})", retriable)
+            self._on_delivery(record, failure)
 
         return on_delivery
 
-    def poll(self, timeout: float = 0.0) -> None:
-        """Serve delivery callbacks."""
+    def poll(self, timeout: float) -> None:
         self.producer.poll(timeout)
 
-    def flush(self, timeout: float) -> None:
-        """Wait for every outstanding record; raise if one failed or time ran out."""
-        remaining = self.producer.flush(timeout)
-        self.check()
-        if remaining:
-            raise SinkError(f"{remaining} records still undelivered after {timeout:.0f}s")
+    def flush(self, timeout: float) -> int:
+        """Wait up to ``timeout`` for outstanding records; return how many are left."""
+        return int(self.producer.flush(timeout))
 
-    def check(self) -> None:
-        if self._failure is not None:
-            raise self._failure
+    # -- transactions (exactly-once) -------------------------------------------------------
 
-    @property
-    def failed(self) -> bool:
-        return self._failure is not None
+    def begin(self) -> None:
+        self._call(self.producer.begin_transaction, "begin_transaction")
+
+    def commit(self, offsets: dict[TP, int], group_metadata: object) -> None:
+        """Add the consumed offsets to the open transaction and commit it."""
+        producer = self.producer
+        if offsets:
+            parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
+            self._call(
+                lambda: producer.send_offsets_to_transaction(parts, group_metadata, TXN_TIMEOUT_S),
+                "send_offsets_to_transaction",
+            )
+        self._call(lambda: producer.commit_transaction(TXN_TIMEOUT_S), "commit_transaction")
+
+    def abort(self) -> None:
+        producer = self.producer
+        self._call(lambda: producer.abort_transaction(TXN_TIMEOUT_S), "abort_transaction")
+
+    def _call(self, operation: Callable[[], object], name: str) -> None:
+        """One transactional call, bounded in time, its failure classified."""
+        try:
+            _within_deadline(operation, name, TXN_TIMEOUT_S + HANG_MARGIN_S)
+        except KafkaException as exc:
+            error: KafkaError = exc.args[0]
+            if error.fatal():
+                raise SinkError(f"{name}: {error.str()} (fatal)") from exc
+            raise TransactionFailed(
+                f"{name}: {error.str()}", abortable=error.txn_requires_abort()
+            ) from exc
 
     def close(self, timeout: float) -> int:
         """Flush what can be flushed; return how many records were left undelivered."""
@@ -190,6 +201,10 @@ class KafkaSink:
             return -1
 
 
+#: Errors an outage produces that librdkafka does not flag retriable; retried all the same.
+_RIDE_OUT = {KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT}
+
+
 def our_headers(model: str, truncated: bool) -> Headers:
     headers: Headers = [(HEADER_PREFIX + "model", model.encode())]
     if truncated:
@@ -197,15 +212,18 @@ def our_headers(model: str, truncated: bool) -> Headers:
     return headers
 
 
-#: How long past its own timeout a transactional call may block before this producer is
-#: given up (a known librdkafka hang): the service then starts a new one with the same
-#: transactional.id, which fences this one, and redoes the uncommitted events.
-HANG_MARGIN_S = 15.0
-RESTART_ATTEMPTS = 5
+def _retire(producer: Producer) -> None:
+    """Drop a replaced producer's queue and destroy it off the loop (destroy may block)."""
+    try:
+        producer.purge(in_queue=True, in_flight=True, blocking=False)
+    except (KafkaException, RuntimeError) as exc:
+        log.debug("purge of a retired producer failed: %s", exc)
+    holder = [producer]
+    threading.Thread(target=holder.clear, name="retired-producer", daemon=True).start()
 
 
 def _within_deadline(operation: Callable[[], object], name: str, deadline: float) -> None:
-    """Run ``operation`` in a helper thread; raise ProducerHung if it outlives ``deadline``."""
+    """Run ``operation`` in a helper thread; a call that outlives ``deadline`` has hung."""
     outcome: list[BaseException | None] = []
 
     def target() -> None:
@@ -219,6 +237,8 @@ def _within_deadline(operation: Callable[[], object], name: str, deadline: float
     worker.start()
     worker.join(deadline)
     if worker.is_alive():
-        raise ProducerHung(f"{name} still blocked after {deadline:.0f}s (librdkafka #5456)")
+        raise TransactionFailed(
+            f"{name} still blocked after {deadline:.0f}s (librdkafka #5456)", abortable=False
+        )
     if outcome and outcome[0] is not None:
         raise outcome[0]

@@ -1,52 +1,77 @@
-"""The consumer side: one ``confluent_kafka.Consumer`` in a consumer group.
+"""The consumer side: the :class:`Source` port and its Kafka adapter.
 
-Offsets are never committed automatically: the service commits exactly what the
-:class:`~stream_classifier.offsets.OffsetTracker` says is finished. Partition assignment is
+Offsets are never committed automatically: the service commits exactly what its
+:mod:`~stream_classifier.checkpoint` says is finished. Partition assignment is
 cooperative-sticky, so a rebalance moves only the partitions that change hands.
+
+The port is deliberately thin (one librdkafka call per method) so that every decision
+lives in the service and the checkpoint, where the simulation in ``tests/sim`` drives it
+against an in-memory model of Kafka.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Sequence
+from typing import Any, Protocol
 
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from stream_classifier.messages import KafkaMessage
 from stream_classifier.offsets import TopicPartition as TP
 
 log = logging.getLogger(__name__)
-
-RebalanceCallback = Callable[[list[TP]], None]
 
 
 class SourceError(Exception):
     """The consumer hit an error it cannot recover from."""
 
 
+class OffsetsUnavailable(Exception):
+    """The group's committed offsets could not be read now (try again later).
+
+    Raised for a timeout of the whole call and for a per-partition error, such as an
+    offset still unstable while another member's transaction is open: never guess.
+    """
+
+
+class RebalanceListener(Protocol):
+    """Called from inside :meth:`Source.consume`; records what changed, acts later."""
+
+    def assigned(self, partitions: list[TP]) -> None: ...
+    def revoked(self, partitions: list[TP]) -> None: ...
+    def lost(self, partitions: list[TP]) -> None: ...
+
+
+class Source(Protocol):
+    """What the service needs from a consumer in a group."""
+
+    def start(self, listener: RebalanceListener) -> None: ...
+    def consume(self, max_messages: int, timeout: float) -> Sequence[KafkaMessage]: ...
+    def commit(self, offsets: dict[TP, int]) -> bool: ...
+    def committed(self, partitions: list[TP], timeout: float) -> dict[TP, int | None]: ...
+    def seek(self, tp: TP, offset: int) -> None: ...
+    def pause(self, partitions: list[TP]) -> None: ...
+    def resume(self, partitions: list[TP]) -> None: ...
+    def group_metadata(self) -> object: ...
+    def close(self) -> None: ...
+
+
 class KafkaSource:
-    def __init__(
-        self,
-        consumer_config: dict[str, Any],
-        topics: list[str],
-        on_assign: RebalanceCallback,
-        on_revoke: RebalanceCallback,
-        on_lost: RebalanceCallback,
-    ) -> None:
+    """:class:`Source` over one ``confluent_kafka.Consumer``."""
+
+    def __init__(self, consumer_config: dict[str, Any], topics: list[str]) -> None:
         self._config = consumer_config
         self._topics = topics
-        self._on_assign = on_assign
-        self._on_revoke = on_revoke
-        self._on_lost = on_lost
         self._consumer: Consumer | None = None
 
-    def start(self) -> None:
+    def start(self, listener: RebalanceListener) -> None:
         self._consumer = Consumer(self._config)
         self._consumer.subscribe(
             self._topics,
-            on_assign=lambda _c, parts: self._on_assign(_tps(parts)),
-            on_revoke=lambda _c, parts: self._on_revoke(_tps(parts)),
-            on_lost=lambda _c, parts: self._on_lost(_tps(parts)),
+            on_assign=lambda _c, parts: listener.assigned(_tps(parts)),
+            on_revoke=lambda _c, parts: listener.revoked(_tps(parts)),
+            on_lost=lambda _c, parts: listener.lost(_tps(parts)),
         )
 
     @property
@@ -55,17 +80,10 @@ class KafkaSource:
             raise RuntimeError("source not started")
         return self._consumer
 
-    def consume(self, max_messages: int, timeout: float) -> list[Message]:
-        """Fetch up to ``max_messages``; transient errors are logged, fatal ones raise.
-
-        Waits up to ``timeout`` for the first message only, then takes what is already
-        fetched: consume(n, timeout) alone would hold a lone event until n arrive.
-        """
-        messages = self.consumer.consume(num_messages=1, timeout=timeout)
-        if messages and max_messages > 1:
-            messages += self.consumer.consume(num_messages=max_messages - 1, timeout=0)
-        good: list[Message] = []
-        for message in messages:
+    def consume(self, max_messages: int, timeout: float) -> list[KafkaMessage]:
+        """One fetch of up to ``max_messages``; transient errors are logged, fatal ones raise."""
+        good: list[KafkaMessage] = []
+        for message in self.consumer.consume(num_messages=max_messages, timeout=timeout):
             error = message.error()
             if error is None:
                 good.append(message)
@@ -76,7 +94,7 @@ class KafkaSource:
         return good
 
     def commit(self, offsets: dict[TP, int]) -> bool:
-        """Commit synchronously; False (and a log line) if the group refused it."""
+        """Commit synchronously; False (and a log line) if the group refused any of it."""
         partitions = [TopicPartition(topic, part, off) for (topic, part), off in offsets.items()]
         try:
             results = self.consumer.commit(offsets=partitions, asynchronous=False)
@@ -91,29 +109,33 @@ class KafkaSource:
             )
         return not failed
 
-    def pause_all(self) -> None:
-        """Stop fetching (consume() keeps serving the group); fetched data is re-read later."""
-        assigned = self.consumer.assignment()
-        if assigned:
-            self.consumer.pause(assigned)
+    def committed(self, partitions: list[TP], timeout: float) -> dict[TP, int | None]:
+        """The group's committed offset of each partition (None: nothing committed yet)."""
+        asked = [TopicPartition(topic, part) for topic, part in partitions]
+        try:
+            answers = self.consumer.committed(asked, timeout=timeout)
+        except KafkaException as exc:
+            raise OffsetsUnavailable(exc.args[0].str()) from exc
+        offsets: dict[TP, int | None] = {}
+        for tp in answers:
+            if tp.error is not None:
+                raise OffsetsUnavailable(f"{tp.topic}[{tp.partition}]: {tp.error.str()}")
+            offsets[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
+        return offsets
 
-    def resume_all(self) -> None:
-        assigned = self.consumer.assignment()
-        if assigned:
-            self.consumer.resume(assigned)
+    def seek(self, tp: TP, offset: int) -> None:
+        self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
 
-    def seek_to_committed(self, partitions: list[TP], fallback: dict[TP, int]) -> None:
-        """Read these partitions again from their committed offsets (or ``fallback``)."""
-        if not partitions:
-            return
-        committed = self.consumer.committed(
-            [TopicPartition(topic, part) for topic, part in partitions], timeout=30
-        )
-        for tp in committed:
-            offset = tp.offset if tp.offset >= 0 else fallback.get((tp.topic, tp.partition))
-            if offset is None:
-                continue
-            self.consumer.seek(TopicPartition(tp.topic, tp.partition, offset))
+    def pause(self, partitions: list[TP]) -> None:
+        if partitions:
+            self.consumer.pause([TopicPartition(t, p) for t, p in partitions])
+
+    def resume(self, partitions: list[TP]) -> None:
+        if partitions:
+            self.consumer.resume([TopicPartition(t, p) for t, p in partitions])
+
+    def group_metadata(self) -> object:
+        return self.consumer.consumer_group_metadata()
 
     def close(self) -> None:
         if self._consumer is not None:
