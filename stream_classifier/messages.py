@@ -94,7 +94,8 @@ class DeadLetterContext(BaseModel):
     def headers(self) -> Headers:
         return [
             (HEADER_PREFIX + "error.code", self.code.encode()),
-            (HEADER_PREFIX + "error.message", self.message.encode()),
+            # The message may quote the event's own text, lone surrogates included.
+            (HEADER_PREFIX + "error.message", self.message.encode("utf-8", "backslashreplace")),
             (HEADER_PREFIX + "source.topic", self.source.topic.encode()),
             (HEADER_PREFIX + "source.partition", str(self.source.partition).encode()),
             (HEADER_PREFIX + "source.offset", str(self.source.offset).encode()),
@@ -177,6 +178,8 @@ def decode_event(envelope: Envelope, topic: TopicConfig) -> ClassifyRequest | Re
             parsed = json.loads(decoded)
         except json.JSONDecodeError as exc:
             return reject("not_json", f"value is not JSON: {exc.msg} (char {exc.pos})")
+        except RecursionError:
+            return reject("not_json", "value is JSON nested too deeply to decode")
         if not isinstance(parsed, dict):
             return reject("not_object", f"value is JSON {type(parsed).__name__}, not an object")
         payload = parsed

@@ -96,3 +96,15 @@ def test_dead_letter_headers_carry_reason_and_source() -> None:
     assert headers[HEADER_PREFIX + "source.topic"] == b"in"
     assert headers[HEADER_PREFIX + "source.partition"] == b"2"
     assert headers[HEADER_PREFIX + "source.offset"] == b"7"
+
+
+def test_json_nested_100000_deep_is_rejected_not_raised() -> None:
+    rejection = decode(b"[" * 100_000 + b"]" * 100_000)
+    assert isinstance(rejection, Rejection)
+    assert rejection.code == "not_json"
+
+
+def test_dead_letter_headers_survive_a_lone_surrogate_in_the_reason() -> None:
+    rejection = Rejection(envelope(b"x"), "engine_failed", "TypeError: bad label '\ud800'")
+    headers = dict(rejection.context().headers())
+    assert headers[HEADER_PREFIX + "error.message"] == b"TypeError: bad label '\\ud800'"
