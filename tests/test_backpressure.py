@@ -46,17 +46,17 @@ class WatchedService(Service):
         self.revocations: list[list[TopicPartition]] = []
         self.max_paused = 0.0
 
-    def _on_revoke(self, partitions: list[TopicPartition]) -> None:
+    def revoked(self, partitions: list[TopicPartition]) -> None:
         if not self.closing:
             self.revocations.append(partitions)
-        super()._on_revoke(partitions)
+        super().revoked(partitions)
 
-    def _on_lost(self, partitions: list[TopicPartition]) -> None:
+    def lost(self, partitions: list[TopicPartition]) -> None:
         self.revocations.append(partitions)
-        super()._on_lost(partitions)
+        super().lost(partitions)
 
-    def _apply_backpressure(self) -> None:
-        super()._apply_backpressure()
+    def _apply_pause(self) -> None:
+        super()._apply_pause()
         self.max_paused = max(self.max_paused, self.metrics.paused_partitions._value.get())
 
 

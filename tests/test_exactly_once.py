@@ -22,7 +22,7 @@ from kafka_helpers import (
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.service import Service
-from stream_classifier.sink import ProducerHung, TransactionAborted
+from stream_classifier.sink import TransactionFailed
 
 pytestmark = pytest.mark.kafka
 
@@ -91,11 +91,12 @@ def test_exactly_once_every_event_once_and_offsets_in_the_transaction(
     assert service.metrics.transactions.labels("committed")._value.get() >= 2
 
 
-@pytest.mark.parametrize("failure", [TransactionAborted, ProducerHung])
+@pytest.mark.parametrize("abortable", [True, False], ids=["abortable", "unknown-outcome"])
 def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
-    bootstrap: str, engine: NliEngine, failure: type[TransactionAborted]
+    bootstrap: str, engine: NliEngine, abortable: bool
 ) -> None:
-    """An abortable error aborts; a hung producer is replaced (fencing it). Both redo."""
+    """An abortable error aborts; an unknown outcome (a hung call) replaces the producer,
+    which fences the old one and settles its transaction. Both redo the batch."""
     config = eos_setup(bootstrap)
     n = 120
     produce(bootstrap, config.topics[0].input, mixed(n), keys=[str(i).encode() for i in range(n)])
@@ -106,7 +107,7 @@ def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
     def commit_failing_twice(offsets: Any, metadata: Any) -> None:
         if len(aborts) < 2:
             aborts.append(offsets)
-            raise failure("simulated")
+            raise TransactionFailed("simulated", abortable=abortable)
         real_commit(offsets, metadata)
 
     service.sink.commit = commit_failing_twice  # type: ignore[method-assign]
@@ -114,6 +115,7 @@ def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
         wait_drained(bootstrap, config.kafka.group_id, config.topics[0].input, 2)
     assert len(aborts) == 2
     assert service.metrics.transactions.labels("aborted")._value.get() == 2
+    assert service.healthy()[0]
     assert_exactly_once(bootstrap, config, n)
 
 
