@@ -71,7 +71,7 @@ def test_worst_case_input_respects_the_token_budget(engine: NliEngine) -> None:
     widths: list[int] = []
 
     def spy(batch: TokenBatch) -> torch.Tensor:
-        widths.append(batch.rows * 512 if engine.backend == "padded" else batch.tokens)
+        widths.append(batch.rows * 512 if engine.backend.endswith("padded-sdpa") else batch.tokens)
         return fault(batch)
 
     engine.forward = spy

@@ -15,8 +15,9 @@ Speed comes from doing the reference's work once and only the real tokens:
   bound), their tensors built with numpy in one go and copied from pinned memory;
 - on a GPU in fp16/bf16 the encoder runs padding-free (:mod:`.packed`): the linear layers
   see only real tokens, attention is variable-length flash attention, and the last layer
-  runs only the [CLS] rows. Elsewhere the Hugging Face model runs on length-sorted,
-  padded batches;
+  runs only the [CLS] rows. Elsewhere (a CPU, a GPU or a PyTorch build without flash
+  attention, or one whose flash call fails its probe at load) the Hugging Face encoder runs
+  on length-sorted, padded batches with SDPA attention; ``engine.backend`` says which;
 - batches are queued without synchronising; the logits come back in one copy.
 """
 
@@ -52,6 +53,9 @@ PAD_MULTIPLE = 8
 CPU_BATCH_TOKENS = 8192
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 
+#: What to run: "packed" (padding-free; flash attention where it works, else padded SDPA
+#: inside the packed layout), "padded" (the Hugging Face encoder, padded batches, SDPA) or
+#: "auto" (packed with flash where the device has it and a probe call passes, else padded).
 Backend = Literal["auto", "packed", "padded"]
 
 
@@ -139,9 +143,13 @@ class NliEngine:
         self._hypothesis_ids = functools.lru_cache(maxsize=65536)(
             functools.partial(tokenize, tokenizer)
         )
-        self.backend = _pick_backend(backend, model)
+        self.dtype = next(model.parameters()).dtype
+        forward, chosen = self._make_forward(backend)
+        #: What runs: "packed-flash", "packed-sdpa" or "padded-sdpa", "cpu-" first on a CPU.
+        self.backend: str = chosen
+        self._packed = chosen.removeprefix("cpu-").startswith("packed")
         #: The model call; tests replace it to inject faults.
-        self.forward: Forward = self._make_forward()
+        self.forward: Forward = forward
 
     @classmethod
     def load(
@@ -152,14 +160,81 @@ class NliEngine:
         dtype = pick_dtype(config.dtype, device)
         model, head = load_classifier_and_head(model_dir, device, dtype)
         tokenizer = load_tokenizer(model_dir)
-        return cls(model, tokenizer, config.model, max_batch_tokens, backend=backend, head=head)
+        engine = cls(model, tokenizer, config.model, max_batch_tokens, backend=backend, head=head)
+        log.info(
+            "NLI model %s: backend %s, %s on %s, pairs of up to %d tokens",
+            model_dir,
+            engine.backend,
+            str(dtype).removeprefix("torch."),
+            device,
+            engine.max_length,
+        )
+        return engine
 
-    def _make_forward(self) -> Forward:
-        if self.backend == "packed":
-            from stream_classifier.engine.packed import PackedBert
+    def _make_forward(self, backend: Backend) -> tuple[Forward, str]:
+        """The forward pass to run and its name (see ``backend``).
 
-            return PackedBert(self.model, self.head, compile_layers=self.compile_layers)
-        return functools.partial(padded_forward, self.model, self.head, self.pad_id)
+        Packed with flash attention is taken only where the device should have it and one
+        small probe batch runs through it at load; a GPU without it (a T4 or V100, sm_75 or
+        sm_70, or a build without the kernels) gets padded SDPA in the model's dtype.
+        """
+        where = "cpu-" if self.device.type == "cpu" else ""
+        padded = functools.partial(padded_forward, self.model, self.head, self.pad_id)
+        if backend == "padded":
+            return padded, where + "padded-sdpa"
+        from stream_classifier.engine import packed
+
+        instead = "padded SDPA" if backend == "auto" else "packed SDPA"
+        problem = packed.flash_unavailable(self.device, self.dtype)
+        forward: packed.PackedBert | None = None
+        if problem is None:
+            forward = packed.PackedBert(
+                self.model, self.head, compile_layers=self.compile_layers, flash=True
+            )
+            problem = self._probe(forward)
+            if problem is None:
+                return forward, where + "packed-flash"
+            log.warning("flash attention failed its probe at load (%s); using %s", problem, instead)
+        elif self.device.type == "cuda" and self.dtype != torch.float32:
+            log.warning("no flash attention (%s); using %s", problem, instead)
+        if backend == "auto":
+            return padded, where + "padded-sdpa"
+        if forward is None:
+            forward = packed.PackedBert(
+                self.model, self.head, compile_layers=self.compile_layers, flash=False
+            )
+        forward.disable_flash()
+        return forward, where + "packed-sdpa"
+
+    def _probe(self, forward: Forward) -> str | None:
+        """Run two short pairs of different lengths; why that failed, or None."""
+        lengths = [min(16, self.max_length), min(9, self.max_length)]
+        pairs = [self._filler_pairs(1, length) for length in lengths]
+        batch = TokenBatch(
+            np.concatenate([p.ids for p in pairs]),
+            np.concatenate([p.lengths for p in pairs]),
+            np.concatenate([p.a_lengths for p in pairs]),
+        )
+        try:
+            with torch.inference_mode():
+                logits = forward(batch).float().cpu()  # .cpu() waits: kernel errors show here
+        except torch.OutOfMemoryError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - any failure means: do not rely on it
+            return f"{type(exc).__name__}: {str(exc).strip()[:300]}"
+        if logits.shape != (2, 2) or not bool(torch.isfinite(logits).all()):
+            return f"it returned {logits.tolist()} for two short pairs"
+        return None
+
+    def _filler_pairs(self, count: int, length: int) -> TokenBatch:
+        """``count`` pairs ``[CLS] [PAD]… [SEP] [SEP]`` of ``length`` tokens."""
+        body = np.full(length - 3, self.pad_id, dtype=np.int32)
+        pair = np.concatenate([[self.cls_id], body, [self.sep_id, self.sep_id]])
+        return TokenBatch(
+            np.tile(pair.astype(np.int32), count),
+            np.full(count, length, dtype=np.int32),
+            np.full(count, length - 3, dtype=np.int32),
+        )
 
     # -- CPU side --------------------------------------------------------------------------
 
@@ -221,7 +296,7 @@ class NliEngine:
         budget = self.max_batch_tokens
         if self.device.type == "cpu":
             budget = min(budget, CPU_BATCH_TOKENS)
-        if self.backend == "packed":
+        if self._packed:
             plan = packed_batches(pairs.lengths, budget)
         else:
             plan = padded_batches(pairs.lengths, budget, PAD_MULTIPLE)
@@ -259,15 +334,7 @@ class NliEngine:
         if self.device.type != "cpu":
             shapes.append((max(1, self.max_batch_tokens // 64), 64))
         for count, length in shapes:
-            body = np.full(length - 3, self.pad_id, dtype=np.int32)
-            pair = np.concatenate([[self.cls_id], body, [self.sep_id, self.sep_id]])
-            self.logits(
-                TokenBatch(
-                    np.tile(pair.astype(np.int32), count),
-                    np.full(count, length, dtype=np.int32),
-                    np.full(count, length - 3, dtype=np.int32),
-                )
-            )
+            self.logits(self._filler_pairs(count, length))
 
 
 class PendingLogits:
@@ -322,14 +389,6 @@ def tokenize(tokenizer: BertTokenizer, text: str) -> tuple[int, ...]:
 def tokenize_backend(tokenizer: BertTokenizer, text: str) -> tuple[int, ...]:
     """The same ids straight from the Rust backend (transformers 5), skipping the wrapper."""
     return tuple(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
-
-
-def _pick_backend(backend: Backend, model: BertForSequenceClassification) -> Backend:
-    parameter = next(model.parameters())
-    gpu_half = parameter.device.type == "cuda" and parameter.dtype != torch.float32
-    if backend == "auto":
-        return "packed" if gpu_half else "padded"
-    return backend
 
 
 def padded_forward(

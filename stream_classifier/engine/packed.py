@@ -6,8 +6,9 @@ Same weights and the same arithmetic as ``transformers.BertForSequenceClassifica
 - the tokens of all pairs sit in one ``[tokens, hidden]`` matrix, so every linear layer
   runs on real tokens only (no padding rows);
 - query, key and value are one matrix product (weights concatenated at load);
-- attention is variable-length flash attention over ``cu_seqlens`` on a GPU (a padded
-  scaled-dot-product fallback elsewhere, used by the CPU tests);
+- attention is variable-length flash attention over ``cu_seqlens`` where the GPU and the
+  PyTorch build have it (:func:`flash_unavailable` says why not), else a padded
+  scaled-dot-product attention inside the same packed layout (used by the CPU tests);
 - the classifier reads only [CLS], so the last layer runs its attention queries, output
   projection and feed-forward on the [CLS] rows alone, and the head (:mod:`.head`) runs in
   fp32 on those rows.
@@ -32,6 +33,58 @@ from stream_classifier.engine.head import ClassifierHead
 log = logging.getLogger(__name__)
 
 LayerFn = Callable[[torch.Tensor, "LayerWeights", "Layout"], torch.Tensor]
+#: PyTorch's flash attention kernels are built for Ampere (sm_80) and newer only: a T4
+#: (sm_75) or V100 (sm_70) has none.
+FLASH_MIN_CAPABILITY = (8, 0)
+FLASH_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def flash_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why variable-length flash attention cannot run here, or None where it should.
+
+    Capability alone is not proof (a build may still lack the kernel): the engine also
+    makes one probe call at load before it relies on it.
+    """
+    if device.type != "cuda":
+        return f"the device is {device.type}, not CUDA"
+    if dtype not in FLASH_DTYPES:
+        return f"the model is {str(dtype).removeprefix('torch.')}, flash needs float16/bfloat16"
+    if not torch.backends.cuda.is_flash_attention_available():
+        return "this PyTorch build has no flash attention"
+    major, minor = torch.cuda.get_device_capability(device)
+    if (major, minor) < FLASH_MIN_CAPABILITY:
+        return (
+            f"the GPU has compute capability {major}.{minor}, flash attention needs "
+            f"{FLASH_MIN_CAPABILITY[0]}.{FLASH_MIN_CAPABILITY[1]} or newer"
+        )
+    return None
+
+
+def flash_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_queries: torch.Tensor,
+    cu_keys: torch.Tensor,
+    max_queries: int,
+    max_keys: int,
+    scale: float,
+) -> torch.Tensor:
+    """PyTorch's variable-length flash attention forward (no dropout, not causal)."""
+    result = torch.ops.aten._flash_attention_forward(
+        query,
+        key,
+        value,
+        cu_queries,
+        cu_keys,
+        max_queries,
+        max_keys,
+        0.0,
+        False,
+        False,
+        scale=scale,
+    )
+    return cast(torch.Tensor, result[0])
 
 
 @dataclass(frozen=True)
@@ -104,7 +157,10 @@ class PackedBert:
         model: BertForSequenceClassification,
         head: ClassifierHead | None = None,
         compile_layers: bool = True,
+        flash: bool | None = None,
     ) -> None:
+        """``flash``: use variable-length flash attention; by default where
+        :func:`flash_unavailable` finds nothing against it."""
         config = model.config
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("packed forward supports absolute position embeddings only")
@@ -123,13 +179,19 @@ class PackedBert:
         with torch.no_grad():
             self.layers = [_layer_weights(layer) for layer in model.bert.encoder.layer]
         self.head = head if head is not None else ClassifierHead.of(model)
-        self.flash = self.device.type == "cuda"
-        #: One encoder layer; on a GPU compiled once (dynamic shapes) for all 24 layers,
-        #: which fuses bias+GELU and residual+LayerNorm into single kernels.
+        dtype = embeddings.word_embeddings.weight.dtype
+        self.flash = flash_unavailable(self.device, dtype) is None if flash is None else flash
+        #: One encoder layer; with flash on a GPU compiled once (dynamic shapes) for all 24
+        #: layers, which fuses bias+GELU and residual+LayerNorm into single kernels.
         self.layer: LayerFn = self._layer
-        self._compiled = compile_layers and self.flash
+        self._compiled = compile_layers and self.flash and self.device.type == "cuda"
         if self._compiled:
             self.layer = torch.compile(self._layer, dynamic=True)
+
+    def disable_flash(self) -> None:
+        """Attend with padded SDPA from now on (uncompiled), for a GPU whose flash failed."""
+        self.flash = False
+        self.layer, self._compiled = self._layer, False
 
     def __call__(self, batch: TokenBatch) -> torch.Tensor:
         tokens, layout = self._upload(batch)
@@ -234,20 +296,9 @@ class PackedBert:
     ) -> torch.Tensor:
         """Attention of each query sequence over its own key sequence, ``[tokens, H, D]``."""
         if self.flash:
-            result = torch.ops.aten._flash_attention_forward(
-                query,
-                key,
-                value,
-                queries.cu,
-                keys.cu,
-                queries.max_len,
-                keys.max_len,
-                0.0,
-                False,
-                False,
-                scale=self.scale,
+            return flash_varlen(
+                query, key, value, queries.cu, keys.cu, queries.max_len, keys.max_len, self.scale
             )
-            return cast(torch.Tensor, result[0])
         return self._padded_attention(query, key, value, queries, keys)
 
     def _padded_attention(
