@@ -265,6 +265,9 @@ class TopicConfig(_Section):
     text_field: str = "text"
     allow_message_labels: bool = False
     max_labels: int = Field(10, ge=1, le=1000)
+    #: Longest per-event label (characters, after stripping); a longer one is dead-lettered
+    #: (``label_too_long``): every distinct hypothesis is tokenized and cached by the engine.
+    max_label_chars: int = Field(200, ge=1)
     max_text_chars: int = Field(2000, ge=1)
     on_too_long: Literal["truncate", "reject"] = "truncate"
 

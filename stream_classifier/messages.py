@@ -257,4 +257,10 @@ def _labels_for(payload: dict[str, Any], topic: TopicConfig) -> tuple[str, ...] 
         return LabelProblem(
             "too_many_labels", f"{len(cleaned)} labels, the topic allows at most {topic.max_labels}"
         )
+    longest = max(len(label) for label in cleaned)
+    if longest > topic.max_label_chars:
+        return LabelProblem(
+            "label_too_long",
+            f"a label has {longest} characters, the topic allows at most {topic.max_label_chars}",
+        )
     return cleaned
