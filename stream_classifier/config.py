@@ -254,6 +254,30 @@ class EngineConfig(_Section):
         raise ValueError("must be auto, cpu, cuda or cuda:N")
 
 
+class Lane(_Section):
+    """One decision lane of a topic; an event takes the first lane whose condition holds.
+
+    With ``min_score``: any of ``labels`` (every label of the event when unset) scores at
+    least that. Without it: any of ``labels`` is flagged (at or over its own threshold).
+    With neither: always (the default lane, which must come last).
+    """
+
+    name: str = Field(min_length=1)
+    labels: list[str] | None = Field(None, min_length=1)
+    min_score: float | None = Field(None, ge=0.0, le=1.0)
+    #: The scored event is also written to this topic when the event takes this lane.
+    route: str | None = Field(None, min_length=1)
+
+    @field_validator("labels")
+    @classmethod
+    def _strip_labels(cls, labels: list[str] | None) -> list[str] | None:
+        return None if labels is None else [label.strip() for label in labels]
+
+    @property
+    def is_default(self) -> bool:
+        return self.labels is None and self.min_score is None
+
+
 class TopicConfig(_Section):
     input: str = Field(min_length=1)
     output: str = Field(min_length=1)
@@ -270,6 +294,22 @@ class TopicConfig(_Section):
     max_label_chars: int = Field(200, ge=1)
     max_text_chars: int = Field(2000, ge=1)
     on_too_long: Literal["truncate", "reject"] = "truncate"
+    #: A label is flagged when its score is at or over its threshold: its entry here, else
+    #: ``default_threshold`` (None: labels without an entry are never flagged). With
+    #: neither set, scored events carry no ``flagged`` list.
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    default_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    #: Ordered decision lanes (e.g. block, review, allow); empty: events carry no decision.
+    lanes: list[Lane] = Field(default_factory=list)
+
+    @field_validator("thresholds")
+    @classmethod
+    def _thresholds_are_probabilities(cls, thresholds: dict[str, float]) -> dict[str, float]:
+        stripped = {label.strip(): value for label, value in thresholds.items()}
+        outside = sorted(label for label, value in stripped.items() if not 0.0 <= value <= 1.0)
+        if outside:
+            raise ValueError(f"thresholds must be within [0, 1]: {', '.join(outside)}")
+        return stripped
 
     @field_validator("labels")
     @classmethod
@@ -303,7 +343,65 @@ class TopicConfig(_Section):
             raise ValueError(
                 f"{len(self.labels)} labels configured but max_labels is {self.max_labels}"
             )
+        self._check_decisions()
         return self
+
+    def _check_decisions(self) -> None:
+        known = set(self.labels)
+
+        def unknown(labels: list[str]) -> list[str]:
+            if self.allow_message_labels:
+                return []  # events may bring labels the topic does not list
+            return sorted({label for label in labels if label not in known})
+
+        missing = unknown(list(self.thresholds))
+        if missing:
+            raise ValueError(f"thresholds name labels the topic does not have: {missing}")
+        names = [lane.name for lane in self.lanes]
+        duplicated = sorted({name for name in names if names.count(name) > 1})
+        if duplicated:
+            raise ValueError(f"lane names must be unique: {', '.join(duplicated)}")
+        for index, lane in enumerate(self.lanes):
+            where = f"lanes[{index}] ({lane.name})"
+            missing = unknown(lane.labels or [])
+            if missing:
+                raise ValueError(f"{where} names labels the topic does not have: {missing}")
+            if lane.is_default and index != len(self.lanes) - 1:
+                raise ValueError(
+                    f"{where} has neither labels nor min_score, so it always holds: only the "
+                    "last lane may be the default"
+                )
+            if lane.min_score is None and lane.labels is not None:
+                never = [label for label in lane.labels if self.threshold(label) is None]
+                if never:
+                    raise ValueError(
+                        f"{where} has no min_score, so it holds when one of its labels is "
+                        f"flagged, but {never} have no threshold (set thresholds or "
+                        "default_threshold, or give the lane a min_score)"
+                    )
+            if lane.route is not None and lane.route in (self.input, self.output):
+                raise ValueError(
+                    f"{where} route {lane.route!r} must differ from the topic's input and output"
+                )
+        if self.lanes and not self.lanes[-1].is_default:
+            raise ValueError(
+                "the last lane must be the default (no labels, no min_score), e.g. "
+                "{name: allow}, so that every event gets a decision"
+            )
+
+    def threshold(self, label: str) -> float | None:
+        """The score at or over which ``label`` is flagged (None: never)."""
+        return self.thresholds.get(label, self.default_threshold)
+
+    @property
+    def flags_labels(self) -> bool:
+        """Does this topic flag labels (and its scored events carry ``flagged``)?"""
+        return bool(self.thresholds) or self.default_threshold is not None
+
+    @property
+    def route_topics(self) -> list[str]:
+        """Every topic a lane routes to, in lane order, once each."""
+        return list(dict.fromkeys(lane.route for lane in self.lanes if lane.route is not None))
 
 
 class MetricsConfig(_Section):
@@ -350,6 +448,9 @@ class ServiceConfig(BaseSettings):
         loops = sorted(produced & set(inputs))
         if loops:
             raise ValueError(f"topic is both an input and an output: {', '.join(loops)}")
+        routed = sorted({r for t in self.topics for r in t.route_topics} & set(inputs))
+        if routed:
+            raise ValueError(f"a lane routes to an input topic: {', '.join(routed)}")
         if self.engine.kind == "nli" and self.processing.max_batch_tokens < MAX_PAIR_TOKENS:
             raise ValueError(
                 f"processing.max_batch_tokens={self.processing.max_batch_tokens} is smaller "

@@ -80,6 +80,16 @@ class ScoredEvent(BaseModel):
     )
     model: str
     latency_ms: float = Field(description="From the service receiving the event to its score.")
+    flagged: list[str] | None = Field(
+        None,
+        description="Labels at or over their threshold, highest score first; null where "
+        "the topic sets no thresholds.",
+    )
+    decision: str | None = Field(
+        None,
+        description="The first of the topic's decision lanes whose condition holds (e.g. "
+        "block, review, allow); null where the topic defines no lanes.",
+    )
 
 
 class DeadLetterContext(BaseModel):
