@@ -140,8 +140,11 @@ class AtLeastOnce(_Rewinds):
         self._records: dict[int, tuple[TopicPartition, int]] = {}
         #: Records left to acknowledge per event.
         self._left: dict[tuple[TopicPartition, int], int] = {}
+        #: Records whose delivery failed and that wait to be sent again, with how many
+        #: times each has failed so far.
         self._resend: list[Record] = []
-        self._resend_backoff = _Backoff(clock)
+        self._failures: dict[int, int] = {}
+        self._resend_at = 0.0
         self._last_commit = clock()
         self._failure: SinkError | None = None
 
@@ -154,7 +157,8 @@ class AtLeastOnce(_Rewinds):
         self._tracker.forget(list(gone))
         self._records = {k: ev for k, ev in self._records.items() if ev[0] not in gone}
         self._left = {ev: n for ev, n in self._left.items() if ev[0] not in gone}
-        self._resend = [r for r in self._resend if (r.source.topic, r.source.partition) not in gone]
+        self._failures = {k: n for k, n in self._failures.items() if k in self._records}
+        self._resend = [r for r in self._resend if id(r) in self._records]
 
     def consumed(self, tp: TopicPartition, offset: int) -> None:
         super().consumed(tp, offset)
@@ -178,14 +182,18 @@ class AtLeastOnce(_Rewinds):
             return  # its partition was released: the next owner redoes the event
         if failure is None:
             del self._records[id(record)]
+            self._failures.pop(id(record), None)
             self._on_written(record)
             self._left[event] -= 1
             if self._left[event] == 0:
                 del self._left[event]
                 self._tracker.mark_done(*event)
         elif failure.retriable:
+            failed = self._failures[id(record)] = self._failures.get(id(record), 0) + 1
             log.warning("%s record not delivered (%s): will send it again", record.kind, failure)
             self._resend.append(record)
+            backoff = min(BACKOFF_MAX_S, 0.1 * 2**failed)
+            self._resend_at = max(self._resend_at, self._clock() + backoff)
         elif self._failure is None:
             source = record.source
             self._failure = SinkError(
@@ -197,14 +205,11 @@ class AtLeastOnce(_Rewinds):
         self._sink.poll(0)
         if self._failure is not None:
             raise self._failure
-        if self._resend and self._resend_backoff.due():
+        if self._resend and self._clock() >= self._resend_at:
             again, self._resend = self._resend, []
-            self._resend_backoff.failed()  # another failure of these backs off further
             log.info("sending %d undelivered records again", len(again))
             for record in again:
                 self._sink.produce(record)
-        elif not self._resend and not self._records:
-            self._resend_backoff.succeeded()
         if self._clock() - self._last_commit >= self._interval:
             self._commit(None)
 
@@ -236,8 +241,9 @@ class AtLeastOnce(_Rewinds):
         return len(self._left)
 
     def health(self) -> tuple[bool, str]:
-        if self._resend_backoff.failures >= UNHEALTHY_FAILURES:
-            return False, f"{len(self._resend)} records undelivered, re-sending"
+        worst = max(self._failures.values(), default=0)
+        if worst >= UNHEALTHY_FAILURES:
+            return False, f"{len(self._failures)} records undelivered, re-sending ({worst} tries)"
         return True, "ok"
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from conftest import RunningService, service_config
-from kafka_helpers import create_topics, produce, read_all, unique, wait_until
+from kafka_helpers import committed, create_topics, produce, read_all, unique, wait_until
 from prometheus_client.parser import text_string_to_metric_families
 
 from stream_classifier.config import EngineConfig, ServiceConfig
@@ -105,9 +105,10 @@ def test_ready_after_assignment_and_counters_move(
 
 
 @pytest.mark.kafka
-def test_healthz_turns_503_after_a_sink_failure(
+def test_healthz_503_while_the_output_fails_then_recovers_without_loss(
     bootstrap: str, engine: NliEngine, served: Any
 ) -> None:
+    """at_least_once: an output that cannot be written is retried, never skipped."""
     topics = {"input": unique("in"), "output": unique("missing"), "dead_letter": unique("dlq")}
     create_topics(bootstrap, [topics["input"], topics["dead_letter"]])
     config = service_config(
@@ -124,8 +125,17 @@ def test_healthz_turns_503_after_a_sink_failure(
     runner = RunningService(service)
     with runner:
         wait_until(lambda: get(port, "/healthz")[0] == 503, 60, "healthz 503")
-        wait_until(lambda: runner.error is not None, 60, "the service to stop")
-    assert get(port, "/healthz") == (503, "output delivery failed\n")
+        assert "re-sending" in get(port, "/healthz")[1]
+        assert committed(bootstrap, config.kafka.group_id, topics["input"]) == {0: -1001}
+        create_topics(bootstrap, [topics["output"]])
+        wait_until(
+            lambda: committed(bootstrap, config.kafka.group_id, topics["input"]) == {0: 1},
+            120,
+            "recovery once the output topic exists",
+        )
+        wait_until(lambda: get(port, "/healthz")[0] == 200, 30, "healthz 200 again")
+    assert runner.error is None
+    assert len(read_all(bootstrap, topics["output"], 1, timeout=10)) == 1
 
 
 # -- GPU gauges -----------------------------------------------------------------------------

@@ -31,6 +31,14 @@ from kafka_helpers import (
 )
 
 BAD_EVENT = b"{malformed"
+POISONED_SERVICE = Path(__file__).with_name("poisoned_service.py")
+
+
+def dead_letter_expected(value: bytes) -> bool:
+    """Malformed, or poison for the poisoned engine: either must come out dead-lettered."""
+    return value == BAD_EVENT or b"POISON" in value
+
+
 REPORT: list[dict[str, Any]] = []
 
 
@@ -112,7 +120,9 @@ class FaultRun:
 
     # -- processes -----------------------------------------------------------------------
 
-    def start(self, slot: int = 0, **env: str) -> subprocess.Popen[bytes]:
+    def start(
+        self, slot: int = 0, script: Path | None = None, **env: str
+    ) -> subprocess.Popen[bytes]:
         index = len(self.processes)
         log = (self.tmp_path / f"service-{index}.log").open("ab")
         process_env = {
@@ -124,8 +134,7 @@ class FaultRun:
         process = subprocess.Popen(
             [
                 sys.executable,
-                "-m",
-                "stream_classifier.cli",
+                *([str(script)] if script else ["-m", "stream_classifier.cli"]),
                 "run",
                 "--config",
                 str(self.config_path),
@@ -158,14 +167,17 @@ class FaultRun:
 
     # -- events --------------------------------------------------------------------------
 
-    def produce(self, n: int, bad_every: int = 10) -> None:
+    def produce(self, n: int, bad_every: int = 10, poison_every: int = 0) -> None:
         start = len(self.values)
+
+        def text(i: int) -> str:
+            poison = poison_every and i % poison_every == poison_every // 3
+            return f"event {i}: {'POISON' if poison else 'cheap pills here'}"
+
         values = [
             BAD_EVENT
             if (start + i) % bad_every == bad_every // 2
-            else json.dumps(
-                {"id": start + i, "text": f"event {start + i}: cheap pills here"}
-            ).encode()
+            else json.dumps({"id": start + i, "text": text(start + i)}).encode()
             for i in range(n)
         ]
         self.values += values
@@ -210,8 +222,8 @@ class FaultRun:
             )
             for r in dead
         )
-        expected_good = {(r.partition, r.offset) for r in inputs if r.value != BAD_EVENT}
-        expected_bad = {(r.partition, r.offset) for r in inputs if r.value == BAD_EVENT}
+        expected_bad = {(r.partition, r.offset) for r in inputs if dead_letter_expected(r.value)}
+        expected_good = {(r.partition, r.offset) for r in inputs} - expected_bad
         missing = sorted((expected_good - set(scored)) | (expected_bad - set(rejected)))
         self.missing = missing
         lost = len(missing)

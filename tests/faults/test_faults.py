@@ -9,15 +9,17 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import KAFKA_LOCAL
-from kafka_helpers import committed, create_topics
+from kafka_helpers import committed, create_topics, read_to_end
 
-from faults.harness import FaultRun, free_port
+from faults.harness import POISONED_SERVICE, FaultRun, free_port
 
 pytestmark = pytest.mark.kafka
 
@@ -79,7 +81,10 @@ def test_flood_of_malformed_events(bootstrap: str, mode: str, tmp_path: Path) ->
 def test_scale_out_to_three_then_one_killed(
     bootstrap: str, mode: str, events: int, tmp_path: Path
 ) -> None:
-    run = FaultRun(bootstrap, mode, tmp_path, partitions=6)
+    scale_out_then_kill(FaultRun(bootstrap, mode, tmp_path, partitions=6), events, "")
+
+
+def scale_out_then_kill(run: FaultRun, events: int, note: str) -> None:
     run.produce(events)
     first = run.start()
     run.wait_scored(events // 5)
@@ -88,9 +93,68 @@ def test_scale_out_to_three_then_one_killed(
     run.wait_scored(events // 2)
     run.kill(first)
     run.produce(events // 2)
-    run.wait_drained()
+    run.wait_drained(timeout=300)
     assert run.terminate_all()[1:] == [0, 0]
-    run.assert_guarantee(run.count("scale 1->3, one killed"))
+    run.assert_guarantee(run.count(f"scale 1->3, one killed{note}"))
+
+
+@pytest.fixture
+def busy_loops() -> Iterator[None]:
+    """Two processes spinning on the CPU beside the test, as on a loaded CI node."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()
+
+
+def test_scale_out_with_a_kill_while_two_busy_loops_load_the_cpu(
+    bootstrap: str,
+    mode: str,
+    events: int,
+    tmp_path: Path,
+    busy_loops: None,
+    request: pytest.FixtureRequest,
+) -> None:
+    repeats = 10 if request.config.getoption("--long") else 1
+    for attempt in range(repeats):
+        run = FaultRun(bootstrap, mode, tmp_path / f"run-{attempt}", partitions=6)
+        scale_out_then_kill(run, events, f", 2 busy loops (run {attempt + 1}/{repeats})")
+
+
+def test_poison_events_are_dead_lettered_and_the_stream_goes_on(
+    bootstrap: str, mode: str, tmp_path: Path
+) -> None:
+    run = FaultRun(bootstrap, mode, tmp_path)
+    run.produce(600, poison_every=50)
+    process = run.start(script=POISONED_SERVICE)
+    run.wait_drained()
+    assert process.poll() is None, f"the service stopped on a poison event\n{run.logs()}"
+    assert run.terminate_all() == [0]
+    run.assert_guarantee(run.count("poison events (the engine raises on 1 in 50)"))
+    poison = sum(b"POISON" in value for value in run.values)
+    codes = Counter(
+        r.headers["stream-classifier.error.code"] for r in read_to_end(bootstrap, run.dead_letter)
+    )
+    assert poison > 0 and codes[b"engine_failed"] == poison, codes
+
+
+def test_sigkill_with_a_new_transactional_id_at_every_restart(
+    bootstrap: str, events: int, tmp_path: Path
+) -> None:
+    """What a Kubernetes Deployment does: each new pod has a new name, so a new id."""
+    run = FaultRun(bootstrap, "exactly_once", tmp_path, transaction_timeout_ms=15_000)
+    run.produce(events)
+    for pod, fraction in enumerate((0.15, 0.4, 0.65)):
+        process = run.start(STREAM_CLASSIFIER_PROCESSING__TRANSACTIONAL_ID=f"{run.group}-pod{pod}")
+        run.wait_scored(int(events * fraction))
+        run.kill(process)
+    run.start(STREAM_CLASSIFIER_PROCESSING__TRANSACTIONAL_ID=f"{run.group}-pod3")
+    run.wait_drained(timeout=300)
+    assert run.terminate_all() == [-9, -9, -9, 0]
+    run.assert_guarantee(run.count("SIGKILL x3, a new transactional id each restart"))
 
 
 def test_output_topic_missing_stops_at_start_and_recovers_when_created(
@@ -136,6 +200,42 @@ def free_port_pair() -> int:
             continue
 
 
+def test_broker_down_past_the_delivery_timeout_then_scale_out_and_a_kill(
+    private_broker: dict[str, str],
+    mode: str,
+    events: int,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    """An outage longer than delivery.timeout.ms (30 s): ridden out, then a rebalance."""
+    outage_s = 120 if request.config.getoption("--long") else 40
+    bootstrap = f"127.0.0.1:{private_broker['KAFKA_PORT']}"
+    run = FaultRun(bootstrap, mode, tmp_path, partitions=6)
+    run.produce(events)
+    first = run.start()
+    run.wait_scored(events // 4)
+    broker_outage(run, first, private_broker, outage_s)
+    run.start(slot=1)
+    run.start(slot=2)
+    run.wait_scored(events // 2, timeout=300)
+    run.kill(first)
+    run.produce(events // 2)
+    run.wait_drained(timeout=300)
+    assert run.terminate_all()[1:] == [0, 0]
+    run.assert_guarantee(run.count(f"broker down {outage_s} s, then scale 1->3, one killed"))
+
+
+def broker_outage(
+    run: FaultRun, process: subprocess.Popen[bytes], broker: dict[str, str], seconds: float
+) -> None:
+    subprocess.run([str(KAFKA_LOCAL), "stop"], check=True, env=broker)
+    outage_end = time.monotonic() + seconds
+    while time.monotonic() < outage_end:  # the outage itself: the service must ride it out
+        assert process.poll() is None, f"service exited while the broker was down\n{run.logs()}"
+        time.sleep(0.5)
+    subprocess.run([str(KAFKA_LOCAL), "start"], check=True, env=broker)
+
+
 def test_broker_down_fifteen_seconds_mid_run(
     private_broker: dict[str, str], mode: str, events: int, tmp_path: Path
 ) -> None:
@@ -144,12 +244,7 @@ def test_broker_down_fifteen_seconds_mid_run(
     run.produce(events)
     process = run.start()
     run.wait_scored(events // 4)
-    subprocess.run([str(KAFKA_LOCAL), "stop"], check=True, env=private_broker)
-    outage_end = time.monotonic() + 15
-    while time.monotonic() < outage_end:  # the outage itself: the service must ride it out
-        assert process.poll() is None, f"service exited while the broker was down\n{run.logs()}"
-        time.sleep(0.5)
-    subprocess.run([str(KAFKA_LOCAL), "start"], check=True, env=private_broker)
+    broker_outage(run, process, private_broker, 15)
     run.wait_drained(timeout=240)
     assert process.poll() is None, run.logs()
     assert run.terminate_all() == [0]

@@ -143,7 +143,9 @@ def event(rng: random.Random, i: int) -> tuple[bytes, str]:
 
 
 class Instance:
-    def __init__(self, sim: Simulation, name: str, txn_id: str) -> None:
+    def __init__(
+        self, sim: Simulation, name: str, txn_id: str, config: ServiceConfig | None = None
+    ) -> None:
         self.name = name
         self.source = SimSource(sim.cluster, name)
         holder: list[Service] = []
@@ -155,7 +157,7 @@ class Instance:
         )
         self.executor = SimExecutor()
         self.service = Service(
-            CONFIGS[sim.mode],
+            config or CONFIGS[sim.mode],
             FakeEngine(),
             Metrics(),
             clock=lambda: sim.now,

@@ -5,14 +5,22 @@ A failing seed prints the command that replays it with a trace.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
+from concurrent.futures import Future
+from typing import Any
 
 import pytest
-
 from sim.kafka_model import SimSource, Txn
-from sim.simulation import Simulation, run_seed
+from sim.simulation import CONFIGS, FakeEngine, Instance, Simulation, run_seed
+
+from stream_classifier.config import MetricsConfig
+from stream_classifier.service import Service
+from stream_classifier.sink import SinkError
 
 #: 5,000 schedules per guarantee in `make test`; SIM_SEEDS=N runs N (a longer hunt).
 SEEDS = int(os.environ.get("SIM_SEEDS", "5000"))
@@ -156,3 +164,78 @@ def test_poison_events_are_dead_lettered_and_the_stream_goes_on(mode: str) -> No
         if s.record is not None
     ]
     assert codes and set(codes) == {b"engine_failed"}
+
+
+# -- metrics and edges (defects 6 and 7) ----------------------------------------------
+
+
+def counter_total(counter: Any) -> float:
+    return sum(s.value for m in counter.collect() for s in m.samples if s.name.endswith("_total"))
+
+
+def test_events_produced_counts_only_committed_transactions() -> None:
+    sim = scenario("exactly_once", events=30, partitions=1)
+    sim.start(0)
+    for _ in range(3):
+        sim.cluster.fail_next_txn[sim.live[0].sink.txn_id or ""] = "abortable"
+        run_turns(sim, 30)
+    finish(sim)
+    metrics = sim.live[0].service.metrics
+    assert counter_total(metrics.transactions) > 3  # aborted ones included
+    assert counter_total(metrics.produced) == len(sim.cluster.visible("out"))
+    assert metrics.in_flight._value.get() == 0
+
+
+def test_consumer_lag_series_go_with_their_partition() -> None:
+    sim = scenario("at_least_once", partitions=2)
+    sim.start(0)
+    run_turns(sim, 2)
+    service = sim.live[0].service
+    stats = {"topics": {"in": {"partitions": {"0": {"consumer_lag": 5}, "1": {"consumer_lag": 7}}}}}
+    service._on_stats(json.dumps(stats))
+    service.revoked([("in", 1)])
+    service._apply_rebalance()
+    service._on_stats(json.dumps(stats))  # a late report still names the revoked partition
+    series = {
+        s.labels["partition"] for m in service.metrics.consumer_lag.collect() for s in m.samples
+    }
+    assert series == {"0"}
+
+
+def test_a_failed_start_still_closes_what_it_opened() -> None:
+    sim = scenario("at_least_once")
+    instance = Instance(sim, "m1", "sim-0")
+
+    def refuse() -> None:
+        raise SinkError("no producer")
+
+    instance.sink.start = refuse  # type: ignore[method-assign]
+    with pytest.raises(SinkError):
+        instance.service.run(threading.Event())
+    assert instance.source.closed
+
+
+def test_shutdown_timeout_bounds_the_whole_drain() -> None:
+    sim = scenario("at_least_once", events=12, partitions=1)
+    base = CONFIGS["at_least_once"]
+    processing = base.processing.model_copy(update={"shutdown_timeout_s": 0.3})
+    instance = Instance(sim, "m1", "sim-0", base.model_copy(update={"processing": processing}))
+    sim.live[0] = instance
+    instance.service.start()
+    instance.executor.submit = lambda fn, *args: Future()  # type: ignore[method-assign,assignment]
+    run_turns(sim, 4, slots=[0])  # batches handed to an engine that never answers
+    assert instance.service._scoring
+    started = time.monotonic()
+    instance.service.drain()
+    assert time.monotonic() - started < 2.0
+
+
+def test_default_transactional_ids_differ_for_two_processes_on_one_host() -> None:
+    def txn_id(port: int) -> str:
+        config = CONFIGS["exactly_once"].model_copy(
+            update={"metrics": MetricsConfig(enabled=True, port=port)}
+        )
+        return str(Service(config, FakeEngine())._producer_config()["transactional.id"])
+
+    assert txn_id(9108) != txn_id(9109)
+    assert txn_id(9108) == txn_id(9108)  # stable across restarts: it fences the old one
