@@ -204,6 +204,23 @@ def test_pair_longer_than_the_positions_is_rejected_by_prepare(
         engine.prepare("the box was damaged", [long_label], "{}", False)
 
 
+def test_tokenizer_without_max_length_cuts_to_the_model_positions(tmp_path: Path) -> None:
+    BUILDER.build_checkpoint("bert", tmp_path)
+    config_path = tmp_path / "tokenizer_config.json"
+    saved = json.loads(config_path.read_text("utf-8"))
+    del saved["model_max_length"]
+    config_path.write_text(json.dumps(saved), "utf-8")
+    engine = load_engine(EngineConfig(model=str(tmp_path), device="cpu"), 2048)
+    assert isinstance(engine, HfNliEngine)
+    assert engine.max_length == engine.capacity == 128
+    long_text = " ".join(BUILDER.CORPUS)
+    assert engine.prepare(long_text, ["price"], "{}", False).payload.lengths.tolist() == [128]
+    # where the pipeline cut nothing, the scores are still the pipeline's
+    for case in GOLDEN["architectures"]["bert"]["cases"]:
+        if max(case["pair_lengths"]) < MAX_LENGTH:
+            assert_same_ranking(engine.classify([prepare(engine, case)])[0], case["expected"])
+
+
 # -- which logit is entailment -------------------------------------------------------------
 
 

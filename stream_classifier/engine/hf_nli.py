@@ -10,8 +10,12 @@ StructBERT pipeline (:mod:`.nli`) in three ways:
   ``model_max_length``: only the text (segment A) is cut, from the tokenizer's
   ``truncation_side``; if cutting the text cannot make the pair fit (the hypothesis alone
   fills the budget), nothing is cut at all (the pipeline retries without truncation when
-  the tokenizer says "too short"). A tokenizer without ``model_max_length`` truncates
-  nothing. ModelScope's StructBERT pipeline cuts longest-first to 512 tokens instead.
+  the tokenizer says "too short"), and a pair longer than the model's absolute positions
+  is refused by ``prepare`` (the pipeline would fail on it). A tokenizer without
+  ``model_max_length`` cuts nothing in the pipeline; here it cuts to the model's positions
+  (where the pipeline would fail) or, for relative-position models (DeBERTa), nothing.
+  ModelScope's StructBERT pipeline (:mod:`.nli`) cuts longest-first to 512 tokens instead,
+  so a long label can be cut there, never here.
 - **Special tokens and token types come from the tokenizer** (``[CLS] A [SEP] B [SEP]``
   for BERT and DeBERTa, ``<s> A </s></s> B </s>`` for RoBERTa and BART); token type ids
   reach the model only where the tokenizer produces them.
@@ -355,11 +359,22 @@ class HfNliEngine:
             getattr(tokenizer, "split_special_tokens", False)
         )
         self.layout = pair_layout(self._backend)
-        max_length = int(tokenizer.model_max_length)
-        #: The pipeline's truncation length (None: the tokenizer sets none, nothing is cut).
-        self.max_length: int | None = max_length if max_length <= LARGE_INTEGER else None
         #: The longest pair the model can take (None: no absolute position limit).
         self.capacity = position_capacity(config)
+        max_length = int(tokenizer.model_max_length)
+        #: The truncation length: the tokenizer's model_max_length, as in the pipeline.
+        #: None: neither it nor the model sets one, nothing is cut.
+        self.max_length: int | None = max_length if max_length <= LARGE_INTEGER else None
+        if self.max_length is None and self.capacity is not None:
+            # The pipeline would not cut and the model would fail on a longer pair: cut to
+            # what the model takes instead (same scores wherever the pipeline gives one).
+            self.max_length = self.capacity
+            log.warning(
+                "%s: the tokenizer sets no model_max_length; texts are cut (only_first) to "
+                "pairs of the model's %d positions",
+                model_id,
+                self.capacity,
+            )
         self.truncation_side = str(getattr(tokenizer, "truncation_side", "right"))
         pad_id = tokenizer.pad_token_id
         if pad_id is None:  # the pipeline pads with the end-of-sequence token then
