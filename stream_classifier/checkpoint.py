@@ -129,12 +129,14 @@ class AtLeastOnce(_Rewinds):
         clock: Clock,
         earliest: bool = True,
         on_written: Callable[[Record], None] = lambda record: None,
+        on_commit: Callable[[bool], None] = lambda ok: None,
     ) -> None:
         super().__init__(source, earliest)
         self._sink = sink
         self._interval = commit_interval_s
         self._clock = clock
         self._on_written = on_written
+        self._on_commit = on_commit
         self._tracker = OffsetTracker()
         #: Records produced and not yet acknowledged, by identity, with their event.
         self._records: dict[int, tuple[TopicPartition, int]] = {}
@@ -220,10 +222,11 @@ class AtLeastOnce(_Rewinds):
             offsets = {tp: off for tp, off in offsets.items() if tp in partitions}
         if not offsets:
             return True
-        if not self._source.commit(offsets):
-            return False
-        self._tracker.committed(offsets)
-        return True
+        ok = self._source.commit(offsets)
+        self._on_commit(ok)
+        if ok:
+            self._tracker.committed(offsets)
+        return ok
 
     def commit_revoked(self, partitions: list[TopicPartition], timeout: float) -> None:
         """Inside the revoke callback: wait a little for acknowledgements, commit them."""

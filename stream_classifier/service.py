@@ -142,7 +142,13 @@ class Service:
             return ExactlyOnce(self.source, self.sink, self._clock, earliest, self._on_committed)
         interval = self.config.processing.commit_interval_ms / 1000.0
         return AtLeastOnce(
-            self.source, self.sink, interval, self._clock, earliest, self._on_written
+            self.source,
+            self.sink,
+            interval,
+            self._clock,
+            earliest,
+            self._on_written,
+            lambda ok: self.metrics.commits.labels("ok" if ok else "failed").inc(),
         )
 
     # -- client settings -----------------------------------------------------------------

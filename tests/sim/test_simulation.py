@@ -239,3 +239,13 @@ def test_default_transactional_ids_differ_for_two_processes_on_one_host() -> Non
 
     assert txn_id(9108) != txn_id(9109)
     assert txn_id(9108) == txn_id(9108)  # stable across restarts: it fences the old one
+
+
+def test_offset_commits_are_counted_by_result() -> None:
+    sim = scenario("at_least_once", events=20, partitions=1)
+    sim.start(0)
+    sim.cluster.fail_next_commit.add(sim.live[0].name)
+    finish(sim)
+    commits = sim.live[0].service.metrics.commits
+    assert commits.labels("ok")._value.get() >= 1
+    assert commits.labels("failed")._value.get() == 1
