@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import random
 import shutil
 import subprocess
 import sys
+import tracemalloc
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,7 +17,7 @@ import pytest
 import torch
 
 from stream_classifier.config import EngineConfig
-from stream_classifier.engine import EngineError, Scores, load_engine
+from stream_classifier.engine import EngineError, Scores, load_engine, nli
 from stream_classifier.engine.nli import NliEngine, truncate_longest_first
 from stream_classifier.engine.nli import score as nli_score
 from stream_classifier.messages import parse_labels
@@ -245,3 +247,42 @@ def test_a_checkpoint_with_128_positions_truncates_pairs_to_128_tokens(
         expected_labels, expected_scores = reference_postprocess(logits, labels, multi_label)
         assert list(result.labels) == expected_labels
         np.testing.assert_allclose(result.scores, expected_scores, rtol=0, atol=1e-5)
+
+
+def test_hypothesis_cache_keeps_truncated_ids_within_its_byte_budget(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """10,000-character labels: what the cache retains stays within its byte budget."""
+    budget = 1 << 20
+    monkeypatch.setattr(nli, "HYPOTHESIS_CACHE_BYTES", budget, raising=False)
+    engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), 2048)
+    characters = "世界那么大我想去看看家居旅游科技军事游戏故事"
+
+    def long_label(number: int) -> str:  # a new string each time, as from a new event
+        return (characters * 500)[number % 7 : number % 7 + 10_000] + str(number)
+
+    gc.collect()
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for number in range(60):
+            engine.prepare("快递太慢", [long_label(number)], "{}", False)
+        gc.collect()
+        retained = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert retained < 2 * budget, f"{retained / 2**20:.1f} MiB retained"
+    # a hypothesis longer than a pair can hold is still cut like the tokenizer cuts it
+    text, label = "The delivery was late.", long_label(0)
+    (ids,) = engine.prepare(text, [label], "{}", False).payload.input_ids
+    assert ids == engine.tokenizer(text, label, truncation=True, max_length=512)["input_ids"]
+
+
+def test_longest_first_never_keeps_more_of_a_sequence_than_the_budget() -> None:
+    """Why caching a hypothesis cut to the budget loses nothing: the cut of any pair is the
+    same whether the hypothesis is given whole or already cut to the budget."""
+    budget = 509
+    for len_a in range(0, 1200, 7):
+        for len_b in range(budget - 20, 1500, 11):
+            expected = truncate_longest_first(len_a, len_b, budget)
+            assert truncate_longest_first(len_a, min(len_b, budget), budget) == expected

@@ -39,6 +39,7 @@ from transformers import BertConfig, BertForSequenceClassification, BertTokenize
 from stream_classifier.config import MAX_PAIR_TOKENS, EngineConfig
 from stream_classifier.engine.base import EngineError, Prepared, Scores
 from stream_classifier.engine.batches import TokenBatch, packed_batches, padded_batches
+from stream_classifier.engine.cache import ByteBoundedCache
 from stream_classifier.engine.head import ClassifierHead
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,8 @@ PAD_MULTIPLE = 8
 #: slower at 65,536 than at 8,192 tokens on the tiny shape; docs/PERFORMANCE.md).
 CPU_BATCH_TOKENS = 8192
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
+#: Memory for tokenized hypotheses (ids cut to what a pair can hold, and their keys).
+HYPOTHESIS_CACHE_BYTES = 64 << 20
 
 #: What to run: "packed" (padding-free; flash attention where it works, else padded SDPA
 #: inside the packed layout), "padded" (the Hugging Face encoder, padded batches, SDPA) or
@@ -139,9 +142,9 @@ class NliEngine:
         self.pad_id = int(tokenizer.pad_token_id)
         #: Called with the number of rows whenever a batch ran out of memory and was split.
         self.on_out_of_memory: Callable[[int], None] = lambda rows: None
-        # Cached on the tokenizer, not on self: no reference cycle keeps a dropped engine.
-        self._hypothesis_ids = functools.lru_cache(maxsize=65536)(
-            functools.partial(tokenize, tokenizer)
+        #: Token ids of each hypothesis (``template.format(label)``), at most a pair's budget.
+        self._hypotheses: ByteBoundedCache[np.ndarray] = ByteBoundedCache(
+            HYPOTHESIS_CACHE_BYTES, lambda ids: int(ids.nbytes)
         )
         self.dtype = next(model.parameters()).dtype
         forward, chosen = self._make_forward(backend)
@@ -241,26 +244,33 @@ class NliEngine:
     def _tokenize(self, text: str) -> tuple[int, ...]:
         return tokenize(self.tokenizer, text)
 
+    def _hypothesis_ids(self, hypothesis: str) -> np.ndarray:
+        """Its token ids, cut to the pair budget: longest-first truncation never keeps more
+        of a sequence than that, so the cut of every pair is the same as from all its ids."""
+        ids = self._hypotheses.get(hypothesis)
+        if ids is None:
+            ids = np.array(self._tokenize(hypothesis)[: self.max_length - 3], dtype=np.int32)
+            self._hypotheses.put(hypothesis, ids)
+        return ids
+
     def prepare(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Prepared:
-        text_ids = self._tokenize(text)
+        text_ids = np.array(self._tokenize(text), dtype=np.int32)
         budget = self.max_length - 3  # [CLS] A [SEP] B [SEP]
-        flat: list[int] = []
+        cls_id = np.array([self.cls_id], dtype=np.int32)
+        sep_id = np.array([self.sep_id], dtype=np.int32)
+        pieces: list[np.ndarray] = []
         lengths: list[int] = []
         a_lengths: list[int] = []
         for label in labels:
             hyp_ids = self._hypothesis_ids(template.format(label))
             len_a, len_b = truncate_longest_first(len(text_ids), len(hyp_ids), budget)
-            flat.append(self.cls_id)
-            flat.extend(text_ids[:len_a])
-            flat.append(self.sep_id)
-            flat.extend(hyp_ids[:len_b])
-            flat.append(self.sep_id)
+            pieces += (cls_id, text_ids[:len_a], sep_id, hyp_ids[:len_b], sep_id)
             lengths.append(len_a + len_b + 3)
             a_lengths.append(len_a)
         pair_set = PairSet(
-            np.array(flat, dtype=np.int32),
+            np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32),
             np.array(lengths, dtype=np.int32),
             np.array(a_lengths, dtype=np.int32),
         )
