@@ -488,3 +488,57 @@ def test_prometheusrule_carries_the_same_rules() -> None:
     sync = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(sync)
     assert (K8S / "prometheusrule.yaml").read_text(encoding="utf-8") == sync.render()
+
+
+# -- deploy/kafka/with-broker (what make test and make demo run under) ---------------------
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_with_broker_stops_only_the_broker_it_started(tmp_path: Path) -> None:
+    """make test / make demo leave nothing running unless KEEP_BROKER=1 asks them to."""
+    kafka_local = DEPLOY / "kafka" / "kafka-local"
+    with_broker = DEPLOY / "kafka" / "with-broker"
+    env = {
+        **os.environ,
+        "KAFKA_PORT": str(_free_port()),
+        "KAFKA_CONTROLLER_PORT": str(_free_port()),
+        "KAFKA_LOCAL_DIR": str(tmp_path / "kafka"),
+    }
+    env.pop("KEEP_BROKER", None)
+
+    def status() -> bool:
+        return subprocess.run([kafka_local, "status"], env=env, capture_output=True).returncode == 0
+
+    def under_broker(*command: str, **extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [with_broker, *command],
+            env={**env, **extra},
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+
+    try:
+        # The command runs with the broker up, its exit status comes back, the broker goes.
+        result = under_broker("bash", "-c", f"{kafka_local} status && exit 7")
+        assert result.returncode == 7, result.stderr
+        assert result.stdout.startswith("running pid"), result.stdout
+        assert not status(), "with-broker left the broker it started running"
+
+        kept = under_broker("true", KEEP_BROKER="1")
+        assert kept.returncode == 0, kept.stderr
+        assert status() and "make broker-stop" in kept.stderr
+
+        # A broker that was running before is not this command's to stop.
+        again = under_broker("true")
+        assert again.returncode == 0 and status(), again.stderr
+    finally:
+        subprocess.run([kafka_local, "stop"], env=env, capture_output=True, timeout=120)
