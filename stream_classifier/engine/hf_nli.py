@@ -651,7 +651,9 @@ def eos_head_forward(engine: HfNliEngine, pairs: Pairs) -> torch.Tensor:
 def load_hf_classifier(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Any:
     """``AutoModelForSequenceClassification`` from a local directory, in eval mode."""
     from transformers import AutoModelForSequenceClassification
+    from transformers.utils import logging as transformers_logging
 
+    transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(model_dir), dtype=dtype, local_files_only=True
