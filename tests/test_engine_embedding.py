@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from stream_classifier.config import DEFAULT_MODELS, EngineConfig, ServiceConfig, load_config
-from stream_classifier.engine import EngineError, load_engine
+from stream_classifier.engine import EngineError, embedding, load_engine
 from stream_classifier.engine.embedding import (
     EmbeddingEngine,
     Scoring,
@@ -197,3 +197,28 @@ def test_small_token_budgets_are_allowed_for_the_embedding_engine() -> None:
         engine={"kind": "embedding"}, processing={"max_batch_tokens": 256}, topics=[topic]
     )
     assert config.engine.model == DEFAULT_MODELS["embedding"]
+
+
+def storage_bytes(vectors: Iterable[torch.Tensor]) -> int:
+    """The memory the tensors keep alive: each distinct storage counted once."""
+    storages = {v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() for v in vectors}
+    return sum(storages.values())
+
+
+def test_cached_label_vectors_are_copies_within_a_byte_budget(
+    engine: EmbeddingEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A cached vector must not be a view that keeps its whole batch's buffer alive."""
+    budget = 40 * (384 * 4 + 300)  # room for about 40 of MiniLM's 384-dim vectors
+    monkeypatch.setattr(embedding, "LABEL_CACHE_BYTES", budget, raising=False)
+    engine = fresh(engine)
+    labels = [f"topic number {i}" for i in range(8)]
+    engine.classify([engine.prepare("hello there", labels, "{}", False)])
+    cached = list(engine._labels.values())
+    assert len(cached) == 8
+    assert all(v.untyped_storage().nbytes() == v.nbytes for v in cached)  # not views
+    for start in range(0, 200, 20):  # 200 more labels, in batches of 20
+        batch = [f"subject {i}" for i in range(start, start + 20)]
+        engine.classify([engine.prepare("hello there", batch, "{}", True)])
+    assert storage_bytes(engine._labels.values()) <= budget
+    assert "subject 199" in engine._labels and "topic number 0" not in engine._labels

@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,14 +30,16 @@ import torch
 
 from stream_classifier.config import DEFAULT_MODELS, EngineConfig
 from stream_classifier.engine.base import EngineError, Prepared, Scores
+from stream_classifier.engine.cache import ByteBoundedCache
 from stream_classifier.engine.nli import pick_device, pick_dtype, round_up
 
 log = logging.getLogger(__name__)
 
 PACKAGED_MODEL_ID = DEFAULT_MODELS["embedding"]
 POOLING_MODES = ("mean", "cls", "max")
-#: At most this many hypothesis embeddings are kept (least recently used go first).
-LABEL_CACHE_SIZE = 32768
+#: Memory for cached hypothesis embeddings, on the model's device (least recently used go
+#: first): 64 MiB is about 40,000 vectors of 384 dimensions, 16,000 of 1,024.
+LABEL_CACHE_BYTES = 64 << 20
 
 
 @dataclass(frozen=True)
@@ -88,7 +89,11 @@ class EmbeddingEngine:
         self.pad_id = int(tokenizer.pad_token_id or 0)
         #: Called with the number of rows whenever a batch ran out of memory and was split.
         self.on_out_of_memory: Callable[[int], None] = lambda rows: None
-        self._labels: OrderedDict[str, torch.Tensor] = OrderedDict()
+        #: Hypothesis → its embedding, each a copy that owns its memory (a row of a batch's
+        #: output would keep the whole batch buffer alive).
+        self._labels: ByteBoundedCache[torch.Tensor] = ByteBoundedCache(
+            LABEL_CACHE_BYTES, lambda vector: vector.nbytes
+        )
         self._tokenizer_lock = threading.Lock()
 
     @classmethod
@@ -154,22 +159,23 @@ class EmbeddingEngine:
         return results
 
     def _cache_hypotheses(self, hypotheses: list[str]) -> None:
-        missing = list(dict.fromkeys(h for h in hypotheses if h not in self._labels))
+        """Embed the hypotheses not cached yet, all in one go."""
+        self._embed_and_cache([h for h in hypotheses if h not in self._labels])
+
+    def _embed_and_cache(self, hypotheses: list[str]) -> dict[str, torch.Tensor]:
+        missing = list(dict.fromkeys(hypotheses))
+        vectors: dict[str, torch.Tensor] = {}
         if missing:
             for hypothesis, vector in zip(missing, self.embed_texts(missing), strict=True):
-                self._remember(hypothesis, vector)
+                vectors[hypothesis] = vector.clone()
+                self._labels.put(hypothesis, vectors[hypothesis])
+        return vectors
 
     def _label_matrix(self, hypotheses: tuple[str, ...]) -> torch.Tensor:
         """The (labels, dim) matrix of these hypotheses' embeddings, from the cache."""
-        self._cache_hypotheses(list(hypotheses))
-        for hypothesis in hypotheses:
-            self._labels.move_to_end(hypothesis)
-        return torch.stack([self._labels[h] for h in hypotheses])
-
-    def _remember(self, hypothesis: str, vector: torch.Tensor) -> None:
-        self._labels[hypothesis] = vector
-        while len(self._labels) > LABEL_CACHE_SIZE:
-            self._labels.popitem(last=False)
+        vectors = {h: v for h in set(hypotheses) if (v := self._labels.get(h)) is not None}
+        vectors.update(self._embed_and_cache([h for h in hypotheses if h not in vectors]))
+        return torch.stack([vectors[h] for h in hypotheses])
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalized fp32 embeddings of these texts, one row each (hypotheses go here)."""
