@@ -412,13 +412,24 @@ class HfNliEngine:
         )
 
     def _make_forward(self) -> HfForward:
-        if type(self.model).__name__ in EOS_HEAD_MODELS:
-            return functools.partial(eos_head_forward, self)
-        return functools.partial(padded_forward, self)
-
-    @property
-    def columns(self) -> list[int]:
-        return [self.entailment, self.contradiction]
+        eos_head = type(self.model).__name__ in EOS_HEAD_MODELS
+        eos_id = self.model.config.eos_token_id
+        if eos_head and eos_id not in (
+            *self.layout.prefix,
+            *self.layout.middle,
+            *self.layout.suffix,
+        ):
+            raise EngineError(
+                f"{self.model_id}: the classifier reads the end-of-sequence token {eos_id}, "
+                "which the tokenizer does not put around a pair"
+            )
+        return ModelCall(
+            self.model,
+            self.pad_id,
+            self.uses_token_types,
+            (self.entailment, self.contradiction),
+            eos_head,
+        )
 
     # -- CPU side --------------------------------------------------------------------------
 
@@ -599,50 +610,63 @@ def position_capacity(config: Any) -> int | None:
     return limit
 
 
-def _padded_inputs(engine: HfNliEngine, pairs: Pairs) -> dict[str, torch.Tensor]:
-    """The tokenizer's model inputs for one padded batch (width: longest pair, rounded to 8)."""
-    width = round_up(int(pairs.lengths.max()))
-    rows = np.repeat(np.arange(pairs.rows), pairs.lengths)
-    starts = np.repeat(np.cumsum(pairs.lengths) - pairs.lengths, pairs.lengths)
-    columns = np.arange(int(pairs.lengths.sum())) - starts
-    stacked = np.zeros((3, pairs.rows, width), dtype=np.int64)
-    stacked[0].fill(engine.pad_id)
-    stacked[0, rows, columns] = pairs.ids
-    stacked[1, rows, columns] = 1
-    stacked[2, rows, columns] = pairs.types
-    on_device = to_device(stacked, engine.device)
-    inputs = {"input_ids": on_device[0], "attention_mask": on_device[1]}
-    if engine.uses_token_types:
-        inputs["token_type_ids"] = on_device[2]
-    return inputs
+@dataclass(frozen=True)
+class ModelCall:
+    """The model on one right-padded batch, fed as the pipeline feeds it.
 
-
-def padded_forward(engine: HfNliEngine, pairs: Pairs) -> torch.Tensor:
-    """The model on one right-padded batch, as the pipeline calls it (no cache)."""
-    logits: torch.Tensor = engine.model(**_padded_inputs(engine, pairs)).logits
-    return logits[:, engine.columns].float()
-
-
-def eos_head_forward(engine: HfNliEngine, pairs: Pairs) -> torch.Tensor:
-    """BART's classifier, reading each row's last end-of-sequence token.
-
-    ``BartForSequenceClassification`` does the same but refuses a batch whose rows hold
-    different numbers of ``</s>`` (a text containing the literal ``</s>``); the pipeline
-    scores one pair at a time, so it never sees that.
+    The inputs are the tokenizer's ``model_input_names`` (token types only where it makes
+    them); the result is the (entailment, contradiction) logits in fp32, left on the device.
+    Holds no reference to the engine, so a dropped engine is freed at once.
     """
-    inputs = _padded_inputs(engine, pairs)
-    model = engine.model
-    hidden: torch.Tensor = model.model(
-        input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"], use_cache=False
-    )[0]
-    eos = inputs["input_ids"].eq(model.config.eos_token_id)
-    positions = torch.arange(eos.shape[1], device=eos.device).expand_as(eos)
-    last = torch.where(eos, positions, -1).amax(dim=1)
-    if bool((last < 0).any()):
-        raise EngineError("a pair has no end-of-sequence token for the classifier to read")
-    sentence = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
-    logits: torch.Tensor = model.classification_head(sentence)
-    return logits[:, engine.columns].float()
+
+    model: Any
+    pad_id: int
+    uses_token_types: bool
+    columns: tuple[int, int]
+    #: BART-like: the classifier reads the last end-of-sequence token of each row.
+    eos_head: bool
+
+    def __call__(self, pairs: Pairs) -> torch.Tensor:
+        inputs = self.inputs(pairs)
+        logits = self._eos_head(inputs) if self.eos_head else self.model(**inputs).logits
+        return logits[:, list(self.columns)].float()
+
+    def inputs(self, pairs: Pairs) -> dict[str, torch.Tensor]:
+        """Token ids, attention mask (and token types), padded to the longest pair."""
+        width = round_up(int(pairs.lengths.max()))
+        rows = np.repeat(np.arange(pairs.rows), pairs.lengths)
+        starts = np.repeat(np.cumsum(pairs.lengths) - pairs.lengths, pairs.lengths)
+        columns = np.arange(int(pairs.lengths.sum())) - starts
+        stacked = np.zeros((3, pairs.rows, width), dtype=np.int64)
+        stacked[0].fill(self.pad_id)
+        stacked[0, rows, columns] = pairs.ids
+        stacked[1, rows, columns] = 1
+        stacked[2, rows, columns] = pairs.types
+        on_device = to_device(stacked, next(self.model.parameters()).device)
+        inputs = {"input_ids": on_device[0], "attention_mask": on_device[1]}
+        if self.uses_token_types:
+            inputs["token_type_ids"] = on_device[2]
+        return inputs
+
+    def _eos_head(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """BART's classifier head on each row's last ``</s>``.
+
+        ``BartForSequenceClassification`` does the same but refuses a batch whose rows
+        hold different numbers of ``</s>`` (a text containing the literal ``</s>``); the
+        pipeline scores one pair at a time, so it never meets that. Every pair holds the
+        layout's own ``</s>`` (checked at load), so each row has one to read.
+        """
+        hidden: torch.Tensor = self.model.model(
+            input_ids=inputs["input_ids"],
+            attention_mask=inputs["attention_mask"],
+            use_cache=False,
+        )[0]
+        eos = inputs["input_ids"].eq(self.model.config.eos_token_id)
+        positions = torch.arange(eos.shape[1], device=eos.device).expand_as(eos)
+        last = torch.where(eos, positions, -1).amax(dim=1)
+        sentence = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]
+        logits: torch.Tensor = self.model.classification_head(sentence)
+        return logits
 
 
 # -- loading -------------------------------------------------------------------------------
