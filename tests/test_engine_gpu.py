@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from stream_classifier.config import EngineConfig
+from stream_classifier.engine import packed
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.messages import parse_labels
 
@@ -51,3 +52,34 @@ def test_batched_equals_one_message_at_a_time_on_cuda(engine: NliEngine) -> None
         assert dict(zip(alone.labels, alone.scores, strict=True)) == pytest.approx(
             dict(zip(batched.labels, batched.scores, strict=True)), abs=FP16_TOLERANCE
         )
+
+
+def test_the_backend_follows_the_gpu_capability(engine: NliEngine) -> None:
+    """Ampere and newer run packed flash attention; older GPUs (T4, V100) padded SDPA."""
+    major, _ = torch.cuda.get_device_capability()
+    assert engine.backend == ("packed-flash" if major >= 8 else "padded-sdpa")
+
+
+def no_kernel_image(*args: Any) -> torch.Tensor:
+    raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+
+@pytest.mark.parametrize("how", ["asked", "flash_fails"])
+def test_padded_fp16_sdpa_matches_the_reference_within_the_fp16_bar(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """What a GPU without flash attention runs: asked for, or after the probe failed."""
+    config = EngineConfig(model=str(tiny_model), device="cuda")
+    if how == "flash_fails":
+        monkeypatch.setattr(packed, "flash_varlen", no_kernel_image)
+        padded = NliEngine.load(config, 65536)
+    else:
+        padded = NliEngine.load(config, 65536, backend="padded")
+    assert padded.backend == "padded-sdpa"
+    assert next(padded.model.parameters()).dtype == torch.float16
+    padded.warmup()
+    results = padded.classify([prepared(padded, case) for case in GOLDEN])
+    for case, result in zip(GOLDEN, results, strict=True):
+        expected = dict(zip(case["expected"]["labels"], case["expected"]["scores"], strict=True))
+        ours = dict(zip(result.labels, result.scores, strict=True))
+        assert ours == pytest.approx(expected, abs=FP16_TOLERANCE), case["name"]
