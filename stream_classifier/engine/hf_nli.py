@@ -32,15 +32,15 @@ The scores are the pipeline's: single-label mode is a softmax of the entailment 
 the message's labels; multi-label mode (and a message with one label) is, per label, the
 softmax of (contradiction, entailment). Ties list the later label first, like the pipeline.
 
-Like :mod:`.nli`, each text is tokenized once and each hypothesis once per process, pair
-ids are assembled by concatenation, and all pairs of a micro-batch run as length-sorted,
-padded batches bounded by the token budget (:func:`.batches.padded_batches`), split in two
-on out-of-memory. There is no padding-free path here: that stays with the BERT family.
+Like :mod:`.nli`, each text is tokenized once and each hypothesis once (kept in a cache
+bounded by bytes), pair ids are assembled by concatenation, and all pairs of a micro-batch
+run as length-sorted, padded batches bounded by the token budget
+(:func:`.batches.padded_batches`), split in two on out-of-memory. There is no
+padding-free path here: that stays with the BERT family.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -55,8 +55,10 @@ import torch
 from stream_classifier.config import MAX_PAIR_TOKENS, EngineConfig
 from stream_classifier.engine.base import EngineError, Prepared, Scores
 from stream_classifier.engine.batches import padded_batches
+from stream_classifier.engine.cache import ByteBoundedCache
 from stream_classifier.engine.nli import (
     CPU_BATCH_TOKENS,
+    HYPOTHESIS_CACHE_BYTES,
     PAD_MULTIPLE,
     PendingLogits,
     pick_device,
@@ -182,6 +184,14 @@ class PairLayout:
     @property
     def special_tokens(self) -> int:
         return len(self.prefix) + len(self.middle) + len(self.suffix)
+
+    @property
+    def parts(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        return self.prefix, self.middle, self.suffix
+
+    @property
+    def part_types(self) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+        return self.prefix_types, self.middle_types, self.suffix_types
 
     def ids(self, a: Sequence[int], b: Sequence[int]) -> list[int]:
         return [*self.prefix, *a, *self.middle, *b, *self.suffix]
@@ -383,8 +393,10 @@ class HfNliEngine:
         self.uses_token_types = "token_type_ids" in tokenizer.model_input_names
         #: Called with the number of rows whenever a batch ran out of memory and was split.
         self.on_out_of_memory: Callable[[int], None] = lambda rows: None
-        self._hypothesis_ids = functools.lru_cache(maxsize=65536)(
-            functools.partial(_encode, self._backend)
+        #: Token ids of each hypothesis (``template.format(label)``), bounded by bytes:
+        #: a topic that accepts per-event labels can bring any number of them.
+        self._hypotheses: ByteBoundedCache[np.ndarray] = ByteBoundedCache(
+            HYPOTHESIS_CACHE_BYTES, lambda ids: int(ids.nbytes)
         )
         #: The model call; tests replace it to inject faults.
         self.forward: HfForward = self._make_forward()
@@ -433,14 +445,26 @@ class HfNliEngine:
 
     # -- CPU side --------------------------------------------------------------------------
 
+    def _hypothesis_ids(self, hypothesis: str) -> np.ndarray:
+        """Its token ids, all of them: only the text of a pair is ever cut."""
+        ids = self._hypotheses.get(hypothesis)
+        if ids is None:
+            ids = _encode(self._backend, hypothesis)
+            self._hypotheses.put(hypothesis, ids)
+        return ids
+
     def prepare(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Prepared:
         text_ids = _encode(self._backend, text)
         layout = self.layout
         budget = None if self.max_length is None else self.max_length - layout.special_tokens
-        ids: list[int] = []
-        types: list[int] = []
+        prefix, middle, suffix = (np.array(part, dtype=np.int32) for part in layout.parts)
+        prefix_types, middle_types, suffix_types = (
+            np.array(part, dtype=np.int32) for part in layout.part_types
+        )
+        ids: list[np.ndarray] = []
+        types: list[np.ndarray] = []
         lengths: list[int] = []
         for label in labels:
             hyp_ids = self._hypothesis_ids(template.format(label))
@@ -456,12 +480,18 @@ class HfNliEngine:
                     f"{self.capacity} positions: its hypothesis is too long for the text to be "
                     "cut (only the text is ever cut, as in the transformers pipeline)"
                 )
-            ids.extend(layout.ids(kept, hyp_ids))
-            types.extend(layout.types(len_a, len(hyp_ids)))
+            ids += [prefix, kept, middle, hyp_ids, suffix]
+            types += [
+                prefix_types,
+                np.full(len_a, layout.a_type, dtype=np.int32),
+                middle_types,
+                np.full(len(hyp_ids), layout.b_type, dtype=np.int32),
+                suffix_types,
+            ]
             lengths.append(length)
         pairs = Pairs(
-            np.array(ids, dtype=np.int32),
-            np.array(types, dtype=np.int32),
+            np.concatenate(ids) if ids else np.zeros(0, dtype=np.int32),
+            np.concatenate(types) if types else np.zeros(0, dtype=np.int32),
             np.array(lengths, dtype=np.int32),
         )
         tokens = sum(round_up(n) for n in lengths)
@@ -588,8 +618,8 @@ def pipeline_score(labels: tuple[str, ...], logits: np.ndarray, multi_label: boo
     )
 
 
-def _encode(backend: Any, text: str) -> tuple[int, ...]:
-    return tuple(backend.encode(text, add_special_tokens=False).ids)
+def _encode(backend: Any, text: str) -> np.ndarray:
+    return np.array(backend.encode(text, add_special_tokens=False).ids, dtype=np.int32)
 
 
 def _pairs(item: Prepared) -> Pairs:

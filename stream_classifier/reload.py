@@ -1,0 +1,40 @@
+"""Topic settings changed without a restart (SIGHUP): what may change, and its version.
+
+Labels, template, multi-label, thresholds, lanes and routes, and the input limits of a
+topic may change while the service runs; events already read keep the settings they were
+read with. Anything else (Kafka, processing, engine, metrics, which topics exist and
+where their outputs and dead letters go) needs a restart: a reload that changes it is
+refused, with the reason, and the running settings stay.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+from stream_classifier.config import ServiceConfig, TopicConfig
+
+#: The topic fields that name Kafka topics the service was started (and checked) with.
+_TOPIC_PLUMBING = ("input", "output", "dead_letter")
+
+
+def settings_version(topic: TopicConfig) -> str:
+    """A short digest of a topic's settings: equal settings, equal version, on any host."""
+    return hashlib.sha256(topic.model_dump_json().encode()).hexdigest()[:12]
+
+
+def restart_needed(running: ServiceConfig, new: ServiceConfig) -> str | None:
+    """Why ``new`` cannot replace ``running`` without a restart (None: it can)."""
+    for section in ("kafka", "processing", "engine", "metrics"):
+        if getattr(running, section) != getattr(new, section):
+            return f"the {section} section changed"
+    old_topics = {topic.input: topic for topic in running.topics}
+    new_topics = {topic.input: topic for topic in new.topics}
+    if set(old_topics) != set(new_topics):
+        added = sorted(set(new_topics) - set(old_topics))
+        removed = sorted(set(old_topics) - set(new_topics))
+        return f"input topics changed (added {added}, removed {removed})"
+    for name, topic in new_topics.items():
+        for field in _TOPIC_PLUMBING:
+            if getattr(topic, field) != getattr(old_topics[name], field):
+                return f"topic {name}: {field} changed"
+    return None
