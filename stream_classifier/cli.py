@@ -157,6 +157,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"engine: {exc}", file=sys.stderr)
         return EXIT_ENGINE
     service = Service(config, engine, metrics)
+    # `kill -HUP PID`: re-read the topic settings (labels, thresholds, lanes...) in place.
+    signal.signal(
+        signal.SIGHUP, lambda _s, _f: service.request_reload(lambda: load_config(args.config))
+    )
     server = _start_health_server(config, metrics, service)
     gpu = start_gpu_sampler(metrics)
     try:

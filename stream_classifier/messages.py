@@ -90,6 +90,11 @@ class ScoredEvent(BaseModel):
         description="The first of the topic's decision lanes whose condition holds (e.g. "
         "block, review, allow); null where the topic defines no lanes.",
     )
+    settings_version: str | None = Field(
+        None,
+        description="Which version of the topic's settings (labels, template, thresholds, "
+        "lanes...) scored the event: a digest of them, changed by a reload.",
+    )
 
 
 class DeadLetterContext(BaseModel):
@@ -150,6 +155,8 @@ class ClassifyRequest:
     labels: tuple[str, ...]
     topic: TopicConfig
     text_truncated: bool = False
+    #: The version of the topic settings it was read with (see stream_classifier.reload).
+    settings_version: str | None = None
     #: Filled by the engine's ``prepare``: tokenized form and its token cost.
     prepared: Any = field(default=None, repr=False)
 

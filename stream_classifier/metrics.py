@@ -99,6 +99,18 @@ class Metrics:
         self.gpu_memory_total = Gauge(
             PREFIX + "gpu_memory_total_bytes", "GPU memory installed (NVML)", ["gpu"], registry=r
         )
+        self.decisions = Counter(
+            PREFIX + "decisions",
+            "Scored events by decision lane",
+            ["topic", "decision"],
+            registry=r,
+        )
+        self.reloads = Counter(
+            PREFIX + "config_reloads",
+            "Configuration reloads (SIGHUP) by result: applied, invalid, refused",
+            ["result"],
+            registry=r,
+        )
         self.gpu_utilization = Gauge(
             PREFIX + "gpu_utilization_ratio",
             "Fraction of the last sample period a kernel ran on the GPU (NVML, 0..1)",

@@ -29,7 +29,8 @@ from typing import Any
 
 from stream_classifier.batcher import Batch, Item, MicroBatcher, topic_partition
 from stream_classifier.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce
-from stream_classifier.config import ServiceConfig
+from stream_classifier.config import ServiceConfig, TopicConfig
+from stream_classifier.decisions import Decision, decide
 from stream_classifier.engine.base import Engine, EngineError, Scores
 from stream_classifier.messages import (
     ClassifyRequest,
@@ -41,6 +42,7 @@ from stream_classifier.messages import (
 )
 from stream_classifier.metrics import Metrics
 from stream_classifier.offsets import TopicPartition
+from stream_classifier.reload import restart_needed, settings_version
 from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink, our_headers
 from stream_classifier.source import KafkaSource, Source, consumer_config
 
@@ -112,7 +114,11 @@ class Service:
         )
         #: Events written and not yet acknowledged, at most (beyond: pause).
         self.max_in_flight = processing.max_batch_messages * (processing.max_pending_batches + 2)
-        self._topics = {topic.input: topic for topic in config.topics}
+        self._topics: dict[str, TopicConfig] = {}
+        self._versions: dict[str, str] = {}
+        self._use_topics(config)
+        #: A reload asked for (SIGHUP): how to read the new configuration.
+        self._reload: Callable[[], ServiceConfig] | None = None
         self.source: Source = source or KafkaSource(self._consumer_config(), list(self._topics))
         self.sink: Sink = sink or KafkaSink(self._producer_config(), self._on_delivery)
         self.checkpoint: Checkpoint = self._make_checkpoint()
@@ -135,6 +141,10 @@ class Service:
         self.closing = False
         #: Called with every record once it is durably written (benchmarks count them).
         self.written_hook: Callable[[Record], None] | None = None
+
+    def _use_topics(self, config: ServiceConfig) -> None:
+        self._topics = {topic.input: topic for topic in config.topics}
+        self._versions = {topic.input: settings_version(topic) for topic in config.topics}
 
     def _make_checkpoint(self) -> Checkpoint:
         earliest = self.config.kafka.auto_offset_reset == "earliest"
@@ -230,6 +240,7 @@ class Service:
     def turn(self) -> None:
         """One pass: rebalance, rewind, pause/resume, consume once, batch, write, commit."""
         self._last_turn = self._clock()
+        self._reload_due()
         self._rewind_due()
         self._apply_pause()
         timeout = max(0.0, min(POLL_SLICE_S, self.batcher.time_left()))
@@ -267,6 +278,7 @@ class Service:
             decoded = decode_event(envelope, topic)
             if isinstance(decoded, Rejection):
                 return decoded
+            decoded.settings_version = self._versions[topic.input]
             decoded.prepared = self.engine.prepare(
                 decoded.text, decoded.labels, topic.hypothesis_template, topic.multi_label
             )
@@ -389,12 +401,17 @@ class Service:
             return [self._dead_letter(Rejection(item.envelope, "engine_failed", outcome))]
         assert outcome is not None
         try:
-            value = self._scored(item, outcome, now).model_dump_json().encode()
+            decision = decide(item.topic, outcome.labels, outcome.scores)
+            value = self._scored(item, outcome, now, decision).model_dump_json().encode()
         except Exception as exc:  # noqa: BLE001 - e.g. an id no JSON encoder accepts
             reason = f"{type(exc).__name__}: {exc}"
             return [self._dead_letter(Rejection(item.envelope, "output_failed", reason))]
+        if decision.decision is not None:
+            self.metrics.decisions.labels(item.topic.input, decision.decision).inc()
         headers = item.envelope.headers + our_headers(self.engine.model_id, item.text_truncated)
-        return [self._record(item.topic.output, item.envelope, value, headers, "output")]
+        output = self._record(item.topic.output, item.envelope, value, headers, "output")
+        routed = [self._record(t, item.envelope, value, headers, "route") for t in decision.routes]
+        return [output, *routed]
 
     def _dead_letter(self, rejection: Rejection) -> Record:
         topic = self._topics[rejection.envelope.source.topic]
@@ -418,7 +435,9 @@ class Service:
             kind=kind,
         )
 
-    def _scored(self, request: ClassifyRequest, scores: Scores, now: float) -> ScoredEvent:
+    def _scored(
+        self, request: ClassifyRequest, scores: Scores, now: float, decision: Decision
+    ) -> ScoredEvent:
         return ScoredEvent(
             id=request.event_id,
             source=request.envelope.source,
@@ -428,6 +447,9 @@ class Service:
             multi_label=request.topic.multi_label,
             model=self.engine.model_id,
             latency_ms=round((now - request.envelope.received_at) * 1000.0, 3),
+            flagged=None if decision.flagged is None else list(decision.flagged),
+            decision=decision.decision,
+            settings_version=request.settings_version,
         )
 
     # -- acknowledgements (delivery reports, committed transactions) ----------------------
@@ -450,6 +472,36 @@ class Service:
         self.metrics.transactions.labels("committed").inc()
         for record in records:
             self._on_written(record)
+
+    # -- reloads (SIGHUP) ----------------------------------------------------------------
+
+    def request_reload(self, load: Callable[[], ServiceConfig]) -> None:
+        """Ask the loop to re-read the topic settings with ``load`` at its next turn.
+
+        Safe from a signal handler: it only records the request.
+        """
+        self._reload = load
+
+    def _reload_due(self) -> None:
+        load, self._reload = self._reload, None
+        if load is None:
+            return
+        try:
+            new = load()
+        except Exception as exc:  # noqa: BLE001 - any invalid file: keep the running settings
+            log.error("configuration reload rejected, keeping the running settings: %s", exc)
+            self.metrics.reloads.labels("invalid").inc()
+            return
+        problem = restart_needed(self.config, new)
+        if problem is not None:
+            log.error("configuration reload refused (%s needs a restart)", problem)
+            self.metrics.reloads.labels("refused").inc()
+            return
+        self.config = new
+        self._use_topics(new)
+        versions = ", ".join(f"{name} {version}" for name, version in self._versions.items())
+        log.info("configuration reloaded: %s", versions)
+        self.metrics.reloads.labels("applied").inc()
 
     # -- rewinds -------------------------------------------------------------------------
 

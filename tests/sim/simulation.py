@@ -24,6 +24,7 @@ import argparse
 import json
 import random
 import sys
+import zlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future
@@ -38,9 +39,10 @@ from kafka_model import TP, Cluster, SimSink, SimSource  # noqa: E402
 from stream_classifier.config import ServiceConfig  # noqa: E402
 from stream_classifier.engine.base import Prepared, Scores  # noqa: E402
 from stream_classifier.metrics import Metrics  # noqa: E402
+from stream_classifier.reload import settings_version  # noqa: E402
 from stream_classifier.service import Service  # noqa: E402
 
-INPUT, OUTPUT, DLQ = "in", "out", "dlq"
+INPUT, OUTPUT, DLQ, ROUTED = "in", "out", "dlq", "blocked"
 MAX_BATCH = 4
 SETTLE_STEPS = 4000
 STEP_S = 0.01
@@ -59,7 +61,16 @@ class FakeEngine:
     def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
         if any("POISON" in str(p.payload) for p in batch):
             raise RuntimeError("the model choked on this text")
-        return [Scores(p.labels, tuple(1.0 / len(p.labels) for _ in p.labels)) for p in batch]
+        return [self._score(p) for p in batch]
+
+    @staticmethod
+    def _score(prepared: Prepared) -> Scores:
+        """A deterministic share for the first label, the rest for the others, sorted."""
+        first = (zlib.crc32(str(prepared.payload).encode()) % 100) / 100
+        rest = (1.0 - first) / max(1, len(prepared.labels) - 1)
+        pairs = [(first, prepared.labels[0])] + [(rest, label) for label in prepared.labels[1:]]
+        pairs.sort(key=lambda pair: -pair[0])
+        return Scores(tuple(label for _, label in pairs), tuple(score for score, _ in pairs))
 
     def warmup(self) -> None:
         pass
@@ -108,7 +119,7 @@ class SimExecutor(Executor):
         self.pending.clear()
 
 
-def config(mode: str) -> ServiceConfig:
+def config(mode: str, block_at: float = 0.7) -> ServiceConfig:
     return ServiceConfig(
         kafka={"group_id": "sim"},
         processing={
@@ -121,11 +132,32 @@ def config(mode: str) -> ServiceConfig:
         },
         engine={"model": "sim", "device": "cpu"},
         metrics={"enabled": False},
-        topics=[{"input": INPUT, "output": OUTPUT, "dead_letter": DLQ, "labels": ["a", "b"]}],
+        topics=[
+            {
+                "input": INPUT,
+                "output": OUTPUT,
+                "dead_letter": DLQ,
+                "labels": ["a", "b"],
+                "lanes": [
+                    {"name": "block", "labels": ["a"], "min_score": block_at, "route": ROUTED},
+                    {"name": "allow"},
+                ],
+            }
+        ],
     )
 
 
 CONFIGS = {mode: config(mode) for mode in ("at_least_once", "exactly_once")}
+#: Reloads change the block lane's threshold; each version's threshold, to check against.
+RELOADS = {
+    mode: {block_at: config(mode, block_at) for block_at in (0.5, 0.6, 0.7, 0.8, 0.9)}
+    for mode in CONFIGS
+}
+BLOCK_AT = {
+    settings_version(cfg.topics[0]): block_at
+    for configs in RELOADS.values()
+    for block_at, cfg in configs.items()
+}
 
 
 def event(rng: random.Random, i: int) -> tuple[bytes, str]:
@@ -265,8 +297,13 @@ class Simulation:
         elif roll < 0.845:
             cluster.outage = not cluster.outage
             self.log(f"outage {'begins' if cluster.outage else 'ends'}")
-        elif roll < 0.89:
+        elif roll < 0.885:
             self.produce(rng.randint(1, 6))
+        elif roll < 0.9 and slots:
+            instance = self.live[rng.choice(slots)]
+            block_at = rng.choice(sorted(RELOADS[self.mode]))
+            self.log(f"SIGHUP {instance.name}: block at {block_at}")
+            instance.service.request_reload(lambda: RELOADS[self.mode][block_at])
         elif roll < 0.92 and slots:
             instance = self.live[rng.choice(slots)]
             kind = rng.choice(["abortable", "unknown"])
@@ -311,7 +348,31 @@ class Simulation:
             cluster.committed.get(tp, 0) == cluster.end(tp) for tp in cluster.input_partitions
         )
 
+    def check_routes(self) -> None:
+        """Every output whose lane routes has its copy (exactly one under exactly_once)."""
+        routed: dict[tuple[TP, int], int] = defaultdict(int)
+        for stored in self.cluster.visible(ROUTED):
+            assert stored.record is not None
+            source = stored.record.source
+            routed[((source.topic, source.partition), source.offset)] += 1
+        for stored in self.cluster.visible(OUTPUT):
+            assert stored.record is not None and stored.value is not None
+            source = stored.record.source
+            key = ((source.topic, source.partition), source.offset)
+            scored = json.loads(stored.value)
+            score_a = scored["scores"][scored["labels"].index("a")]
+            blocks = score_a >= BLOCK_AT[scored["settings_version"]]
+            if scored["decision"] != ("block" if blocks else "allow"):
+                self.violations.append(f"{key} decided {scored} against its settings version")
+                return
+            want = 1 if blocks else 0
+            got = routed.get(key, 0)
+            if got < want or (self.mode == "exactly_once" and got != want):
+                self.violations.append(f"{key} routed {got} times, expected {want}")
+                return
+
     def check_end(self) -> None:
+        self.check_routes()
         done = self.written()
         for event_key, kind in self.expected.items():
             kinds = done.get(event_key, [])

@@ -16,9 +16,10 @@ from typing import Any
 
 import pytest
 from sim.kafka_model import SimSource, Txn
-from sim.simulation import CONFIGS, FakeEngine, Instance, Simulation, run_seed
+from sim.simulation import CONFIGS, RELOADS, FakeEngine, Instance, Simulation, run_seed
 
 from stream_classifier.config import MetricsConfig
+from stream_classifier.reload import restart_needed, settings_version
 from stream_classifier.service import Service
 from stream_classifier.sink import SinkError
 
@@ -249,3 +250,67 @@ def test_offset_commits_are_counted_by_result() -> None:
     commits = sim.live[0].service.metrics.commits
     assert commits.labels("ok")._value.get() >= 1
     assert commits.labels("failed")._value.get() == 1
+
+
+# -- reloads (SIGHUP) ---------------------------------------------------------------
+
+
+def outputs(sim: Simulation) -> list[dict[str, Any]]:
+    return [json.loads(s.value or b"{}") for s in sim.cluster.visible("out")]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_reload_mid_stream_applies_to_events_read_after_it(mode: str) -> None:
+    sim = scenario(mode, events=40, partitions=2)
+    sim.start(0)
+    run_turns(sim, 6)
+    service = sim.live[0].service
+    service.request_reload(lambda: RELOADS[mode][0.5])
+    sim.produce(40)
+    finish(sim)  # the settle checks each decision against its own settings version
+    versions = {o["settings_version"] for o in outputs(sim)}
+    assert versions == {settings_version(c.topics[0]) for c in (CONFIGS[mode], RELOADS[mode][0.5])}
+    assert service.metrics.reloads.labels("applied")._value.get() == 1
+
+
+def test_reload_that_needs_a_restart_is_refused_and_the_settings_stay() -> None:
+    sim = scenario("at_least_once")
+    sim.start(0)
+    service = sim.live[0].service
+    moved = CONFIGS["at_least_once"].topics[0].model_copy(update={"output": "elsewhere"})
+    service.request_reload(lambda: CONFIGS["at_least_once"].model_copy(update={"topics": [moved]}))
+    run_turns(sim, 2)
+
+    def invalid() -> Any:
+        raise ValueError("topics.0.lanes: bad")
+
+    service.request_reload(invalid)
+    run_turns(sim, 2)
+    assert service.metrics.reloads.labels("refused")._value.get() == 1
+    assert service.metrics.reloads.labels("invalid")._value.get() == 1
+    finish(sim)
+    assert {o["settings_version"] for o in outputs(sim)} == {
+        settings_version(CONFIGS["at_least_once"].topics[0])
+    }
+
+
+def test_restart_needed_names_what_changed() -> None:
+    running = CONFIGS["exactly_once"]
+    assert restart_needed(running, RELOADS["exactly_once"][0.9]) is None
+    engine = running.engine.model_copy(update={"device": "cuda"})
+    assert restart_needed(running, running.model_copy(update={"engine": engine})) == (
+        "the engine section changed"
+    )
+    assert "added ['new']" in str(
+        restart_needed(
+            running,
+            running.model_copy(
+                update={
+                    "topics": [
+                        *running.topics,
+                        running.topics[0].model_copy(update={"input": "new"}),
+                    ]
+                }
+            ),
+        )
+    )
