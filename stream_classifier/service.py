@@ -23,7 +23,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import Executor, Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,7 +31,7 @@ from stream_classifier.batcher import Batch, Item, MicroBatcher, topic_partition
 from stream_classifier.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce
 from stream_classifier.config import ServiceConfig, TopicConfig
 from stream_classifier.decisions import Decision, decide
-from stream_classifier.engine.base import Engine, EngineError, Scores
+from stream_classifier.engine.base import Engine, Scores
 from stream_classifier.messages import (
     ClassifyRequest,
     Envelope,
@@ -43,6 +43,7 @@ from stream_classifier.messages import (
 from stream_classifier.metrics import Metrics
 from stream_classifier.offsets import TopicPartition
 from stream_classifier.reload import restart_needed, settings_version
+from stream_classifier.scoring import Outcome, Scorer, ThreadScorer
 from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink, our_headers
 from stream_classifier.source import KafkaSource, Source, consumer_config
 
@@ -56,9 +57,6 @@ STALL_S = 60.0
 REVOKE_FLUSH_S = 5.0
 #: librdkafka statistics (consumer lag) interval when metrics are on.
 STATS_INTERVAL_MS = 5000
-
-#: What the engine stage returns per request: its scores, or why scoring it failed.
-Outcome = Scores | str
 
 
 class ServiceError(Exception):
@@ -98,7 +96,7 @@ class Service:
         clock: Callable[[], float] = time.monotonic,
         source: Source | None = None,
         sink: Sink | None = None,
-        executor: Executor | None = None,
+        scorer: Scorer | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -122,7 +120,7 @@ class Service:
         self.source: Source = source or KafkaSource(self._consumer_config(), list(self._topics))
         self.sink: Sink = sink or KafkaSink(self._producer_config(), self._on_delivery)
         self.checkpoint: Checkpoint = self._make_checkpoint()
-        self._engine_thread = executor or ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self.scorer: Scorer = scorer or ThreadScorer(engine, self.metrics)
         self._scoring: deque[Scoring] = deque()
         self._backlog: deque[Item] = deque()
         self._generation = 0
@@ -298,41 +296,9 @@ class Service:
 
     def _submit(self, batch: Batch) -> None:
         if batch.items:
-            future = self._engine_thread.submit(self._score, batch.requests)
+            future = self.scorer.submit(batch.requests)
             epochs = {tp: self._epochs.get(tp, 0) for tp in batch.next_offsets()}
             self._scoring.append(Scoring(batch, future, self._generation, epochs))
-
-    # -- the engine stage (engine thread) ------------------------------------------------
-
-    def _score(self, requests: list[ClassifyRequest]) -> list[Outcome]:
-        if not requests:
-            return []
-        started = time.monotonic()
-        outcomes = self._score_isolating(requests)
-        self._record_batch(requests, time.monotonic() - started)
-        return outcomes
-
-    def _score_isolating(self, requests: list[ClassifyRequest]) -> list[Outcome]:
-        """Score; when the engine raises, split down to the events it raises on.
-
-        An :class:`EngineError` (the device itself failed) still stops the service: sending
-        every event to the dead-letter topic would not be isolating a poison event.
-        """
-        try:
-            return list(self.engine.classify([request.prepared for request in requests]))
-        except EngineError:
-            raise
-        except Exception as exc:  # noqa: BLE001 - isolated below, reported per event
-            if len(requests) == 1:
-                return [f"{type(exc).__name__}: {exc}"]
-        half = len(requests) // 2
-        return self._score_isolating(requests[:half]) + self._score_isolating(requests[half:])
-
-    def _record_batch(self, requests: list[ClassifyRequest], seconds: float) -> None:
-        self.metrics.batch_messages.observe(len(requests))
-        self.metrics.batch_pairs.observe(sum(len(r.labels) for r in requests))
-        self.metrics.batch_tokens.observe(sum(r.prepared.tokens for r in requests))
-        self.metrics.engine_seconds.observe(seconds)
 
     # -- backpressure --------------------------------------------------------------------
 
@@ -544,7 +510,7 @@ class Service:
 
     def close(self) -> None:
         self.closing = True  # close() revokes the assignment: nothing left to finish
-        self._engine_thread.shutdown(wait=True, cancel_futures=True)
+        self.scorer.shutdown()
         self.source.close()  # both are no-ops for a client that never started
         left = self.sink.close(timeout=5.0)
         if left:

@@ -40,6 +40,7 @@ from stream_classifier.config import ServiceConfig  # noqa: E402
 from stream_classifier.engine.base import Prepared, Scores  # noqa: E402
 from stream_classifier.metrics import Metrics  # noqa: E402
 from stream_classifier.reload import settings_version  # noqa: E402
+from stream_classifier.scoring import ThreadScorer  # noqa: E402
 from stream_classifier.service import Service  # noqa: E402
 
 INPUT, OUTPUT, DLQ, ROUTED = "in", "out", "dlq", "blocked"
@@ -188,14 +189,15 @@ class Instance:
             delivery_timeout_steps=30,
         )
         self.executor = SimExecutor()
+        engine, metrics = FakeEngine(), Metrics()
         self.service = Service(
             config or CONFIGS[sim.mode],
-            FakeEngine(),
-            Metrics(),
+            engine,
+            metrics,
             clock=lambda: sim.now,
             source=self.source,
             sink=self.sink,
-            executor=self.executor,
+            scorer=ThreadScorer(engine, metrics, self.executor),
         )
         holder.append(self.service)
 
