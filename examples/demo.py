@@ -1,11 +1,14 @@
 """The demo behind ``make demo``: the real service, a real broker, a live table.
 
-1. creates this run's topics on the broker (names from examples/demo.yaml plus a run id),
+1. creates this run's topics on the broker (names from examples/demo.yaml plus a run id,
+   the decision lanes' route topics included),
 2. starts ``stream-classifier run`` on that config as a subprocess and waits until ready,
 3. produces the events of examples/events.jsonl to their topics,
-4. prints one row per scored event as it arrives on the output topics,
+4. prints one row per scored event as it arrives on the output topics (with its decision
+   lane), and a line per copy that arrives on a route topic,
 5. stops the service with SIGTERM, deletes the run's topics, exits 0 if every event was
-   scored and the service stopped cleanly.
+   scored, every routed decision's copy arrived (and no other), and the service stopped
+   cleanly.
 
 ``MODEL=/path/to/structbert make demo`` runs the NLI engine on that local checkpoint
 instead of the embedding engine. The broker is ``$KAFKA_BOOTSTRAP``, else
@@ -28,9 +31,10 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -107,21 +111,47 @@ def read_events(path: Path) -> list[Event]:
 def topic_names(config: dict[str, Any], run_id: str) -> dict[str, str]:
     names: dict[str, str] = {}
     for topic in config["topics"]:
-        for key in ("input", "output", "dead_letter"):
-            names[topic[key]] = f"demo-{run_id}.{topic[key]}"
+        for name in [topic[key] for key in ("input", "output", "dead_letter")] + list(
+            routes(topic).values()
+        ):
+            names[name] = f"demo-{run_id}.{name}"
     return names
+
+
+def routes(topic: dict[str, Any]) -> dict[str, str]:
+    """A configured topic's decision lanes that route: lane name -> route topic."""
+    return {lane["name"]: lane["route"] for lane in topic.get("lanes", []) if lane.get("route")}
+
+
+def default_lane(topic: dict[str, Any]) -> str | None:
+    lanes = topic.get("lanes") or []
+    return str(lanes[-1]["name"]) if lanes else None
+
+
+def lane_labels(topic: dict[str, Any]) -> set[str]:
+    """Every label some decision lane of the topic names (eval's rule: an event whose
+    expected label no lane names is expected to take the default lane)."""
+    return {label for lane in topic.get("lanes", []) for label in lane.get("labels") or []}
 
 
 def write_run_config(config: dict[str, Any], run: Run, workdir: Path) -> Path:
     """The demo config with this run's topic names and consumer group."""
     topics = [
-        {**t, **{key: run.broker_name(t[key]) for key in ("input", "output", "dead_letter")}}
+        {
+            **t,
+            **{key: run.broker_name(t[key]) for key in ("input", "output", "dead_letter")},
+            **({"lanes": [_run_lane(lane, run) for lane in t["lanes"]]} if t.get("lanes") else {}),
+        }
         for t in config["topics"]
     ]
     kafka = {**config.get("kafka", {}), "group_id": f"demo-{run.run_id}"}
     path = workdir / "demo.yaml"
     path.write_text(yaml.safe_dump({**config, "kafka": kafka, "topics": topics}), encoding="utf-8")
     return path
+
+
+def _run_lane(lane: dict[str, Any], run: Run) -> dict[str, Any]:
+    return {**lane, "route": run.broker_name(lane["route"])} if lane.get("route") else lane
 
 
 def create_topics(bootstrap: str, run: Run) -> None:
@@ -232,17 +262,18 @@ def produce(bootstrap: str, run: Run, events: list[Event]) -> None:
 class Table:
     """Fixed-width rows cut to the terminal's width."""
 
-    def __init__(self, run: Run, events: list[Event], labels: list[str]) -> None:
+    def __init__(self, run: Run, events: list[Event], labels: list[str], lanes: list[str]) -> None:
         self.run = run
         self.events = {event.id: event for event in events}
         self.label_width = min(30, max(len(label) for label in labels))
         self.topic_width = max(len(event.topic) for event in events)
+        self.decision_width = max([len("decision"), *(len(lane) for lane in lanes)])
         columns = shutil.get_terminal_size((120, 24)).columns
-        fixed = self.topic_width + 10 + self.label_width + 6 + 9 + 2 + 5 * 2
+        fixed = self.topic_width + 10 + self.label_width + 5 + self.decision_width + 8 + 1 + 6 * 2
         self.text_width = max(20, columns - fixed)
 
     def header(self) -> str:
-        return self._row("topic", "id", "text", "top label", "score", "latency", " ")
+        return self._row("topic", "id", "text", "top label", "score", "decision", "latency", " ")
 
     def rule(self) -> str:
         return "-" * len(self.header())
@@ -261,19 +292,33 @@ class Table:
             str(output["id"]),
             text,
             output["top_label"],
-            f"{output['scores'][0]:.2f}",
+            f"{output['scores'][0]:.3f}",
+            output.get("decision") or "-",
             f"{output['latency_ms']:.0f} ms",
             mark,
         )
 
+    def routed(self, output: dict[str, Any], route: str) -> str:
+        """The line for a scored event's copy on a route topic."""
+        return f"{'':<{self.topic_width}}  ↳ copy of {output['id']} on {route}"
+
     def _row(
-        self, topic: str, id_: str, text: str, label: str, score: str, lat: str, m: str
+        self,
+        topic: str,
+        id_: str,
+        text: str,
+        label: str,
+        score: str,
+        decision: str,
+        lat: str,
+        m: str,
     ) -> str:
         text = cut(text, self.text_width)
         label = cut(label, self.label_width)
         return (
             f"{topic:<{self.topic_width}}  {id_:<10}{text:<{self.text_width}}  "
-            f"{label:<{self.label_width}}  {score:>5}  {lat:>8}  {m}"
+            f"{label:<{self.label_width}}  {score:>5}  {decision:<{self.decision_width}}  "
+            f"{lat:>8}  {m}"
         )
 
 
@@ -294,6 +339,7 @@ def output_consumer(bootstrap: str, run: Run, config: dict[str, Any]) -> Consume
     outputs = [
         run.broker_name(t[key]) for t in config["topics"] for key in ("output", "dead_letter")
     ]
+    outputs += [run.broker_name(route) for t in config["topics"] for route in routes(t).values()]
     consumer.subscribe(outputs)
     return consumer
 
@@ -303,27 +349,49 @@ class Tally:
     scored: int = 0
     matched: int = 0
     dead: int = 0
-    latencies: list[float] | None = None
+    latencies: list[float] = field(default_factory=list)
+    #: Per configured input topic, per decision lane: how many scored events took it.
+    decisions: dict[str, Counter[str]] = field(default_factory=dict)
+    #: Per configured input topic: the lanes taken by the events whose expected label no lane
+    #: names (harmless ones), and those labels.
+    unflagged: dict[str, Counter[str]] = field(default_factory=dict)
+    unflagged_labels: dict[str, set[str]] = field(default_factory=dict)
+    #: Per configured route topic: the ids whose decision routes there, and the ids of the
+    #: copies that arrived there (a list: a copy that arrived twice shows).
+    routed: dict[str, set[str]] = field(default_factory=dict)
+    copies: dict[str, list[str]] = field(default_factory=dict)
+
+    def copies_complete(self) -> bool:
+        return all(sorted(ids) == sorted(self.copies.get(r, [])) for r, ids in self.routed.items())
 
 
-def show_results(consumer: Consumer, table: Table, expected: int, timeout: float) -> Tally:
-    """Print each output as it arrives until every event has one or the deadline passes."""
-    tally = Tally(latencies=[])
+def show_results(
+    consumer: Consumer, table: Table, config: dict[str, Any], expected: int, timeout: float
+) -> Tally:
+    """Print each output (and routed copy) as it arrives until every event has its output
+    and every routed decision its copy, or the deadline passes."""
+    tally = Tally()
     seen: set[str] = set()
+    route_topics = {
+        table.run.broker_name(route) for t in config["topics"] for route in routes(t).values()
+    }
     deadline = time.monotonic() + timeout
-    while len(seen) < expected and time.monotonic() < deadline:
+    while (len(seen) < expected or not tally.copies_complete()) and time.monotonic() < deadline:
         for message in consumer.consume(num_messages=100, timeout=0.5):
             if message.error():
+                continue
+            if message.topic() in route_topics:
+                record_copy(message, table, tally)
                 continue
             key = (message.key() or b"").decode()
             if key in seen:
                 continue
             seen.add(key)
-            record_row(message, table, tally)
+            record_row(message, table, config, tally)
     return tally
 
 
-def record_row(message: Any, table: Table, tally: Tally) -> None:
+def record_row(message: Any, table: Table, config: dict[str, Any], tally: Tally) -> None:
     headers = dict(message.headers() or [])
     if "stream-classifier.error.code" in headers:
         tally.dead += 1
@@ -334,9 +402,26 @@ def record_row(message: Any, table: Table, tally: Tally) -> None:
     event = table.events.get(str(output["id"]))
     tally.scored += 1
     tally.matched += int(event is not None and event.expected == output["top_label"])
-    assert tally.latencies is not None
     tally.latencies.append(float(output["latency_ms"]))
+    decision = output.get("decision")
+    if decision is not None:
+        name = table.run.configured_name(output["source"]["topic"])
+        topic = next(t for t in config["topics"] if t["input"] == name)
+        tally.decisions.setdefault(name, Counter())[decision] += 1
+        if event is not None and event.expected not in lane_labels(topic):
+            tally.unflagged.setdefault(name, Counter())[decision] += 1
+            tally.unflagged_labels.setdefault(name, set()).add(str(event.expected))
+        route = routes(topic).get(decision)
+        if route is not None:
+            tally.routed.setdefault(route, set()).add(str(output["id"]))
     print(table.scored(output), flush=True)
+
+
+def record_copy(message: Any, table: Table, tally: Tally) -> None:
+    output = json.loads(message.value())
+    route = table.run.configured_name(message.topic())
+    tally.copies.setdefault(route, []).append(str(output["id"]))
+    print(table.routed(output, route), flush=True)
 
 
 def demo(
@@ -358,20 +443,28 @@ def demo(
         consumer = output_consumer(args.bootstrap, run, config)
         producer = threading.Thread(target=produce, args=(args.bootstrap, run, events))
         labels = [label for t in config["topics"] for label in t["labels"]]
-        table = Table(run, events, labels)
+        lanes = [lane["name"] for t in config["topics"] for lane in t.get("lanes", [])]
+        table = Table(run, events, labels, lanes)
         print(table.header())
         print(table.rule(), flush=True)
         producer.start()
         try:
-            tally = show_results(consumer, table, len(events), args.timeout)
+            tally = show_results(consumer, table, config, len(events), args.timeout)
         finally:
             producer.join()
             consumer.close()
         elapsed = time.monotonic() - started
-    return summary(tally, len(events), elapsed, running)
+    return summary(tally, config, run, len(events), elapsed, running)
 
 
-def summary(tally: Tally, total: int, elapsed: float, running: Service) -> int:
+def summary(
+    tally: Tally,
+    config: dict[str, Any],
+    run: Run,
+    total: int,
+    elapsed: float,
+    running: Service,
+) -> int:
     latencies = sorted(tally.latencies or [0.0])
     median = latencies[len(latencies) // 2]
     print(
@@ -379,7 +472,34 @@ def summary(tally: Tally, total: int, elapsed: float, running: Service) -> int:
         f"{median:.0f} ms; {tally.matched}/{total} top labels match examples/events.jsonl's "
         f"'expected'; service exit code {running.exit_code}"
     )
-    if tally.scored != total or tally.dead or running.exit_code != 0:
+    for topic in config["topics"]:
+        name = topic["input"]
+        if name not in tally.decisions:
+            continue
+        lanes = [lane["name"] for lane in topic["lanes"]]
+        counts = ", ".join(f"{tally.decisions[name][lane]} {lane}" for lane in lanes)
+        unflagged = tally.unflagged.get(name, Counter())
+        default = default_lane(topic) or ""
+        harmless = ", ".join(sorted(tally.unflagged_labels.get(name, set()))) or "none"
+        print(
+            f"decisions on {name}: {counts}; expected {harmless} (no lane names it): "
+            f"{unflagged[default]}/{sum(unflagged.values())} {default}"
+        )
+    for route in sorted({r for t in config["topics"] for r in routes(t).values()}):
+        ids = tally.routed.get(route, set())
+        copies = tally.copies.get(route, [])
+        print(
+            f"route topic {run.broker_name(route)}: {len(copies)} copies "
+            f"({', '.join(sorted(copies)) or 'none'}) for {len(ids)} routed decisions"
+        )
+    stray = sorted(set(tally.copies) - set(tally.routed))
+    if (
+        tally.scored != total
+        or tally.dead
+        or running.exit_code != 0
+        or not tally.copies_complete()
+        or stray
+    ):
         print("demo FAILED; the service's log ends with:\n" + running.log_tail(), file=sys.stderr)
         return 1
     return 0

@@ -11,8 +11,17 @@ accuracy.
 
 Metrics. Single-label: accuracy is top label == gold; per-label precision/recall/F1 from
 the confusion matrix; macro-F1 averages the labels that occur as gold or as prediction.
-Multi-label: a label is predicted when its score reaches ``--threshold``; accuracy is the
+Multi-label: a label is predicted when its score reaches ``--threshold`` (when not given:
+the topic's threshold for that label, as the service flags it, else 0.5); accuracy is the
 exact-set match rate; macro-F1 averages every label's F1.
+
+Decisions. For a configured topic with decision lanes, each example is also decided as the
+service would (:func:`stream_classifier.decisions.decide`) and compared with its expected
+lane: the line's ``"expected_decision"`` when it has one, else the first lane whose
+``labels`` name one of the line's gold labels, else the default (last) lane. Per lane:
+precision, recall and F1; "any action": every lane but the default one against the
+default. ``--sweep LANE`` re-decides the same scores with that lane's cut-off at other
+values, to tune it before deploying.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ from stream_classifier.config import (
     TopicConfig,
     load_config,
 )
+from stream_classifier.decisions import decide
 from stream_classifier.engine.base import Engine, Scores
 from stream_classifier.messages import parse_labels
 
@@ -46,6 +56,8 @@ class Example:
     text: str
     gold: frozenset[str]
     line: int
+    #: The lane the line says the event should take (``"expected_decision"``), if it says.
+    expected_decision: str | None = None
 
 
 @dataclass(frozen=True)
@@ -57,6 +69,13 @@ class Task:
     template: str
     multi_label: bool
     examples: tuple[Example, ...]
+    #: The configured topic (thresholds, lanes), where the labels came from a config.
+    policy: TopicConfig | None = None
+
+    @property
+    def decides(self) -> bool:
+        """Does this topic define decision lanes (so that eval scores its decisions)?"""
+        return self.policy is not None and bool(self.policy.lanes)
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,69 @@ class LabelStats:
 
 
 @dataclass(frozen=True)
+class Mismatch:
+    """An example whose decision differs from the one expected."""
+
+    line: int
+    expected: str
+    decided: str
+    #: The event's highest-scoring label and its score.
+    top_label: str
+    score: float
+
+
+@dataclass(frozen=True)
+class SweepRow:
+    """The decisions with one lane's cut-off at ``value`` (all else as configured)."""
+
+    value: float
+    per_lane: dict[str, LabelStats]
+    any_action: LabelStats
+
+
+@dataclass(frozen=True)
+class DecisionResult:
+    """A topic's decision lanes against the expected lanes of a sample."""
+
+    lanes: tuple[str, ...]
+    #: How many examples stated ``expected_decision``; the others were derived.
+    stated: int
+    per_lane: dict[str, LabelStats]
+    #: Every lane but the default (last) one, taken together, against the default.
+    any_action: LabelStats
+    #: confusion[expected][decided]
+    confusion: dict[str, dict[str, int]]
+    mismatches: tuple[Mismatch, ...]
+    #: The lane whose cut-off was swept (None: no sweep) and the rows.
+    sweep_lane: str | None = None
+    sweep: tuple[SweepRow, ...] = ()
+
+    @property
+    def default(self) -> str:
+        return self.lanes[-1]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "lanes": list(self.lanes),
+            "default": self.default,
+            "stated": self.stated,
+            "per_lane": {k: vars(v) for k, v in self.per_lane.items()},
+            "any_action": vars(self.any_action),
+            "confusion": self.confusion,
+            "mismatches": [vars(m) for m in self.mismatches],
+            "sweep_lane": self.sweep_lane,
+            "sweep": [
+                {
+                    "value": row.value,
+                    "per_lane": {k: vars(v) for k, v in row.per_lane.items()},
+                    "any_action": vars(row.any_action),
+                }
+                for row in self.sweep
+            ],
+        }
+
+
+@dataclass(frozen=True)
 class Result:
     """One variant on one topic."""
 
@@ -110,6 +192,8 @@ class Result:
     per_label: dict[str, LabelStats]
     #: Single-label: confusion[gold][predicted]. Multi-label: per label tp/fp/fn/tn.
     confusion: dict[str, dict[str, int]]
+    #: The decision lanes against the sample (None: the topic defines no lanes).
+    decisions: DecisionResult | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -124,20 +208,27 @@ class Result:
             "macro_f1": self.macro_f1,
             "per_label": {k: vars(v) for k, v in self.per_label.items()},
             "confusion": self.confusion,
+            "decisions": None if self.decisions is None else self.decisions.as_dict(),
         }
 
 
 # -- reading ---------------------------------------------------------------------------------
 
 
-def read_examples(path: Path, labels: Sequence[str], multi_label: bool) -> tuple[Example, ...]:
-    """Parse a labelled JSONL file, checking every gold label against the topic's labels."""
+def read_examples(
+    path: Path, labels: Sequence[str], multi_label: bool, lanes: Sequence[str] = ()
+) -> tuple[Example, ...]:
+    """Parse a labelled JSONL file, checking every gold label against the topic's labels.
+
+    ``lanes``: the topic's decision lanes, which an ``"expected_decision"`` must name (none:
+    a line stating one is an error, there is nothing to compare it with).
+    """
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
         raise EvalError(f"cannot read {path}: {exc.strerror}") from exc
     examples = [
-        _example(path, number, line, set(labels), multi_label)
+        _example(path, number, line, set(labels), multi_label, tuple(lanes))
         for number, line in enumerate(lines, start=1)
         if line.strip()
     ]
@@ -146,7 +237,9 @@ def read_examples(path: Path, labels: Sequence[str], multi_label: bool) -> tuple
     return tuple(examples)
 
 
-def _example(path: Path, number: int, line: str, known: set[str], multi: bool) -> Example:
+def _example(
+    path: Path, number: int, line: str, known: set[str], multi: bool, lanes: tuple[str, ...]
+) -> Example:
     where = f"{path}:{number}"
     try:
         record = json.loads(line)
@@ -160,7 +253,15 @@ def _example(path: Path, number: int, line: str, known: set[str], multi: bool) -
         raise EvalError(f"{where}: label {unknown[0]!r} is not one of {sorted(known)}")
     if not multi and len(gold) != 1:
         raise EvalError(f"{where}: a single-label topic needs exactly one gold label")
-    return Example(record["text"], frozenset(gold), number)
+    expected = record.get("expected_decision")
+    if expected is not None:
+        if not lanes:
+            raise EvalError(
+                f"{where}: expected_decision needs a topic with decision lanes (--config)"
+            )
+        if expected not in lanes:
+            raise EvalError(f"{where}: expected_decision {expected!r} is not one of {list(lanes)}")
+    return Example(record["text"], frozenset(gold), number, expected)
 
 
 def _gold(record: dict[str, Any], where: str) -> set[str]:
@@ -268,13 +369,19 @@ def evaluate(
     engine: Engine,
     task: Task,
     variant: Variant,
-    threshold: float = 0.5,
+    threshold: float | None = None,
     batch_size: int = 32,
     progress: Progress | None = None,
+    sweep: Sweep | None = None,
 ) -> Result:
+    """``variant`` on ``task``: label metrics, and decision metrics where the topic has lanes.
+
+    ``threshold``: multi-label, the score from which a label counts as predicted (None: the
+    topic's threshold for the label, else 0.5).
+    """
     scores = predict(engine, task, variant, batch_size, progress or Progress(0, False))
     if task.multi_label:
-        predicted = [_above(s, threshold) for s in scores]
+        predicted = [_above(s, _cut_offs(task, threshold)) for s in scores]
     else:
         predicted = [frozenset([s.top_label]) for s in scores]
     gold = [ex.gold for ex in task.examples]
@@ -292,12 +399,152 @@ def evaluate(
         macro_f1=macro,
         per_label=per_label,
         confusion=confusion,
+        decisions=evaluate_decisions(task, scores, sweep) if task.decides else None,
     )
 
 
-def _above(scores: Scores, threshold: float) -> frozenset[str]:
+#: The multi-label cut-off for a label the topic sets no threshold for.
+DEFAULT_THRESHOLD = 0.5
+
+
+def _cut_offs(task: Task, threshold: float | None) -> dict[str, float]:
+    def cut(label: str) -> float:
+        if threshold is not None:
+            return threshold
+        configured = task.policy.threshold(label) if task.policy is not None else None
+        return DEFAULT_THRESHOLD if configured is None else configured
+
+    return {label: cut(label) for label in task.labels}
+
+
+def _above(scores: Scores, cut_offs: dict[str, float]) -> frozenset[str]:
     return frozenset(
-        lab for lab, s in zip(scores.labels, scores.scores, strict=True) if s >= threshold
+        lab for lab, s in zip(scores.labels, scores.scores, strict=True) if s >= cut_offs[lab]
+    )
+
+
+# -- decisions -------------------------------------------------------------------------------
+
+#: ``--sweep``'s values when the flag names none.
+SWEEP_VALUES = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """``--sweep LANE[=V1,V2,...]``: re-decide with the lane's cut-off at each value."""
+
+    lane: str
+    values: tuple[float, ...] = SWEEP_VALUES
+
+
+def parse_sweep(text: str) -> Sweep:
+    lane, _, values = text.partition("=")
+    if not lane.strip():
+        raise EvalError(f"--sweep {text!r}: name a lane, e.g. --sweep review=0.05,0.1,0.2")
+    if not values.strip():
+        return Sweep(lane.strip())
+    try:
+        numbers = tuple(float(v) for v in values.split(","))
+    except ValueError as exc:
+        raise EvalError(f"--sweep {text!r}: values must be numbers ({exc})") from exc
+    if not all(0.0 <= v <= 1.0 for v in numbers):
+        raise EvalError(f"--sweep {text!r}: values must be within 0..1")
+    return Sweep(lane.strip(), numbers)
+
+
+def expected_lane(policy: TopicConfig, example: Example) -> str:
+    """The lane ``example`` should take: as stated, else the first lane naming a gold label.
+
+    Lanes without a ``labels`` list name no label; a gold label no lane names (a harmless
+    one) expects the default lane.
+    """
+    if example.expected_decision is not None:
+        return example.expected_decision
+    for lane in policy.lanes:
+        if lane.labels is not None and example.gold.intersection(lane.labels):
+            return lane.name
+    return policy.lanes[-1].name
+
+
+def with_cut_off(policy: TopicConfig, lane_name: str, value: float) -> TopicConfig:
+    """``policy`` with one lane's cut-off at ``value``: its ``min_score``, or, for a lane that
+    holds on flagged labels, the threshold of each label it names."""
+    names = [lane.name for lane in policy.lanes]
+    if lane_name not in names:
+        raise EvalError(f"--sweep: topic {policy.input!r} has no lane {lane_name!r} ({names})")
+    lane = policy.lanes[names.index(lane_name)]
+    if lane.min_score is not None:
+        lanes = list(policy.lanes)
+        lanes[names.index(lane_name)] = lane.model_copy(update={"min_score": value})
+        return policy.model_copy(update={"lanes": lanes})
+    if lane.labels is None:
+        raise EvalError(f"--sweep: lane {lane_name!r} is the default lane, it has no cut-off")
+    thresholds = {**policy.thresholds, **{label: value for label in lane.labels}}
+    return policy.model_copy(update={"thresholds": thresholds})
+
+
+def decision_metrics(
+    lanes: Sequence[str], expected: Sequence[str], decided: Sequence[str]
+) -> tuple[dict[str, LabelStats], LabelStats, dict[str, dict[str, int]]]:
+    """Per lane precision/recall/F1, "any action" (not the default, last lane), confusion."""
+    confusion = {e: {d: 0 for d in lanes} for e in lanes}
+    for e, d in zip(expected, decided, strict=True):
+        confusion[e][d] += 1
+    per_lane = {}
+    for lane in lanes:
+        tp = confusion[lane][lane]
+        per_lane[lane] = label_stats(
+            tp, _predicted(confusion, lane) - tp, sum(confusion[lane].values()) - tp
+        )
+    default = lanes[-1]
+    acted = [(e != default, d != default) for e, d in zip(expected, decided, strict=True)]
+    any_action = label_stats(
+        sum(e and d for e, d in acted),
+        sum(d and not e for e, d in acted),
+        sum(e and not d for e, d in acted),
+    )
+    return per_lane, any_action, confusion
+
+
+def _decide_all(policy: TopicConfig, scores: Sequence[Scores]) -> list[str]:
+    decided = []
+    for s in scores:
+        decision = decide(policy, s.labels, s.scores).decision
+        assert decision is not None  # a topic with lanes always ends with the default one
+        decided.append(decision)
+    return decided
+
+
+def evaluate_decisions(
+    task: Task, scores: Sequence[Scores], sweep: Sweep | None = None
+) -> DecisionResult:
+    """The topic's lanes on ``scores`` against each example's expected lane."""
+    policy = task.policy
+    assert policy is not None and policy.lanes
+    lanes = tuple(lane.name for lane in policy.lanes)
+    expected = [expected_lane(policy, example) for example in task.examples]
+    decided = _decide_all(policy, scores)
+    per_lane, any_action, confusion = decision_metrics(lanes, expected, decided)
+    mismatches = tuple(
+        Mismatch(ex.line, e, d, s.top_label, s.scores[0])
+        for ex, e, d, s in zip(task.examples, expected, decided, scores, strict=True)
+        if e != d
+    )
+    rows: list[SweepRow] = []
+    if sweep is not None:
+        for value in sweep.values:
+            swept = _decide_all(with_cut_off(policy, sweep.lane, value), scores)
+            lane_stats, acted, _ = decision_metrics(lanes, expected, swept)
+            rows.append(SweepRow(value, lane_stats, acted))
+    return DecisionResult(
+        lanes=lanes,
+        stated=sum(example.expected_decision is not None for example in task.examples),
+        per_lane=per_lane,
+        any_action=any_action,
+        confusion=confusion,
+        mismatches=mismatches,
+        sweep_lane=None if sweep is None else sweep.lane,
+        sweep=tuple(rows),
     )
 
 
@@ -381,7 +628,70 @@ def format_result(result: Result) -> str:
         "",
         *(_multi_table(result) if result.multi_label else _confusion_table(result)),
     ]
+    if result.decisions is not None:
+        lines += ["", *format_decisions(result.decisions)]
     return "\n".join(lines)
+
+
+#: How many mismatched examples the text report lists (``--json`` has them all).
+MISMATCHES_SHOWN = 10
+
+
+def format_decisions(decisions: DecisionResult) -> list[str]:
+    lanes = decisions.lanes
+    derived = sum(decisions.confusion[lane][d] for lane in lanes for d in lanes)
+    derived -= decisions.stated
+    width = max(12, *(len(lane) + 2 for lane in lanes))
+    lines = [
+        f"decisions: lanes {', '.join(lanes)} (default {decisions.default!r}); expected lane: "
+        f"{decisions.stated} stated (expected_decision), {derived} from the gold label",
+        f"{'lane':<{width}}precision  recall     f1  expected  decided",
+    ]
+    rows = [*((lane, decisions.per_lane[lane]) for lane in lanes)]
+    rows.append(("any action", decisions.any_action))
+    for lane, stats in rows:
+        if lane == "any action":
+            decided = sum(
+                decisions.confusion[e][d] for e in lanes for d in lanes if d != decisions.default
+            )
+        else:
+            decided = sum(decisions.confusion[e][lane] for e in lanes)
+        lines.append(
+            f"{lane:<{width}}{stats.precision:9.3f} {stats.recall:7.3f} {stats.f1:6.3f} "
+            f"{stats.support:9d} {decided:8d}"
+        )
+    cell = max(7, *(len(lane) + 2 for lane in lanes))
+    lines += ["", "decision confusion (rows: expected, columns: decided)"]
+    lines.append(f"{'':<{width}}" + "".join(f"{lane:>{cell}}" for lane in lanes))
+    for expected in lanes:
+        counts = "".join(f"{decisions.confusion[expected][d]:>{cell}}" for d in lanes)
+        lines.append(f"{expected:<{width}}{counts}")
+    if decisions.mismatches:
+        lines += ["", "mismatches (sample line: expected -> decided; top label and score)"]
+        for m in decisions.mismatches[:MISMATCHES_SHOWN]:
+            lines.append(f"{m.line:>6}: {m.expected} -> {m.decided}; {m.top_label} {m.score:.3f}")
+        more = len(decisions.mismatches) - MISMATCHES_SHOWN
+        if more > 0:
+            lines.append(f"  ... and {more} more (--json lists them all)")
+    if decisions.sweep:
+        lines += ["", *_sweep_table(decisions)]
+    return lines
+
+
+def _sweep_table(decisions: DecisionResult) -> list[str]:
+    columns = [lane for lane in decisions.lanes if lane != decisions.default]
+    columns += [decisions.default, "any action"]
+    width = max(13, *(len(c) + 2 for c in columns))
+    lines = [
+        f"sweep: lane {decisions.sweep_lane}'s cut-off at each value, all else as "
+        "configured (precision / recall)",
+        "value " + "".join(f"{c:>{width}}" for c in columns),
+    ]
+    for row in decisions.sweep:
+        stats = [*(row.per_lane[c] for c in columns[:-1]), row.any_action]
+        cells = "".join(f"{f'{s.precision:.2f} / {s.recall:.2f}':>{width}}" for s in stats)
+        lines.append(f"{row.value:<6.3g}{cells}")
+    return lines
 
 
 def _name(result: Result, label: str) -> str:
@@ -448,18 +758,33 @@ def run_eval(
     engine: Engine,
     tasks: Sequence[Task],
     variants: Sequence[Variant],
-    threshold: float = 0.5,
+    threshold: float | None = None,
     batch_size: int = 32,
     show_progress: bool = False,
+    sweep: Sweep | None = None,
 ) -> list[Result]:
-    """Every variant on every topic."""
+    """Every variant on every topic; ``sweep`` on the topics that have its lane."""
+    if sweep is not None and not any(_has_lane(task, sweep.lane) for task in tasks):
+        raise EvalError(f"--sweep: no topic evaluated here has a lane {sweep.lane!r}")
     total = sum(len(task.examples) for task in tasks) * len(variants)
     progress = Progress(total, show_progress)
     return [
-        evaluate(engine, task, variant, threshold, batch_size, progress)
+        evaluate(
+            engine,
+            task,
+            variant,
+            threshold,
+            batch_size,
+            progress,
+            sweep if sweep is not None and _has_lane(task, sweep.lane) else None,
+        )
         for variant in variants
         for task in tasks
     ]
+
+
+def _has_lane(task: Task, lane: str) -> bool:
+    return task.policy is not None and any(lane == each.name for each in task.policy.lanes)
 
 
 # -- command line ----------------------------------------------------------------------------
@@ -502,7 +827,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="VARIANTS.yaml",
         help="also try the variants in this file (repeatable)",
     )
-    parser.add_argument("--threshold", type=float, default=0.5, help="multi-label cut-off")
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="multi-label: a label counts as predicted from this score up (default: the "
+        "topic's threshold for the label, else 0.5)",
+    )
+    parser.add_argument(
+        "--sweep",
+        metavar="LANE[=V1,V2,...]",
+        help="also decide the sample with this lane's cut-off (its min_score, or the "
+        "thresholds of its labels) at each value, all else as configured",
+    )
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--json", action="store_true", help="print results as JSON")
     parser.add_argument(
@@ -523,13 +859,22 @@ def command(args: argparse.Namespace) -> int:
         variants = [BASELINE, *_variants(args)]
         if args.compare_labels and len(tasks) > 1:
             raise EvalError("--compare-labels needs samples of a single topic")
+        sweep = None if args.sweep is None else parse_sweep(args.sweep)
+        if sweep is not None and not any(_has_lane(task, sweep.lane) for task in tasks):
+            raise EvalError(f"--sweep: no topic evaluated here has a lane {sweep.lane!r}")
     except (EvalError, ConfigError) as exc:
         print(exc, file=sys.stderr)
         return EXIT_USAGE
     try:
         engine = load_engine(engine_config, max_tokens)
         results = run_eval(
-            engine, tasks, variants, args.threshold, args.batch_size, _show_progress(args, tasks)
+            engine,
+            tasks,
+            variants,
+            args.threshold,
+            args.batch_size,
+            _show_progress(args, tasks),
+            sweep,
         )
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
@@ -572,7 +917,7 @@ def _json_report(results: Sequence[Result], model_id: str) -> dict[str, Any]:
 
 def _setup(args: argparse.Namespace) -> tuple[EngineConfig, int, list[Task]]:
     """The engine to load, its token budget and the tasks, from a config or from flags."""
-    if args.batch_size < 1 or not 0.0 <= args.threshold <= 1.0:
+    if args.batch_size < 1 or (args.threshold is not None and not 0.0 <= args.threshold <= 1.0):
         raise EvalError("--batch-size must be 1 or more and --threshold within 0..1")
     if args.config:
         config = load_config(args.config)
@@ -614,7 +959,8 @@ def _tasks_from_config(config: ServiceConfig, args: argparse.Namespace) -> list[
     tasks: list[Task] = []
     for path in args.samples:
         topic = _topic_of(config, path, args.topic)
-        examples = read_examples(path, topic.labels, topic.multi_label)
+        lanes = [lane.name for lane in topic.lanes]
+        examples = read_examples(path, topic.labels, topic.multi_label, lanes)
         tasks.append(
             Task(
                 topic.input,
@@ -622,6 +968,7 @@ def _tasks_from_config(config: ServiceConfig, args: argparse.Namespace) -> list[
                 topic.hypothesis_template,
                 topic.multi_label,
                 examples,
+                topic,
             )
         )
     return tasks
