@@ -31,7 +31,7 @@ from stream_classifier.batcher import Batch, Item, MicroBatcher, topic_partition
 from stream_classifier.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce
 from stream_classifier.config import ServiceConfig, TopicConfig
 from stream_classifier.decisions import Decision, decide
-from stream_classifier.engine.base import Engine, Scores
+from stream_classifier.engine.base import Engine, Prepared, Scores
 from stream_classifier.messages import (
     ClassifyRequest,
     Envelope,
@@ -42,6 +42,7 @@ from stream_classifier.messages import (
 )
 from stream_classifier.metrics import Metrics
 from stream_classifier.offsets import TopicPartition
+from stream_classifier.preparing import InlinePreparer, Preparer
 from stream_classifier.reload import restart_needed, settings_version
 from stream_classifier.scoring import Outcome, Scorer, ThreadScorer
 from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink, our_headers
@@ -79,6 +80,14 @@ class Scoring:
 
 
 @dataclass
+class Waiting:
+    """A consumed event in the backlog; ``prepared`` until its tokenizing is done."""
+
+    item: Item
+    prepared: Future[Prepared] | None = None
+
+
+@dataclass
 class Rebalance:
     """What the callbacks saw during one consume(), applied by the loop afterwards."""
 
@@ -97,6 +106,7 @@ class Service:
         source: Source | None = None,
         sink: Sink | None = None,
         scorer: Scorer | None = None,
+        preparer: Preparer | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -121,8 +131,9 @@ class Service:
         self.sink: Sink = sink or KafkaSink(self._producer_config(), self._on_delivery)
         self.checkpoint: Checkpoint = self._make_checkpoint()
         self.scorer: Scorer = scorer or ThreadScorer(engine, self.metrics)
+        self.preparer: Preparer = preparer or InlinePreparer(engine)
         self._scoring: deque[Scoring] = deque()
-        self._backlog: deque[Item] = deque()
+        self._backlog: deque[Waiting] = deque()
         self._generation = 0
         self._assigned: set[TopicPartition] = set()
         #: Per partition, how many times it was released (see :class:`Scoring`).
@@ -242,7 +253,7 @@ class Service:
         self._rewind_due()
         self._apply_pause()
         timeout = max(0.0, min(POLL_SLICE_S, self.batcher.time_left()))
-        if self._scoring:
+        if self._scoring or self._backlog:
             timeout = min(timeout, 0.005)
         messages = self.source.consume(self._room(), timeout)
         self._apply_rebalance()  # callbacks served inside consume() come first
@@ -269,27 +280,52 @@ class Service:
         self.metrics.consumed.labels(tp[0]).inc()
         self._backlog.append(self._accept(Envelope.of(message, received_at)))
 
-    def _accept(self, envelope: Envelope) -> Item:
-        """Decode and tokenize one event; any failure about its content rejects it."""
+    def _accept(self, envelope: Envelope) -> Waiting:
+        """Decode one event and start tokenizing it; any failure about its content rejects it."""
         topic = self._topics[envelope.source.topic]
         try:
             decoded = decode_event(envelope, topic)
             if isinstance(decoded, Rejection):
-                return decoded
+                return Waiting(decoded)
             decoded.settings_version = self._versions[topic.input]
-            decoded.prepared = self.engine.prepare(
+            prepared = self.preparer.submit(
                 decoded.text, decoded.labels, topic.hypothesis_template, topic.multi_label
             )
         except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
-            return Rejection(envelope, "prepare_failed", f"{type(exc).__name__}: {exc}")
-        return decoded
+            return Waiting(Rejection(envelope, "prepare_failed", f"{type(exc).__name__}: {exc}"))
+        return Waiting(decoded, prepared)
 
-    def _fill_batches(self) -> None:
-        """Move the backlog into batches; hand due batches to the engine while it has room."""
+    def _ready(self, waiting: Waiting, timeout: float | None = 0.0) -> Item | None:
+        """The event once tokenized (None while not yet, within ``timeout``)."""
+        future = waiting.prepared
+        if future is None:
+            return waiting.item
+        try:
+            prepared = future.result(timeout)
+        except TimeoutError:
+            return None
+        except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
+            reason = f"{type(exc).__name__}: {exc}"
+            waiting.item = Rejection(waiting.item.envelope, "prepare_failed", reason)
+        else:
+            assert isinstance(waiting.item, ClassifyRequest)
+            waiting.item.prepared = prepared
+        waiting.prepared = None
+        return waiting.item
+
+    def _fill_batches(self, timeout: float | None = 0.0) -> None:
+        """Move tokenized events into batches; hand due batches to the engine while it has
+        room (``timeout``: how long to wait for a tokenizing to finish, None for ever)."""
         while True:
-            while self._backlog and self.batcher.fits(self._backlog[0]):
-                self.batcher.add(self._backlog.popleft())
-            ready = self.batcher.is_due() or bool(self._backlog)
+            head: Item | None = None
+            while self._backlog:
+                head = self._ready(self._backlog[0], timeout)
+                if head is None or not self.batcher.fits(head):
+                    break
+                self.batcher.add(head)
+                self._backlog.popleft()
+                head = None
+            ready = self.batcher.is_due() or head is not None
             if not ready or len(self._scoring) >= self.config.processing.max_pending_batches:
                 return
             self._submit(self.batcher.take())
@@ -498,8 +534,17 @@ class Service:
         log.info("stopping: finishing %d queued events and %d batches", queued, len(self._scoring))
         self.source.pause(sorted(self._assigned))
         while self._backlog or len(self.batcher):
-            while self._backlog and self.batcher.fits(self._backlog[0]):
-                self.batcher.add(self._backlog.popleft())
+            left = max(0.0, deadline - self._clock())
+            for waiting in self._backlog:
+                if self._ready(waiting, left) is None:
+                    break
+            while self._backlog and self._backlog[0].prepared is None:
+                if not self.batcher.fits(self._backlog[0].item):
+                    break
+                self.batcher.add(self._backlog.popleft().item)
+            if not len(self.batcher):
+                log.warning("shutdown deadline reached with events not tokenized")
+                break
             self._submit(self.batcher.take())
         try:
             self._write_scored(wait=True, deadline=deadline)
@@ -511,6 +556,7 @@ class Service:
     def close(self) -> None:
         self.closing = True  # close() revokes the assignment: nothing left to finish
         self.scorer.shutdown()
+        self.preparer.shutdown()
         self.source.close()  # both are no-ops for a client that never started
         left = self.sink.close(timeout=5.0)
         if left:
@@ -560,7 +606,7 @@ class Service:
     def _release(self, partitions: Iterable[TopicPartition]) -> None:
         gone = set(partitions)
         dropped = self.batcher.drop(gone)
-        kept = [item for item in self._backlog if topic_partition(item) not in gone]
+        kept = [w for w in self._backlog if topic_partition(w.item) not in gone]
         dropped += len(self._backlog) - len(kept)
         self._backlog = deque(kept)
         self.checkpoint.released(gone)

@@ -168,7 +168,7 @@ def test_lone_event_is_flushed_by_the_time_bound(bootstrap: str, engine: NliEngi
     assert json.loads(outputs[0].value)["latency_ms"] < 30_000
 
 
-def test_delivery_failure_stops_the_service_without_committing_past_it(
+def test_undeliverable_output_holds_the_commit_and_recovers_when_the_topic_appears(
     bootstrap: str, engine: NliEngine
 ) -> None:
     topics = topic_set()
@@ -184,14 +184,22 @@ def test_delivery_failure_stops_the_service_without_committing_past_it(
         processing={"delivery_timeout_ms": 3000},
     )
     produce(bootstrap, topics["input"], [b"{bad json", *events(3)])
-    runner = RunningService(Service(config, engine))
+    service = Service(config, engine)
+    runner = RunningService(service)
     with runner:
         from kafka_helpers import wait_until
 
-        wait_until(lambda: runner.error is not None, 60, "the service to fail")
-    assert "could not deliver" in str(runner.error)
-    # The dead letter at offset 0 may be committed; the undelivered outputs at 1.. never.
-    assert committed(bootstrap, config.kafka.group_id, topics["input"])[0] in (-1001, 1)
+        wait_until(lambda: not service.healthy()[0], 60, "/healthz to report the re-sending")
+        assert runner.error is None, "the service stopped on a failing output"
+        # The dead letter at offset 0 may be committed; the undelivered outputs at 1.. never.
+        assert committed(bootstrap, config.kafka.group_id, topics["input"])[0] in (-1001, 1)
+        create_topics(bootstrap, [topics["output"]])
+        wait_until(
+            lambda: committed(bootstrap, config.kafka.group_id, topics["input"])[0] == 4,
+            120,
+            "every event committed once the output topic exists",
+        )
+    assert len(read_all(bootstrap, topics["output"], 3, timeout=10)) == 3
 
 
 def test_consumer_lag_metric_follows_librdkafka_statistics(

@@ -69,6 +69,7 @@ class FaultRun:
         tmp_path: Path,
         partitions: int = 3,
         create_output: bool = True,
+        routed: bool = False,
         **processing: Any,
     ) -> None:
         self.bootstrap = bootstrap
@@ -78,12 +79,26 @@ class FaultRun:
         self.input, self.output, self.dead_letter = unique("in"), unique("out"), unique("dlq")
         self.group = unique("group")
         topics = [self.input, self.dead_letter] + ([self.output] if create_output else [])
+        #: With ``routed``, the topic's one (default) lane routes every scored event here.
+        self.routed = unique("routed") if routed else None
+        topics += [self.routed] if self.routed else []
         create_topics(bootstrap, topics, partitions)
         self.values: list[bytes] = []
         self._output_reader: TopicReader | None = None
         self.processes: list[subprocess.Popen[bytes]] = []
         self.config_path = tmp_path / "config.yaml"
+        self._processing = processing
+        self.topic_settings: dict[str, Any] = {
+            "labels": ["spam", "harassment", "self-harm", "safe"]
+        }
+        if self.routed:
+            self.topic_settings["lanes"] = [{"name": "all", "route": self.routed}]
         self._write_config(processing)
+
+    def change_topic_settings(self, **settings: Any) -> None:
+        """Rewrite the config file's topic settings (what SIGHUP then reloads)."""
+        self.topic_settings.update(settings)
+        self._write_config(self._processing)
 
     def _write_config(self, processing: dict[str, Any]) -> None:
         config = {
@@ -112,7 +127,7 @@ class FaultRun:
                     "input": self.input,
                     "output": self.output,
                     "dead_letter": self.dead_letter,
-                    "labels": ["spam", "harassment", "self-harm", "safe"],
+                    **self.topic_settings,
                 }
             ],
         }
@@ -233,8 +248,22 @@ class FaultRun:
             REPORT.append(asdict(counts))
         return counts
 
+    def assert_routed(self) -> None:
+        """Every output has its routed copy: once under exactly_once, at least once else."""
+        assert self.routed is not None
+        outputs = Counter(_source(r.value) for r in read_to_end(self.bootstrap, self.output))
+        copies = Counter(_source(r.value) for r in read_to_end(self.bootstrap, self.routed))
+        assert set(copies) == set(outputs), "routed copies and outputs differ"
+        if self.mode == "exactly_once":
+            assert max(copies.values()) == 1, "a routed copy written twice"
+
     def assert_guarantee(self, counts: Counts) -> None:
         assert counts.events_in == len(self.values)
         assert counts.lost == 0, f"{counts} missing {self.missing[:40]}\n{self.logs()}"
         if self.mode == "exactly_once":
             assert counts.duplicated == 0, f"{counts}\n{self.logs()}"
+
+
+def _source(value: bytes | None) -> tuple[int, int]:
+    source = json.loads(value or b"{}")["source"]
+    return int(source["partition"]), int(source["offset"])

@@ -6,6 +6,7 @@ fault, and counts what an independent read_committed consumer sees.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -120,7 +121,9 @@ def test_scale_out_with_a_kill_while_two_busy_loops_load_the_cpu(
 ) -> None:
     repeats = 10 if request.config.getoption("--long") else 1
     for attempt in range(repeats):
-        run = FaultRun(bootstrap, mode, tmp_path / f"run-{attempt}", partitions=6)
+        run_dir = tmp_path / f"run-{attempt}"
+        run_dir.mkdir()
+        run = FaultRun(bootstrap, mode, run_dir, partitions=6)
         scale_out_then_kill(run, events, f", 2 busy loops (run {attempt + 1}/{repeats})")
 
 
@@ -249,3 +252,25 @@ def test_broker_down_fifteen_seconds_mid_run(
     assert process.poll() is None, run.logs()
     assert run.terminate_all() == [0]
     run.assert_guarantee(run.count("broker down 15 s"))
+
+
+def test_sighup_reload_mid_stream_with_every_event_routed(
+    bootstrap: str, mode: str, events: int, tmp_path: Path
+) -> None:
+    run = FaultRun(bootstrap, mode, tmp_path, routed=True)
+    run.produce(events)
+    process = run.start()
+    run.wait_scored(events // 3)
+    run.change_topic_settings(labels=["spam", "abuse", "safe"], hypothesis_template="about {}")
+    process.send_signal(signal.SIGHUP)
+    run.produce(events // 2)
+    run.wait_drained()
+    assert process.poll() is None, run.logs()
+    assert run.terminate_all() == [0]
+    run.assert_guarantee(run.count("SIGHUP reload mid-stream, every event routed"))
+    run.assert_routed()
+    outputs = [json.loads(r.value) for r in read_to_end(bootstrap, run.output)]
+    by_version = Counter(o["settings_version"] for o in outputs)
+    assert len(by_version) == 2, by_version  # before and after the reload
+    assert {len(o["labels"]) for o in outputs} == {4, 3}
+    assert "configuration reloaded" in run.logs()
