@@ -120,9 +120,8 @@ class Mismatch:
     line: int
     expected: str
     decided: str
-    #: The event's highest-scoring label and its score.
-    top_label: str
-    score: float
+    #: The event's highest scores (up to MISMATCH_SCORES labels), highest first.
+    scores: dict[str, float]
 
 
 @dataclass(frozen=True)
@@ -425,6 +424,9 @@ def _above(scores: Scores, cut_offs: dict[str, float]) -> frozenset[str]:
 
 # -- decisions -------------------------------------------------------------------------------
 
+#: How many of an event's highest scores a mismatch keeps.
+MISMATCH_SCORES = 3
+
 #: ``--sweep``'s values when the flag names none.
 SWEEP_VALUES = (0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95)
 
@@ -526,7 +528,7 @@ def evaluate_decisions(
     decided = _decide_all(policy, scores)
     per_lane, any_action, confusion = decision_metrics(lanes, expected, decided)
     mismatches = tuple(
-        Mismatch(ex.line, e, d, s.top_label, s.scores[0])
+        Mismatch(ex.line, e, d, dict(list(zip(s.labels, s.scores, strict=True))[:MISMATCH_SCORES]))
         for ex, e, d, s in zip(task.examples, expected, decided, scores, strict=True)
         if e != d
     )
@@ -667,9 +669,10 @@ def format_decisions(decisions: DecisionResult) -> list[str]:
         counts = "".join(f"{decisions.confusion[expected][d]:>{cell}}" for d in lanes)
         lines.append(f"{expected:<{width}}{counts}")
     if decisions.mismatches:
-        lines += ["", "mismatches (sample line: expected -> decided; top label and score)"]
+        lines += ["", "mismatches (sample line: expected -> decided; highest scores)"]
         for m in decisions.mismatches[:MISMATCHES_SHOWN]:
-            lines.append(f"{m.line:>6}: {m.expected} -> {m.decided}; {m.top_label} {m.score:.3f}")
+            scores = ", ".join(f"{label} {score:.3f}" for label, score in m.scores.items())
+            lines.append(f"{m.line:>6}: {m.expected} -> {m.decided}; {scores}")
         more = len(decisions.mismatches) - MISMATCHES_SHOWN
         if more > 0:
             lines.append(f"  ... and {more} more (--json lists them all)")

@@ -7,12 +7,17 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
+import yaml
 
 from stream_classifier import cli
+from stream_classifier.config import Lane, ServiceConfig
 from stream_classifier.engine.base import Prepared, Scores
 from stream_classifier.eval import (
     EvalError,
+    Example,
     Variant,
+    decision_metrics,
+    expected_lane,
     multi_label_metrics,
     read_variants,
     single_label_metrics,
@@ -228,3 +233,219 @@ def test_embedding_engine_on_a_tiny_sample(
     assert code == 0
     assert out.startswith("model: sentence-transformers/all-MiniLM-L6-v2")
     assert "accuracy 1.000   macro-F1 1.000" in out
+
+
+# -- decision policies -----------------------------------------------------------------------
+
+
+class ScoreEngine:
+    """Scores read from the text: ``"hate=0.6 spam=0.2"``; labels not named score 0."""
+
+    model_id = "score-fake"
+
+    def prepare(
+        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+    ) -> Prepared:
+        return Prepared(tuple(labels), multi_label, 1, text)
+
+    def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
+        results = []
+        for item in batch:
+            given = dict(pair.split("=") for pair in str(item.payload).split())
+            scores = {label: float(given.get(label, 0.0)) for label in item.labels}
+            ranked = sorted(scores, key=lambda label: -scores[label])
+            results.append(Scores(tuple(ranked), tuple(scores[label] for label in ranked)))
+        return results
+
+    def warmup(self) -> None:
+        pass
+
+
+POLICY = """\
+topics:
+  - input: comments
+    output: comments.scored
+    dead_letter: comments.dlq
+    labels: [hate, spam, chat]
+    multi_label: true
+    thresholds: {hate: 0.5, spam: 0.5}
+    lanes:
+      - {name: block, labels: [hate], min_score: 0.9, route: comments.blocked}
+      - {name: review, labels: [hate, spam]}
+      - {name: allow}
+"""
+
+#: (text, gold label, stated expected_decision); expected -> decided in the comments.
+POLICY_SAMPLE: list[tuple[str, str, str | None]] = [
+    ("hate=0.95", "hate", None),  # block -> block
+    ("hate=0.6", "hate", None),  # block (first lane naming hate) -> review
+    ("spam=0.7", "spam", None),  # review (block does not name spam) -> review
+    ("chat=0.9", "chat", None),  # allow (no lane names chat) -> allow
+    ("spam=0.55 chat=0.6", "chat", None),  # allow -> review
+    ("hate=0.7", "hate", "review"),  # review, as the line says -> review
+    ("hate=0.2", "hate", None),  # block -> allow
+]
+
+
+@pytest.fixture
+def score_engine(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("stream_classifier.engine.load_engine", lambda c, t: ScoreEngine())
+
+
+@pytest.fixture
+def policy(tmp_path: Path) -> tuple[Path, Path]:
+    config = tmp_path / "service.yaml"
+    config.write_text(POLICY)
+    records: list[dict[str, object]] = []
+    for text, label, stated in POLICY_SAMPLE:
+        record: dict[str, object] = {"text": text, "label": label}
+        if stated is not None:
+            record["expected_decision"] = stated
+        records.append(record)
+    return config, write_jsonl(tmp_path / "comments.jsonl", records)
+
+
+def test_decision_metrics_per_lane_and_any_action() -> None:
+    lanes = ["block", "review", "allow"]
+    expected = ["block", "block", "review", "allow", "allow", "review", "block"]
+    decided = ["block", "review", "review", "allow", "review", "review", "allow"]
+    per_lane, any_action, confusion = decision_metrics(lanes, expected, decided)
+    assert confusion["block"] == {"block": 1, "review": 1, "allow": 1}
+    assert per_lane["block"].precision == 1.0
+    assert per_lane["block"].recall == pytest.approx(1 / 3)
+    assert (per_lane["review"].precision, per_lane["review"].recall) == (0.5, 1.0)
+    assert (per_lane["allow"].precision, per_lane["allow"].recall) == (0.5, 0.5)
+    # acted on (block or review) when it should be: 4 of 5 right, 1 harmless acted on
+    assert (any_action.precision, any_action.recall, any_action.support) == (0.8, 0.8, 5)
+
+
+def test_expected_lane_is_stated_or_the_first_lane_naming_a_gold_label() -> None:
+    topic = load_policy().topic("comments")
+    assert expected_lane(topic, Example("t", frozenset(["hate"]), 1)) == "block"
+    assert expected_lane(topic, Example("t", frozenset(["spam"]), 1)) == "review"
+    assert expected_lane(topic, Example("t", frozenset(["spam", "hate"]), 1)) == "block"
+    assert expected_lane(topic, Example("t", frozenset(["chat"]), 1)) == "allow"
+    assert expected_lane(topic, Example("t", frozenset(["hate"]), 1, "allow")) == "allow"
+    # a lane without a labels list names no label: the gold label falls through it
+    catch_all = topic.model_copy(update={"lanes": [Lane(name="look", min_score=0.8), *topic.lanes]})
+    assert expected_lane(catch_all, Example("t", frozenset(["spam"]), 1)) == "review"
+
+
+def load_policy() -> ServiceConfig:
+    return ServiceConfig(**yaml.safe_load(POLICY))
+
+
+def test_eval_reports_the_decision_lanes(
+    score_engine: None, policy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, sample = policy
+    code, out, _ = run_cli(capsys, "--config", str(config), str(sample))
+    assert code == 0, out
+    report = out.split("decisions: ")[1]
+    assert report.startswith(
+        "lanes block, review, allow (default 'allow'); expected lane: 1 stated "
+        "(expected_decision), 6 from the gold label"
+    )
+    table = {line.split()[0]: line.split()[1:] for line in report.splitlines()[2:6]}
+    assert table["block"] == ["1.000", "0.333", "0.500", "3", "1"]
+    assert table["review"] == ["0.500", "1.000", "0.667", "2", "4"]
+    assert table["allow"] == ["0.500", "0.500", "0.500", "2", "2"]
+    assert report.splitlines()[5].split() == ["any", "action", "0.800", "0.800", "0.800", "5", "5"]
+    # the mismatches, by sample line, with their highest scores
+    assert "     2: block -> review; hate 0.600, spam 0.000, chat 0.000" in report
+    assert "     5: allow -> review; chat 0.600, spam 0.550, hate 0.000" in report
+
+
+def test_multi_label_predictions_use_the_topic_thresholds_unless_given(
+    score_engine: None, policy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, sample = policy
+    code, out, _ = run_cli(capsys, "--config", str(config), str(sample), "--json")
+    assert code == 0
+    (result,) = json.loads(out)["results"]
+    # hate and spam at their thresholds (0.5), chat (none) at 0.5: lines 5 and 7 are wrong
+    assert result["accuracy"] == pytest.approx(5 / 7)
+    assert result["confusion"]["spam"] == {"tp": 1, "fp": 1, "fn": 0, "tn": 5}
+    decisions = result["decisions"]
+    assert decisions["any_action"]["precision"] == pytest.approx(0.8)
+    assert [m["line"] for m in decisions["mismatches"]] == [2, 5, 7]
+    code, out, _ = run_cli(
+        capsys, "--config", str(config), str(sample), "--json", "--threshold", "0.65"
+    )
+    (result,) = json.loads(out)["results"]
+    assert result["accuracy"] == pytest.approx(4 / 7)  # hate 0.6 is no longer predicted
+    assert result["decisions"] == decisions  # decisions follow the topic, not --threshold
+
+
+def test_sweep_a_min_score_lane_and_a_threshold_lane(
+    score_engine: None, policy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, sample = policy
+    code, out, _ = run_cli(
+        capsys, "--config", str(config), str(sample), "--json", "--sweep", "block=0.5,0.9"
+    )
+    assert code == 0
+    sweep = json.loads(out)["results"][0]["decisions"]["sweep"]
+    assert [row["value"] for row in sweep] == [0.5, 0.9]
+    # block from 0.5: hate 0.6 is blocked (right), hate 0.7 too (the line says review)
+    low = sweep[0]["per_lane"]["block"]
+    assert (low["precision"], low["recall"]) == (pytest.approx(2 / 3), pytest.approx(2 / 3))
+    assert sweep[1]["per_lane"]["block"]["recall"] == pytest.approx(1 / 3)  # as configured
+    # review holds on flagged labels: its sweep moves the thresholds of hate and spam
+    code, out, _ = run_cli(capsys, "--config", str(config), str(sample), "--sweep", "review=0.1")
+    assert code == 0
+    assert "sweep: lane review's cut-off at each value" in out
+    row = out.split("sweep: lane review")[1].splitlines()[2].split()
+    # hate 0.2 is now reviewed: every harmful line is acted on, one harmless one too
+    assert row[0] == "0.1" and row[-3:] == ["0.83", "/", "1.00"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--sweep", "escalate"], "no topic evaluated here has a lane 'escalate'"),
+        (["--sweep", "allow"], "lane 'allow' is the default lane, it has no cut-off"),
+        (["--sweep", "block=0.5,high"], "values must be numbers"),
+        (["--sweep", "block=1.5"], "values must be within 0..1"),
+    ],
+)
+def test_sweep_refuses_what_it_cannot_vary(
+    score_engine: None,
+    policy: tuple[Path, Path],
+    capsys: pytest.CaptureFixture[str],
+    argv: list[str],
+    message: str,
+) -> None:
+    config, sample = policy
+    code, _, err = run_cli(capsys, "--config", str(config), str(sample), *argv)
+    assert code == 2
+    assert message in err
+
+
+def test_expected_decision_must_name_a_lane_of_the_topic(
+    score_engine: None, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = tmp_path / "service.yaml"
+    config.write_text(POLICY)
+    sample = write_jsonl(
+        tmp_path / "comments.jsonl",
+        [
+            {"text": "hate=0.95", "label": "hate", "expected_decision": "block"},
+            {"text": "hate=0.95", "label": "hate", "expected_decision": "delete"},
+        ],
+    )
+    code, _, err = run_cli(capsys, "--config", str(config), str(sample))
+    assert code == 2
+    assert "comments.jsonl:2: expected_decision 'delete' is not one of" in err
+    # without lanes (here: no config) there is nothing to compare it with
+    code, _, err = run_cli(capsys, "--labels", "hate,spam", str(sample))
+    assert code == 2
+    assert "comments.jsonl:1: expected_decision needs a topic with decision lanes" in err
+
+
+def test_topics_without_lanes_report_no_decisions(
+    fake_engine: None, sample: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code, out, _ = run_cli(capsys, "--labels", "billing,shipping", "--json", str(sample))
+    assert code == 0
+    assert json.loads(out)["results"][0]["decisions"] is None
