@@ -54,7 +54,7 @@ tools:
 	@if ! command -v promtool >/dev/null || ! command -v prometheus >/dev/null; then \
 	  echo "==> installing Debian's prometheus package system-wide (apt-get, needs root):"; \
 	  echo "    promtool unit-tests deploy/prometheus/rules, prometheus scrapes the service"; \
-	  echo "    in tests/test_prometheus_scrape.py. Remove it later with: apt-get remove prometheus"; \
+	  echo "    in tests/test_prometheus_scrape.py. Remove it later with: apt-get purge --autoremove prometheus"; \
 	  apt-get update -qq && \
 	  echo "    $$(apt-get install -s prometheus | grep -c '^Inst') packages: $$(apt-get install -s prometheus | sed -n 's/^Inst \([^ ]*\).*/\1/p' | tr '\n' ' ')" && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq prometheus >/dev/null; \
