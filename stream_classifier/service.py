@@ -174,7 +174,9 @@ class Service:
 
     def _consumer_config(self) -> dict[str, Any]:
         kafka = self.config.kafka
-        config = consumer_config(kafka.client_config(), kafka.group_id, kafka.auto_offset_reset)
+        config = consumer_config(
+            kafka.consumer_client_config(), kafka.group_id, kafka.auto_offset_reset
+        )
         if self.config.metrics.enabled:
             config["statistics.interval.ms"] = STATS_INTERVAL_MS
             config["stats_cb"] = self._on_stats
@@ -183,11 +185,11 @@ class Service:
     def _producer_config(self) -> dict[str, Any]:
         processing = self.config.processing
         config: dict[str, Any] = {
-            **self.config.kafka.client_config(),
+            "linger.ms": 5,
+            **self.config.kafka.producer_client_config(),
             "acks": "all",
             # No duplicates or reordering from the producer's own retries.
             "enable.idempotence": True,
-            "linger.ms": 5,
             "delivery.timeout.ms": processing.delivery_timeout_ms,
             # Room for every record the service lets wait for an acknowledgement.
             "queue.buffering.max.messages": max(100_000, 4 * self.max_in_flight),

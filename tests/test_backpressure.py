@@ -70,7 +70,7 @@ def test_slow_engine_pauses_partitions_without_rebalance_or_loss(
         bootstrap,
         [{**topics, "labels": ["a", "b"]}],
         kafka={
-            "extra": {
+            "consumer_extra": {
                 "max.poll.interval.ms": 6000,
                 "session.timeout.ms": 6000,
                 "heartbeat.interval.ms": 500,

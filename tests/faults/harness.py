@@ -105,12 +105,9 @@ class FaultRun:
             "kafka": {
                 "bootstrap_servers": self.bootstrap,
                 "group_id": self.group,
+                "extra": {"allow.auto.create.topics": False},
                 # A killed member's partitions move after 6 s, not librdkafka's 45 s.
-                "extra": {
-                    "allow.auto.create.topics": False,
-                    "session.timeout.ms": 6000,
-                    "heartbeat.interval.ms": 1000,
-                },
+                "consumer_extra": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
             },
             "processing": {
                 "guarantee": self.mode,
@@ -258,6 +255,8 @@ class FaultRun:
             assert max(copies.values()) == 1, "a routed copy written twice"
 
     def assert_guarantee(self, counts: Counts) -> None:
+        whole = "".join(p.read_text(errors="replace") for p in self.tmp_path.glob("service-*.log"))
+        assert "CONFWARN" not in whole, "a client setting given to the wrong client"
         assert counts.events_in == len(self.values)
         assert counts.lost == 0, f"{counts} missing {self.missing[:40]}\n{self.logs()}"
         if self.mode == "exactly_once":

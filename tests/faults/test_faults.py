@@ -148,7 +148,13 @@ def test_sigkill_with_a_new_transactional_id_at_every_restart(
     bootstrap: str, events: int, tmp_path: Path
 ) -> None:
     """What a Kubernetes Deployment does: each new pod has a new name, so a new id."""
-    run = FaultRun(bootstrap, "exactly_once", tmp_path, transaction_timeout_ms=15_000)
+    run = FaultRun(
+        bootstrap,
+        "exactly_once",
+        tmp_path,
+        transaction_timeout_ms=15_000,
+        delivery_timeout_ms=10_000,
+    )
     run.produce(events)
     for pod, fraction in enumerate((0.15, 0.4, 0.65)):
         process = run.start(STREAM_CLASSIFIER_PROCESSING__TRANSACTIONAL_ID=f"{run.group}-pod{pod}")
