@@ -6,7 +6,7 @@ starts: it asks the cluster for its metadata with the service's own client setti
 fails at once, naming the bootstrap servers, the security protocol, the SASL mechanism
 and user (never the password) and librdkafka's error, when authentication or TLS fails.
 An unreachable cluster is retried until the deadline (a broker may still be starting).
-It then checks that every input, output and dead-letter topic exists.
+It then checks that every input, output, dead-letter and route topic exists.
 
 :func:`check_model_hub` does the same for the model: a ModelScope id needs ModelScope's
 hub, and ModelScope retries an unreachable hub for about half a minute before it gives
@@ -68,7 +68,11 @@ class _Collector(logging.Logger):
 def check_kafka(config: ServiceConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Raise PreflightError unless the cluster answers and every configured topic exists."""
     topics = _metadata_topics(config.kafka, timeout_s)
-    wanted = {name for t in config.topics for name in (t.input, t.output, t.dead_letter)}
+    wanted = {
+        name
+        for t in config.topics
+        for name in (t.input, t.output, t.dead_letter, *t.route_topics)
+    }
     missing = sorted(wanted - topics)
     if missing:
         raise PreflightError(

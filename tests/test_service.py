@@ -226,3 +226,15 @@ def test_consumer_lag_metric_follows_librdkafka_statistics(
     with RunningService(service):
         wait_drained(bootstrap, config)
         wait_until(lambda: lag_sample() == 0.0, 30, "the lag gauge to report 0 once drained")
+
+
+def test_preflight_names_a_missing_route_topic(bootstrap: str) -> None:
+    from stream_classifier.preflight import PreflightError, check_kafka
+
+    names = {"input": unique("in"), "output": unique("out"), "dead_letter": unique("dlq")}
+    create_topics(bootstrap, list(names.values()))
+    route = unique("review")
+    lanes = [{"name": "all", "route": route}]
+    config = service_config(bootstrap, [{**names, "labels": ["spam", "ok"], "lanes": lanes}])
+    with pytest.raises(PreflightError, match=route):
+        check_kafka(config, timeout_s=20)
