@@ -6,15 +6,25 @@ the engine raises on a batch, the batch is split down to the requests it raises 
 poison event), which become dead letters while the rest are scored; an
 :class:`~stream_classifier.engine.base.EngineError` (the device itself failed) still stops
 the service, since dead-lettering every event would not be isolating anything.
+
+Two scorers: :class:`ThreadScorer` runs ``engine.classify`` one batch at a time;
+:class:`PipelinedScorer` keeps two batches on the device through ``classify_async`` (the
+next one is built and uploaded while the current one computes). :func:`make_scorer` picks
+the pipelined one for an engine that has ``classify_async``.
 """
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
+from collections import deque
+from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from typing import Protocol
+from dataclasses import dataclass
+from typing import Protocol, cast
 
-from stream_classifier.engine.base import Engine, EngineError, Scores
+from stream_classifier.engine.base import Engine, EngineError, Prepared, Scores
 from stream_classifier.messages import ClassifyRequest
 from stream_classifier.metrics import Metrics
 
@@ -40,6 +50,14 @@ def score_isolating(engine: Engine, requests: list[ClassifyRequest]) -> list[Out
     return score_isolating(engine, requests[:half]) + score_isolating(engine, requests[half:])
 
 
+def record_batch(metrics: Metrics, requests: list[ClassifyRequest], seconds: float) -> None:
+    """The batch metrics of one scored micro-batch."""
+    metrics.batch_messages.observe(len(requests))
+    metrics.batch_pairs.observe(sum(len(r.labels) for r in requests))
+    metrics.batch_tokens.observe(sum(r.prepared.tokens for r in requests))
+    metrics.engine_seconds.observe(seconds)
+
+
 class ThreadScorer:
     """One worker (a thread unless another executor is given), one batch at a time."""
 
@@ -60,10 +78,198 @@ class ThreadScorer:
         return outcomes
 
     def _record_batch(self, requests: list[ClassifyRequest], seconds: float) -> None:
-        self.metrics.batch_messages.observe(len(requests))
-        self.metrics.batch_pairs.observe(sum(len(r.labels) for r in requests))
-        self.metrics.batch_tokens.observe(sum(r.prepared.tokens for r in requests))
-        self.metrics.engine_seconds.observe(seconds)
+        record_batch(self.metrics, requests, seconds)
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+class PendingResult(Protocol):
+    """A micro-batch queued on the device; ``result()`` blocks until its scores are back."""
+
+    def result(self) -> list[Scores]: ...
+
+
+class AsyncEngine(Engine, Protocol):
+    """An engine that queues a micro-batch and returns before the device is done with it."""
+
+    def classify_async(self, batch: Sequence[Prepared]) -> PendingResult: ...
+
+
+def make_scorer(engine: Engine, metrics: Metrics) -> Scorer:
+    """A :class:`PipelinedScorer` for an engine with ``classify_async``, else a ThreadScorer."""
+    if callable(getattr(engine, "classify_async", None)):
+        return PipelinedScorer(cast(AsyncEngine, engine), metrics)
+    return ThreadScorer(engine, metrics)
+
+
+@dataclass(eq=False)
+class _Job:
+    """One submitted micro-batch, from submission until its future is resolved."""
+
+    requests: list[ClassifyRequest]
+    future: Future[list[Outcome]]
+    started: float = 0.0
+    outcomes: list[Outcome] | None = None
+    error: BaseException | None = None
+    done: bool = False
+
+
+@dataclass(eq=False)
+class _Back:
+    """The waiter's report: a launched batch's scores (or why ``result()`` raised)."""
+
+    job: _Job
+    scores: list[Scores] | None
+    error: BaseException | None
+    at: float
+
+
+#: What the engine thread reads: a new batch, a finished one, or None (shut down).
+_Message = _Job | _Back | None
+
+
+class PipelinedScorer:
+    """One engine thread that keeps ``depth`` micro-batches on the device.
+
+    The engine thread alone calls the engine: it queues the next batch with
+    ``classify_async`` while the one before it is still computing, so the device goes from
+    one to the next without waiting for the host (the next batch's tensors are built and
+    uploaded meanwhile). A second thread only waits on each queued batch's ``result()`` (the
+    device synchronisation and the scores' arithmetic) and reports back, so a new batch is
+    queued as soon as it is submitted, also while the engine thread would otherwise be
+    blocked. Futures are resolved in submission order.
+
+    Failures are handled like :class:`ThreadScorer`'s: when ``classify_async`` or
+    ``result()`` raises, that batch is scored again by :func:`score_isolating` on the engine
+    thread (poison requests become failed outcomes); an ``EngineError`` fails the batch's
+    future. ``engine_seconds`` is the time the batch had the device to itself: from when it
+    was queued, or when the batch before it came back if later, until its scores are back.
+    """
+
+    def __init__(self, engine: AsyncEngine, metrics: Metrics, depth: int = 2) -> None:
+        if depth < 1:
+            raise ValueError("depth must be at least 1")
+        self.engine = engine
+        self.metrics = metrics
+        self.depth = depth
+        self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
+        self._launched: queue.SimpleQueue[tuple[_Job, PendingResult] | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._closed = False
+        self._last_back = 0.0
+        self._engine_thread = threading.Thread(target=self._run_engine, name="engine", daemon=True)
+        self._waiter = threading.Thread(target=self._run_waiter, name="engine-wait", daemon=True)
+        self._engine_thread.start()
+        self._waiter.start()
+
+    def submit(self, requests: list[ClassifyRequest]) -> Future[list[Outcome]]:
+        future: Future[list[Outcome]] = Future()
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("cannot submit a batch after shutdown")
+            self._inbox.put(_Job(list(requests), future))
+        return future
+
+    def shutdown(self) -> None:
+        """Finish the batches on the device, cancel those not started, stop both threads."""
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                self._inbox.put(None)  # after every submitted batch
+        self._engine_thread.join()
+        self._waiter.join()
+
+    # -- the engine thread -----------------------------------------------------------------
+
+    def _run_engine(self) -> None:
+        unresolved: deque[_Job] = deque()  # submission order
+        waiting: deque[_Job] = deque()  # not on the device yet
+        on_device = 0
+        stopping = False
+        while not stopping or on_device:
+            message = self._inbox.get()
+            if message is None:
+                stopping = True
+                for job in waiting:
+                    job.future.cancel()
+                    job.done = True
+                waiting.clear()
+            elif isinstance(message, _Job):
+                unresolved.append(message)
+                waiting.append(message)
+            else:
+                on_device -= 1
+                self._came_back(message)
+            while waiting and on_device < self.depth:
+                if self._launch(waiting.popleft()):
+                    on_device += 1
+            while unresolved and unresolved[0].done:
+                self._resolve(unresolved.popleft())
+        self._launched.put(None)
+
+    def _launch(self, job: _Job) -> bool:
+        """Queue the batch on the device (True), or settle it here and now (False)."""
+        job.done = not job.future.set_running_or_notify_cancel()
+        job.started = time.monotonic()
+        if job.done or not job.requests:
+            job.outcomes, job.done = [], True
+            return False
+        try:
+            pending = self.engine.classify_async([request.prepared for request in job.requests])
+        except EngineError as exc:
+            job.error, job.done = exc, True
+            return False
+        except Exception:  # noqa: BLE001 - scored again request by request below
+            self._isolate(job)
+            return False
+        except BaseException as exc:  # noqa: BLE001 - never leave a future unresolved
+            job.error, job.done = exc, True
+            return False
+        self._launched.put((job, pending))
+        return True
+
+    def _came_back(self, back: _Back) -> None:
+        job = back.job
+        job.started = max(job.started, self._last_back)
+        self._last_back = back.at
+        if back.error is None:
+            assert back.scores is not None
+            job.outcomes, job.done = list(back.scores), True
+            self._record_batch(job.requests, back.at - job.started)
+        elif isinstance(back.error, EngineError):
+            job.error, job.done = back.error, True
+        else:
+            self._isolate(job)
+
+    def _isolate(self, job: _Job) -> None:
+        try:
+            job.outcomes = score_isolating(self.engine, job.requests)
+        except BaseException as exc:  # noqa: BLE001 - an EngineError, or worse: to the future
+            job.error = exc
+        else:
+            self._record_batch(job.requests, time.monotonic() - job.started)
+        job.done = True
+
+    def _resolve(self, job: _Job) -> None:
+        if job.future.cancelled():
+            return
+        if job.error is not None:
+            job.future.set_exception(job.error)
+        else:
+            assert job.outcomes is not None
+            job.future.set_result(job.outcomes)
+
+    def _record_batch(self, requests: list[ClassifyRequest], seconds: float) -> None:
+        record_batch(self.metrics, requests, seconds)
+
+    # -- the waiter ------------------------------------------------------------------------
+
+    def _run_waiter(self) -> None:
+        while (launched := self._launched.get()) is not None:
+            job, pending = launched
+            try:
+                scores, error = pending.result(), None
+            except BaseException as exc:  # noqa: BLE001 - reported to the engine thread
+                scores, error = None, exc
+            self._inbox.put(_Back(job, scores, error, time.monotonic()))

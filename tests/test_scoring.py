@@ -1,0 +1,276 @@
+"""The engine stage: PipelinedScorer keeps two batches on the device, in order, isolating."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import CancelledError, Future
+from pathlib import Path
+
+import pytest
+
+from stream_classifier.config import EngineConfig, TopicConfig
+from stream_classifier.engine.base import EngineError, Prepared, Scores
+from stream_classifier.engine.nli import NliEngine
+from stream_classifier.messages import ClassifyRequest, Envelope, SourceRef
+from stream_classifier.metrics import Metrics
+from stream_classifier.scoring import (
+    Outcome,
+    PipelinedScorer,
+    ThreadScorer,
+    make_scorer,
+)
+
+TOPIC = TopicConfig(input="in", output="out", dead_letter="dlq", labels=["a", "b"])
+WAIT_S = 10.0
+
+
+def request(text: str, offset: int = 0) -> ClassifyRequest:
+    envelope = Envelope(SourceRef(topic="in", partition=0, offset=offset), None, b"", [], 0)
+    req = ClassifyRequest(envelope, offset, text, ("a", "b"), TOPIC)
+    req.prepared = Prepared(("a", "b"), False, 16, text)
+    return req
+
+
+def wait_for(condition: Callable[[], bool]) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        time.sleep(0.001)
+
+
+def scores_of(text: str) -> Scores:
+    return Scores(("a", "b"), (float(len(text)), 0.0))
+
+
+class FakePending:
+    def __init__(self, engine: FakeEngine, number: int, texts: list[str]) -> None:
+        self.engine = engine
+        self.number = number
+        self.texts = texts
+
+    def result(self) -> list[Scores]:
+        gate = self.engine.gates.get(self.number)
+        if gate is not None:
+            assert gate.wait(WAIT_S)
+        with self.engine.lock:
+            self.engine.calls.append(f"result {self.number}")
+            self.engine.in_flight -= 1
+        if "device-lost" in self.texts:
+            raise EngineError("device lost")
+        if self.engine.fail_at == "result" and "poison" in self.texts:
+            raise ValueError("poison")
+        return [scores_of(text) for text in self.texts]
+
+
+class FakeEngine:
+    """Records what the scorer asks, in order; ``gates`` hold a batch's result back."""
+
+    model_id = "fake"
+
+    def __init__(self, fail_at: str = "launch") -> None:
+        self.fail_at = fail_at
+        self.lock = threading.Lock()
+        self.calls: list[str] = []
+        self.launched = 0
+        self.in_flight = 0
+        self.most_in_flight = 0
+        self.gates: dict[int, threading.Event] = {}
+        self.threads: set[str] = set()
+
+    def prepare(
+        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+    ) -> Prepared:
+        return Prepared(tuple(labels), multi_label, 16, text)
+
+    def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
+        return self.classify_async(batch).result()
+
+    def classify_async(self, batch: Sequence[Prepared]) -> FakePending:
+        texts = [str(item.payload) for item in batch]
+        with self.lock:
+            self.threads.add(threading.current_thread().name)
+            self.launched += 1
+            number = self.launched
+            self.calls.append(f"launch {number}")
+            if "poison" in texts and self.fail_at == "launch":
+                raise ValueError("poison")
+            if "device-gone" in texts:
+                raise EngineError("device gone")
+            self.in_flight += 1
+            self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        return FakePending(self, number, texts)
+
+    def warmup(self) -> None:
+        return None
+
+
+@pytest.fixture
+def engine() -> FakeEngine:
+    return FakeEngine()
+
+
+@pytest.fixture
+def scorer(engine: FakeEngine) -> PipelinedScorer:
+    scorer = PipelinedScorer(engine, Metrics())
+    yield scorer  # type: ignore[misc]
+    for gate in engine.gates.values():
+        gate.set()
+    scorer.shutdown()
+
+
+def test_outcomes_come_back_in_request_order_for_every_batch(scorer: PipelinedScorer) -> None:
+    batches = [[request(f"text {b}-{i}" + "x" * i) for i in range(b + 1)] for b in range(6)]
+    futures = [scorer.submit(batch) for batch in batches]
+    for batch, future in zip(batches, futures, strict=True):
+        assert future.result(WAIT_S) == [scores_of(r.text) for r in batch]
+
+
+def test_next_batch_is_queued_before_waiting_on_the_current_one_two_at_most(
+    engine: FakeEngine, scorer: PipelinedScorer
+) -> None:
+    engine.gates[1] = threading.Event()
+    futures = [scorer.submit([request(f"batch {n}")]) for n in range(1, 5)]
+    wait_for(lambda: engine.launched >= 2)  # batch 2 is queued while batch 1 computes
+    assert engine.calls[:2] == ["launch 1", "launch 2"]
+    assert not futures[0].done()
+    engine.gates[1].set()
+    for future in futures:
+        future.result(WAIT_S)
+    assert engine.calls.index("launch 2") < engine.calls.index("result 1")
+    assert engine.calls.index("result 1") < engine.calls.index("launch 3")
+    assert engine.most_in_flight == 2
+    assert engine.threads == {"engine"}  # one thread calls the engine
+
+
+def test_a_batch_isolated_early_waits_for_the_one_before_it(
+    engine: FakeEngine, scorer: PipelinedScorer
+) -> None:
+    engine.gates[1] = threading.Event()
+    resolved: list[int] = []
+    first = scorer.submit([request("slow")])
+    second = scorer.submit([request("fine"), request("poison"), request("also fine")])
+    first.add_done_callback(lambda _f: resolved.append(1))
+    second.add_done_callback(lambda _f: resolved.append(2))
+    wait_for(lambda: engine.launched >= 4)  # batch 2 failed at launch and was split
+    engine.gates[1].set()
+    assert second.result(WAIT_S) == [
+        scores_of("fine"),
+        "ValueError: poison",
+        scores_of("also fine"),
+    ]
+    assert first.result(WAIT_S) == [scores_of("slow")]
+    assert resolved == [1, 2]
+
+
+@pytest.mark.parametrize("fail_at", ["launch", "result"])
+def test_poison_request_is_isolated_and_the_rest_scored(fail_at: str) -> None:
+    engine = FakeEngine(fail_at=fail_at)
+    scorer = PipelinedScorer(engine, Metrics())
+    try:
+        texts = ["one", "two", "poison", "four", "five"]
+        outcomes = scorer.submit([request(t) for t in texts]).result(WAIT_S)
+        expected: list[Outcome] = [scores_of(t) for t in texts]
+        expected[2] = "ValueError: poison"
+        assert outcomes == expected
+        assert scorer.submit([request("after")]).result(WAIT_S) == [scores_of("after")]
+    finally:
+        scorer.shutdown()
+
+
+@pytest.mark.parametrize("text", ["device-gone", "device-lost"])  # at launch, at result()
+def test_engine_error_fails_the_batch_and_later_batches_still_score(
+    scorer: PipelinedScorer, text: str
+) -> None:
+    failed = scorer.submit([request("fine"), request(text)])
+    later = scorer.submit([request("later")])
+    with pytest.raises(EngineError):
+        failed.result(WAIT_S)
+    assert later.result(WAIT_S) == [scores_of("later")]
+
+
+def test_batch_metrics_are_recorded_per_scored_batch(engine: FakeEngine) -> None:
+    metrics = Metrics()
+    scorer = PipelinedScorer(engine, metrics)
+    try:
+        scorer.submit([request("a"), request("b"), request("c")]).result(WAIT_S)
+    finally:
+        scorer.shutdown()
+    sample = metrics.registry.get_sample_value
+    assert sample("stream_classifier_batch_messages_count") == 1
+    assert sample("stream_classifier_batch_messages_sum") == 3
+    assert sample("stream_classifier_batch_pairs_sum") == 6
+    assert sample("stream_classifier_batch_tokens_sum") == 48
+    assert sample("stream_classifier_engine_seconds_count") == 1
+
+
+def test_shutdown_finishes_batches_on_the_device_and_cancels_the_rest(
+    engine: FakeEngine,
+) -> None:
+    scorer = PipelinedScorer(engine, Metrics())
+    engine.gates[1] = threading.Event()
+    futures: list[Future[list[Outcome]]] = [
+        scorer.submit([request(f"batch {n}")]) for n in range(1, 4)
+    ]
+    wait_for(lambda: engine.launched >= 2)
+    stopping = threading.Thread(target=scorer.shutdown)
+    stopping.start()
+    wait_for(lambda: scorer._closed)  # the stop is queued behind batch 3
+    engine.gates[1].set()
+    stopping.join(WAIT_S)
+    assert not stopping.is_alive()
+    assert futures[0].result(0) == [scores_of("batch 1")]
+    assert futures[1].result(0) == [scores_of("batch 2")]
+    with pytest.raises(CancelledError):
+        futures[2].result(0)
+    assert engine.launched == 2
+    with pytest.raises(RuntimeError, match="shutdown"):
+        scorer.submit([request("late")])
+    assert {t.name for t in threading.enumerate()} & {"engine", "engine-wait"} == set()
+
+
+def test_make_scorer_pipelines_engines_with_classify_async(engine: FakeEngine) -> None:
+    class Plain:
+        model_id = "plain"
+
+        def prepare(
+            self, text: str, labels: Sequence[str], template: str, multi_label: bool
+        ) -> Prepared:
+            return Prepared(tuple(labels), multi_label, 1, None)
+
+        def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
+            return []
+
+        def warmup(self) -> None:
+            return None
+
+    pipelined = make_scorer(engine, Metrics())
+    threaded = make_scorer(Plain(), Metrics())
+    try:
+        assert isinstance(pipelined, PipelinedScorer)
+        assert isinstance(threaded, ThreadScorer)
+    finally:
+        pipelined.shutdown()
+        threaded.shutdown()
+
+
+def test_real_engine_scores_equal_classify(tiny_model: Path) -> None:
+    engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), 4096)
+    texts = ["快递太慢了", "客服态度很好", "价格有点贵", "质量不错" * 30]
+    requests = []
+    for i, text in enumerate(texts):
+        req = request(text, i)
+        req.prepared = engine.prepare(text, ["物流", "服务", "价格"], "{}", False)
+        requests.append(req)
+    scorer = PipelinedScorer(engine, Metrics())
+    try:
+        first = scorer.submit(requests[:2])
+        second = scorer.submit(requests[2:])
+        outcomes = first.result(WAIT_S) + second.result(WAIT_S)
+    finally:
+        scorer.shutdown()
+    # the same batches through classify (batch composition moves fp32 scores by ~1e-7)
+    expected = engine.classify([r.prepared for r in requests[:2]])
+    expected += engine.classify([r.prepared for r in requests[2:]])
+    assert outcomes == expected
