@@ -203,7 +203,9 @@ class FaultRun:
         self._output_reader.poll(0.2)
         return len(self._output_reader.records)
 
-    def wait_scored(self, at_least: int, timeout: float = 120) -> None:
+    def wait_scored(self, at_least: int, timeout: float | None = None) -> None:
+        # At least 20 events a second, however loaded the machine (--long runs 20,000).
+        timeout = max(timeout or 120, at_least / 20)
         wait_until(
             lambda: self.scored_count() >= at_least, timeout, f"{at_least} outputs\n{self.logs()}"
         )
@@ -213,7 +215,8 @@ class FaultRun:
             self.bootstrap, self.input, self.partitions
         )
 
-    def wait_drained(self, timeout: float = 180) -> None:
+    def wait_drained(self, timeout: float | None = None) -> None:
+        timeout = max(timeout or 180, len(self.values) / 20)
         wait_until(self.drained, timeout, f"all offsets committed\n{self.logs()}")
 
     # -- counting ------------------------------------------------------------------------
