@@ -5,15 +5,46 @@ thread (the Kafka thread) and hands back a finished future; other preparers may 
 elsewhere (worker processes) so that the loop and the thread driving the GPU do not
 share the interpreter lock with tokenizing. Futures come back in any order; the service
 takes events in their consumed order regardless.
+
+- :class:`InlinePreparer`: on the caller's thread (the default on a CPU, where the
+  model's own threads want the cores).
+- :class:`ProcessPreparer`: a pool of worker processes, each holding the engine's
+  tokenizer side (built once per worker from ``engine.preparer_factory()``, no model).
+  Events go to the workers in chunks, so the Kafka thread's cost per event is a list
+  append and the parent's, one pickled result. A worker that dies (killed, out of memory)
+  is replaced and its events retried; an event that kills a worker on its own again and
+  again fails with :class:`PreparerCrashed` (a dead letter), the rest go on.
+- :class:`ThreadPreparer`: ``engine.prepare`` on one other thread: off the Kafka thread,
+  and off the interpreter lock only while the Rust tokenizer runs (transformers' fast
+  tokenizers release it inside ``encode_batch``). Measured against the others in
+  ``benchmarks/prepare_ab.py``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from concurrent.futures import Future
+import logging
+import multiprocessing
+import os
+import pickle
+import signal
+import threading
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
 from typing import Protocol
 
-from stream_classifier.engine.base import Engine, Prepared
+from stream_classifier.engine.base import Engine, EngineError, Prepared
+
+log = logging.getLogger(__name__)
+
+#: Events sent to a worker at once, at most (fewer when fewer are waiting).
+CHUNK_EVENTS = 32
+#: How many times an event may be in a chunk that broke the pool before it alone is blamed.
+MAX_CRASHES = 3
+#: How long the workers may take to start (import, build the tokenizer) before giving up.
+START_TIMEOUT_S = 300.0
 
 
 class Preparer(Protocol):
@@ -21,6 +52,22 @@ class Preparer(Protocol):
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Future[Prepared]: ...
     def shutdown(self) -> None: ...
+
+
+class PrepareSide(Protocol):
+    """What a worker process runs: an engine's ``prepare`` without its model."""
+
+    def prepare(
+        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+    ) -> Prepared: ...
+
+
+#: Builds a :class:`PrepareSide` in a worker; must pickle (``engine.preparer_factory()``).
+PrepareFactory = Callable[[], PrepareSide]
+
+
+class PreparerCrashed(Exception):
+    """Tokenizing this event killed the worker process each time it was tried."""
 
 
 class InlinePreparer:
@@ -41,3 +88,254 @@ class InlinePreparer:
 
     def shutdown(self) -> None:
         pass
+
+
+class ThreadPreparer:
+    """``engine.prepare`` on one other thread (one: the engine's caches are not shared
+    between threads)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._executor = ThreadPoolExecutor(1, thread_name_prefix="prepare")
+
+    def submit(
+        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+    ) -> Future[Prepared]:
+        return self._executor.submit(self.engine.prepare, text, labels, template, multi_label)
+
+    def shutdown(self) -> None:
+        self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def make_preparer(engine: Engine, workers: int) -> Preparer:
+    """A :class:`ProcessPreparer` of ``workers`` processes, or inline for 0 (or for an
+    engine that cannot rebuild its tokenizer side elsewhere)."""
+    factory = getattr(engine, "preparer_factory", None)
+    if workers <= 0:
+        return InlinePreparer(engine)
+    if not callable(factory):
+        log.info("engine %s tokenizes inline: it has no preparer_factory", engine.model_id)
+        return InlinePreparer(engine)
+    return ProcessPreparer(factory(), workers)
+
+
+# -- worker processes -----------------------------------------------------------------------
+
+#: One event's arguments to ``prepare``.
+Task = tuple[str, tuple[str, ...], str, bool]
+
+_side: PrepareSide | None = None
+
+
+def _start_worker(factory: PrepareFactory) -> None:
+    """Worker initializer: build the tokenizer side once; leave signals to the parent
+    (a Ctrl-C or a SIGTERM to the process group must not kill the pool under the drain)."""
+    global _side
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _side = factory()
+
+
+def _ready() -> int:
+    return os.getpid()
+
+
+def _prepare_chunk(tasks: list[Task]) -> list[Prepared | BaseException]:
+    """In a worker: prepare each event; a failure is returned in its place."""
+    assert _side is not None
+    results = [_prepare_with(_side, task) for task in tasks]
+    return [_picklable(r) if isinstance(r, Exception) else r for r in results]
+
+
+def _picklable(exc: Exception) -> BaseException:
+    """The exception itself where it survives pickling, else one that says the same."""
+    try:
+        pickle.loads(pickle.dumps(exc))
+    except Exception:  # noqa: BLE001 - any failure to round-trip
+        return RuntimeError(f"{type(exc).__name__}: {exc}")
+    return exc
+
+
+@dataclass(eq=False)
+class _Event:
+    future: Future[Prepared]
+    task: Task
+    crashes: int = 0
+
+
+class ProcessPreparer:
+    """``prepare`` in a pool of worker processes, fed in chunks by one feeder thread.
+
+    If the pool cannot be started again after a worker died, the feeder thread prepares
+    the events itself (logged as an error): slower, but no event is lost to it.
+    """
+
+    def __init__(
+        self,
+        factory: PrepareFactory,
+        workers: int,
+        chunk_events: int = CHUNK_EVENTS,
+        max_crashes: int = MAX_CRASHES,
+    ) -> None:
+        if workers < 1:
+            raise ValueError("workers must be at least 1")
+        self.workers = workers
+        self.chunk_events = chunk_events
+        self.max_crashes = max_crashes
+        self._factory = factory
+        self._cond = threading.Condition()
+        self._queued: deque[_Event] = deque()
+        #: Chunks that were in a pool when it broke, to send again (before new events).
+        self._retry: deque[list[_Event]] = deque()
+        self._broken: ProcessPoolExecutor | None = None
+        self._closed = False
+        #: Times the pool was started again after a worker died.
+        self.restarts = 0
+        self._pool: ProcessPoolExecutor | None = self._start_pool()
+        #: The tokenizer side in this process, once the pool could not be started again.
+        self._local: PrepareSide | None = None
+        self._feeder = threading.Thread(target=self._feed, name="prepare-feeder", daemon=True)
+        self._feeder.start()
+
+    def _start_pool(self) -> ProcessPoolExecutor:
+        """A pool whose workers have all built their tokenizer (EngineError if they can't)."""
+        pool = ProcessPoolExecutor(
+            self.workers,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=_start_worker,
+            initargs=(self._factory,),
+        )
+        try:
+            for ready in [pool.submit(_ready) for _ in range(self.workers)]:
+                ready.result(START_TIMEOUT_S)
+        except Exception as exc:
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise EngineError(f"the tokenizer worker processes did not start: {exc}") from exc
+        return pool
+
+    def submit(
+        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+    ) -> Future[Prepared]:
+        future: Future[Prepared] = Future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("cannot prepare after shutdown")
+            self._queued.append(_Event(future, (text, tuple(labels), template, multi_label)))
+            self._cond.notify()
+        return future
+
+    def shutdown(self) -> None:
+        """Stop the feeder and the workers; events not sent to a worker are cancelled."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify()
+        self._feeder.join()
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+        with self._cond:
+            left = list(self._queued) + [event for chunk in self._retry for event in chunk]
+            self._queued.clear()
+            self._retry.clear()
+        for event in left:
+            event.future.cancel()
+
+    # -- the feeder thread ------------------------------------------------------------------
+
+    def _feed(self) -> None:
+        while True:
+            with self._cond:
+                while not (self._queued or self._retry or self._broken or self._closed):
+                    self._cond.wait()
+                if self._closed:
+                    return
+                broken, self._broken = self._broken, None
+                if self._retry:
+                    chunk = self._retry.popleft()
+                else:
+                    count = min(len(self._queued), self.chunk_events)
+                    chunk = [self._queued.popleft() for _ in range(count)]
+            if broken is not None and broken is self._pool:
+                self._replace_pool(broken)
+            if chunk:
+                self._send(chunk)
+
+    def _replace_pool(self, broken: ProcessPoolExecutor) -> None:
+        broken.shutdown(wait=False, cancel_futures=True)
+        self.restarts += 1
+        log.warning("a tokenizer worker process died: starting the pool again")
+        try:
+            self._pool = self._start_pool()
+        except EngineError as exc:
+            log.error("%s; tokenizing on the feeder thread from now on", exc)
+            self._pool = None
+            self._local = self._factory()
+
+    def _send(self, chunk: list[_Event]) -> None:
+        chunk = [event for event in chunk if not event.future.cancelled()]
+        pool = self._pool
+        if pool is None:
+            assert self._local is not None
+            tasks = [event.task for event in chunk]
+            self._settle(chunk, [_prepare_with(self._local, task) for task in tasks])
+            return
+        try:
+            done = pool.submit(_prepare_chunk, [event.task for event in chunk])
+        except BrokenProcessPool as exc:
+            self._pool_broke(pool, chunk, exc)
+            return
+        done.add_done_callback(lambda finished: self._deliver(pool, chunk, finished))
+
+    def _deliver(
+        self,
+        pool: ProcessPoolExecutor,
+        chunk: list[_Event],
+        done: Future[list[Prepared | BaseException]],
+    ) -> None:
+        """In the pool's thread: each event's result, or the chunk again if the pool broke."""
+        try:
+            results = done.result()
+        except BrokenProcessPool as exc:
+            self._pool_broke(pool, chunk, exc)
+            return
+        except BaseException as exc:  # noqa: BLE001 - cancelled at shutdown: fail, never hang
+            results = [exc] * len(chunk)
+        self._settle(chunk, results)
+
+    @staticmethod
+    def _settle(chunk: list[_Event], results: list[Prepared | BaseException]) -> None:
+        for event, result in zip(chunk, results, strict=True):
+            if event.future.cancelled():
+                continue
+            if isinstance(result, BaseException):
+                event.future.set_exception(result)
+            else:
+                event.future.set_result(result)
+
+    def _pool_broke(
+        self, pool: ProcessPoolExecutor, chunk: list[_Event], exc: BaseException
+    ) -> None:
+        """Send the chunk again in halves, down to the event that breaks the pool alone."""
+        retry: list[list[_Event]] = []
+        if len(chunk) > 1:
+            half = len(chunk) // 2
+            retry = [chunk[:half], chunk[half:]]
+        else:
+            event = chunk[0]
+            event.crashes += 1
+            if event.crashes < self.max_crashes:
+                retry = [chunk]
+            else:
+                reason = f"a tokenizer process died on this event alone {event.crashes} times"
+                event.future.set_exception(PreparerCrashed(reason))
+        with self._cond:
+            self._retry.extendleft(reversed(retry))
+            if pool is self._pool:
+                self._broken = pool
+            self._cond.notify()
+
+
+def _prepare_with(side: PrepareSide, task: Task) -> Prepared | BaseException:
+    try:
+        return side.prepare(*task)
+    except Exception as exc:  # noqa: BLE001 - that event's failure, for its future
+        return exc

@@ -112,6 +112,69 @@ def round_up(length: int, multiple: int = PAD_MULTIPLE) -> int:
     return -(-length // multiple) * multiple
 
 
+class PairTokenizer:
+    """The engine's CPU side: each text tokenized once, each hypothesis once (cached), pairs
+    assembled by concatenation with the reference's truncation. Holds no model, so a worker
+    process can run it (see :meth:`NliEngine.preparer_factory`)."""
+
+    def __init__(self, tokenizer: BertTokenizer, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.cls_id = int(tokenizer.cls_token_id)
+        self.sep_id = int(tokenizer.sep_token_id)
+        #: Token ids of each hypothesis (``template.format(label)``), at most a pair's budget.
+        self._hypotheses: ByteBoundedCache[np.ndarray] = ByteBoundedCache(
+            HYPOTHESIS_CACHE_BYTES, lambda ids: int(ids.nbytes)
+        )
+
+    def _tokenize(self, text: str) -> tuple[int, ...]:
+        return tokenize(self.tokenizer, text)
+
+    def _hypothesis_ids(self, hypothesis: str) -> np.ndarray:
+        """Its token ids, cut to the pair budget: longest-first truncation never keeps more
+        of a sequence than that, so the cut of every pair is the same as from all its ids."""
+        ids = self._hypotheses.get(hypothesis)
+        if ids is None:
+            ids = np.array(self._tokenize(hypothesis)[: self.max_length - 3], dtype=np.int32)
+            self._hypotheses.put(hypothesis, ids)
+        return ids
+
+    def prepare(
+        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+    ) -> Prepared:
+        text_ids = np.array(self._tokenize(text), dtype=np.int32)
+        budget = self.max_length - 3  # [CLS] A [SEP] B [SEP]
+        cls_id = np.array([self.cls_id], dtype=np.int32)
+        sep_id = np.array([self.sep_id], dtype=np.int32)
+        pieces: list[np.ndarray] = []
+        lengths: list[int] = []
+        a_lengths: list[int] = []
+        for label in labels:
+            hyp_ids = self._hypothesis_ids(template.format(label))
+            len_a, len_b = truncate_longest_first(len(text_ids), len(hyp_ids), budget)
+            pieces += (cls_id, text_ids[:len_a], sep_id, hyp_ids[:len_b], sep_id)
+            lengths.append(len_a + len_b + 3)
+            a_lengths.append(len_a)
+        pair_set = PairSet(
+            np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32),
+            np.array(lengths, dtype=np.int32),
+            np.array(a_lengths, dtype=np.int32),
+        )
+        tokens = sum(round_up(n) for n in lengths)
+        return Prepared(tuple(labels), multi_label, tokens, pair_set)
+
+
+@dataclass(frozen=True)
+class PairTokenizerFactory:
+    """Builds a :class:`PairTokenizer`; picklable (the tokenizer travels, the model does not)."""
+
+    tokenizer: BertTokenizer
+    max_length: int
+
+    def __call__(self) -> PairTokenizer:
+        return PairTokenizer(self.tokenizer, self.max_length)
+
+
 class NliEngine:
     """Zero-shot classification with a BERT-architecture NLI cross-encoder."""
 
@@ -142,10 +205,8 @@ class NliEngine:
         self.pad_id = int(tokenizer.pad_token_id)
         #: Called with the number of rows whenever a batch ran out of memory and was split.
         self.on_out_of_memory: Callable[[int], None] = lambda rows: None
-        #: Token ids of each hypothesis (``template.format(label)``), at most a pair's budget.
-        self._hypotheses: ByteBoundedCache[np.ndarray] = ByteBoundedCache(
-            HYPOTHESIS_CACHE_BYTES, lambda ids: int(ids.nbytes)
-        )
+        #: The CPU side (``prepare``), which a worker process can rebuild without the model.
+        self.pairs = PairTokenizer(tokenizer, self.max_length)
         self.dtype = next(model.parameters()).dtype
         forward, chosen = self._make_forward(backend)
         #: What runs: "packed-flash", "packed-sdpa" or "padded-sdpa", "cpu-" first on a CPU.
@@ -241,41 +302,15 @@ class NliEngine:
 
     # -- CPU side --------------------------------------------------------------------------
 
-    def _tokenize(self, text: str) -> tuple[int, ...]:
-        return tokenize(self.tokenizer, text)
-
-    def _hypothesis_ids(self, hypothesis: str) -> np.ndarray:
-        """Its token ids, cut to the pair budget: longest-first truncation never keeps more
-        of a sequence than that, so the cut of every pair is the same as from all its ids."""
-        ids = self._hypotheses.get(hypothesis)
-        if ids is None:
-            ids = np.array(self._tokenize(hypothesis)[: self.max_length - 3], dtype=np.int32)
-            self._hypotheses.put(hypothesis, ids)
-        return ids
-
     def prepare(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Prepared:
-        text_ids = np.array(self._tokenize(text), dtype=np.int32)
-        budget = self.max_length - 3  # [CLS] A [SEP] B [SEP]
-        cls_id = np.array([self.cls_id], dtype=np.int32)
-        sep_id = np.array([self.sep_id], dtype=np.int32)
-        pieces: list[np.ndarray] = []
-        lengths: list[int] = []
-        a_lengths: list[int] = []
-        for label in labels:
-            hyp_ids = self._hypothesis_ids(template.format(label))
-            len_a, len_b = truncate_longest_first(len(text_ids), len(hyp_ids), budget)
-            pieces += (cls_id, text_ids[:len_a], sep_id, hyp_ids[:len_b], sep_id)
-            lengths.append(len_a + len_b + 3)
-            a_lengths.append(len_a)
-        pair_set = PairSet(
-            np.concatenate(pieces) if pieces else np.empty(0, dtype=np.int32),
-            np.array(lengths, dtype=np.int32),
-            np.array(a_lengths, dtype=np.int32),
-        )
-        tokens = sum(round_up(n) for n in lengths)
-        return Prepared(tuple(labels), multi_label, tokens, pair_set)
+        return self.pairs.prepare(text, labels, template, multi_label)
+
+    def preparer_factory(self) -> PairTokenizerFactory:
+        """A picklable callable that builds this engine's ``prepare`` side (no model) in
+        another process: what :class:`~stream_classifier.preparing.ProcessPreparer` runs."""
+        return PairTokenizerFactory(self.tokenizer, self.max_length)
 
     # -- model side ------------------------------------------------------------------------
 

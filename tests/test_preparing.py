@@ -1,0 +1,182 @@
+"""The prepare stage: worker processes tokenize exactly like the engine does inline.
+
+Worker processes are spawned: they import this module to unpickle the fake factories, so
+it imports nothing heavy at the top (the tiny engine is imported inside its test).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from stream_classifier.engine.base import EngineError, Prepared
+from stream_classifier.preparing import (
+    InlinePreparer,
+    PreparerCrashed,
+    ProcessPreparer,
+    ThreadPreparer,
+    make_preparer,
+)
+
+WAIT_S = 120.0
+
+
+class Unpicklable(Exception):
+    def __init__(self, detail: str, code: int) -> None:  # pickling loses ``code``
+        super().__init__(detail)
+        self.code = code
+
+
+class FakeSide:
+    """Prepared payload: (pid of the process that prepared it, text)."""
+
+    def prepare(
+        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+    ) -> Prepared:
+        if text == "bad":
+            raise ValueError("bad text")
+        if text == "odd":
+            raise Unpicklable("odd text", 7)
+        if text == "crash":
+            os._exit(3)  # the worker dies, as under the OOM killer
+        return Prepared(tuple(labels), multi_label, len(text), (os.getpid(), text))
+
+
+@dataclass(frozen=True)
+class FakeFactory:
+    def __call__(self) -> FakeSide:
+        return FakeSide()
+
+
+@dataclass(frozen=True)
+class FailingFactory:
+    def __call__(self) -> FakeSide:
+        raise OSError("no vocabulary here")
+
+
+def results(futures: list[Future[Prepared]]) -> list[Prepared | BaseException]:
+    out: list[Prepared | BaseException] = []
+    for future in futures:
+        error = future.exception(WAIT_S)
+        out.append(error if error is not None else future.result())
+    return out
+
+
+def test_process_preparer_prepares_exactly_like_the_engine_inline(tiny_model: Path) -> None:
+    from stream_classifier.config import EngineConfig
+    from stream_classifier.engine.nli import NliEngine
+
+    engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), 4096)
+    long_text = "这是一段很长的文本，" * 120  # cut to the pair budget
+    cases = [
+        ("快递太慢了", ["物流", "服务", "价格"], "{}", False),
+        ("客服态度很好，下次还来", ["物流", "服务"], "这篇文章的标题是{}", True),
+        (long_text, ["物流", "服务", "价格", "质量"], "{}", False),
+        ("价格有点贵", ["只有一个标签"], "关于{}", False),
+    ] * 5
+    preparer = make_preparer(engine, workers=2)
+    assert isinstance(preparer, ProcessPreparer)
+    try:
+        via_workers = [preparer.submit(*case).result(WAIT_S) for case in cases]
+    finally:
+        preparer.shutdown()
+    inline = [InlinePreparer(engine).submit(*case).result(0) for case in cases]
+    for ours, theirs in zip(via_workers, inline, strict=True):
+        assert (ours.labels, ours.multi_label, ours.tokens) == (
+            theirs.labels,
+            theirs.multi_label,
+            theirs.tokens,
+        )
+        for field in ("ids", "lengths", "a_lengths"):
+            assert np.array_equal(getattr(ours.payload, field), getattr(theirs.payload, field))
+    assert engine.classify(via_workers) == engine.classify(inline)
+
+
+def test_a_failing_prepare_is_that_events_exception_and_the_rest_are_prepared() -> None:
+    preparer = ProcessPreparer(FakeFactory(), workers=1)
+    try:
+        texts = ["one", "bad", "two", "odd", "three"]
+        outcomes = results([preparer.submit(t, ["a"], "{}", False) for t in texts])
+    finally:
+        preparer.shutdown()
+    assert [o.payload[1] for o in outcomes if isinstance(o, Prepared)] == ["one", "two", "three"]
+    bad, odd = outcomes[1], outcomes[3]
+    assert isinstance(bad, ValueError) and str(bad) == "bad text"
+    # an exception that does not survive pickling still says what it was
+    assert isinstance(odd, RuntimeError) and str(odd) == "Unpicklable: odd text"
+    assert all(o.payload[0] != os.getpid() for o in outcomes if isinstance(o, Prepared))
+
+
+def test_a_worker_that_dies_is_replaced_and_only_its_event_fails() -> None:
+    preparer = ProcessPreparer(FakeFactory(), workers=1, chunk_events=8, max_crashes=1)
+    try:
+        texts = ["first", "crash", "second", "third"]
+        outcomes = results([preparer.submit(t, ["a"], "{}", False) for t in texts])
+        after = preparer.submit("after", ["a"], "{}", False).result(WAIT_S)
+    finally:
+        preparer.shutdown()
+    assert isinstance(outcomes[1], PreparerCrashed)
+    prepared = [o for i, o in enumerate(outcomes) if i != 1]
+    assert [o.payload[1] for o in prepared if isinstance(o, Prepared)] == texts[:1] + texts[2:]
+    assert after.payload[1] == "after"
+    assert preparer.restarts >= 1
+
+
+def test_shutdown_stops_the_workers_and_refuses_new_events() -> None:
+    preparer = ProcessPreparer(FakeFactory(), workers=2)
+    futures = [preparer.submit(f"text {i}", ["a"], "{}", False) for i in range(40)]
+    pids = {future.result(WAIT_S).payload[0] for future in futures}
+    preparer.shutdown()
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # exited and reaped
+    with pytest.raises(RuntimeError, match="shutdown"):
+        preparer.submit("late", ["a"], "{}", False)
+
+
+def test_a_factory_that_fails_in_the_workers_fails_at_start() -> None:
+    with pytest.raises(EngineError, match="did not start"):
+        ProcessPreparer(FailingFactory(), workers=1)
+
+
+def test_make_preparer_is_inline_without_workers_or_a_factory() -> None:
+    class NoFactory:
+        model_id = "no-factory"
+
+        def prepare(
+            self, text: str, labels: Sequence[str], template: str, multi_label: bool
+        ) -> Prepared:
+            return FakeSide().prepare(text, labels, template, multi_label)
+
+    assert isinstance(make_preparer(NoFactory(), 0), InlinePreparer)
+    assert isinstance(make_preparer(NoFactory(), 2), InlinePreparer)
+
+
+def test_thread_preparer_prepares_off_the_calling_thread() -> None:
+    preparer = ThreadPreparer(FakeThreadEngine())
+    try:
+        good = preparer.submit("ok", ["a"], "{}", False).result(WAIT_S)
+        bad = preparer.submit("bad", ["a"], "{}", False).exception(WAIT_S)
+    finally:
+        preparer.shutdown()
+    assert good.payload[0].startswith("prepare")
+    assert isinstance(bad, ValueError)
+
+
+class FakeThreadEngine:
+    model_id = "fake"
+
+    def prepare(
+        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+    ) -> Prepared:
+        import threading
+
+        if text == "bad":
+            raise ValueError("bad text")
+        return Prepared(tuple(labels), multi_label, 1, (threading.current_thread().name, text))
