@@ -140,7 +140,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from stream_classifier.gpu import start_gpu_sampler
     from stream_classifier.metrics import Metrics
     from stream_classifier.preflight import PreflightError, check_kafka, check_model_hub
-    from stream_classifier.service import Service, ServiceError
+    from stream_classifier.service import ServiceError
     from stream_classifier.sink import SinkError
     from stream_classifier.source import SourceError
 
@@ -156,10 +156,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
         return EXIT_ENGINE
-    service = Service(config, engine, metrics)
+    # Settings left to the device (batch size, tokenizer processes), also on each reload.
+    on_gpu = _on_gpu(engine)
+    config = _for_device(config, on_gpu)
+    try:
+        service = _service(config, engine, metrics)
+    except EngineError as exc:
+        print(f"engine: {exc}", file=sys.stderr)
+        return EXIT_ENGINE
     # `kill -HUP PID`: re-read the topic settings (labels, thresholds, lanes...) in place.
     signal.signal(
-        signal.SIGHUP, lambda _s, _f: service.request_reload(lambda: load_config(args.config))
+        signal.SIGHUP,
+        lambda _s, _f: service.request_reload(
+            lambda: _for_device(load_config(args.config), on_gpu)
+        ),
     )
     server = _start_health_server(config, metrics, service)
     gpu = start_gpu_sampler(metrics)
@@ -175,6 +185,40 @@ def cmd_run(args: argparse.Namespace) -> int:
             gpu.stop()
     log.info("stopped cleanly")
     return 0
+
+
+def _on_gpu(engine: Engine) -> bool:
+    device = getattr(engine, "device", None)
+    return getattr(device, "type", None) == "cuda"
+
+
+def _for_device(config: ServiceConfig, gpu: bool) -> ServiceConfig:
+    """The configuration with the settings left unset resolved for the engine's device."""
+    return config.model_copy(update={"processing": config.processing.for_device(gpu)})
+
+
+def _service(config: ServiceConfig, engine: Engine, metrics: Metrics) -> Service:
+    """The service with its engine stage (two batches on the device where the engine can)
+    and its prepare stage (``processing.prepare_workers`` tokenizer processes, or inline)."""
+    from stream_classifier.preparing import make_preparer
+    from stream_classifier.scoring import make_scorer
+    from stream_classifier.service import Service
+
+    processing = config.processing
+    preparer = make_preparer(engine, processing.prepare_workers or 0)
+    scorer = make_scorer(engine, metrics)
+    log.info(
+        "micro-batches of up to %d messages; engine stage %s; prepare stage %s",
+        processing.max_batch_messages,
+        type(scorer).__name__,
+        type(preparer).__name__,
+    )
+    try:
+        return Service(config, engine, metrics, scorer=scorer, preparer=preparer)
+    except BaseException:
+        scorer.shutdown()
+        preparer.shutdown()
+        raise
 
 
 def _ready_engine(config: ServiceConfig, metrics: Metrics) -> Engine:

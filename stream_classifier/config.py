@@ -168,6 +168,7 @@ def _secret(value: SecretStr | None, path: str | None, what: str) -> str | None:
 
 class ProcessingConfig(_Section):
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
+    #: Default 256; when not set and the engine runs on a GPU, 1024 (see ``for_device``).
     max_batch_messages: int = Field(256, ge=1, le=100_000)
     max_batch_tokens: int = Field(65536, ge=1)
     max_batch_wait_ms: int = Field(20, ge=0, le=60_000)
@@ -184,6 +185,25 @@ class ProcessingConfig(_Section):
     transactional_id: str | None = None
     #: exactly_once: the broker aborts a transaction open longer than this.
     transaction_timeout_ms: int = Field(60_000, ge=1000, le=900_000)
+    #: Worker processes that tokenize events, off the Kafka thread and its interpreter
+    #: lock (0: tokenize on the Kafka thread). Unset: 0 on a CPU, 2 when the engine runs
+    #: on a GPU (see ``for_device``).
+    prepare_workers: int | None = Field(None, ge=0, le=64)
+
+    def for_device(self, gpu: bool) -> ProcessingConfig:
+        """These settings with what was left unset resolved for the engine's device.
+
+        On a GPU: ``max_batch_messages`` 1024 (measured on an H200: 256 left the service at
+        73% of the engine's rate, 1024 at 82%, 2048 no better) and 2 ``prepare_workers``.
+        On a CPU: 256 and 0 (the model's own threads want the cores). Settings given in the
+        file or the environment are kept as they are.
+        """
+        update: dict[str, int] = {}
+        if gpu and "max_batch_messages" not in self.model_fields_set:
+            update["max_batch_messages"] = 1024
+        if self.prepare_workers is None:
+            update["prepare_workers"] = 2 if gpu else 0
+        return self.model_copy(update=update)
 
     @model_validator(mode="after")
     def _transaction_outlives_its_batch(self) -> ProcessingConfig:

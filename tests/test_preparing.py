@@ -180,3 +180,26 @@ class FakeThreadEngine:
         if text == "bad":
             raise ValueError("bad text")
         return Prepared(tuple(labels), multi_label, 1, (threading.current_thread().name, text))
+
+
+def test_device_defaults_fill_only_what_was_not_set() -> None:
+    from stream_classifier.config import ProcessingConfig
+
+    unset = ProcessingConfig()
+    assert unset.for_device(gpu=False).max_batch_messages == 256
+    assert unset.for_device(gpu=False).prepare_workers == 0
+    assert unset.for_device(gpu=True).max_batch_messages == 1024
+    assert unset.for_device(gpu=True).prepare_workers == 2
+    chosen = ProcessingConfig(max_batch_messages=300, prepare_workers=0)
+    assert chosen.for_device(gpu=True) == chosen
+    # resolving twice changes nothing (a SIGHUP reload compares resolved settings)
+    assert unset.for_device(gpu=True).for_device(gpu=True) == unset.for_device(gpu=True)
+
+
+def test_device_defaults_respect_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    from stream_classifier.config import ServiceConfig
+
+    monkeypatch.setenv("STREAM_CLASSIFIER_PROCESSING__MAX_BATCH_MESSAGES", "256")
+    topic = {"input": "i", "output": "o", "dead_letter": "d", "labels": ["a"]}
+    config = ServiceConfig(topics=[topic])
+    assert config.processing.for_device(gpu=True).max_batch_messages == 256
