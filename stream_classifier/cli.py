@@ -113,10 +113,30 @@ def _parser() -> argparse.ArgumentParser:
     pipeline = bench.add_argument_group("--pipeline: the Kafka path with a bench-only engine")
     pipeline.add_argument("--pipeline", action="store_true", help="benchmark the Kafka path")
     pipeline.add_argument("--bootstrap", default="127.0.0.1:9092", help="broker to use")
-    pipeline.add_argument("--events", type=int, default=100_000, help="pre-filled events")
+    pipeline.add_argument(
+        "--events", type=int, help="pre-filled events (--pipeline: 100000, --service: 20000)"
+    )
     pipeline.add_argument("--rate", type=int, default=5_000, help="msgs/s for the latency run")
     pipeline.add_argument("--seconds", type=float, default=5.0, help="latency run length")
     pipeline.add_argument("--cpu", type=int, help="pin the process to this CPU core")
+    service = bench.add_argument_group(
+        "--service: the real `run` process on the engine's device, through the broker"
+    )
+    service.add_argument("--service", action="store_true", help="benchmark the service")
+    service.add_argument(
+        "--guarantees", default="at_least_once,exactly_once", help="comma-separated"
+    )
+    service.add_argument("--partitions", type=int, default=12, help="input topic partitions")
+    service.add_argument(
+        "--loads", default="0.5,0.9", help="latency at these fractions of the saturated rate"
+    )
+    service.add_argument("--latency-seconds", type=float, default=20.0, help="each load's run")
+    service.add_argument(
+        "--max-batch-messages", type=int, help="the service's (default: its device default)"
+    )
+    service.add_argument(
+        "--prepare-workers", type=int, help="the service's (default: its device default)"
+    )
     bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -342,6 +362,8 @@ def cmd_schemas(args: argparse.Namespace) -> int:
 def cmd_bench(args: argparse.Namespace) -> int:
     if args.pipeline:
         return cmd_bench_pipeline(args)
+    if args.service:
+        return cmd_bench_service(args)
     from stream_classifier import bench
 
     options = bench.BenchOptions(
@@ -367,11 +389,34 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
-    report = bench_pipeline.run_pipeline_bench(args.bootstrap, args.events, args.rate, args.seconds)
+    events = 100_000 if args.events is None else args.events
+    report = bench_pipeline.run_pipeline_bench(args.bootstrap, events, args.rate, args.seconds)
     print(bench_pipeline.format_report(report))
     if args.json:
         Path(args.json).write_text(bench_pipeline.report_json(report), encoding="utf-8")
     return 0
+
+
+def cmd_bench_service(args: argparse.Namespace) -> int:
+    from stream_classifier import bench_service
+
+    options = bench_service.ServiceBenchOptions(
+        bootstrap=args.bootstrap,
+        shape=args.shape,
+        device=args.device,
+        labels=tuple(int(n) for n in args.labels.split(",") if n.strip()),
+        events=20_000 if args.events is None else args.events,
+        guarantees=tuple(g.strip() for g in args.guarantees.split(",") if g.strip()),
+        partitions=args.partitions,
+        loads=tuple(float(x) for x in args.loads.split(",") if x.strip()),
+        latency_seconds=args.latency_seconds,
+        max_batch_messages=args.max_batch_messages,
+        prepare_workers=args.prepare_workers,
+        engine_batch_messages=args.batch_messages,
+        max_batch_tokens=args.max_batch_tokens,
+        seed=args.seed,
+    )
+    return bench_service.main(options, args.json)
 
 
 class _JsonFormatter(logging.Formatter):

@@ -1,0 +1,82 @@
+#!/usr/bin/env bash
+# gpu-service.sh: the service benchmark (`stream-classifier bench --service`) on a GPU
+# machine that has no Java and no network, with a broker started from a carried pack.
+#
+# Once, on a machine with Java, Maven's jars and pip (this one): benchmarks/gpu-service-pack.sh
+# makes .out/gpu-broker (a jlink'ed Java and the broker's jars, ~32 MB) and .whl (the Python
+# packages the GPU image lacks). Carry both; then, from the repository root there:
+#
+#   bash benchmarks/gpu-service.sh               # 4 and 10 labels, both guarantees
+#   LABELS=4 bash benchmarks/gpu-service.sh      # one label count (fits a 10-minute call)
+#
+# For each label count it writes $OUT/service-<labels>.json and prints the table: the
+# service's msgs/s from first consume to last commit and between 10% and 90% of the
+# outputs, GPU busy fraction, p50/p99 latency at 50% and 90% of the saturated rate, and
+# bench's end-to-end and pre-tokenized rates of the same model on the same events.
+#
+# Environment (defaults in brackets):
+#   OUT [./.out]  PACK [.out/gpu-broker]  WHEELS [.whl]  PYTHON [python3]
+#   KAFKA_BOOTSTRAP   use this broker instead of starting one (nothing is started or stopped)
+#   KAFKA_PORT [9092] KAFKA_LOCAL_DIR [/tmp/gpu-broker-state]  for the broker started here
+#   SHAPE [large]  DEVICE [auto]  LABELS ["4 10"]  EVENTS_4 [20000]  EVENTS_10 [10000]
+#   EVENTS (every label count)  GUARANTEES [at_least_once,exactly_once]  PARTITIONS [12]
+#   LOADS [0.5,0.9]  LATENCY_SECONDS [20]
+#   MAX_BATCH_MESSAGES, PREPARE_WORKERS  the service's settings (default: the device's)
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+root=$PWD
+out=${OUT:-$root/.out}
+python=${PYTHON:-python3}
+wheels=${WHEELS:-$root/.whl}
+mkdir -p "$out"
+log() { echo "gpu-service: $*" >&2; }
+
+# The Python packages the image lacks (confluent-kafka, pydantic, pydantic-settings, ...).
+if ! "$python" -c 'import confluent_kafka, pydantic_settings' 2>/dev/null; then
+  compgen -G "$wheels/*.whl" >/dev/null ||
+    { log "no confluent_kafka/pydantic_settings and no wheels in $wheels"; exit 1; }
+  log "installing $(ls "$wheels"/*.whl | wc -l) wheels from $wheels into /tmp/site"
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site "$wheels"/*.whl
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=$root${PYTHONPATH:+:$PYTHONPATH}
+
+if [[ -z ${KAFKA_BOOTSTRAP:-} ]]; then
+  pack=${PACK:-$root/.out/gpu-broker}
+  [[ -f $pack/unpack.sh ]] || { log "no broker pack at $pack (benchmarks/gpu-service-pack.sh)"; exit 1; }
+  if ! command -v xz >/dev/null; then  # tar -J needs it; Python's lzma does the same
+    mkdir -p /tmp/xz-shim
+    printf '%s\n' '#!/bin/sh' \
+      "exec $python -c 'import lzma, shutil, sys; shutil.copyfileobj(lzma.open(sys.stdin.buffer), sys.stdout.buffer)'" \
+      >/tmp/xz-shim/xz
+    chmod +x /tmp/xz-shim/xz
+    export PATH=/tmp/xz-shim:$PATH
+  fi
+  eval "$(bash "$pack/unpack.sh" | grep '^export ')"
+  export KAFKA_PORT=${KAFKA_PORT:-9092}
+  export KAFKA_LOCAL_DIR=${KAFKA_LOCAL_DIR:-/tmp/gpu-broker-state}
+  deploy/kafka/kafka-local start
+  trap 'deploy/kafka/kafka-local stop' EXIT
+  KAFKA_BOOTSTRAP=127.0.0.1:$KAFKA_PORT
+fi
+
+"$python" -c 'import torch; print("torch", torch.__version__, "cuda", torch.cuda.is_available(),
+  torch.cuda.get_device_name(0) if torch.cuda.is_available() else "")'
+for labels in ${LABELS:-4 10}; do
+  default_events=20000
+  [[ $labels == 10 ]] && default_events=10000
+  per_labels=EVENTS_$labels
+  events=${EVENTS:-${!per_labels:-$default_events}}
+  extra=()
+  [[ -z ${MAX_BATCH_MESSAGES:-} ]] || extra+=(--max-batch-messages "$MAX_BATCH_MESSAGES")
+  [[ -z ${PREPARE_WORKERS:-} ]] || extra+=(--prepare-workers "$PREPARE_WORKERS")
+  log "$labels labels, $events events, broker $KAFKA_BOOTSTRAP"
+  PYTHONUNBUFFERED=1 "$python" -m stream_classifier.cli bench --service \
+    --bootstrap "$KAFKA_BOOTSTRAP" --shape "${SHAPE:-large}" --device "${DEVICE:-auto}" \
+    --labels "$labels" --events "$events" \
+    --guarantees "${GUARANTEES:-at_least_once,exactly_once}" \
+    --partitions "${PARTITIONS:-12}" --loads "${LOADS:-0.5,0.9}" \
+    --latency-seconds "${LATENCY_SECONDS:-20}" "${extra[@]}" \
+    --json "$out/service-$labels.json"
+done
