@@ -106,7 +106,8 @@ def forward_only(engine: NliEngine, events: list[bench.Event], shape: bench.Shap
     everything = TokenBatch(ids, lengths, a_lengths)
     from stream_classifier.engine.batches import packed_batches, padded_batches
 
-    if engine.backend == "packed":
+    # "packed-flash" / "packed-sdpa" / "padded-sdpa" ("cpu-" first on a CPU)
+    if engine.backend.removeprefix("cpu-").startswith("packed"):
         rows = packed_batches(lengths, engine.max_batch_tokens)[0]
     else:
         rows = padded_batches(lengths, engine.max_batch_tokens, 8)[len(lengths) // 3000]
