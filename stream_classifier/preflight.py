@@ -69,9 +69,7 @@ def check_kafka(config: ServiceConfig, timeout_s: float = DEFAULT_TIMEOUT_S) -> 
     """Raise PreflightError unless the cluster answers and every configured topic exists."""
     topics = _metadata_topics(config.kafka, timeout_s)
     wanted = {
-        name
-        for t in config.topics
-        for name in (t.input, t.output, t.dead_letter, *t.route_topics)
+        name for t in config.topics for name in (t.input, t.output, t.dead_letter, *t.route_topics)
     }
     missing = sorted(wanted - topics)
     if missing:
