@@ -302,7 +302,10 @@ class GpuBusy:
     def _loop(self) -> None:
         assert self._nvml is not None
         while not self._stop.wait(GPU_SAMPLE_S):
-            rates = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
+            try:
+                rates = self._nvml.nvmlDeviceGetUtilizationRates(self._handle)
+            except Exception:  # noqa: BLE001 - not offered here (some sandboxes): no samples
+                return
             self.samples.append((time.monotonic(), float(rates.gpu) / 100.0))
 
     def mean(self, start: float, end: float) -> float | None:

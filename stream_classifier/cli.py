@@ -120,7 +120,7 @@ def _parser() -> argparse.ArgumentParser:
     pipeline.add_argument("--seconds", type=float, default=5.0, help="latency run length")
     pipeline.add_argument("--cpu", type=int, help="pin the process to this CPU core")
     service = bench.add_argument_group(
-        "--service: the real `run` process on the engine's device, through the broker"
+        "--service: the real run process on the engine's device, through the broker"
     )
     service.add_argument("--service", action="store_true", help="benchmark the service")
     service.add_argument(
