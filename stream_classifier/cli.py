@@ -180,7 +180,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     on_gpu = _on_gpu(engine)
     config = _for_device(config, on_gpu)
     try:
-        service = _service(config, engine, metrics)
+        service = _service(config, engine, metrics, on_gpu)
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
         return EXIT_ENGINE
@@ -217,16 +217,16 @@ def _for_device(config: ServiceConfig, gpu: bool) -> ServiceConfig:
     return config.model_copy(update={"processing": config.processing.for_device(gpu)})
 
 
-def _service(config: ServiceConfig, engine: Engine, metrics: Metrics) -> Service:
-    """The service with its engine stage (two batches on the device where the engine can)
-    and its prepare stage (``processing.prepare_workers`` tokenizer processes, or inline)."""
+def _service(config: ServiceConfig, engine: Engine, metrics: Metrics, gpu: bool) -> Service:
+    """The service with its engine stage (two batches on the device on a GPU) and its
+    prepare stage (``processing.prepare_workers`` tokenizer processes, or inline)."""
     from stream_classifier.preparing import make_preparer
     from stream_classifier.scoring import make_scorer
     from stream_classifier.service import Service
 
     processing = config.processing
     preparer = make_preparer(engine, processing.prepare_workers or 0)
-    scorer = make_scorer(engine, metrics)
+    scorer = make_scorer(engine, metrics, gpu)
     log.info(
         "micro-batches of up to %d messages; engine stage %s; prepare stage %s",
         processing.max_batch_messages,

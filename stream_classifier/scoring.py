@@ -10,7 +10,7 @@ the service, since dead-lettering every event would not be isolating anything.
 Two scorers: :class:`ThreadScorer` runs ``engine.classify`` one batch at a time;
 :class:`PipelinedScorer` keeps two batches on the device through ``classify_async`` (the
 next one is built and uploaded while the current one computes). :func:`make_scorer` picks
-the pipelined one for an engine that has ``classify_async``.
+the pipelined one for an engine on a GPU that has ``classify_async``.
 """
 
 from __future__ import annotations
@@ -96,9 +96,11 @@ class AsyncEngine(Engine, Protocol):
     def classify_async(self, batch: Sequence[Prepared]) -> PendingResult: ...
 
 
-def make_scorer(engine: Engine, metrics: Metrics) -> Scorer:
-    """A :class:`PipelinedScorer` for an engine with ``classify_async``, else a ThreadScorer."""
-    if callable(getattr(engine, "classify_async", None)):
+def make_scorer(engine: Engine, metrics: Metrics, gpu: bool) -> Scorer:
+    """A :class:`PipelinedScorer` for an engine on a GPU with ``classify_async``, else a
+    :class:`ThreadScorer`. On a CPU ``classify_async`` computes everything before it
+    returns, so there is nothing to overlap: the CPU keeps the one-batch-at-a-time stage."""
+    if gpu and callable(getattr(engine, "classify_async", None)):
         return PipelinedScorer(cast(AsyncEngine, engine), metrics)
     return ThreadScorer(engine, metrics)
 

@@ -230,7 +230,7 @@ def test_shutdown_finishes_batches_on_the_device_and_cancels_the_rest(
     assert {t.name for t in threading.enumerate()} & {"engine", "engine-wait"} == set()
 
 
-def test_make_scorer_pipelines_engines_with_classify_async(engine: FakeEngine) -> None:
+def test_make_scorer_pipelines_engines_with_classify_async_on_a_gpu(engine: FakeEngine) -> None:
     class Plain:
         model_id = "plain"
 
@@ -245,14 +245,15 @@ def test_make_scorer_pipelines_engines_with_classify_async(engine: FakeEngine) -
         def warmup(self) -> None:
             return None
 
-    pipelined = make_scorer(engine, Metrics())
-    threaded = make_scorer(Plain(), Metrics())
+    pipelined = make_scorer(engine, Metrics(), gpu=True)
+    scorers = [pipelined, make_scorer(Plain(), Metrics(), gpu=True)]
+    scorers.append(make_scorer(engine, Metrics(), gpu=False))  # nothing to overlap on a CPU
     try:
         assert isinstance(pipelined, PipelinedScorer)
-        assert isinstance(threaded, ThreadScorer)
+        assert all(isinstance(s, ThreadScorer) for s in scorers[1:])
     finally:
-        pipelined.shutdown()
-        threaded.shutdown()
+        for scorer in scorers:
+            scorer.shutdown()
 
 
 def test_real_engine_scores_equal_classify(tiny_model: Path) -> None:

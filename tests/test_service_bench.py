@@ -56,7 +56,7 @@ def test_gpu_service_script_runs_the_real_service_and_writes_its_report(
     assert service["exit_code"] == 0
     assert service["settings"] == {
         "max_batch_messages": "256",
-        "scorer": "PipelinedScorer",
+        "scorer": "ThreadScorer",  # PipelinedScorer on a GPU
         "preparer": "ProcessPreparer",
     }
     assert service["gpu_busy"] is None  # no GPU here
