@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -15,12 +16,14 @@ from stream_classifier.engine.base import EngineError, Prepared, Scores
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.messages import ClassifyRequest, Envelope, SourceRef
 from stream_classifier.metrics import Metrics
+from stream_classifier.preparing import ProcessPreparer
 from stream_classifier.scoring import (
     Outcome,
     PipelinedScorer,
     ThreadScorer,
     make_scorer,
 )
+from stream_classifier.service import Service
 
 TOPIC = TopicConfig(input="in", output="out", dead_letter="dlq", labels=["a", "b"])
 WAIT_S = 10.0
@@ -275,3 +278,48 @@ def test_real_engine_scores_equal_classify(tiny_model: Path) -> None:
     expected = engine.classify([r.prepared for r in requests[:2]])
     expected += engine.classify([r.prepared for r in requests[2:]])
     assert outcomes == expected
+
+
+@pytest.mark.kafka
+@pytest.mark.parametrize("guarantee", ["at_least_once", "exactly_once"])
+def test_service_with_both_gpu_stages_scores_every_event_once_and_commits(
+    bootstrap: str, tiny_model: Path, guarantee: str
+) -> None:
+    """The loop with the stages a GPU gets (run here on a CPU): small batches, so several
+    are on the "device" at once while worker processes tokenize."""
+    from conftest import RunningService, service_config
+    from kafka_helpers import create_topics, produce, read_all, unique, wait_drained
+
+    engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), 4096)
+    labels = ["物流", "服务", "价格"]
+    names = {"input": unique("in"), "output": unique("out"), "dead_letter": unique("dlq")}
+    create_topics(bootstrap, names.values(), partitions=3)
+    config = service_config(
+        bootstrap,
+        [{**names, "labels": labels}],
+        processing={"guarantee": guarantee, "max_batch_messages": 8, "max_batch_wait_ms": 5},
+    )
+    texts = [f"第{i}个快递太慢了，客服态度也不好" + "很" * (i % 17) for i in range(60)]
+    produce(
+        bootstrap,
+        names["input"],
+        [json.dumps({"id": i, "text": t}).encode() for i, t in enumerate(texts)],
+    )
+    metrics = Metrics()
+    service = Service(
+        config,
+        engine,
+        metrics,
+        scorer=PipelinedScorer(engine, metrics),
+        preparer=ProcessPreparer(engine.preparer_factory(), workers=2),
+    )
+    with RunningService(service):
+        outputs = read_all(bootstrap, names["output"], len(texts))
+        wait_drained(bootstrap, config.kafka.group_id, names["input"], partitions=3)
+    bodies = [json.loads(record.value) for record in outputs]
+    assert sorted(body["id"] for body in bodies) == list(range(len(texts)))
+    for body in bodies:
+        alone = engine.classify([engine.prepare(texts[body["id"]], labels, "{}", False)])[0]
+        assert body["labels"] == list(alone.labels)
+        assert body["scores"] == pytest.approx(list(alone.scores), abs=1e-6)
+    assert metrics.registry.get_sample_value("stream_classifier_batch_messages_sum") == 60
