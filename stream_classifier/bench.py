@@ -10,6 +10,13 @@ CPU) and our engine on the same events and prints one table: msgs/s, pairs/s, MF
 a matrix-product peak measured here, peak GPU memory, speed-up, and the largest score
 difference between the two.
 
+``arch="deberta-v3"`` (``--arch deberta-v3``) runs the same workload on a random-weight
+DeBERTa-v3 of the shape instead (``DebertaV2ForSequenceClassification``, relative attention
+with 256 position buckets as in ``microsoft/deberta-v3-large``, a Unigram tokenizer over the
+benchmark's characters built here), saved as a transformers checkpoint and loaded through
+``load_engine``, so the :mod:`.engine.hf_nli` engine runs against the HF pipeline on that
+same directory. Its FLOPs count DeBERTa's disentangled attention (:meth:`Shape.flops`).
+
 Needs only torch, transformers, numpy and the project's config module (no Kafka client).
 """
 
@@ -26,19 +33,20 @@ import tempfile
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 
 from stream_classifier.config import EngineConfig
-from stream_classifier.engine.base import Prepared, Scores
+from stream_classifier.engine import load_engine
+from stream_classifier.engine.base import Engine, Prepared, Scores
+from stream_classifier.engine.hf_nli import HfNliEngine, load_hf_classifier, load_hf_tokenizer
 from stream_classifier.engine.nli import (
     Backend,
     NliEngine,
-    PendingScores,
     load_classifier,
     load_tokenizer,
 )
@@ -53,6 +61,14 @@ SIGMA = 0.7
 MIN_TOKENS, MAX_TOKENS = 8, 480
 ID2LABEL = {0: "entailment", 1: "neutral", 2: "contradiction"}
 
+Arch = Literal["structbert", "deberta-v3"]
+ARCHS: tuple[Arch, ...] = ("structbert", "deberta-v3")
+#: microsoft/deberta-v3-large's relative attention: 256 position buckets (2 x 256 relative
+#: embeddings), no absolute positions, and its 128100-token vocabulary (tiny: the tokenizer's).
+DEBERTA_POSITION_BUCKETS = 256
+DEBERTA_VOCAB_SIZE = 128100
+DEBERTA_MAX_LENGTH = 512
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -60,6 +76,8 @@ class Shape:
     hidden: int
     heads: int
     intermediate: int
+    #: DeBERTa's relative attention span k (``position_buckets``); 0: absolute positions.
+    position_buckets: int = 0
 
     @property
     def weights(self) -> int:
@@ -67,8 +85,26 @@ class Shape:
         return self.layers * (4 * self.hidden**2 + 2 * self.hidden * self.intermediate)
 
     def flops(self, length: int) -> float:
-        """Forward FLOPs of one pair of ``length`` tokens: matrices plus attention."""
-        return float(length * (2 * self.weights + 4 * self.layers * self.hidden * length))
+        """Forward FLOPs of one pair of L = ``length`` tokens: matrices plus attention.
+
+        BERT (ENGINE.md): ``F(L) = L * (2 W + 4 n d L)`` with W the non-embedding matrix
+        weights, n layers, d hidden: 2 FLOPs per weight per token, and per layer Q K^T and
+        (attention) V, two L x L x d products of 2 L^2 d FLOPs each.
+
+        DeBERTa (``position_buckets`` k > 0) adds, per layer, the disentangled attention
+        of transformers' ``DisentangledSelfAttention``: the 2k relative embeddings are
+        projected by the layer's own query and key matrices (``share_att_key``), then
+        content-to-position ``c2p = Q_c K_r^T`` and position-to-content
+        ``p2c = K_c Q_r^T``, each an (L x d) by (d x 2k) product over all heads (the
+        model computes all 2k columns for every L, then gathers), 2 L (2k) d FLOPs each:
+        ``F(L) = L * (2 W + 4 n d L + 8 n d k)``. Not counted: the projection of the 2k
+        relative embeddings (2 x 2k x d^2 per layer, once per batch whatever its rows:
+        0.1% of a 64k-token batch, 2% of a 64-pair pipeline batch), softmax, norms, the
+        gathers and the classifier head (as for BERT).
+        """
+        per_token = 2 * self.weights + 4 * self.layers * self.hidden * length
+        per_token += 8 * self.layers * self.hidden * self.position_buckets
+        return float(length * per_token)
 
 
 SHAPES = {
@@ -76,6 +112,14 @@ SHAPES = {
     "base": Shape(layers=12, hidden=768, heads=12, intermediate=3072),
     "large": Shape(layers=24, hidden=1024, heads=16, intermediate=4096),
 }
+
+
+#: The engine a bench runs: StructBERT's (:mod:`.engine.nli`) or any HF NLI model's.
+BenchEngine = NliEngine | HfNliEngine
+
+
+class Pending(Protocol):
+    def result(self) -> list[Scores]: ...
 
 
 @dataclass(frozen=True)
@@ -113,6 +157,7 @@ class Result:
 @dataclass(frozen=True)
 class BenchOptions:
     shape: str = "tiny"
+    arch: Arch = "structbert"
     messages: int = 2000
     baseline_messages: int | None = None
     labels: tuple[int, ...] = (4, 10)
@@ -164,6 +209,120 @@ def build_model_dir(shape: Shape, directory: Path, seed: int) -> Path:
     (directory / "vocab.txt").write_text("\n".join(vocabulary()) + "\n", encoding="utf-8")
     torch.save(model.state_dict(), directory / "pytorch_model.bin")
     return directory
+
+
+def deberta_pieces() -> list[str]:
+    """A DeBERTa-v3-like Unigram vocabulary: its specials, then every character the
+    workload uses (template included) and printable ASCII, each a piece of its own."""
+    pieces = ["[PAD]", "[CLS]", "[SEP]", "[UNK]", "[MASK]", "\u2581"]
+    chars = [chr(c) for c in range(0x21, 0x7F)]
+    chars += [chr(CJK_FIRST + i) for i in range(TEXT_CHARS)]
+    chars += [c for c in TEMPLATE.replace("{}", "") if c not in chars]
+    return pieces + list(dict.fromkeys(chars))
+
+
+def write_deberta_tokenizer(directory: Path) -> int:
+    """Save a DeBERTa-v2/v3 tokenizer (``tokenizer.json`` + config), built offline.
+
+    Like DeBERTa-v3's SentencePiece ``spm.model`` as converted by transformers: a Unigram
+    model, whitespace normalised, a Metaspace pre-tokenizer, ``[CLS] A [SEP] B [SEP]``
+    with token types 0 / 1. Returns its vocabulary size.
+    """
+    from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+
+    pieces = deberta_pieces()
+    vocab = [
+        (piece, 0.0 if i < 5 else (-2.0 if i == 5 else -10.0)) for i, piece in enumerate(pieces)
+    ]
+    tokenizer = Tokenizer(Unigram(vocab, unk_id=3, byte_fallback=False))
+    tokenizer.normalizer = normalizers.Sequence(
+        [
+            normalizers.Replace(Regex(r"\s{2,}|[\n\r\t]"), " "),
+            normalizers.NFKC(),
+            normalizers.Strip(left=False, right=True),
+        ]
+    )
+    tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(
+        replacement="\u2581", prepend_scheme="always", split=True
+    )
+    tokenizer.decoder = decoders.Metaspace(
+        replacement="\u2581", prepend_scheme="always", split=True
+    )
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single="[CLS]:0 $A:0 [SEP]:0",
+        pair="[CLS]:0 $A:0 [SEP]:0 $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", 1), ("[SEP]", 2)],
+    )
+    tokenizer.add_special_tokens(pieces[:5])
+    directory.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(directory / "tokenizer.json"))
+    settings = {
+        "tokenizer_class": "DebertaV2Tokenizer",
+        "bos_token": "[CLS]",
+        "cls_token": "[CLS]",
+        "eos_token": "[SEP]",
+        "sep_token": "[SEP]",
+        "pad_token": "[PAD]",
+        "unk_token": "[UNK]",
+        "mask_token": "[MASK]",
+        "do_lower_case": False,
+        "split_by_punct": False,
+        "model_max_length": DEBERTA_MAX_LENGTH,
+    }
+    (directory / "tokenizer_config.json").write_text(json.dumps(settings, indent=1), "utf-8")
+    return len(pieces)
+
+
+def build_deberta_dir(
+    shape: Shape, directory: Path, seed: int, vocab_size: int | None = DEBERTA_VOCAB_SIZE
+) -> Path:
+    """Save a random-weight DeBERTa-v3 NLI checkpoint of ``shape`` (transformers layout).
+
+    microsoft/deberta-v3-large's config apart from the shape: relative attention only
+    (``position_buckets``, ``pos_att_type`` c2p and p2c, shared keys, no absolute
+    positions, no token types); 3 NLI labels. ``vocab_size`` None: the tokenizer's.
+    """
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    pieces = write_deberta_tokenizer(directory)
+    config = DebertaV2Config(  # type: ignore[call-arg]
+        vocab_size=vocab_size or pieces,
+        hidden_size=shape.hidden,
+        num_hidden_layers=shape.layers,
+        num_attention_heads=shape.heads,
+        intermediate_size=shape.intermediate,
+        hidden_act="gelu",
+        max_position_embeddings=DEBERTA_MAX_LENGTH,
+        type_vocab_size=0,
+        relative_attention=True,
+        position_buckets=shape.position_buckets or DEBERTA_POSITION_BUCKETS,
+        max_relative_positions=-1,
+        pos_att_type=["p2c", "c2p"],
+        position_biased_input=False,
+        norm_rel_ebd="layer_norm",
+        share_att_key=True,
+        layer_norm_eps=1e-7,
+        pooler_hidden_size=shape.hidden,
+        pooler_hidden_act="gelu",
+        pad_token_id=0,
+        num_labels=3,
+        id2label=ID2LABEL,
+        label2id={name: index for index, name in ID2LABEL.items()},
+    )
+    torch.manual_seed(seed)
+    model = DebertaV2ForSequenceClassification(config)
+    with torch.no_grad():  # spread the scores so that a difference would show
+        model.classifier.weight.normal_(0.0, 0.1)
+    model.save_pretrained(str(directory))
+    return directory
+
+
+def shape_of(options: BenchOptions) -> Shape:
+    shape = SHAPES[options.shape]
+    if options.arch == "deberta-v3":
+        return replace(shape, position_buckets=DEBERTA_POSITION_BUCKETS)
+    return shape
 
 
 def make_events(count: int, labels: int, seed: int) -> list[Event]:
@@ -231,18 +390,28 @@ def weights_gb(model: torch.nn.Module) -> float:
 
 
 def run_baseline(
-    model_dir: Path, events: Sequence[Event], device: torch.device, multi_label: bool
+    model_dir: Path,
+    events: Sequence[Event],
+    device: torch.device,
+    multi_label: bool,
+    arch: Arch = "structbert",
 ) -> tuple[list[dict[str, float]], float, float | None]:
     """The Hugging Face pipeline: fp16, batch_size=64 on a GPU; fp32, batch 1 on a CPU."""
     from transformers import pipeline
 
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     others = reset_memory(device)  # the baseline's own model counts, nothing else does
-    model = load_classifier(model_dir, device, dtype)
+    if arch == "deberta-v3":  # the checkpoint as AutoModel/AutoTokenizer load it
+        model, tokenizer = (
+            load_hf_classifier(model_dir, device, dtype),
+            load_hf_tokenizer(model_dir),
+        )
+    else:
+        model, tokenizer = load_classifier(model_dir, device, dtype), load_tokenizer(model_dir)
     classifier = pipeline(
         "zero-shot-classification",
         model=model,
-        tokenizer=load_tokenizer(model_dir),
+        tokenizer=tokenizer,
         device=device,
         batch_size=64 if device.type == "cuda" else 1,
     )
@@ -260,7 +429,7 @@ def run_baseline(
 
 
 def _micro_batches(
-    engine: NliEngine, events: Sequence[Event], size: int, multi_label: bool
+    engine: BenchEngine, events: Sequence[Event], size: int, multi_label: bool
 ) -> Iterator[list[Prepared]]:
     for start in range(0, len(events), size):
         chunk = events[start : start + size]
@@ -268,7 +437,7 @@ def _micro_batches(
 
 
 def run_ours(
-    engine: NliEngine, events: Sequence[Event], batch_messages: int, multi_label: bool
+    engine: BenchEngine, events: Sequence[Event], batch_messages: int, multi_label: bool
 ) -> tuple[list[Scores], float]:
     """Texts to scores, pipelined: a thread tokenizes micro-batch k+2 while k+1 is queued
     on the device behind k, whose scores are read back meanwhile."""
@@ -283,7 +452,7 @@ def run_ours(
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
     scores: list[Scores] = []
-    pending: PendingScores | None = None
+    pending: Pending | None = None
     while (chunk := prepared.get()) is not None:
         queued = engine.classify_async(chunk)  # queued behind the one still running
         if pending is not None:
@@ -295,11 +464,13 @@ def run_ours(
     return scores, time.perf_counter() - start
 
 
-def run_prepared(engine: NliEngine, chunks: Sequence[list[Prepared]]) -> tuple[list[Scores], float]:
+def run_prepared(
+    engine: BenchEngine, chunks: Sequence[list[Prepared]]
+) -> tuple[list[Scores], float]:
     """The model side alone: already tokenized micro-batches, queued two deep."""
     start = time.perf_counter()
     scores: list[Scores] = []
-    pending: PendingScores | None = None
+    pending: Pending | None = None
     for chunk in chunks:
         queued = engine.classify_async(chunk)
         if pending is not None:
@@ -322,7 +493,7 @@ def as_dicts(scores: Sequence[Scores]) -> list[dict[str, float]]:
     return [dict(zip(s.labels, s.scores, strict=True)) for s in scores]
 
 
-def pair_lengths(engine: NliEngine, events: Sequence[Event]) -> list[int]:
+def pair_lengths(engine: BenchEngine, events: Sequence[Event]) -> list[int]:
     lengths: list[int] = []
     for event in events:
         pairs = engine.prepare(event.text, event.labels, TEMPLATE, False).payload
@@ -340,7 +511,7 @@ class Context:
     model_dir: Path
     device: torch.device
     peak_flops: float
-    engine: NliEngine
+    engine: BenchEngine
     warmup_s: float
 
 
@@ -353,7 +524,7 @@ def bench_labels(context: Context, labels: int) -> list[Result]:
     per_message = labels
 
     theirs, base_s, base_memory = run_baseline(
-        context.model_dir, events[:baseline_count], device, options.multi_label
+        context.model_dir, events[:baseline_count], device, options.multi_label, options.arch
     )
     base_pairs = lengths[: baseline_count * per_message]
     baseline = Result(
@@ -420,7 +591,11 @@ def _compare_with_fp32(
     if context.device.type != "cuda" or options.reference_messages <= 0:
         return
     fp32 = EngineConfig(model=str(context.model_dir), device=options.device, dtype="float32")
-    engine = NliEngine.load(fp32, options.max_batch_tokens, backend="padded")
+    engine: Engine
+    if options.arch == "deberta-v3":
+        engine = load_engine(fp32, options.max_batch_tokens)
+    else:
+        engine = NliEngine.load(fp32, options.max_batch_tokens, backend="padded")
     count = min(options.reference_messages, len(events))
     prepared = [
         engine.prepare(e.text, e.labels, TEMPLATE, options.multi_label) for e in events[:count]
@@ -437,15 +612,29 @@ def _baseline_name(device: torch.device) -> str:
     return "HF pipeline (fp32, default batch)"
 
 
-def _dtype_name(engine: NliEngine) -> str:
+def _dtype_name(engine: BenchEngine) -> str:
     return str(next(engine.model.parameters()).dtype).removeprefix("torch.")
 
 
 def prepare_context(options: BenchOptions, directory: Path) -> Context:
-    shape = SHAPES[options.shape]
-    model_dir = build_model_dir(shape, directory / f"structbert-{options.shape}", options.seed)
-    config = EngineConfig(model=str(model_dir), device=options.device)
-    engine = NliEngine.load(config, options.max_batch_tokens, backend=options.backend)
+    shape = shape_of(options)
+    engine: BenchEngine
+    if options.arch == "deberta-v3":
+        if options.backend == "packed":
+            raise ValueError("the DeBERTa engine (engine/hf_nli.py) has only padded batches")
+        vocab = None if options.shape == "tiny" else DEBERTA_VOCAB_SIZE
+        model_dir = build_deberta_dir(
+            shape, directory / f"deberta-v3-{options.shape}", options.seed, vocab
+        )
+        config = EngineConfig(model=str(model_dir), device=options.device)
+        loaded = load_engine(config, options.max_batch_tokens)  # what the service runs
+        if not isinstance(loaded, HfNliEngine):
+            raise TypeError(f"load_engine gave {type(loaded).__name__}, not HfNliEngine")
+        engine = loaded
+    else:
+        model_dir = build_model_dir(shape, directory / f"structbert-{options.shape}", options.seed)
+        config = EngineConfig(model=str(model_dir), device=options.device)
+        engine = NliEngine.load(config, options.max_batch_tokens, backend=options.backend)
     device = engine.device
     start = time.perf_counter()
     engine.warmup()
@@ -490,7 +679,8 @@ def format_table(report: dict[str, Any]) -> str:
     )
     lines = [
         f"{report['environment']['device']}, peak {report['peak_tflops']:.2f} TFLOP/s "
-        f"(measured), shape {report['options']['shape']}",
+        f"(measured), {report['options'].get('arch', 'structbert')} "
+        f"shape {report['options']['shape']}",
         header,
         "|" + " --- |" * 10,
     ]

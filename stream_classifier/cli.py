@@ -99,6 +99,12 @@ def _parser() -> argparse.ArgumentParser:
 
     bench = commands.add_parser("bench", help="our engine vs the HF pipeline, random model")
     bench.add_argument("--shape", choices=["tiny", "base", "large"], default="tiny")
+    bench.add_argument(
+        "--arch",
+        choices=["structbert", "deberta-v3"],
+        default="structbert",
+        help="random model: StructBERT (ModelScope engine) or DeBERTa-v3 (HF NLI engine)",
+    )
     bench.add_argument("--messages", type=int, default=2000)
     bench.add_argument("--baseline-messages", type=int, help="HF pipeline on the first N")
     bench.add_argument("--labels", default="4,10", help="comma-separated label counts")
@@ -368,6 +374,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     options = bench.BenchOptions(
         shape=args.shape,
+        arch=args.arch,
         messages=args.messages,
         baseline_messages=args.baseline_messages,
         labels=tuple(int(n) for n in args.labels.split(",") if n.strip()),
