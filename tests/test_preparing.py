@@ -189,7 +189,7 @@ def test_device_defaults_fill_only_what_was_not_set() -> None:
     assert unset.for_device(gpu=False).max_batch_messages == 256
     assert unset.for_device(gpu=False).prepare_workers == 0
     assert unset.for_device(gpu=True).max_batch_messages == 1024
-    assert unset.for_device(gpu=True).prepare_workers == 2
+    assert unset.for_device(gpu=True).prepare_workers == 0  # measured slower on an H100
     chosen = ProcessingConfig(max_batch_messages=300, prepare_workers=0)
     assert chosen.for_device(gpu=True) == chosen
     # resolving twice changes nothing (a SIGHUP reload compares resolved settings)
