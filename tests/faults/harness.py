@@ -31,6 +31,8 @@ from kafka_helpers import (
 )
 
 BAD_EVENT = b"{malformed"
+#: Every service process any run started (conftest kills what a failed test left running).
+STARTED: list[subprocess.Popen[bytes]] = []
 POISONED_SERVICE = Path(__file__).with_name("poisoned_service.py")
 
 
@@ -156,6 +158,7 @@ class FaultRun:
             env=process_env,
         )
         self.processes.append(process)
+        STARTED.append(process)
         return process
 
     def kill(self, process: subprocess.Popen[bytes]) -> None:
