@@ -64,6 +64,7 @@ from stream_classifier.engine.nli import (
     pick_device,
     pick_dtype,
     round_up,
+    run_halving_on_oom,
     to_device,
 )
 
@@ -525,21 +526,9 @@ class HfNliEngine:
         return PendingLogits(torch.cat(outputs), np.concatenate(plan))
 
     def _run(self, batch: Pairs, outputs: list[torch.Tensor]) -> None:
-        """Queue one batch; on out-of-memory split it in two and retry each half."""
-        try:
-            with torch.inference_mode():
-                outputs.append(self.forward(batch))
-            return
-        except torch.OutOfMemoryError as exc:
-            if batch.rows == 1:
-                raise EngineError("out of memory on a single sentence pair") from exc
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.on_out_of_memory(batch.rows)
-        log.warning("out of memory on %d pairs, splitting the batch in two", batch.rows)
-        first, second = batch.halves()
-        self._run(first, outputs)
-        self._run(second, outputs)
+        run_halving_on_oom(
+            batch, lambda b: self.forward(b), outputs, self.device, self.on_out_of_memory
+        )
 
     def warmup(self) -> None:
         """Run the largest batch the budget allows (and a short one) before consuming."""

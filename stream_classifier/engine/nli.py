@@ -30,7 +30,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Self, TypeVar
 
 import numpy as np
 import torch
@@ -351,21 +351,9 @@ class NliEngine:
         return PendingLogits(torch.cat(outputs), np.concatenate(plan))
 
     def _run(self, batch: TokenBatch, outputs: list[torch.Tensor]) -> None:
-        """Queue one batch; on out-of-memory split it in two and retry each half."""
-        try:
-            with torch.inference_mode():
-                outputs.append(self.forward(batch))
-            return
-        except torch.OutOfMemoryError as exc:
-            if batch.rows == 1:
-                raise EngineError("out of memory on a single sentence pair") from exc
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        self.on_out_of_memory(batch.rows)
-        log.warning("out of memory on %d pairs, splitting the batch in two", batch.rows)
-        first, second = batch.halves()
-        self._run(first, outputs)
-        self._run(second, outputs)
+        run_halving_on_oom(
+            batch, lambda b: self.forward(b), outputs, self.device, self.on_out_of_memory
+        )
 
     def warmup(self) -> None:
         """Run the largest batch the budget allows (and a short one) before consuming.
@@ -380,6 +368,41 @@ class NliEngine:
             shapes.append((max(1, self.max_batch_tokens // 64), 64))
         for count, length in shapes:
             self.logits(self._filler_pairs(count, length))
+
+
+class Halvable(Protocol):
+    """A batch of sentence pairs that can be cut in two (TokenBatch, hf_nli's Pairs)."""
+
+    @property
+    def rows(self) -> int: ...
+    def halves(self) -> tuple[Self, Self]: ...
+
+
+H = TypeVar("H", bound=Halvable)
+
+
+def run_halving_on_oom(
+    batch: H,
+    forward: Callable[[H], torch.Tensor],
+    outputs: list[torch.Tensor],
+    device: torch.device,
+    on_out_of_memory: Callable[[int], None],
+) -> None:
+    """Queue one batch's forward pass; on out-of-memory split it in two and retry each."""
+    try:
+        with torch.inference_mode():
+            outputs.append(forward(batch))
+        return
+    except torch.OutOfMemoryError as exc:
+        if batch.rows == 1:
+            raise EngineError("out of memory on a single sentence pair") from exc
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    on_out_of_memory(batch.rows)
+    log.warning("out of memory on %d pairs, splitting the batch in two", batch.rows)
+    first, second = batch.halves()
+    run_halving_on_oom(first, forward, outputs, device, on_out_of_memory)
+    run_halving_on_oom(second, forward, outputs, device, on_out_of_memory)
 
 
 class PendingLogits:
