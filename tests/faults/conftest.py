@@ -11,6 +11,16 @@ import pytest
 
 from faults.harness import REPORT, STARTED
 
+#: --long: 20,000 events a fault and ten loaded scale-outs outlast pytest-timeout's 600 s.
+LONG_TIMEOUT_S = 7200
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--long"):
+        for item in items:
+            if "faults" in item.nodeid:
+                item.add_marker(pytest.mark.timeout(LONG_TIMEOUT_S))
+
 
 @pytest.fixture(autouse=True)
 def no_process_left() -> Iterator[None]:
