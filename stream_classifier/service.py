@@ -138,6 +138,9 @@ class Service:
         self._assigned: set[TopicPartition] = set()
         #: Per partition, how many times it was released (see :class:`Scoring`).
         self._epochs: dict[TopicPartition, int] = {}
+        #: Per partition, the offset after the last one taken since it was assigned (or
+        #: rewound): what arrives below it again is already in hand.
+        self._next_offsets: dict[TopicPartition, int] = {}
         self._paused: set[TopicPartition] = set()
         #: Assigned partitions whose pause state librdkafka may not match (new ones).
         self._unsettled: set[TopicPartition] = set()
@@ -278,6 +281,12 @@ class Service:
             return  # not ours (any more), or read again from the committed offset soon
         offset = message.offset()
         assert offset is not None
+        if offset < self._next_offsets.get(tp, 0):
+            # librdkafka moved the fetch position back without a rebalance (seen after a
+            # pause right at assignment): these events are in hand already.
+            log.debug("%s[%d]@%d delivered again: dropped", tp[0], tp[1], offset)
+            return
+        self._next_offsets[tp] = offset + 1
         self.checkpoint.consumed(tp, offset)
         self.metrics.consumed.labels(tp[0]).inc()
         self._backlog.append(self._accept(Envelope.of(message, received_at)))
@@ -525,6 +534,8 @@ class Service:
             return  # not readable now (an outage, another member's open transaction)
         for tp, offset in targets.items():
             self.source.seek(tp, offset)
+        for tp in self._rewinding:
+            self._next_offsets.pop(tp, None)
         self._rewinding.clear()
 
     # -- stopping ------------------------------------------------------------------------
@@ -614,6 +625,7 @@ class Service:
         self.checkpoint.released(gone)
         for tp in gone:
             self._epochs[tp] = self._epochs.get(tp, 0) + 1
+            self._next_offsets.pop(tp, None)
         self._paused -= gone
         self._rewinding -= gone
         for topic, partition in gone:

@@ -334,6 +334,11 @@ class SimSource:
         self.paused.update(partitions)
 
     def resume(self, partitions: list[TP]) -> None:
+        for tp in partitions:
+            if tp in self.paused and tp in self.owned and self.cluster.rng.random() < 0.2:
+                # As librdkafka was seen to do for a partition paused right at assignment:
+                # fetch again from the committed offset what was already delivered.
+                self.position[tp] = None
         self.paused.difference_update(partitions)
 
     def group_metadata(self) -> object:

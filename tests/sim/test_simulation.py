@@ -314,3 +314,17 @@ def test_restart_needed_names_what_changed() -> None:
             ),
         )
     )
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_fetch_position_moved_back_without_a_rebalance_is_not_taken_twice(mode: str) -> None:
+    """Seen on the broker (--long, loaded scale-out): after a pause right at assignment,
+    librdkafka fetched a partition again from its committed offset; the loop registered
+    offset 0 after 130 and stopped (at_least_once), or would write events twice."""
+    sim = scenario(mode, events=40, partitions=1)
+    sim.start(0)
+    run_turns(sim, 8)
+    source = sim.live[0].source
+    assert source.position[("in", 0)], "nothing consumed yet"
+    source.position[("in", 0)] = None  # back to the committed offset, no callback
+    finish(sim)
