@@ -174,6 +174,10 @@ class FaultRun:
             codes.append(process.wait(timeout))
         return codes
 
+    def whole_logs(self) -> str:
+        """Every service log of this run, whole (``logs`` keeps only their ends)."""
+        return "".join(p.read_text(errors="replace") for p in self.tmp_path.glob("service-*.log"))
+
     def logs(self) -> str:
         return "\n".join(
             p.read_text(errors="replace")[-3000:]
@@ -261,8 +265,7 @@ class FaultRun:
             assert max(copies.values()) == 1, "a routed copy written twice"
 
     def assert_guarantee(self, counts: Counts) -> None:
-        whole = "".join(p.read_text(errors="replace") for p in self.tmp_path.glob("service-*.log"))
-        assert "CONFWARN" not in whole, "a client setting given to the wrong client"
+        assert "CONFWARN" not in self.whole_logs(), "a client setting given to the wrong client"
         assert counts.events_in == len(self.values)
         assert counts.lost == 0, f"{counts} missing {self.missing[:40]}\n{self.logs()}"
         if self.mode == "exactly_once":

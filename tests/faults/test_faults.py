@@ -279,4 +279,4 @@ def test_sighup_reload_mid_stream_with_every_event_routed(
     by_version = Counter(o["settings_version"] for o in outputs)
     assert len(by_version) == 2, by_version  # before and after the reload
     assert {len(o["labels"]) for o in outputs} == {4, 3}
-    assert "configuration reloaded" in run.logs()
+    assert "configuration reloaded" in run.whole_logs()
