@@ -22,6 +22,10 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 1) -> 
     )
     for future in futures.values():
         future.result(timeout=30)
+    # Created is not yet listed: a process started now (its start-up check lists topics)
+    # could still find them missing on a loaded machine.
+    wanted = set(futures)
+    wait_until(lambda: wanted <= set(admin.list_topics(timeout=10).topics), 30, f"{wanted} listed")
 
 
 @dataclass(frozen=True)
