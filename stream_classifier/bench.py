@@ -35,7 +35,7 @@ import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, cast
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from stream_classifier.engine.nli import (
     load_classifier,
     load_tokenizer,
 )
+from stream_classifier.preparing import prepare_all
 
 TEMPLATE = "这篇文章的标题是{}"
 VOCAB_SIZE = 21128
@@ -431,9 +432,14 @@ def run_baseline(
 def _micro_batches(
     engine: BenchEngine, events: Sequence[Event], size: int, multi_label: bool
 ) -> Iterator[list[Prepared]]:
+    """Each chunk prepared as the service prepares what one consume() returned."""
     for start in range(0, len(events), size):
-        chunk = events[start : start + size]
-        yield [engine.prepare(e.text, e.labels, TEMPLATE, multi_label) for e in chunk]
+        tasks = [(e.text, e.labels, TEMPLATE, multi_label) for e in events[start : start + size]]
+        prepared = prepare_all(engine, tasks)
+        failed = [result for result in prepared if isinstance(result, Exception)]
+        if failed:
+            raise failed[0]
+        yield cast(list[Prepared], prepared)
 
 
 def run_ours(

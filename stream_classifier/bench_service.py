@@ -118,6 +118,8 @@ class ServiceRow:
     dead_letters: int = 0
     ratio_to_engine: float | None = None
     ratio_10_90_to_engine: float | None = None
+    #: Mean events per micro-batch while saturated (the service's own histogram).
+    batch_messages_mean: float | None = None
     log_tail: list[str] = field(default_factory=list)
 
 
@@ -339,6 +341,11 @@ def _metric(port: int, name: str) -> float:
     )
 
 
+def _mean_metric(port: int, histogram: str) -> float | None:
+    count = _metric(port, histogram + "_count")
+    return _metric(port, histogram + "_sum") / count if count else None
+
+
 @dataclass
 class _Topics:
     input: str
@@ -482,6 +489,7 @@ def run_service(
             msgs_per_s_10_90=_rate_10_90(reader, options.events, timeout, service),
             gpu_busy=gpu.mean(first[0], done),
             settings=service.settings(),
+            batch_messages_mean=_mean_metric(port, "stream_classifier_batch_messages"),
         )
         for index, load in enumerate(options.loads):
             row.latency.append(

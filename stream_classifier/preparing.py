@@ -1,13 +1,16 @@
 """The prepare stage: tokenizing each event for the engine, off the loop when it can be.
 
-``engine.prepare`` runs once per event. :class:`InlinePreparer` runs it on the calling
-thread (the Kafka thread) and hands back a finished future; other preparers may run it
-elsewhere (worker processes) so that the loop and the thread driving the GPU do not
-share the interpreter lock with tokenizing. Futures come back in any order; the service
-takes events in their consumed order regardless.
+``engine.prepare`` runs once per event, or ``engine.prepare_many`` once per chunk of
+events where the engine has it (the NLI engine's tokenizes the whole chunk in one Rust
+call that releases the interpreter lock). :class:`InlinePreparer` runs it on the calling
+thread (the Kafka thread) at each :meth:`Preparer.flush`; other preparers may run it
+elsewhere (worker processes). Futures come back in any order; the service takes events in
+their consumed order regardless.
 
-- :class:`InlinePreparer`: on the caller's thread (the default on a CPU, where the
-  model's own threads want the cores).
+- :class:`InlinePreparer` (the default): on the caller's thread, every event submitted
+  since the last ``flush()`` (the service flushes after each ``consume()``) in one chunk,
+  so the lock is free while the Rust tokenizer runs and the engine thread launches
+  kernels meanwhile.
 - :class:`ProcessPreparer`: a pool of worker processes, each holding the engine's
   tokenizer side (built once per worker from ``engine.preparer_factory()``, no model).
   Events go to the workers in chunks, so the Kafka thread's cost per event is a list
@@ -51,7 +54,15 @@ class Preparer(Protocol):
     def submit(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Future[Prepared]: ...
+    def flush(self) -> None:
+        """Start on everything submitted so far (the submitter is done for now)."""
+        ...
+
     def shutdown(self) -> None: ...
+
+
+#: One event's arguments to ``prepare``: text, labels, hypothesis template, multi-label.
+Task = tuple[str, tuple[str, ...], str, bool]
 
 
 class PrepareSide(Protocol):
@@ -71,23 +82,33 @@ class PreparerCrashed(Exception):
 
 
 class InlinePreparer:
-    """``engine.prepare`` on the caller's thread; a failure is in the returned future."""
+    """On the caller's thread, at :meth:`flush`: every event submitted since the last flush
+    in one :func:`prepare_all` call; a failure is in that event's future."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
+        self._submitted: list[tuple[Task, Future[Prepared]]] = []
 
     def submit(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Future[Prepared]:
         future: Future[Prepared] = Future()
-        try:
-            future.set_result(self.engine.prepare(text, labels, template, multi_label))
-        except Exception as exc:  # noqa: BLE001 - the service dead-letters the event
-            future.set_exception(exc)
+        self._submitted.append(((text, tuple(labels), template, multi_label), future))
         return future
 
+    def flush(self) -> None:
+        submitted, self._submitted = self._submitted, []
+        results = prepare_all(self.engine, [task for task, _ in submitted])
+        for (_, future), result in zip(submitted, results, strict=True):
+            if isinstance(result, BaseException):
+                future.set_exception(result)
+            else:
+                future.set_result(result)
+
     def shutdown(self) -> None:
-        pass
+        for _, future in self._submitted:
+            future.cancel()
+        self._submitted = []
 
 
 class ThreadPreparer:
@@ -102,6 +123,9 @@ class ThreadPreparer:
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Future[Prepared]:
         return self._executor.submit(self.engine.prepare, text, labels, template, multi_label)
+
+    def flush(self) -> None:
+        pass  # each event started when submitted
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -120,9 +144,6 @@ def make_preparer(engine: Engine, workers: int) -> Preparer:
 
 
 # -- worker processes -----------------------------------------------------------------------
-
-#: One event's arguments to ``prepare``.
-Task = tuple[str, tuple[str, ...], str, bool]
 
 _side: PrepareSide | None = None
 
@@ -143,7 +164,7 @@ def _ready() -> int:
 def _prepare_chunk(tasks: list[Task]) -> list[Prepared | BaseException]:
     """In a worker: prepare each event; a failure is returned in its place."""
     assert _side is not None
-    results = [_prepare_with(_side, task) for task in tasks]
+    results = prepare_all(_side, tasks)
     return [_picklable(r) if isinstance(r, Exception) else r for r in results]
 
 
@@ -223,6 +244,9 @@ class ProcessPreparer:
             self._queued.append(_Event(future, (text, tuple(labels), template, multi_label)))
             self._cond.notify()
         return future
+
+    def flush(self) -> None:
+        pass  # the feeder sends what is queued as soon as a worker is free
 
     def shutdown(self) -> None:
         """Stop the feeder and the workers; events not sent to a worker are cancelled."""
@@ -334,7 +358,19 @@ class ProcessPreparer:
             self._cond.notify()
 
 
-def _prepare_with(side: PrepareSide, task: Task) -> Prepared | BaseException:
+def prepare_all(side: PrepareSide, tasks: Sequence[Task]) -> list[Prepared | Exception]:
+    """Prepare every task, a failure in its place: in one ``prepare_many`` call where the
+    engine has one (if that call itself fails, event by event, to find whose it is)."""
+    many = getattr(side, "prepare_many", None)
+    if callable(many) and tasks:
+        try:
+            return list(many(tasks))
+        except Exception:  # noqa: BLE001 - isolated below
+            log.debug("prepare_many failed on %d events: preparing them one by one", len(tasks))
+    return [_prepare_with(side, task) for task in tasks]
+
+
+def _prepare_with(side: PrepareSide, task: Task) -> Prepared | Exception:
     try:
         return side.prepare(*task)
     except Exception as exc:  # noqa: BLE001 - that event's failure, for its future

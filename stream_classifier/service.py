@@ -115,10 +115,7 @@ class Service:
         self._clock = clock
         processing = config.processing
         self.batcher = MicroBatcher(
-            processing.max_batch_messages,
-            processing.max_batch_tokens,
-            processing.max_batch_wait_ms,
-            clock,
+            processing.max_batch_messages, processing.max_batch_wait_ms, clock
         )
         #: Events written and not yet acknowledged, at most (beyond: pause).
         self.max_in_flight = processing.max_batch_messages * (processing.max_pending_batches + 2)
@@ -265,6 +262,7 @@ class Service:
         received_at = time.monotonic()
         for message in messages:
             self._take(message, received_at)
+        self.preparer.flush()  # tokenize what this consume() returned, as one chunk
         self._fill_batches()
         self._write_scored(wait=False)
         self.checkpoint.turn()
@@ -325,19 +323,21 @@ class Service:
         return waiting.item
 
     def _fill_batches(self, timeout: float | None = 0.0) -> None:
-        """Move tokenized events into batches; hand due batches to the engine while it has
-        room (``timeout``: how long to wait for a tokenizing to finish, None for ever)."""
+        """Move tokenized events into the open batch; hand it to the engine, while the
+        engine has room, once it is due (full, or waited ``max_batch_wait_ms``) or the
+        engine has nothing to do (``timeout``: how long to wait for a tokenizing to finish,
+        None for ever)."""
         while True:
-            head: Item | None = None
-            while self._backlog:
-                head = self._ready(self._backlog[0], timeout)
-                if head is None or not self.batcher.fits(head):
+            while self._backlog and not self.batcher.is_full():
+                item = self._ready(self._backlog[0], timeout)
+                if item is None:
                     break
-                self.batcher.add(head)
+                self.batcher.add(item)
                 self._backlog.popleft()
-                head = None
-            ready = self.batcher.is_due() or head is not None
-            if not ready or len(self._scoring) >= self.config.processing.max_pending_batches:
+            if len(self._scoring) >= self.config.processing.max_pending_batches:
+                return
+            idle = not self._scoring and len(self.batcher) > 0
+            if not (idle or self.batcher.is_due()):
                 return
             self._submit(self.batcher.take())
 
@@ -546,13 +546,14 @@ class Service:
         queued = len(self._backlog) + len(self.batcher)
         log.info("stopping: finishing %d queued events and %d batches", queued, len(self._scoring))
         self.source.pause(sorted(self._assigned))
+        self.preparer.flush()
         while self._backlog or len(self.batcher):
             left = max(0.0, deadline - self._clock())
             for waiting in self._backlog:
                 if self._ready(waiting, left) is None:
                     break
             while self._backlog and self._backlog[0].prepared is None:
-                if not self.batcher.fits(self._backlog[0].item):
+                if self.batcher.is_full():
                     break
                 self.batcher.add(self._backlog.popleft().item)
             if not len(self.batcher):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import pytest
+
 from stream_classifier.batcher import MicroBatcher
 from stream_classifier.config import TopicConfig
 from stream_classifier.engine.base import Prepared
@@ -24,32 +26,31 @@ def request(offset: int, tokens: int = 16, partition: int = 0) -> ClassifyReques
 
 
 def test_batch_is_due_at_max_messages() -> None:
-    batcher = MicroBatcher(max_messages=3, max_tokens=10_000, max_wait_ms=1000, clock=Clock())
+    batcher = MicroBatcher(max_messages=3, max_wait_ms=1000, clock=Clock())
     for offset in range(2):
         batcher.add(request(offset))
     assert not batcher.is_due()
     batcher.add(request(2))
     assert batcher.is_due()
-    assert not batcher.fits(request(3))
+    with pytest.raises(OverflowError):
+        batcher.add(request(3))
 
 
-def test_request_that_would_break_token_budget_does_not_fit() -> None:
-    batcher = MicroBatcher(max_messages=100, max_tokens=100, max_wait_ms=1000, clock=Clock())
-    batcher.add(request(0, tokens=60))
-    assert not batcher.fits(request(1, tokens=41))
-    assert batcher.fits(request(1, tokens=40))
-
-
-def test_oversized_request_forms_a_batch_of_its_own() -> None:
-    batcher = MicroBatcher(max_messages=100, max_tokens=100, max_wait_ms=1000, clock=Clock())
-    assert batcher.fits(request(0, tokens=5000))
-    batcher.add(request(0, tokens=5000))
+def test_batch_is_not_cut_by_tokens() -> None:
+    """A batch is one commit, not one forward pass (the engine cuts it into passes): 1024
+    events of 400 tokens each stay one batch, not the ~160 that one 65,536-token pass holds."""
+    batcher = MicroBatcher(max_messages=1024, max_wait_ms=1000, clock=Clock())
+    for offset in range(1023):
+        batcher.add(request(offset, tokens=400))
+    assert not batcher.is_due()
+    batcher.add(request(1023, tokens=70_000))
     assert batcher.is_due()
+    assert len(batcher.take()) == 1024
 
 
 def test_batch_is_due_when_first_request_waited_max_wait() -> None:
     clock = Clock()
-    batcher = MicroBatcher(max_messages=100, max_tokens=10_000, max_wait_ms=20, clock=clock)
+    batcher = MicroBatcher(max_messages=100, max_wait_ms=20, clock=clock)
     assert batcher.time_left() == float("inf")
     batcher.add(request(0))
     clock.now += 0.015
@@ -62,7 +63,7 @@ def test_batch_is_due_when_first_request_waited_max_wait() -> None:
 
 
 def test_drop_removes_only_the_released_partitions() -> None:
-    batcher = MicroBatcher(max_messages=100, max_tokens=10_000, max_wait_ms=20, clock=Clock())
+    batcher = MicroBatcher(max_messages=100, max_wait_ms=20, clock=Clock())
     batcher.add(request(0, partition=0))
     batcher.add(request(0, partition=1))
     assert batcher.drop([("in", 1)]) == 1
@@ -70,7 +71,7 @@ def test_drop_removes_only_the_released_partitions() -> None:
 
 
 def test_rejections_ride_in_the_open_batch_and_count_in_its_offsets() -> None:
-    batcher = MicroBatcher(max_messages=100, max_tokens=10_000, max_wait_ms=20, clock=Clock())
+    batcher = MicroBatcher(max_messages=100, max_wait_ms=20, clock=Clock())
     batcher.add(request(4))
     batcher.add(Rejection(request(5).envelope, "not_json", "bad"))
     batcher.add(request(0, partition=1))

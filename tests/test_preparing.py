@@ -86,7 +86,10 @@ def test_process_preparer_prepares_exactly_like_the_engine_inline(tiny_model: Pa
         via_workers = [preparer.submit(*case).result(WAIT_S) for case in cases]
     finally:
         preparer.shutdown()
-    inline = [InlinePreparer(engine).submit(*case).result(0) for case in cases]
+    inline_preparer = InlinePreparer(engine)
+    futures = [inline_preparer.submit(*case) for case in cases]
+    inline_preparer.flush()
+    inline = [future.result(0) for future in futures]
     for ours, theirs in zip(via_workers, inline, strict=True):
         assert (ours.labels, ours.multi_label, ours.tokens) == (
             theirs.labels,
@@ -156,6 +159,70 @@ def test_make_preparer_is_inline_without_workers_or_a_factory() -> None:
 
     assert isinstance(make_preparer(NoFactory(), 0), InlinePreparer)
     assert isinstance(make_preparer(NoFactory(), 2), InlinePreparer)
+
+
+class ChunkSide(FakeSide):
+    """Records each ``prepare_many`` chunk; a chunk holding "boom" fails as a whole."""
+
+    def __init__(self) -> None:
+        self.chunks: list[list[str]] = []
+
+    def prepare_many(
+        self, tasks: Sequence[tuple[str, Sequence[str], str, bool]]
+    ) -> list[Prepared | Exception]:
+        self.chunks.append([task[0] for task in tasks])
+        if any(task[0] == "boom" for task in tasks):
+            raise RuntimeError("the whole chunk failed")
+        results: list[Prepared | Exception] = []
+        for task in tasks:
+            try:
+                results.append(self.prepare(*task))
+            except Exception as exc:  # noqa: BLE001 - in its place, like the engine's
+                results.append(exc)
+        return results
+
+
+def test_inline_preparer_tokenizes_one_chunk_per_flush_and_isolates_failures() -> None:
+    side = ChunkSide()
+    side.model_id = "fake"  # type: ignore[attr-defined]
+    preparer = InlinePreparer(side)  # type: ignore[arg-type]
+    first = [preparer.submit(t, ["a"], "{}", False) for t in ("one", "bad", "two")]
+    assert not any(future.done() for future in first)  # nothing runs before the flush
+    preparer.flush()
+    second = [preparer.submit(t, ["a"], "{}", False) for t in ("boom", "three")]
+    preparer.flush()
+    assert side.chunks == [["one", "bad", "two"], ["boom", "three"]]
+    outcomes = results(first + second)
+    assert isinstance(outcomes[1], ValueError)
+    # the chunk that failed as a whole was prepared again event by event
+    prepared = [o.payload[1] for o in outcomes if isinstance(o, Prepared)]
+    assert prepared == ["one", "two", "boom", "three"]
+
+
+def test_nli_chunk_tokenizing_equals_the_tokenizer_call(tiny_model: Path) -> None:
+    """One ``encode_batch`` per chunk gives each text the ids ``tokenizer(text)`` gives."""
+    from stream_classifier.config import EngineConfig
+    from stream_classifier.engine.nli import NliEngine, tokenize_many
+
+    engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), 4096)
+    texts = [
+        "快递太慢了",
+        "Délivery was LATE, café closed!!",
+        "  spaces   around  ",
+        "mixed 中文 and English 123 [SEP] [CLS]",
+        "emoji 😀 and tabs\tnew\nlines",
+        "",
+        "这是一段很长的文本，" * 120,
+    ]
+    expected = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert tokenize_many(engine.tokenizer, texts) == expected
+    tasks = [(t, ("物流", "服务"), "这篇文章的标题是{}", False) for t in texts]
+    chunked = engine.prepare_many(tasks)
+    for task, ours in zip(tasks, chunked, strict=True):
+        assert isinstance(ours, Prepared)
+        alone = engine.prepare(*task)
+        assert ours.tokens == alone.tokens
+        assert np.array_equal(ours.payload.ids, alone.payload.ids)  # type: ignore[attr-defined]
 
 
 def test_thread_preparer_prepares_off_the_calling_thread() -> None:

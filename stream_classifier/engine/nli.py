@@ -127,22 +127,43 @@ class PairTokenizer:
             HYPOTHESIS_CACHE_BYTES, lambda ids: int(ids.nbytes)
         )
 
-    def _tokenize(self, text: str) -> tuple[int, ...]:
-        return tokenize(self.tokenizer, text)
-
     def _hypothesis_ids(self, hypothesis: str) -> np.ndarray:
         """Its token ids, cut to the pair budget: longest-first truncation never keeps more
         of a sequence than that, so the cut of every pair is the same as from all its ids."""
         ids = self._hypotheses.get(hypothesis)
         if ids is None:
-            ids = np.array(self._tokenize(hypothesis)[: self.max_length - 3], dtype=np.int32)
+            ids = np.array(tokenize_many(self.tokenizer, [hypothesis])[0], dtype=np.int32)
+            ids = ids[: self.max_length - 3]
             self._hypotheses.put(hypothesis, ids)
         return ids
 
     def prepare(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Prepared:
-        text_ids = np.array(self._tokenize(text), dtype=np.int32)
+        result = self.prepare_many([(text, tuple(labels), template, multi_label)])[0]
+        if isinstance(result, Exception):
+            raise result
+        return result
+
+    def prepare_many(
+        self, tasks: Sequence[tuple[str, Sequence[str], str, bool]]
+    ) -> list[Prepared | Exception]:
+        """Every (text, labels, template, multi_label): the texts tokenized in one call
+        that releases the interpreter lock, then each event's pairs assembled; a failure
+        of one event's assembly is returned in its place."""
+        texts = tokenize_many(self.tokenizer, [task[0] for task in tasks])
+        results: list[Prepared | Exception] = []
+        for ids, (_, labels, template, multi_label) in zip(texts, tasks, strict=True):
+            try:
+                results.append(self._pairs(ids, labels, template, multi_label))
+            except Exception as exc:  # noqa: BLE001 - that event's failure alone
+                results.append(exc)
+        return results
+
+    def _pairs(
+        self, ids: list[int], labels: Sequence[str], template: str, multi_label: bool
+    ) -> Prepared:
+        text_ids = np.array(ids, dtype=np.int32)
         budget = self.max_length - 3  # [CLS] A [SEP] B [SEP]
         cls_id = np.array([self.cls_id], dtype=np.int32)
         sep_id = np.array([self.sep_id], dtype=np.int32)
@@ -307,6 +328,11 @@ class NliEngine:
     ) -> Prepared:
         return self.pairs.prepare(text, labels, template, multi_label)
 
+    def prepare_many(
+        self, tasks: Sequence[tuple[str, Sequence[str], str, bool]]
+    ) -> list[Prepared | Exception]:
+        return self.pairs.prepare_many(tasks)
+
     def preparer_factory(self) -> PairTokenizerFactory:
         """A picklable callable that builds this engine's ``prepare`` side (no model) in
         another process: what :class:`~stream_classifier.preparing.ProcessPreparer` runs."""
@@ -449,14 +475,13 @@ class PendingScores:
         return results
 
 
-def tokenize(tokenizer: BertTokenizer, text: str) -> tuple[int, ...]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return tuple(int(i) for i in ids)
-
-
-def tokenize_backend(tokenizer: BertTokenizer, text: str) -> tuple[int, ...]:
-    """The same ids straight from the Rust backend (transformers 5), skipping the wrapper."""
-    return tuple(tokenizer.backend_tokenizer.encode(text, add_special_tokens=False).ids)
+def tokenize_many(tokenizer: BertTokenizer, texts: Sequence[str]) -> list[list[int]]:
+    """The ids of each text without special tokens, from the Rust tokenizer's
+    ``encode_batch``: the same ids as ``tokenizer(text)`` (its wrapper calls it too), minus
+    the wrapper's Python work per text, and with the interpreter lock released for the whole
+    call (a single ``encode`` holds it)."""
+    encoded = tokenizer.backend_tokenizer.encode_batch(list(texts), add_special_tokens=False)
+    return [encoding.ids for encoding in encoded]
 
 
 def padded_forward(
