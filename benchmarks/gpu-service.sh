@@ -22,6 +22,7 @@
 #   EVENTS (every label count)  GUARANTEES [at_least_once,exactly_once]  PARTITIONS [12]
 #   LOADS [0.5,0.9]  LATENCY_SECONDS [20]
 #   MAX_BATCH_MESSAGES, PREPARE_WORKERS  the service's settings (default: the device's)
+#   SERVICE_PREFIX  a command the service runs under (a profiler), see bench --service-prefix
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -71,6 +72,7 @@ for labels in ${LABELS:-4 10}; do
   extra=()
   [[ -z ${MAX_BATCH_MESSAGES:-} ]] || extra+=(--max-batch-messages "$MAX_BATCH_MESSAGES")
   [[ -z ${PREPARE_WORKERS:-} ]] || extra+=(--prepare-workers "$PREPARE_WORKERS")
+  [[ -z ${SERVICE_PREFIX:-} ]] || extra+=(--service-prefix "$SERVICE_PREFIX")
   log "$labels labels, $events events, broker $KAFKA_BOOTSTRAP"
   PYTHONUNBUFFERED=1 "$python" -m stream_classifier.cli bench --service \
     --bootstrap "$KAFKA_BOOTSTRAP" --shape "${SHAPE:-large}" --device "${DEVICE:-auto}" \

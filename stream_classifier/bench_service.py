@@ -60,7 +60,8 @@ POLL_S = 0.05
 GPU_SAMPLE_S = 0.1
 #: Logged by ``run`` at start-up: the settings the device resolved.
 SETTINGS_LINE = re.compile(
-    r"micro-batches of up to (\d+) messages; engine stage (\w+); prepare stage (\w+)"
+    r"micro-batches of up to (\d+) messages; engine stage (\w+); prepare stage (\w+); "
+    r"interpreter switch interval ([\d.e-]+) ms"
 )
 
 
@@ -80,6 +81,8 @@ class ServiceBenchOptions:
     #: processing.max_batch_messages / prepare_workers for the service; None: its default.
     max_batch_messages: int | None = None
     prepare_workers: int | None = None
+    #: A command the service runs under (a profiler: ``py-spy record -o FILE --``).
+    service_prefix: tuple[str, ...] = ()
     #: Micro-batch of the engine-alone measurement (``bench``'s default).
     engine_batch_messages: int = 1024
     max_batch_tokens: int = 65536
@@ -356,12 +359,13 @@ class _Topics:
 class ServiceProcess:
     """``python -m stream_classifier.cli run`` on a config written here; SIGTERM stops it."""
 
-    def __init__(self, config: dict[str, Any], directory: Path) -> None:
+    def __init__(self, config: dict[str, Any], directory: Path, prefix: Sequence[str] = ()) -> None:
         self.config_path = directory / "config.yaml"
         self.config_path.write_text(yaml.safe_dump(config, allow_unicode=True), encoding="utf-8")
         self.log_path = directory / "service.log"
         self._log = self.log_path.open("wb")
-        command = [sys.executable, "-m", "stream_classifier.cli", "run"]
+        self.prefixed = bool(prefix)
+        command = [*prefix, sys.executable, "-m", "stream_classifier.cli", "run"]
         self.process = subprocess.Popen(
             [*command, "--config", str(self.config_path)],
             stdout=self._log,
@@ -386,13 +390,29 @@ class ServiceProcess:
         match = SETTINGS_LINE.search(self.log_path.read_text(encoding="utf-8", errors="replace"))
         if match is None:
             return {}
-        batch, scorer, preparer = match.groups()
-        return {"max_batch_messages": batch, "scorer": scorer, "preparer": preparer}
+        batch, scorer, preparer, switch_ms = match.groups()
+        return {
+            "max_batch_messages": batch,
+            "scorer": scorer,
+            "preparer": preparer,
+            "switch_interval_ms": switch_ms,
+        }
+
+    def _service_pid(self) -> int:
+        """The service's pid: the process started, or its child under a prefix command
+        (a profiler writes its samples once the service it started has exited)."""
+        pid = self.process.pid
+        if not self.prefixed:
+            return pid
+        for children in Path(f"/proc/{pid}/task").glob("*/children"):
+            for child in children.read_text().split():
+                return int(child)
+        return pid
 
     def stop(self, timeout: float) -> None:
         """SIGTERM (the service drains and commits), SIGKILL after ``timeout``."""
         if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
+            os.kill(self._service_pid(), signal.SIGTERM)
         try:
             self.exit_code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
@@ -465,7 +485,8 @@ def run_service(
     gpu = GpuBusy()
     port = int(config["metrics"]["port"])
     timeout = options.step_timeout_s
-    service = ServiceProcess(config, directory)
+    prefix = [part.replace("{guarantee}", guarantee) for part in options.service_prefix]
+    service = ServiceProcess(config, directory, prefix)
     try:
         first: list[float] = []
 

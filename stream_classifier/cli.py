@@ -11,6 +11,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import shlex
 import signal
 import sys
 import threading
@@ -143,6 +144,12 @@ def _parser() -> argparse.ArgumentParser:
     service.add_argument(
         "--prepare-workers", type=int, help="the service's (default: its device default)"
     )
+    service.add_argument(
+        "--service-prefix",
+        default="",
+        help="a command the service runs under, e.g. a profiler: "
+        "'py-spy record -f raw -o spy-{guarantee}.txt --' ({guarantee} is filled in)",
+    )
     bench.set_defaults(handler=cmd_bench)
     return parser
 
@@ -231,13 +238,17 @@ def _service(config: ServiceConfig, engine: Engine, metrics: Metrics, gpu: bool)
     from stream_classifier.service import Service
 
     processing = config.processing
+    switch_ms = processing.switch_interval_ms or 5.0
+    sys.setswitchinterval(switch_ms / 1000.0)
     preparer = make_preparer(engine, processing.prepare_workers or 0)
     scorer = make_scorer(engine, metrics, gpu)
     log.info(
-        "micro-batches of up to %d messages; engine stage %s; prepare stage %s",
+        "micro-batches of up to %d messages; engine stage %s; prepare stage %s; "
+        "interpreter switch interval %g ms",
         processing.max_batch_messages,
         type(scorer).__name__,
         type(preparer).__name__,
+        switch_ms,
     )
     try:
         return Service(config, engine, metrics, scorer=scorer, preparer=preparer)
@@ -419,6 +430,7 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
         latency_seconds=args.latency_seconds,
         max_batch_messages=args.max_batch_messages,
         prepare_workers=args.prepare_workers,
+        service_prefix=tuple(shlex.split(args.service_prefix)),
         engine_batch_messages=args.batch_messages,
         max_batch_tokens=args.max_batch_tokens,
         seed=args.seed,

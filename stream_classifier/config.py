@@ -166,6 +166,11 @@ def _secret(value: SecretStr | None, path: str | None, what: str) -> str | None:
         raise ConfigError(f"cannot read the {what} secret file {path}: {exc.strerror}") from exc
 
 
+#: The interpreter's switch interval when the engine runs on a GPU (measured on an H100,
+#: docs/PERFORMANCE.md).
+GPU_SWITCH_INTERVAL_MS = 0.5
+
+
 class ProcessingConfig(_Section):
     guarantee: Literal["at_least_once", "exactly_once"] = "at_least_once"
     #: Default 256; when not set and the engine runs on a GPU, 1024 (see ``for_device``).
@@ -178,7 +183,9 @@ class ProcessingConfig(_Section):
     shutdown_timeout_s: float = Field(30.0, gt=0)
     #: How long the producer may try to deliver one record before it counts as failed.
     delivery_timeout_ms: int = Field(30_000, ge=1000)
-    #: Scored batches waiting for the producer at most (beyond it, partitions are paused).
+    #: Micro-batches handed to the engine and not yet written, at most (beyond it,
+    #: partitions are paused). Default 2; when not set and the engine runs on a GPU, 3
+    #: (see ``for_device``).
     max_pending_batches: int = Field(2, ge=1, le=64)
     #: exactly_once: the producer's transactional.id; stable per instance so a restart
     #: fences its previous incarnation. Default: "<group_id>-<hostname>".
@@ -189,6 +196,12 @@ class ProcessingConfig(_Section):
     #: lock (0: tokenize on the Kafka thread). Unset: 0 on a CPU, 2 when the engine runs
     #: on a GPU (see ``for_device``).
     prepare_workers: int | None = Field(None, ge=0, le=64)
+    #: How long a thread may hold the interpreter lock while another waits for it
+    #: (``sys.setswitchinterval``). PyTorch releases the lock inside every op, so the thread
+    #: launching a batch's ~2,000 ops waits this long for it again at each op while the
+    #: Kafka thread runs Python. Unset: 0.5 ms when the engine runs on a GPU (see
+    #: ``for_device``), Python's own 5 ms on a CPU.
+    switch_interval_ms: float | None = Field(None, gt=0, le=100)
 
     def for_device(self, gpu: bool) -> ProcessingConfig:
         """These settings with what was left unset resolved for the engine's device.
@@ -199,11 +212,17 @@ class ProcessingConfig(_Section):
         took the service from 1,480 to 1,024 msgs/s and its p50 latency at half load from
         71 ms to 929 ms. Settings given in the file or the environment are kept as they are.
         """
-        update: dict[str, int] = {}
+        update: dict[str, float] = {}
         if gpu and "max_batch_messages" not in self.model_fields_set:
             update["max_batch_messages"] = 1024
+        if gpu and "max_pending_batches" not in self.model_fields_set:
+            # Two on the device (PipelinedScorer) and one ready to launch the moment there
+            # is room, so the device never waits for the Kafka thread to write a batch.
+            update["max_pending_batches"] = 3
         if self.prepare_workers is None:
             update["prepare_workers"] = 0
+        if self.switch_interval_ms is None:
+            update["switch_interval_ms"] = GPU_SWITCH_INTERVAL_MS if gpu else 5.0
         return self.model_copy(update=update)
 
     @model_validator(mode="after")

@@ -137,10 +137,12 @@ class PipelinedScorer:
     The engine thread alone calls the engine: it queues the next batch with
     ``classify_async`` while the one before it is still computing, so the device goes from
     one to the next without waiting for the host (the next batch's tensors are built and
-    uploaded meanwhile). A second thread only waits on each queued batch's ``result()`` (the
-    device synchronisation and the scores' arithmetic) and reports back, so a new batch is
-    queued as soon as it is submitted, also while the engine thread would otherwise be
-    blocked. Futures are resolved in submission order.
+    uploaded meanwhile). A second thread, the waiter, waits on each queued batch's
+    ``result()`` (the device synchronisation and the scores' arithmetic) and resolves its
+    future at once: the engine thread may be inside a launch that waits for room in the
+    device's queue for a good part of a batch's time, and the service writes (and hands
+    the next batch over) as soon as a future is resolved. Futures are resolved in
+    submission order, by whichever thread finishes the oldest one.
 
     Failures are handled like :class:`ThreadScorer`'s: when ``classify_async`` or
     ``result()`` raises, that batch is scored again by :func:`score_isolating` on the engine
@@ -159,7 +161,10 @@ class PipelinedScorer:
         self._launched: queue.SimpleQueue[tuple[_Job, PendingResult] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
-        self._last_back = 0.0
+        #: Submitted and not yet resolved, in submission order (under ``_resolving``).
+        self._unresolved: deque[_Job] = deque()
+        self._resolving = threading.Lock()
+        self._last_back = 0.0  # the waiter's alone
         self._engine_thread = threading.Thread(target=self._run_engine, name="engine", daemon=True)
         self._waiter = threading.Thread(target=self._run_waiter, name="engine-wait", daemon=True)
         self._engine_thread.start()
@@ -185,7 +190,6 @@ class PipelinedScorer:
     # -- the engine thread -----------------------------------------------------------------
 
     def _run_engine(self) -> None:
-        unresolved: deque[_Job] = deque()  # submission order
         waiting: deque[_Job] = deque()  # not on the device yet
         on_device = 0
         stopping = False
@@ -198,7 +202,8 @@ class PipelinedScorer:
                     job.done = True
                 waiting.clear()
             elif isinstance(message, _Job):
-                unresolved.append(message)
+                with self._resolving:
+                    self._unresolved.append(message)
                 waiting.append(message)
             else:
                 on_device -= 1
@@ -206,8 +211,7 @@ class PipelinedScorer:
             while waiting and on_device < self.depth:
                 if self._launch(waiting.popleft()):
                     on_device += 1
-            while unresolved and unresolved[0].done:
-                self._resolve(unresolved.popleft())
+            self._settle()
         self._launched.put(None)
 
     def _launch(self, job: _Job) -> bool:
@@ -232,14 +236,11 @@ class PipelinedScorer:
         return True
 
     def _came_back(self, back: _Back) -> None:
+        """A launched batch is off the device; the waiter settled it unless it failed."""
         job = back.job
-        job.started = max(job.started, self._last_back)
-        self._last_back = back.at
         if back.error is None:
-            assert back.scores is not None
-            job.outcomes, job.done = list(back.scores), True
-            self._record_batch(job.requests, back.at - job.started)
-        elif isinstance(back.error, EngineError):
+            return
+        if isinstance(back.error, EngineError):
             job.error, job.done = back.error, True
         else:
             self._isolate(job)
@@ -252,6 +253,12 @@ class PipelinedScorer:
         else:
             self._record_batch(job.requests, time.monotonic() - job.started)
         job.done = True
+
+    def _settle(self) -> None:
+        """Resolve the futures of the finished jobs at the head, in submission order."""
+        with self._resolving:
+            while self._unresolved and self._unresolved[0].done:
+                self._resolve(self._unresolved.popleft())
 
     def _resolve(self, job: _Job) -> None:
         if job.future.cancelled():
@@ -274,4 +281,17 @@ class PipelinedScorer:
                 scores, error = pending.result(), None
             except BaseException as exc:  # noqa: BLE001 - reported to the engine thread
                 scores, error = None, exc
-            self._inbox.put(_Back(job, scores, error, time.monotonic()))
+            back = _Back(job, scores, error, time.monotonic())
+            if error is None:
+                self._scored(back)
+            self._inbox.put(back)
+
+    def _scored(self, back: _Back) -> None:
+        job = back.job
+        started = max(job.started, self._last_back)
+        self._last_back = back.at
+        assert back.scores is not None
+        job.outcomes = list(back.scores)
+        self._record_batch(job.requests, back.at - started)
+        job.done = True
+        self._settle()

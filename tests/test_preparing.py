@@ -257,7 +257,13 @@ def test_device_defaults_fill_only_what_was_not_set() -> None:
     assert unset.for_device(gpu=False).prepare_workers == 0
     assert unset.for_device(gpu=True).max_batch_messages == 1024
     assert unset.for_device(gpu=True).prepare_workers == 0  # measured slower on an H100
-    chosen = ProcessingConfig(max_batch_messages=300, prepare_workers=0)
+    assert unset.for_device(gpu=True).max_pending_batches == 3  # one ready behind two
+    assert unset.for_device(gpu=False).max_pending_batches == 2
+    assert unset.for_device(gpu=True).switch_interval_ms == 0.5
+    assert unset.for_device(gpu=False).switch_interval_ms == 5.0
+    chosen = ProcessingConfig(
+        max_batch_messages=300, prepare_workers=0, max_pending_batches=2, switch_interval_ms=1
+    )
     assert chosen.for_device(gpu=True) == chosen
     # resolving twice changes nothing (a SIGHUP reload compares resolved settings)
     assert unset.for_device(gpu=True).for_device(gpu=True) == unset.for_device(gpu=True)

@@ -80,6 +80,8 @@ class FakeEngine:
         self.in_flight = 0
         self.most_in_flight = 0
         self.gates: dict[int, threading.Event] = {}
+        #: Hold ``classify_async`` of that batch number (a launch waiting for queue room).
+        self.launch_gates: dict[int, threading.Event] = {}
         self.threads: set[str] = set()
 
     def prepare(
@@ -103,6 +105,9 @@ class FakeEngine:
                 raise EngineError("device gone")
             self.in_flight += 1
             self.most_in_flight = max(self.most_in_flight, self.in_flight)
+        gate = self.launch_gates.get(number)
+        if gate is not None:
+            gate.wait(WAIT_S)
         return FakePending(self, number, texts)
 
     def warmup(self) -> None:
@@ -145,6 +150,22 @@ def test_next_batch_is_queued_before_waiting_on_the_current_one_two_at_most(
     assert engine.calls.index("result 1") < engine.calls.index("launch 3")
     assert engine.most_in_flight == 2
     assert engine.threads == {"engine"}  # one thread calls the engine
+
+
+def test_a_batch_is_resolved_while_the_next_launch_is_still_waiting(
+    engine: FakeEngine, scorer: PipelinedScorer
+) -> None:
+    """On a GPU, ``classify_async`` can wait for room in the device's queue for much of a
+    batch's time; the batch before it must reach the service meanwhile, so that the
+    service writes it and hands over the next one without waiting for that launch."""
+    engine.launch_gates[2] = threading.Event()
+    first = scorer.submit([request("first")])
+    second = scorer.submit([request("second")])
+    assert first.result(WAIT_S) == [scores_of("first")]
+    assert engine.calls == ["launch 1", "launch 2", "result 1"]  # launch 2 not returned yet
+    assert not second.done()
+    engine.launch_gates[2].set()
+    assert second.result(WAIT_S) == [scores_of("second")]
 
 
 def test_a_batch_isolated_early_waits_for_the_one_before_it(
