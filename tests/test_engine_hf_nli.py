@@ -20,6 +20,7 @@ import torch
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import EngineError, Scores, load_engine
+from stream_classifier.engine.base import Prepared
 from stream_classifier.engine.hf_nli import HfNliEngine, Pairs, nli_columns
 from stream_classifier.engine.nli import NliEngine
 
@@ -104,9 +105,17 @@ def test_classify_all_messages_in_small_batches_matches_transformers_pipeline(
 ) -> None:
     # 256 tokens a batch: pairs of different messages and lengths share padded batches
     # (BART's rows with a literal </s> among them too).
+    # Prepared in one chunk, as the service prepares what one consume() returned.
     engine = load_engine(EngineConfig(model=str(checkpoints[arch]), device="cpu"), 256)
+    assert isinstance(engine, HfNliEngine)
     cases = GOLDEN["architectures"][arch]["cases"]
-    results = engine.classify([prepare(engine, case) for case in cases])  # type: ignore[arg-type]
+    tasks = [(c["text"], c["labels"], c["hypothesis_template"], c["multi_label"]) for c in cases]
+    chunk = engine.prepare_many(tasks)
+    prepared = [item for item in chunk if isinstance(item, Prepared)]
+    assert len(prepared) == len(cases)
+    for case, item in zip(cases, prepared, strict=True):
+        assert [int(n) for n in item.payload.lengths] == case["pair_lengths"]  # type: ignore[attr-defined]
+    results = engine.classify(prepared)
     for case, result in zip(cases, results, strict=True):
         assert_same_ranking(result, case["expected"])
 
@@ -202,6 +211,12 @@ def test_pair_longer_than_the_positions_is_rejected_by_prepare(
     long_label = " ".join(["quality"] * 150)  # the hypothesis alone is over the budget
     with pytest.raises(EngineError, match="128 positions"):
         engine.prepare("the box was damaged", [long_label], "{}", False)
+    # in a chunk, only that event fails
+    fine, too_long = engine.prepare_many(
+        [("the box was damaged", ["quality"], "{}", False), ("same", [long_label], "{}", False)]
+    )
+    assert isinstance(fine, Prepared)
+    assert isinstance(too_long, EngineError)
 
 
 def test_tokenizer_without_max_length_cuts_to_the_model_positions(tmp_path: Path) -> None:

@@ -457,7 +457,27 @@ class HfNliEngine:
     def prepare(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Prepared:
-        text_ids = _encode(self._backend, text)
+        return self._prepared(_encode(self._backend, text), labels, template, multi_label)
+
+    def prepare_many(
+        self, tasks: Sequence[tuple[str, Sequence[str], str, bool]]
+    ) -> list[Prepared | Exception]:
+        """Every (text, labels, template, multi_label): the texts tokenized in one Rust
+        ``encode_batch`` call (the interpreter lock released for all of it), then each
+        event's pairs; a failure of one event is returned in its place."""
+        encoded = self._backend.encode_batch([task[0] for task in tasks], add_special_tokens=False)
+        results: list[Prepared | Exception] = []
+        for encoding, (_, labels, template, multi_label) in zip(encoded, tasks, strict=True):
+            text_ids = np.array(encoding.ids, dtype=np.int32)
+            try:
+                results.append(self._prepared(text_ids, labels, template, multi_label))
+            except Exception as exc:  # noqa: BLE001 - that event's failure alone
+                results.append(exc)
+        return results
+
+    def _prepared(
+        self, text_ids: np.ndarray, labels: Sequence[str], template: str, multi_label: bool
+    ) -> Prepared:
         layout = self.layout
         budget = None if self.max_length is None else self.max_length - layout.special_tokens
         prefix, middle, suffix = (np.array(part, dtype=np.int32) for part in layout.parts)
