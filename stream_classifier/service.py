@@ -383,6 +383,8 @@ class Service:
             or not self.checkpoint.can_write()
         )
         want = set(self._assigned) if hold else set(self._rewinding)
+        if want == self._paused and not self._unsettled:
+            return  # nothing to change (most turns)
         pause = sorted((want - self._paused) | (want & self._unsettled))
         resume = sorted((self._paused - want) | (self._unsettled - want))
         if pause and not self._paused:
@@ -623,7 +625,10 @@ class Service:
         self._rebalance.released += partitions
 
     def _apply_rebalance(self) -> None:
-        change, self._rebalance = self._rebalance, Rebalance()
+        change = self._rebalance
+        if not (change.assigned or change.released or change.lost):
+            return  # no callback ran (most turns)
+        self._rebalance = Rebalance()
         if change.released:
             self._release(change.released)
             # Revoked and assigned again within one consume(): what it returned for such a
