@@ -58,6 +58,7 @@ def test_gpu_service_script_runs_the_real_service_and_writes_its_report(
         "max_batch_messages": "256",
         "scorer": "ThreadScorer",  # PipelinedScorer on a GPU
         "preparer": "ProcessPreparer",
+        "switch_interval_ms": "5",  # Python's own on a CPU (0.5 on a GPU)
     }
     assert service["gpu_busy"] is None  # no GPU here
     (at_half,) = service["latency"]
