@@ -61,7 +61,7 @@ class Preparer(Protocol):
     def shutdown(self) -> None: ...
 
 
-#: One event's arguments to ``prepare``: text, labels, hypothesis template, multi-label.
+#: One event's arguments to ``prepare`` (labels as a tuple, so that a task pickles small).
 Task = tuple[str, tuple[str, ...], str, bool]
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -23,6 +23,26 @@ class Prepared:
     multi_label: bool
     tokens: int
     payload: object
+
+
+#: One event's arguments to ``prepare``: text, labels, hypothesis template, multi-label.
+PrepareTask = tuple[str, Sequence[str], str, bool]
+
+
+def prepare_each(
+    text_ids: Sequence[Sequence[int]],
+    tasks: Sequence[PrepareTask],
+    build: Callable[[Sequence[int], Sequence[str], str, bool], Prepared],
+) -> list[Prepared | Exception]:
+    """``build`` each task from its text's ids (tokenized together beforehand, in one call);
+    an event whose ``build`` raises gets its exception in its place, the rest go on."""
+    results: list[Prepared | Exception] = []
+    for ids, (_, labels, template, multi_label) in zip(text_ids, tasks, strict=True):
+        try:
+            results.append(build(ids, labels, template, multi_label))
+        except Exception as exc:  # noqa: BLE001 - that event's failure alone
+            results.append(exc)
+    return results
 
 
 @dataclass(frozen=True)

@@ -53,7 +53,13 @@ import numpy as np
 import torch
 
 from stream_classifier.config import MAX_PAIR_TOKENS, EngineConfig
-from stream_classifier.engine.base import EngineError, Prepared, Scores
+from stream_classifier.engine.base import (
+    EngineError,
+    Prepared,
+    PrepareTask,
+    Scores,
+    prepare_each,
+)
 from stream_classifier.engine.batches import padded_batches
 from stream_classifier.engine.cache import ByteBoundedCache
 from stream_classifier.engine.nli import (
@@ -459,25 +465,21 @@ class HfNliEngine:
     ) -> Prepared:
         return self._prepared(_encode(self._backend, text), labels, template, multi_label)
 
-    def prepare_many(
-        self, tasks: Sequence[tuple[str, Sequence[str], str, bool]]
-    ) -> list[Prepared | Exception]:
+    def prepare_many(self, tasks: Sequence[PrepareTask]) -> list[Prepared | Exception]:
         """Every (text, labels, template, multi_label): the texts tokenized in one Rust
         ``encode_batch`` call (the interpreter lock released for all of it), then each
         event's pairs; a failure of one event is returned in its place."""
         encoded = self._backend.encode_batch([task[0] for task in tasks], add_special_tokens=False)
-        results: list[Prepared | Exception] = []
-        for encoding, (_, labels, template, multi_label) in zip(encoded, tasks, strict=True):
-            text_ids = np.array(encoding.ids, dtype=np.int32)
-            try:
-                results.append(self._prepared(text_ids, labels, template, multi_label))
-            except Exception as exc:  # noqa: BLE001 - that event's failure alone
-                results.append(exc)
-        return results
+        return prepare_each([e.ids for e in encoded], tasks, self._prepared)
 
     def _prepared(
-        self, text_ids: np.ndarray, labels: Sequence[str], template: str, multi_label: bool
+        self,
+        token_ids: Sequence[int] | np.ndarray,
+        labels: Sequence[str],
+        template: str,
+        multi_label: bool,
     ) -> Prepared:
+        text_ids = np.asarray(token_ids, dtype=np.int32)
         layout = self.layout
         budget = None if self.max_length is None else self.max_length - layout.special_tokens
         prefix, middle, suffix = (np.array(part, dtype=np.int32) for part in layout.parts)

@@ -37,7 +37,13 @@ import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from stream_classifier.config import MAX_PAIR_TOKENS, EngineConfig
-from stream_classifier.engine.base import EngineError, Prepared, Scores
+from stream_classifier.engine.base import (
+    EngineError,
+    Prepared,
+    PrepareTask,
+    Scores,
+    prepare_each,
+)
 from stream_classifier.engine.batches import TokenBatch, packed_batches, padded_batches
 from stream_classifier.engine.cache import ByteBoundedCache
 from stream_classifier.engine.head import ClassifierHead
@@ -145,23 +151,15 @@ class PairTokenizer:
             raise result
         return result
 
-    def prepare_many(
-        self, tasks: Sequence[tuple[str, Sequence[str], str, bool]]
-    ) -> list[Prepared | Exception]:
+    def prepare_many(self, tasks: Sequence[PrepareTask]) -> list[Prepared | Exception]:
         """Every (text, labels, template, multi_label): the texts tokenized in one call
         that releases the interpreter lock, then each event's pairs assembled; a failure
         of one event's assembly is returned in its place."""
         texts = tokenize_many(self.tokenizer, [task[0] for task in tasks])
-        results: list[Prepared | Exception] = []
-        for ids, (_, labels, template, multi_label) in zip(texts, tasks, strict=True):
-            try:
-                results.append(self._pairs(ids, labels, template, multi_label))
-            except Exception as exc:  # noqa: BLE001 - that event's failure alone
-                results.append(exc)
-        return results
+        return prepare_each(texts, tasks, self._pairs)
 
     def _pairs(
-        self, ids: list[int], labels: Sequence[str], template: str, multi_label: bool
+        self, ids: Sequence[int], labels: Sequence[str], template: str, multi_label: bool
     ) -> Prepared:
         text_ids = np.array(ids, dtype=np.int32)
         budget = self.max_length - 3  # [CLS] A [SEP] B [SEP]
@@ -328,9 +326,7 @@ class NliEngine:
     ) -> Prepared:
         return self.pairs.prepare(text, labels, template, multi_label)
 
-    def prepare_many(
-        self, tasks: Sequence[tuple[str, Sequence[str], str, bool]]
-    ) -> list[Prepared | Exception]:
+    def prepare_many(self, tasks: Sequence[PrepareTask]) -> list[Prepared | Exception]:
         return self.pairs.prepare_many(tasks)
 
     def preparer_factory(self) -> PairTokenizerFactory:
