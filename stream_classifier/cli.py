@@ -24,6 +24,7 @@ from pydantic import ValidationError
 
 from stream_classifier.config import (
     DEFAULT_MODELS,
+    PYTHON_SWITCH_INTERVAL_MS,
     ConfigError,
     EngineConfig,
     ServiceConfig,
@@ -238,7 +239,7 @@ def _service(config: ServiceConfig, engine: Engine, metrics: Metrics, gpu: bool)
     from stream_classifier.service import Service
 
     processing = config.processing
-    switch_ms = processing.switch_interval_ms or 5.0
+    switch_ms = processing.switch_interval_ms or PYTHON_SWITCH_INTERVAL_MS
     sys.setswitchinterval(switch_ms / 1000.0)
     preparer = make_preparer(engine, processing.prepare_workers or 0)
     scorer = make_scorer(engine, metrics, gpu)

@@ -167,8 +167,9 @@ def _secret(value: SecretStr | None, path: str | None, what: str) -> str | None:
 
 
 #: The interpreter's switch interval when the engine runs on a GPU (measured on an H100,
-#: docs/PERFORMANCE.md).
+#: docs/PERFORMANCE.md), and Python's own (kept on a CPU).
 GPU_SWITCH_INTERVAL_MS = 0.5
+PYTHON_SWITCH_INTERVAL_MS = 5.0
 
 
 class ProcessingConfig(_Section):
@@ -193,8 +194,7 @@ class ProcessingConfig(_Section):
     #: exactly_once: the broker aborts a transaction open longer than this.
     transaction_timeout_ms: int = Field(60_000, ge=1000, le=900_000)
     #: Worker processes that tokenize events, off the Kafka thread and its interpreter
-    #: lock (0: tokenize on the Kafka thread). Unset: 0 on a CPU, 2 when the engine runs
-    #: on a GPU (see ``for_device``).
+    #: lock (0: tokenize on the Kafka thread). Unset: 0 (see ``for_device``).
     prepare_workers: int | None = Field(None, ge=0, le=64)
     #: How long a thread may hold the interpreter lock while another waits for it
     #: (``sys.setswitchinterval``). PyTorch releases the lock inside every op, so the thread
@@ -222,7 +222,9 @@ class ProcessingConfig(_Section):
         if self.prepare_workers is None:
             update["prepare_workers"] = 0
         if self.switch_interval_ms is None:
-            update["switch_interval_ms"] = GPU_SWITCH_INTERVAL_MS if gpu else 5.0
+            update["switch_interval_ms"] = (
+                GPU_SWITCH_INTERVAL_MS if gpu else PYTHON_SWITCH_INTERVAL_MS
+            )
         return self.model_copy(update=update)
 
     @model_validator(mode="after")

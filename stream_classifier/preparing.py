@@ -38,7 +38,7 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Protocol
 
-from stream_classifier.engine.base import Engine, EngineError, Prepared
+from stream_classifier.engine.base import Engine, EngineError, Prepared, PrepareTask
 
 log = logging.getLogger(__name__)
 
@@ -59,10 +59,6 @@ class Preparer(Protocol):
         ...
 
     def shutdown(self) -> None: ...
-
-
-#: One event's arguments to ``prepare`` (labels as a tuple, so that a task pickles small).
-Task = tuple[str, tuple[str, ...], str, bool]
 
 
 class PrepareSide(Protocol):
@@ -87,7 +83,7 @@ class InlinePreparer:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._submitted: list[tuple[Task, Future[Prepared]]] = []
+        self._submitted: list[tuple[PrepareTask, Future[Prepared]]] = []
 
     def submit(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
@@ -161,7 +157,7 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _prepare_chunk(tasks: list[Task]) -> list[Prepared | BaseException]:
+def _prepare_chunk(tasks: list[PrepareTask]) -> list[Prepared | BaseException]:
     """In a worker: prepare each event; a failure is returned in its place."""
     assert _side is not None
     results = prepare_all(_side, tasks)
@@ -180,7 +176,7 @@ def _picklable(exc: Exception) -> BaseException:
 @dataclass(eq=False)
 class _Event:
     future: Future[Prepared]
-    task: Task
+    task: PrepareTask
     crashes: int = 0
 
 
@@ -358,7 +354,7 @@ class ProcessPreparer:
             self._cond.notify()
 
 
-def prepare_all(side: PrepareSide, tasks: Sequence[Task]) -> list[Prepared | Exception]:
+def prepare_all(side: PrepareSide, tasks: Sequence[PrepareTask]) -> list[Prepared | Exception]:
     """Prepare every task, a failure in its place: in one ``prepare_many`` call where the
     engine has one (if that call itself fails, event by event, to find whose it is)."""
     many = getattr(side, "prepare_many", None)
@@ -370,7 +366,7 @@ def prepare_all(side: PrepareSide, tasks: Sequence[Task]) -> list[Prepared | Exc
     return [_prepare_with(side, task) for task in tasks]
 
 
-def _prepare_with(side: PrepareSide, task: Task) -> Prepared | Exception:
+def _prepare_with(side: PrepareSide, task: PrepareTask) -> Prepared | Exception:
     try:
         return side.prepare(*task)
     except Exception as exc:  # noqa: BLE001 - that event's failure, for its future
