@@ -23,6 +23,7 @@
 #   LOADS [0.5,0.9]  LATENCY_SECONDS [20]
 #   MAX_BATCH_MESSAGES, PREPARE_WORKERS  the service's settings (default: the device's)
 #   SERVICE_PREFIX  a command the service runs under (a profiler), see bench --service-prefix
+#   CUDA_GRAPHS [1]  0: launch every pass eagerly (engine.cuda_graphs: false), for an A/B
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 root=$PWD
@@ -73,6 +74,7 @@ for labels in ${LABELS:-4 10}; do
   [[ -z ${MAX_BATCH_MESSAGES:-} ]] || extra+=(--max-batch-messages "$MAX_BATCH_MESSAGES")
   [[ -z ${PREPARE_WORKERS:-} ]] || extra+=(--prepare-workers "$PREPARE_WORKERS")
   [[ -z ${SERVICE_PREFIX:-} ]] || extra+=(--service-prefix "$SERVICE_PREFIX")
+  [[ ${CUDA_GRAPHS:-1} != 0 ]] || extra+=(--no-cuda-graphs)
   log "$labels labels, $events events, broker $KAFKA_BOOTSTRAP"
   PYTHONUNBUFFERED=1 "$python" -m stream_classifier.cli bench --service \
     --bootstrap "$KAFKA_BOOTSTRAP" --shape "${SHAPE:-large}" --device "${DEVICE:-auto}" \
@@ -80,5 +82,5 @@ for labels in ${LABELS:-4 10}; do
     --guarantees "${GUARANTEES:-at_least_once,exactly_once}" \
     --partitions "${PARTITIONS:-12}" --loads "${LOADS:-0.5,0.9}" \
     --latency-seconds "${LATENCY_SECONDS:-20}" "${extra[@]}" \
-    --json "$out/service-$labels.json"
+    --json "$out/service-$labels${CUDA_GRAPHS:+-graphs$CUDA_GRAPHS}.json"
 done

@@ -167,6 +167,7 @@ class BenchOptions:
     batch_messages: int = 1024
     multi_label: bool = False
     backend: Backend = "auto"
+    cuda_graphs: bool = True
     reference_messages: int = 200
     seed: int = 0
 
@@ -639,7 +640,9 @@ def prepare_context(options: BenchOptions, directory: Path) -> Context:
         engine = loaded
     else:
         model_dir = build_model_dir(shape, directory / f"structbert-{options.shape}", options.seed)
-        config = EngineConfig(model=str(model_dir), device=options.device)
+        config = EngineConfig(
+            model=str(model_dir), device=options.device, cuda_graphs=options.cuda_graphs
+        )
         engine = NliEngine.load(config, options.max_batch_tokens, backend=options.backend)
     device = engine.device
     start = time.perf_counter()

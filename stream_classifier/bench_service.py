@@ -86,6 +86,8 @@ class ServiceBenchOptions:
     #: Micro-batch of the engine-alone measurement (``bench``'s default).
     engine_batch_messages: int = 1024
     max_batch_tokens: int = 65536
+    #: engine.cuda_graphs, for the service and the engine-alone numbers.
+    cuda_graphs: bool = True
     seed: int = 0
     #: Longest wait for any one step (start-up, draining the pre-filled topic, ...).
     step_timeout_s: float = 900.0
@@ -138,7 +140,7 @@ def engine_numbers(
     from stream_classifier.config import EngineConfig
     from stream_classifier.engine.nli import NliEngine
 
-    config = EngineConfig(model=model_dir, device=options.device)
+    config = EngineConfig(model=model_dir, device=options.device, cuda_graphs=options.cuda_graphs)
     engine = NliEngine.load(config, options.max_batch_tokens)
     engine.warmup()
     events = bench.make_events(count, labels, options.seed + labels)
@@ -150,6 +152,8 @@ def engine_numbers(
         "messages": count,
         "batch_messages": size,
         "backend": engine.backend,
+        "cuda_graphs_captured": getattr(engine.forward, "captured", None),
+        "cuda_graphs_failed": getattr(engine.forward, "failed", None),
         "end_to_end_msgs_per_s": count / end_to_end_s,
         "pre_tokenized_msgs_per_s": count / model_s,
         "environment": bench.environment(engine.device),
@@ -452,7 +456,11 @@ def _service_config(
     return {
         "kafka": {"bootstrap_servers": options.bootstrap, "group_id": group},
         "processing": processing,
-        "engine": {"model": str(model_dir), "device": options.device},
+        "engine": {
+            "model": str(model_dir),
+            "device": options.device,
+            "cuda_graphs": options.cuda_graphs,
+        },
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": _free_port()},
         "topics": [
             {

@@ -115,6 +115,12 @@ def _parser() -> argparse.ArgumentParser:
     bench.add_argument("--batch-messages", type=int, default=1024, help="micro-batch size")
     bench.add_argument("--multi-label", action="store_true")
     bench.add_argument("--backend", choices=["auto", "packed", "padded"], default="auto")
+    bench.add_argument(
+        "--no-cuda-graphs",
+        dest="cuda_graphs",
+        action="store_false",
+        help="launch each pass eagerly (engine.cuda_graphs: false), for an A/B",
+    )
     bench.add_argument("--reference-messages", type=int, default=200, help="fp32 check (GPU)")
     bench.add_argument("--seed", type=int, default=0)
     bench.add_argument("--json", metavar="FILE", help="also write the report as JSON")
@@ -395,6 +401,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         batch_messages=args.batch_messages,
         multi_label=args.multi_label,
         backend=args.backend,
+        cuda_graphs=args.cuda_graphs,
         reference_messages=args.reference_messages,
         seed=args.seed,
     )
@@ -434,6 +441,7 @@ def cmd_bench_service(args: argparse.Namespace) -> int:
         service_prefix=tuple(shlex.split(args.service_prefix)),
         engine_batch_messages=args.batch_messages,
         max_batch_tokens=args.max_batch_tokens,
+        cuda_graphs=args.cuda_graphs,
         seed=args.seed,
     )
     return bench_service.main(options, args.json)

@@ -272,6 +272,9 @@ class EngineConfig(_Section):
     #: id2label ("entail...", "contradict...", or a two-class head's other class).
     entailment_index: int | None = Field(None, ge=0)
     contradiction_index: int | None = Field(None, ge=0)
+    #: nli on a GPU with flash attention: replay each forward pass from a CUDA graph of its
+    #: shape (one launch, not hundreds; docs/PERFORMANCE.md). Off: launch eagerly.
+    cuda_graphs: bool = True
 
     @model_validator(mode="after")
     def _distinct_nli_columns(self) -> EngineConfig:

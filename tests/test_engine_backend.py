@@ -112,10 +112,12 @@ def test_flash_passing_its_probe_is_the_packed_flash_backend(
 ) -> None:
     calls = pretend_flash_capable(monkeypatch, varlen_attention)
     engine = load(tiny_model, "auto")
-    assert engine.backend == "cpu-packed-flash"
+    assert engine.backend == "cpu-packed-flash-graphs"
     tried = calls.calls
     assert_scores_like_the_reference(engine)
     assert calls.calls > tried
+    config = EngineConfig(model=str(tiny_model), device="cpu", cuda_graphs=False)
+    assert NliEngine.load(config, 4096).backend == "cpu-packed-flash"
 
 
 def test_without_flash_the_default_on_cpu_is_padded_sdpa(tiny_model: Path) -> None:

@@ -10,11 +10,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import packed
+from stream_classifier.engine.batches import TokenBatch
+from stream_classifier.engine.graphs import GraphedForward
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.messages import parse_labels
 
@@ -57,7 +60,33 @@ def test_batched_equals_one_message_at_a_time_on_cuda(engine: NliEngine) -> None
 def test_the_backend_follows_the_gpu_capability(engine: NliEngine) -> None:
     """Ampere and newer run packed flash attention; older GPUs (T4, V100) padded SDPA."""
     major, _ = torch.cuda.get_device_capability()
-    assert engine.backend == ("packed-flash" if major >= 8 else "padded-sdpa")
+    assert engine.backend == ("packed-flash-graphs" if major >= 8 else "padded-sdpa")
+
+
+def random_pairs(seed: int, rows: int) -> TokenBatch:
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(5, 513, size=rows).astype(np.int32)
+    a_lengths = np.maximum(1, lengths // 2 - 2).astype(np.int32)
+    return TokenBatch(
+        rng.integers(110, 500, size=int(lengths.sum())).astype(np.int32), lengths, a_lengths
+    )
+
+
+def test_passes_replayed_from_cuda_graphs_equal_the_eager_passes(tiny_model: Path) -> None:
+    """Many passes of many shapes (the last of each call short of the budget), twice."""
+    config = EngineConfig(model=str(tiny_model), device="cuda")
+    graphed = NliEngine.load(config, 16384)
+    eager = NliEngine.load(config.model_copy(update={"cuda_graphs": False}), 16384)
+    assert (graphed.backend, eager.backend) == ("packed-flash-graphs", "packed-flash")
+    graphed.warmup()
+    forward = graphed.forward
+    assert isinstance(forward, GraphedForward)
+    for seed, rows in [(0, 700), (1, 333), (2, 41), (0, 700)]:
+        batch = random_pairs(seed, rows)
+        torch.testing.assert_close(
+            graphed.logits(batch), eager.logits(batch), rtol=0, atol=FP16_TOLERANCE
+        )
+    assert forward.captured >= 4 and forward.failed == 0
 
 
 def no_kernel_image(*args: Any) -> torch.Tensor:

@@ -18,6 +18,8 @@ Speed comes from doing the reference's work once and only the real tokens:
   runs only the [CLS] rows. Elsewhere (a CPU, a GPU or a PyTorch build without flash
   attention, or one whose flash call fails its probe at load) the Hugging Face encoder runs
   on length-sorted, padded batches with SDPA attention; ``engine.backend`` says which;
+- with flash on a GPU each pass is replayed from a CUDA graph of its shape (:mod:`.graphs`):
+  one launch instead of hundreds, so other Python threads cannot starve the GPU;
 - batches are queued without synchronising; the logits come back in one copy.
 """
 
@@ -28,9 +30,10 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
 
 import numpy as np
 import torch
@@ -47,6 +50,9 @@ from stream_classifier.engine.base import (
 from stream_classifier.engine.batches import TokenBatch, packed_batches, padded_batches
 from stream_classifier.engine.cache import ByteBoundedCache
 from stream_classifier.engine.head import ClassifierHead
+
+if TYPE_CHECKING:
+    from stream_classifier.engine.packed import PackedBert
 
 log = logging.getLogger(__name__)
 
@@ -207,11 +213,13 @@ class NliEngine:
         backend: Backend = "auto",
         compile_layers: bool = True,
         head: ClassifierHead | None = None,
+        cuda_graphs: bool = True,
     ) -> None:
         self.model = model
         #: The pooler and classifier in fp32 (the checkpoint's weights where given).
         self.head = head if head is not None else ClassifierHead.of(model)
         self.compile_layers = compile_layers
+        self.cuda_graphs = cuda_graphs
         self.tokenizer = tokenizer
         self.model_id = model_id
         self.max_batch_tokens = max_batch_tokens
@@ -231,8 +239,20 @@ class NliEngine:
         #: What runs: "packed-flash", "packed-sdpa" or "padded-sdpa", "cpu-" first on a CPU.
         self.backend: str = chosen
         self._packed = chosen.removeprefix("cpu-").startswith("packed")
+        #: Most tokens in one forward pass: the budget, or just under it for CUDA graphs.
+        self.pass_tokens = max_batch_tokens
+        if chosen.endswith("-graphs"):
+            from stream_classifier.engine.graphs import pass_budget
+
+            self.pass_tokens = pass_budget(max_batch_tokens)
         #: The model call; tests replace it to inject faults.
         self.forward: Forward = forward
+        #: All of the engine's device work runs on its own stream (a CUDA graph cannot be
+        #: captured on the default one).
+        self.stream: torch.cuda.Stream | None = None
+        if self.device.type == "cuda":
+            self.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
+            self.stream.wait_stream(torch.cuda.current_stream(self.device))
 
     @classmethod
     def load(
@@ -243,7 +263,15 @@ class NliEngine:
         dtype = pick_dtype(config.dtype, device)
         model, head = load_classifier_and_head(model_dir, device, dtype)
         tokenizer = load_tokenizer(model_dir)
-        engine = cls(model, tokenizer, config.model, max_batch_tokens, backend=backend, head=head)
+        engine = cls(
+            model,
+            tokenizer,
+            config.model,
+            max_batch_tokens,
+            backend=backend,
+            head=head,
+            cuda_graphs=config.cuda_graphs,
+        )
         log.info(
             "NLI model %s: backend %s, %s on %s, pairs of up to %d tokens",
             model_dir,
@@ -276,7 +304,7 @@ class NliEngine:
             )
             problem = self._probe(forward)
             if problem is None:
-                return forward, where + "packed-flash"
+                return self._graphed(forward)
             log.warning("flash attention failed its probe at load (%s); using %s", problem, instead)
         elif self.device.type == "cuda" and self.dtype != torch.float32:
             log.warning("no flash attention (%s); using %s", problem, instead)
@@ -288,6 +316,18 @@ class NliEngine:
             )
         forward.disable_flash()
         return forward, where + "packed-sdpa"
+
+    def _graphed(self, forward: PackedBert) -> tuple[Forward, str]:
+        """The flash forward, replayed from CUDA graphs where the engine may use them."""
+        where = "cpu-" if self.device.type == "cpu" else ""
+        if not self.cuda_graphs:
+            return forward, where + "packed-flash"
+        from stream_classifier.engine.graphs import GraphedForward
+
+        capture = self.device.type == "cuda"
+        return GraphedForward(
+            forward, self.max_batch_tokens, capture
+        ), where + "packed-flash-graphs"
 
     def _probe(self, forward: Forward) -> str | None:
         """Run two short pairs of different lengths; why that failed, or None."""
@@ -360,7 +400,7 @@ class NliEngine:
         return self._launch(pairs).wait()
 
     def _launch(self, pairs: TokenBatch) -> PendingLogits:
-        budget = self.max_batch_tokens
+        budget = self.pass_tokens
         if self.device.type == "cpu":
             budget = min(budget, CPU_BATCH_TOKENS)
         if self._packed:
@@ -368,9 +408,10 @@ class NliEngine:
         else:
             plan = padded_batches(pairs.lengths, budget, PAD_MULTIPLE)
         outputs: list[torch.Tensor] = []
-        for rows in plan:
-            self._run(pairs.take(rows), outputs)
-        return PendingLogits(torch.cat(outputs), np.concatenate(plan))
+        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+            for rows in plan:
+                self._run(pairs.take(rows), outputs)
+            return PendingLogits(torch.cat(outputs), np.concatenate(plan))
 
     def _run(self, batch: TokenBatch, outputs: list[torch.Tensor]) -> None:
         run_halving_on_oom(
@@ -384,12 +425,17 @@ class NliEngine:
         kernels are ready.
         """
         longest = self.max_length
-        rows = 1 if self.device.type == "cpu" else max(1, self.max_batch_tokens // longest)
+        rows = 1 if self.device.type == "cpu" else max(1, self.pass_tokens // longest)
         shapes = [(rows, longest)]
         if self.device.type != "cpu":
-            shapes.append((max(1, self.max_batch_tokens // 64), 64))
+            shapes.append((max(1, self.pass_tokens // 64), 64))
         for count, length in shapes:
             self.logits(self._filler_pairs(count, length))
+        if self.device.type == "cuda" and self.backend.endswith("-graphs"):
+            # the first pass ran eagerly (graphs.py): the largest one's graph too, then give
+            # back what the eager passes cached (the graphs keep their own pool)
+            self.logits(self._filler_pairs(*shapes[0]))
+            torch.cuda.empty_cache()
 
 
 class Halvable(Protocol):

@@ -195,8 +195,18 @@ class PackedBert:
 
     def __call__(self, batch: TokenBatch) -> torch.Tensor:
         tokens, layout = self._upload(batch)
+        return self.compute(tokens, layout)
+
+    def compute(self, tokens: torch.Tensor, layout: Layout) -> torch.Tensor:
+        """The pass on uploaded inputs: ``tokens`` ``[3, T]`` (ids, token types, positions).
+
+        Tokens after ``layout.cu[-1]`` belong to no sequence and sequences may be empty (a
+        CUDA graph's fixed shapes, :mod:`.graphs`): their rows hold garbage that never
+        reaches a real sequence's row.
+        """
         hidden = self._embed(tokens)
-        cls_rows = layout.cu[:-1].long()
+        # an empty sequence at the very end starts at T: read any row, its result is unused
+        cls_rows = layout.cu[:-1].long().clamp(max=tokens.shape[1] - 1)
         for layer in self.layers[:-1]:
             hidden = self._run_layer(hidden, layer, layout)
         cls_hidden = self._last_layer(hidden, self.layers[-1], layout, cls_rows)

@@ -1,0 +1,219 @@
+"""Passes replayed from CUDA graphs: the fixed shapes a pass is fitted into, and what comes back.
+
+No GPU here, so no graph is captured: the same fixed-shape pass runs directly
+(``capture=False``), with padding tokens that belong to no sequence and empty sequences at
+the end. The flash kernel is stood in for by a loop that leaves every row it does not own
+as NaN, so a padding row that reached a real one would show. ``tests/test_engine_gpu.py``
+checks real graphs against the eager pass on a GPU.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from test_engine_backend import assert_scores_like_the_reference, pretend_flash_capable
+
+from stream_classifier.config import EngineConfig
+from stream_classifier.engine import graphs
+from stream_classifier.engine.batches import TokenBatch
+from stream_classifier.engine.graphs import (
+    GraphedForward,
+    Shape,
+    bucket_tokens,
+    pass_budget,
+    shape_of,
+)
+from stream_classifier.engine.nli import NliEngine
+
+BUDGET = 4096
+
+
+def nan_outside_sequences(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_queries: torch.Tensor,
+    cu_keys: torch.Tensor,
+    max_queries: int,
+    max_keys: int,
+    scale: float,
+) -> torch.Tensor:
+    """Flash attention's contract, one sequence at a time; rows of no sequence stay NaN."""
+    assert max_queries >= int((cu_queries[1:] - cu_queries[:-1]).max()), "grid too small"
+    assert max_keys >= int((cu_keys[1:] - cu_keys[:-1]).max()), "grid too small"
+    out = torch.full_like(query, float("nan"))
+    for index in range(cu_queries.shape[0] - 1):
+        q0, q1 = int(cu_queries[index]), int(cu_queries[index + 1])
+        k0, k1 = int(cu_keys[index]), int(cu_keys[index + 1])
+        if q0 == q1 or k0 == k1:
+            continue
+        attended = torch.nn.functional.scaled_dot_product_attention(
+            query[q0:q1].transpose(0, 1),
+            key[k0:k1].transpose(0, 1),
+            value[k0:k1].transpose(0, 1),
+            scale=scale,
+        )
+        out[q0:q1] = attended.transpose(0, 1)
+    return out
+
+
+@pytest.fixture
+def engine(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> NliEngine:
+    pretend_flash_capable(monkeypatch, nan_outside_sequences)
+    config = EngineConfig(model=str(tiny_model), device="cpu")
+    return NliEngine.load(config, BUDGET)
+
+
+def random_pairs(rng: np.random.Generator, rows: int, longest: int) -> TokenBatch:
+    lengths = rng.integers(5, longest + 1, size=rows).astype(np.int32)
+    lengths[0] = longest
+    a_lengths = np.maximum(1, lengths // 2 - 2).astype(np.int32)
+    ids = rng.integers(110, 500, size=int(lengths.sum())).astype(np.int32)
+    return TokenBatch(ids, lengths, a_lengths)
+
+
+def test_the_flash_engine_replays_fixed_shape_passes_and_scores_like_the_reference(
+    engine: NliEngine,
+) -> None:
+    assert engine.backend == "cpu-packed-flash-graphs"
+    assert isinstance(engine.forward, GraphedForward)
+    assert_scores_like_the_reference(engine)  # the first pass: eager
+    assert_scores_like_the_reference(engine)  # then from its fixed shape
+    assert engine.forward.captured >= 1
+
+
+@pytest.mark.parametrize(("rows", "longest"), [(1, 7), (3, 40), (9, 130), (20, 200), (6, 512)])
+def test_a_padded_pass_returns_the_eager_logits_of_its_real_pairs(
+    engine: NliEngine, rows: int, longest: int
+) -> None:
+    graphed = engine.forward
+    assert isinstance(graphed, GraphedForward)
+    batch = random_pairs(np.random.default_rng(rows), rows, longest)
+    with torch.inference_mode():
+        eager = graphed.packed(batch)
+        graphed(batch)  # a shape's first pass runs eagerly
+        fixed = graphed(batch)
+    shape = shape_of(batch, BUDGET)
+    assert shape is not None
+    assert (shape.tokens, shape.sequences) != (batch.tokens, batch.rows), "nothing was padded"
+    assert fixed.shape == (rows, 2)
+    assert torch.isfinite(fixed).all()
+    torch.testing.assert_close(fixed, eager, rtol=0, atol=1e-5)
+
+
+def test_one_graph_per_shape(engine: NliEngine) -> None:
+    graphed = engine.forward
+    assert isinstance(graphed, GraphedForward)
+    rng = np.random.default_rng(1)
+    first, second = random_pairs(rng, 6, 40), random_pairs(rng, 6, 40)
+    assert shape_of(first, BUDGET) == shape_of(second, BUDGET)
+    with torch.inference_mode():
+        graphed(first)
+        graphed(first)
+        graphed(second)
+        assert graphed.captured == 1
+        other = random_pairs(rng, 30, 200)
+        graphed(other)
+        assert graphed.captured == 1, "a shape seen once was captured"
+        graphed(other)
+    assert graphed.captured == 2
+
+
+def test_a_pass_over_the_budget_runs_eagerly(engine: NliEngine) -> None:
+    graphed = engine.forward
+    assert isinstance(graphed, GraphedForward)
+    single = random_pairs(np.random.default_rng(2), 1, 512)
+    with torch.inference_mode():
+        graphed(single)
+        small_budget = GraphedForward(graphed.packed, max_tokens=256, capture=False)
+        small_budget(single)
+        result = small_budget(single)
+    assert small_budget.captured == 0
+    assert result.shape == (1, 2)
+
+
+def test_a_shape_that_cannot_be_captured_runs_eagerly_and_is_counted(
+    engine: NliEngine, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    graphed = engine.forward
+    assert isinstance(graphed, GraphedForward)
+
+    def refuse(shape: Shape) -> Any:
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphed, "_static", refuse)
+    batch = random_pairs(np.random.default_rng(3), 5, 50)
+    logger = "stream_classifier.engine.graphs"
+    with caplog.at_level(logging.WARNING, logger=logger), torch.inference_mode():
+        eager = graphed.packed(batch)
+        graphed(batch)
+        fallback = graphed(batch)
+        graphed(batch)
+    assert (graphed.captured, graphed.failed) == (0, 1), "tried to capture the shape again"
+    assert any("running them eagerly" in r.getMessage() for r in caplog.records)
+    torch.testing.assert_close(fallback, eager, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("tokens", [1, 7, 255, 256, 257, 1000, 4095, 4096, 40_000, 65_535, 65_536])
+def test_token_buckets_pad_little_avoid_multiples_of_64_and_stay_in_the_budget(
+    tokens: int,
+) -> None:
+    bucket = bucket_tokens(tokens, 65_536)
+    assert bucket is not None
+    assert tokens <= bucket <= 65_536
+    assert bucket - tokens < max(graphs.MIN_TOKENS, (tokens + 8) / 8)
+    assert bucket % 64 == 56 or bucket == 65_536 > pass_budget(65_536) >= tokens - 8
+    assert bucket_tokens(tokens, tokens) == tokens or tokens < graphs.MIN_TOKENS
+    assert bucket_tokens(65_537, 65_536) is None
+
+
+def test_full_passes_share_the_bucket_just_under_the_budget() -> None:
+    assert pass_budget(65_536) == 65_528 == bucket_tokens(65_528, 65_536)
+    assert bucket_tokens(61_433, 65_536) == 65_528
+    assert pass_budget(60_000) == 60_000  # not a multiple of 64: the budget itself
+
+
+def test_the_warm_up_pass_has_the_shape_of_full_passes_of_real_texts() -> None:
+    """The engine's warm-up (longest pairs) captures the graph that full passes of texts
+    like ENGINE.md's replay: same token bucket, sequences and longest pair (512)."""
+    warm_up = TokenBatch(np.zeros(127 * 512, np.int32), np.full(127, 512, np.int32), np.ones(127))
+    rng = np.random.default_rng(6)
+    for median in (60, 150):  # ENGINE.md's text lengths (lognormal), and longer ones
+        texts = np.clip(rng.lognormal(np.log(median), 0.7, size=4000), 8, 480)
+        lengths = (texts + 12).astype(np.int32)  # + [CLS], [SEP]s and the hypothesis
+        rows = int(np.searchsorted(np.cumsum(lengths), pass_budget(65_536), side="right"))
+        full = TokenBatch(
+            np.zeros(int(lengths[:rows].sum()), np.int32), lengths[:rows], np.ones(rows)
+        )
+        assert shape_of(full, 65_536) == shape_of(warm_up, 65_536) == Shape(65_528, 1024, 512)
+
+
+def test_a_budget_off_the_bucket_grid_caps_the_bucket() -> None:
+    assert bucket_tokens(59_900, 60_000) == 60_000
+
+
+def test_shape_rounds_sequences_to_powers_of_two_and_length_to_flash_blocks() -> None:
+    batch = random_pairs(np.random.default_rng(4), 9, 130)
+    shape = shape_of(batch, 65_536)
+    assert shape == Shape(bucket_tokens(batch.tokens, 65_536) or 0, 16, 256)
+    assert shape_of(random_pairs(np.random.default_rng(5), 1, 20), 65_536) == Shape(248, 8, 128)
+
+
+def test_static_inputs_pad_with_empty_sequences_and_unowned_tokens() -> None:
+    batch = TokenBatch(
+        np.array([101, 5, 102, 7, 102, 101, 9, 102, 8, 8, 102], dtype=np.int32),
+        np.array([5, 6], dtype=np.int32),
+        np.array([1, 2], dtype=np.int32),
+    )
+    shape = Shape(16, 8, 128)
+    host = graphs.static_inputs(batch, shape)
+    ids, types, positions, cu = host[:16], host[16:32], host[32:48], host[48:]
+    assert ids[:11].tolist() == batch.ids.tolist() and not ids[11:].any()
+    assert types[:11].tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1]
+    assert positions[:11].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]
+    assert cu.tolist() == [0, 5, 11, 11, 11, 11, 11, 11, 11]
