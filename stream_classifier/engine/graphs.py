@@ -24,13 +24,15 @@ A graph has fixed shapes, so a pass is fitted into a bucket (:class:`Shape`):
 The rows of extra tokens and sequences hold garbage (attention never reads them into a
 real sequence) and only the real sequences' logits are returned.
 
-A capture costs about what an eager pass costs the host, and the launches stop meanwhile,
-so a shape is captured only on its second pass (:data:`CAPTURE_ON_PASS`): full passes, which
-share a shape, get a graph at once; a micro-batch's short last pass gets one when its shape
-recurs. Until then, and before any capture at all (so that everything lazy, compiled
-kernels and the stream's cuBLAS workspace, exists first), passes run eagerly. All graphs
-share one memory pool: they run one after another on one stream, so memory is that of the
-largest pass, as eagerly. A shape whose capture fails runs eagerly.
+Only full passes are replayed (those in the bucket just under the budget: all but the last
+pass of a large micro-batch). A capture took ~130 ms of the engine thread on an H100, and
+the launches stop meanwhile; a micro-batch's short last pass has a shape of its own each
+time and is queued behind the full ones, so it runs eagerly. A shape is captured on its
+second pass (:data:`CAPTURE_ON_PASS`; the engine's warm-up captures the full passes of
+ENGINE.md's texts), so that everything lazy (compiled kernels, the stream's cuBLAS
+workspace) exists before any capture. All graphs share one memory pool: they run one after
+another on one stream, so memory is that of the largest pass, as eagerly. A shape whose
+capture fails runs eagerly.
 """
 
 from __future__ import annotations
@@ -142,6 +144,8 @@ class GraphedForward:
         self.max_tokens = max_tokens
         self.capture = capture
         self.device = packed.device
+        #: Passes of fewer tokens run eagerly (by default all but the full ones).
+        self.min_graph_tokens = bucket_tokens(pass_budget(max_tokens), max_tokens) or max_tokens
         self._graphs: dict[Shape, _Graph | None] = {}
         self._passes: Counter[Shape] = Counter()
         self._pool = torch.cuda.graph_pool_handle() if capture else None
@@ -152,7 +156,7 @@ class GraphedForward:
 
     def __call__(self, batch: TokenBatch) -> torch.Tensor:
         shape = shape_of(batch, self.max_tokens)
-        if shape is None:
+        if shape is None or shape.tokens < self.min_graph_tokens:
             return self.packed(batch)
         if shape not in self._graphs:
             self._passes[shape] += 1
