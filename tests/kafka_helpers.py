@@ -155,8 +155,13 @@ def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> di
     return {tp.partition: tp.offset for tp in offsets}
 
 
-def end_offsets(bootstrap: str, topic: str, partitions: int = 1) -> dict[int, int]:
-    consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": unique("probe")})
+def end_offsets(
+    bootstrap: str, topic: str, partitions: int = 1, isolation: str = "read_committed"
+) -> dict[int, int]:
+    """Each partition's end as a reader of ``isolation`` sees it: under read_committed the
+    last stable offset, which stops before the first transaction still open."""
+    config = {"bootstrap.servers": bootstrap, "group.id": unique("probe")}
+    consumer = Consumer({**config, "isolation.level": isolation})
     try:
         return {
             p: consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=30)[1]

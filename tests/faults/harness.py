@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from confluent_kafka import KafkaError, KafkaException
 from conftest import TINY_MODEL
 from kafka_helpers import (
     TopicReader,
@@ -218,13 +219,28 @@ class FaultRun:
         )
 
     def drained(self) -> bool:
-        return committed(self.bootstrap, self.group, self.input, self.partitions) == end_offsets(
-            self.bootstrap, self.input, self.partitions
+        """Every input offset committed, and no transaction left open on what the service
+        writes. A killed instance's open transaction stays open until the coordinator
+        aborts it at its transaction timeout (unless a restart with its transactional id
+        fences it first); until then read_committed readers stop before it, also before
+        the outputs that other instances committed after it."""
+        try:
+            inputs = committed(self.bootstrap, self.group, self.input, self.partitions)
+        except KafkaException as exc:  # offsets in that open transaction: unstable till then
+            if exc.args[0].code() != KafkaError._TIMED_OUT:
+                raise
+            return False
+        return inputs == end_offsets(self.bootstrap, self.input, self.partitions) and all(
+            end_offsets(self.bootstrap, topic, self.partitions)
+            == end_offsets(self.bootstrap, topic, self.partitions, "read_uncommitted")
+            for topic in (self.output, self.dead_letter, self.routed)
+            if topic is not None
         )
 
     def wait_drained(self, timeout: float | None = None) -> None:
         timeout = max(timeout or 180, len(self.values) / 20)
-        wait_until(self.drained, timeout, f"all offsets committed\n{self.logs()}")
+        what = "all offsets committed and no transaction open on the outputs"
+        wait_until(self.drained, timeout, f"{what}\n{self.logs()}")
 
     # -- counting ------------------------------------------------------------------------
 

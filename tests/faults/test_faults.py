@@ -82,7 +82,14 @@ def test_flood_of_malformed_events(bootstrap: str, mode: str, tmp_path: Path) ->
 def test_scale_out_to_three_then_one_killed(
     bootstrap: str, mode: str, events: int, tmp_path: Path
 ) -> None:
-    scale_out_then_kill(FaultRun(bootstrap, mode, tmp_path, partitions=6), events, "")
+    scale_out_then_kill(scale_out_run(bootstrap, mode, tmp_path), events, "")
+
+
+def scale_out_run(bootstrap: str, mode: str, tmp_path: Path) -> FaultRun:
+    """The killed instance's id is not started again, so its open transaction (if it was
+    killed inside one) lasts until its timeout: 15 s here, not the default 60 s."""
+    timeouts = {"transaction_timeout_ms": 15_000, "delivery_timeout_ms": 10_000}
+    return FaultRun(bootstrap, mode, tmp_path, partitions=6, **timeouts)
 
 
 def scale_out_then_kill(run: FaultRun, events: int, note: str) -> None:
@@ -123,7 +130,7 @@ def test_scale_out_with_a_kill_while_two_busy_loops_load_the_cpu(
     for attempt in range(repeats):
         run_dir = tmp_path / f"run-{attempt}"
         run_dir.mkdir()
-        run = FaultRun(bootstrap, mode, run_dir, partitions=6)
+        run = scale_out_run(bootstrap, mode, run_dir)
         scale_out_then_kill(run, events, f", 2 busy loops (run {attempt + 1}/{repeats})")
 
 
