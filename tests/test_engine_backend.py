@@ -49,11 +49,19 @@ def varlen_attention(
     max_keys: int,
     scale: float,
 ) -> torch.Tensor:
-    """The flash kernel's contract, one sequence at a time (``[tokens, heads, dim]``)."""
-    out = query.new_empty(query.shape)
+    """The flash kernel's contract, one sequence at a time (``[tokens, heads, dim]``).
+
+    Rows of no sequence (and of empty ones) stay NaN, so a padding row that reached a real
+    one would show.
+    """
+    assert max_queries >= int((cu_queries[1:] - cu_queries[:-1]).max()), "grid too small"
+    assert max_keys >= int((cu_keys[1:] - cu_keys[:-1]).max()), "grid too small"
+    out = torch.full_like(query, float("nan"))
     for index in range(cu_queries.shape[0] - 1):
         q0, q1 = int(cu_queries[index]), int(cu_queries[index + 1])
         k0, k1 = int(cu_keys[index]), int(cu_keys[index + 1])
+        if q0 == q1 or k0 == k1:
+            continue
         attended = torch.nn.functional.scaled_dot_product_attention(
             query[q0:q1].transpose(0, 1),
             key[k0:k1].transpose(0, 1),

@@ -16,7 +16,11 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from test_engine_backend import assert_scores_like_the_reference, pretend_flash_capable
+from test_engine_backend import (
+    assert_scores_like_the_reference,
+    pretend_flash_capable,
+    varlen_attention,
+)
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import graphs
@@ -33,38 +37,9 @@ from stream_classifier.engine.nli import NliEngine
 BUDGET = 4096
 
 
-def nan_outside_sequences(
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    cu_queries: torch.Tensor,
-    cu_keys: torch.Tensor,
-    max_queries: int,
-    max_keys: int,
-    scale: float,
-) -> torch.Tensor:
-    """Flash attention's contract, one sequence at a time; rows of no sequence stay NaN."""
-    assert max_queries >= int((cu_queries[1:] - cu_queries[:-1]).max()), "grid too small"
-    assert max_keys >= int((cu_keys[1:] - cu_keys[:-1]).max()), "grid too small"
-    out = torch.full_like(query, float("nan"))
-    for index in range(cu_queries.shape[0] - 1):
-        q0, q1 = int(cu_queries[index]), int(cu_queries[index + 1])
-        k0, k1 = int(cu_keys[index]), int(cu_keys[index + 1])
-        if q0 == q1 or k0 == k1:
-            continue
-        attended = torch.nn.functional.scaled_dot_product_attention(
-            query[q0:q1].transpose(0, 1),
-            key[k0:k1].transpose(0, 1),
-            value[k0:k1].transpose(0, 1),
-            scale=scale,
-        )
-        out[q0:q1] = attended.transpose(0, 1)
-    return out
-
-
 @pytest.fixture
 def engine(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> NliEngine:
-    pretend_flash_capable(monkeypatch, nan_outside_sequences)
+    pretend_flash_capable(monkeypatch, varlen_attention)
     config = EngineConfig(model=str(tiny_model), device="cpu")
     engine = NliEngine.load(config, BUDGET)
     assert isinstance(engine.forward, GraphedForward)
@@ -177,7 +152,7 @@ def test_token_buckets_pad_little_avoid_multiples_of_64_and_stay_in_the_budget(
 
 
 def test_only_full_passes_are_replayed_by_default(tiny_model: Path, monkeypatch: Any) -> None:
-    pretend_flash_capable(monkeypatch, nan_outside_sequences)
+    pretend_flash_capable(monkeypatch, varlen_attention)
     engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), BUDGET)
     graphed = engine.forward
     assert isinstance(graphed, GraphedForward)
