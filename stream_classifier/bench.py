@@ -32,7 +32,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal, Protocol, cast
@@ -458,15 +458,7 @@ def run_ours(
     start = time.perf_counter()
     producer = threading.Thread(target=produce, daemon=True)
     producer.start()
-    scores: list[Scores] = []
-    pending: Pending | None = None
-    while (chunk := prepared.get()) is not None:
-        queued = engine.classify_async(chunk)  # queued behind the one still running
-        if pending is not None:
-            scores.extend(pending.result())
-        pending = queued
-    if pending is not None:
-        scores.extend(pending.result())
+    scores = run_two_deep(engine, iter(prepared.get, None))
     producer.join()
     return scores, time.perf_counter() - start
 
@@ -476,16 +468,25 @@ def run_prepared(
 ) -> tuple[list[Scores], float]:
     """The model side alone: already tokenized micro-batches, queued two deep."""
     start = time.perf_counter()
+    scores = run_two_deep(engine, chunks)
+    return scores, time.perf_counter() - start
+
+
+def run_two_deep(engine: BenchEngine, chunks: Iterable[list[Prepared]]) -> list[Scores]:
+    """Each micro-batch queued behind the one still running, whose scores are read back
+    meanwhile; as in the service, a micro-batch queued behind another may hold its last,
+    partial pass back for the next one's first pairs (``hold_tail``)."""
     scores: list[Scores] = []
     pending: Pending | None = None
     for chunk in chunks:
-        queued = engine.classify_async(chunk)
+        queued = engine.classify_async(chunk, hold_tail=pending is not None)
         if pending is not None:
             scores.extend(pending.result())
         pending = queued
+    engine.flush()
     if pending is not None:
         scores.extend(pending.result())
-    return scores, time.perf_counter() - start
+    return scores
 
 
 def max_difference(ours: Sequence[Scores], theirs: Sequence[dict[str, float]]) -> float:

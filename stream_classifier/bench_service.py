@@ -116,6 +116,8 @@ class ServiceRow:
     #: None where the outputs came in too few bursts to tell (a short run).
     msgs_per_s_10_90: float | None
     gpu_busy: float | None
+    #: Share of that time the engine stage had no micro-batch (engine_idle_seconds).
+    engine_idle: float | None
     settings: dict[str, str]
     latency: list[LatencyRow] = field(default_factory=list)
     exit_code: int | None = None
@@ -497,8 +499,12 @@ def run_service(
     service = ServiceProcess(config, directory, prefix)
     try:
         first: list[float] = []
+        idle = "stream_classifier_engine_idle_seconds_total"
+        idle_at_first = 0.0
 
         def consumed() -> bool:
+            nonlocal idle_at_first
+            idle_at_first = _metric(port, idle)
             if _metric(port, "stream_classifier_events_consumed_total") > 0:
                 first.append(time.monotonic())
             return bool(first)
@@ -506,6 +512,7 @@ def run_service(
         _wait(consumed, timeout, "the first consume", service)
         _wait(lambda: commits.committed() >= options.events, timeout, "commit", service)
         done = time.monotonic()
+        idle_share = (_metric(port, idle) - idle_at_first) / (done - first[0])
         seconds = done - first[0]
         saturated = options.events / seconds
         row = ServiceRow(
@@ -517,6 +524,7 @@ def run_service(
             msgs_per_s=saturated,
             msgs_per_s_10_90=_rate_10_90(reader, options.events, timeout, service),
             gpu_busy=gpu.mean(first[0], done),
+            engine_idle=idle_share,
             settings=service.settings(),
             batch_messages_mean=_mean_metric(port, "stream_classifier_batch_messages"),
         )
@@ -610,6 +618,11 @@ def run_service_bench(options: ServiceBenchOptions) -> dict[str, Any]:
 def format_row(run: dict[str, Any]) -> str:
     service, engine = run["service"], run["engine"]
     busy = "-" if service["gpu_busy"] is None else f"{service['gpu_busy']:.2f}"
+    idle = "-" if service["engine_idle"] is None else f"{service['engine_idle']:.2f}"
+    steady_ratio = service["ratio_10_90_to_engine"]
+    ratio = f"{service['ratio_to_engine']:.2f}"
+    if steady_ratio is not None:
+        ratio += f" ({steady_ratio:.2f})"
     steady = service["msgs_per_s_10_90"]
     steady_text = "-" if steady is None else f"{steady:,.0f}"
     latency = " ".join(
@@ -621,7 +634,7 @@ def format_row(run: dict[str, Any]) -> str:
         f"| {service['settings'].get('max_batch_messages', '?')} "
         f"| {service['msgs_per_s']:,.0f} | {steady_text} "
         f"| {engine['end_to_end_msgs_per_s']:,.0f} | {engine['pre_tokenized_msgs_per_s']:,.0f} "
-        f"| {service['ratio_to_engine']:.2f} | {busy} | {latency} "
+        f"| {ratio} | {busy} | {idle} | {latency} "
         f"| {service['startup_s']:.0f} |"
     )
 
@@ -636,8 +649,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['options']['partitions']} partitions",
         "| labels | guarantee | batch | service msgs/s (first consume to last commit) "
         "| service msgs/s (10-90% of outputs) | bench end to end | bench pre-tokenized "
-        "| service / pre-tokenized | GPU busy | latency p50/p99 at load | start-up s |",
-        "|" + " --- |" * 11,
+        "| service / pre-tokenized, whole (10-90%) | GPU busy | engine idle "
+        "| latency p50/p99 at load | start-up s |",
+        "|" + " --- |" * 12,
     ]
     lines += [format_row(run) for run in runs]
     return "\n".join(lines)

@@ -64,6 +64,12 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.engine_idle_seconds = Counter(
+            PREFIX + "engine_idle_seconds",
+            "Time the engine stage had no micro-batch to score (on a GPU: the device waited"
+            " for the consumer side)",
+            registry=r,
+        )
         self.end_to_end_seconds = Histogram(
             PREFIX + "end_to_end_latency_seconds",
             "Input timestamp to output acknowledged",

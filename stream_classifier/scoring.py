@@ -15,6 +15,7 @@ the pipelined one for an engine on a GPU that has ``classify_async``.
 
 from __future__ import annotations
 
+import logging
 import queue
 import threading
 import time
@@ -27,6 +28,8 @@ from typing import Protocol, cast
 from stream_classifier.engine.base import Engine, EngineError, Prepared, Scores
 from stream_classifier.messages import ClassifyRequest
 from stream_classifier.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 #: What the engine stage returns per request: its scores, or why scoring it failed.
 Outcome = Scores | str
@@ -65,6 +68,7 @@ class ThreadScorer:
         self.engine = engine
         self.metrics = metrics
         self._executor = executor or ThreadPoolExecutor(1, thread_name_prefix="engine")
+        self._last_done = time.monotonic()
 
     def submit(self, requests: list[ClassifyRequest]) -> Future[list[Outcome]]:
         return self._executor.submit(self.score, requests)
@@ -73,8 +77,12 @@ class ThreadScorer:
         if not requests:
             return []
         started = time.monotonic()
-        outcomes = score_isolating(self.engine, requests)
-        self._record_batch(requests, time.monotonic() - started)
+        self.metrics.engine_idle_seconds.inc(max(0.0, started - self._last_done))
+        try:
+            outcomes = score_isolating(self.engine, requests)
+        finally:
+            self._last_done = time.monotonic()
+        self._record_batch(requests, self._last_done - started)
         return outcomes
 
     def _record_batch(self, requests: list[ClassifyRequest], seconds: float) -> None:
@@ -91,9 +99,16 @@ class PendingResult(Protocol):
 
 
 class AsyncEngine(Engine, Protocol):
-    """An engine that queues a micro-batch and returns before the device is done with it."""
+    """An engine that queues a micro-batch and returns before the device is done with it.
 
-    def classify_async(self, batch: Sequence[Prepared]) -> PendingResult: ...
+    With ``hold_tail`` it may keep the batch's last, partial forward pass back to run with
+    the next batch's first pairs; ``flush()`` queues what it kept.
+    """
+
+    def classify_async(
+        self, batch: Sequence[Prepared], hold_tail: bool = False
+    ) -> PendingResult: ...
+    def flush(self) -> None: ...
 
 
 def make_scorer(engine: Engine, metrics: Metrics, gpu: bool) -> Scorer:
@@ -148,7 +163,8 @@ class PipelinedScorer:
     ``result()`` raises, that batch is scored again by :func:`score_isolating` on the engine
     thread (poison requests become failed outcomes); an ``EngineError`` fails the batch's
     future. ``engine_seconds`` is the time the batch had the device to itself: from when it
-    was queued, or when the batch before it came back if later, until its scores are back.
+    was queued, or when the batch before it came back if later, until its scores are back;
+    ``engine_idle_seconds`` the time with no batch on the device and none to launch.
     """
 
     def __init__(self, engine: AsyncEngine, metrics: Metrics, depth: int = 2) -> None:
@@ -194,7 +210,7 @@ class PipelinedScorer:
         on_device = 0
         stopping = False
         while not stopping or on_device:
-            message = self._inbox.get()
+            message = self._next_message(idle=not waiting and not on_device and not stopping)
             if message is None:
                 stopping = True
                 for job in waiting:
@@ -209,20 +225,41 @@ class PipelinedScorer:
                 on_device -= 1
                 self._came_back(message)
             while waiting and on_device < self.depth:
-                if self._launch(waiting.popleft()):
+                if self._launch(waiting.popleft(), hold_tail=on_device > 0):
                     on_device += 1
+            if on_device <= 1:
+                self._flush()  # nothing ahead of the batch that holds a pass back
             self._settle()
         self._launched.put(None)
 
-    def _launch(self, job: _Job) -> bool:
-        """Queue the batch on the device (True), or settle it here and now (False)."""
+    def _next_message(self, idle: bool) -> _Message:
+        """The inbox's next message; ``idle`` (nothing on the device, nothing to launch):
+        the time until it comes is the engine's idle time."""
+        if not idle:
+            return self._inbox.get()
+        started = time.monotonic()
+        message = self._inbox.get()
+        self.metrics.engine_idle_seconds.inc(time.monotonic() - started)
+        return message
+
+    def _launch(self, job: _Job, hold_tail: bool) -> bool:
+        """Queue the batch on the device (True), or settle it here and now (False).
+
+        ``hold_tail`` (a batch is still on the device ahead of this one): its last, partial
+        pass may wait for the next batch's first pairs, so that every pass is full while
+        the input is saturated. The next launch queues it, or :meth:`_flush` once the batch
+        ahead has come back (the device still has this batch's other passes to run). Only
+        the newest batch ever holds a pass back, and the batches ahead of it never wait
+        for it.
+        """
         job.done = not job.future.set_running_or_notify_cancel()
         job.started = time.monotonic()
         if job.done or not job.requests:
             job.outcomes, job.done = [], True
             return False
         try:
-            pending = self.engine.classify_async([request.prepared for request in job.requests])
+            prepared = [request.prepared for request in job.requests]
+            pending = self.engine.classify_async(prepared, hold_tail)
         except EngineError as exc:
             job.error, job.done = exc, True
             return False
@@ -234,6 +271,13 @@ class PipelinedScorer:
             return False
         self._launched.put((job, pending))
         return True
+
+    def _flush(self) -> None:
+        """Queue a pass the engine held back; a failure there fails that batch's result."""
+        try:
+            self.engine.flush()
+        except Exception:  # noqa: BLE001 - reported through the held batch's result()
+            log.debug("a held-back pass failed", exc_info=True)
 
     def _came_back(self, back: _Back) -> None:
         """A launched batch is off the device; the waiter settled it unless it failed."""

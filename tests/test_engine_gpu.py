@@ -81,7 +81,6 @@ def test_passes_replayed_from_cuda_graphs_equal_the_eager_passes(tiny_model: Pat
     graphed.warmup()
     forward = graphed.forward
     assert isinstance(forward, GraphedForward)
-    forward.min_graph_tokens = 0  # short passes from graphs too (by default: full ones only)
     for _ in range(2):  # a shape is captured on its second pass
         for seed, rows in [(0, 700), (1, 333), (2, 41)]:
             batch = random_pairs(seed, rows)

@@ -43,7 +43,6 @@ def engine(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> NliEngine:
     config = EngineConfig(model=str(tiny_model), device="cpu")
     engine = NliEngine.load(config, BUDGET)
     assert isinstance(engine.forward, GraphedForward)
-    engine.forward.min_graph_tokens = 0  # the small passes here: from fixed shapes too
     return engine
 
 
@@ -109,7 +108,6 @@ def test_a_pass_over_the_budget_runs_eagerly(engine: NliEngine) -> None:
     with torch.inference_mode():
         graphed(single)
         small_budget = GraphedForward(graphed.packed, max_tokens=256, capture=False)
-        small_budget.min_graph_tokens = 0
         small_budget(single)
         result = small_budget(single)
     assert small_budget.captured == 0
@@ -151,23 +149,12 @@ def test_token_buckets_pad_little_avoid_multiples_of_64_and_stay_in_the_budget(
     assert bucket_tokens(65_537, 65_536) is None
 
 
-def test_only_full_passes_are_replayed_by_default(tiny_model: Path, monkeypatch: Any) -> None:
+def test_the_engine_fills_its_passes_to_the_bucket_under_the_budget(
+    tiny_model: Path, monkeypatch: Any
+) -> None:
     pretend_flash_capable(monkeypatch, varlen_attention)
     engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), BUDGET)
-    graphed = engine.forward
-    assert isinstance(graphed, GraphedForward)
-    assert engine.pass_tokens == pass_budget(BUDGET) == graphed.min_graph_tokens == 4088
-    rng = np.random.default_rng(7)
-    short, full = random_pairs(rng, 20, 200), random_pairs(rng, 26, 300)
-    full = full.take(np.arange(int(np.searchsorted(np.cumsum(full.lengths), 4088, "right"))))
-    assert short.tokens < 3584 < full.tokens <= 4088
-    with torch.inference_mode():
-        for _ in range(3):
-            graphed(short)
-        assert graphed.captured == 0
-        graphed(full)
-        graphed(full)
-    assert graphed.captured == 1
+    assert engine.pass_tokens == pass_budget(BUDGET) == 4088 == bucket_tokens(4088, BUDGET)
 
 
 def test_full_passes_share_the_bucket_just_under_the_budget() -> None:

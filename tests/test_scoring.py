@@ -83,6 +83,9 @@ class FakeEngine:
         #: Hold ``classify_async`` of that batch number (a launch waiting for queue room).
         self.launch_gates: dict[int, threading.Event] = {}
         self.threads: set[str] = set()
+        #: Launches asked to hold their last pass back; launch counts seen by flush().
+        self.holding: list[int] = []
+        self.flushed_after: set[int] = set()
 
     def prepare(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
@@ -92,13 +95,15 @@ class FakeEngine:
     def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
         return self.classify_async(batch).result()
 
-    def classify_async(self, batch: Sequence[Prepared]) -> FakePending:
+    def classify_async(self, batch: Sequence[Prepared], hold_tail: bool = False) -> FakePending:
         texts = [str(item.payload) for item in batch]
         with self.lock:
             self.threads.add(threading.current_thread().name)
             self.launched += 1
             number = self.launched
             self.calls.append(f"launch {number}")
+            if hold_tail:
+                self.holding.append(number)
             if "poison" in texts and self.fail_at == "launch":
                 raise ValueError("poison")
             if "device-gone" in texts:
@@ -109,6 +114,10 @@ class FakeEngine:
         if gate is not None:
             gate.wait(WAIT_S)
         return FakePending(self, number, texts)
+
+    def flush(self) -> None:
+        with self.lock:
+            self.flushed_after.add(self.launched)
 
     def warmup(self) -> None:
         return None
@@ -307,11 +316,13 @@ def test_service_with_both_gpu_stages_scores_every_event_once_and_commits(
     bootstrap: str, tiny_model: Path, guarantee: str
 ) -> None:
     """The loop with the stages a GPU gets (run here on a CPU): small batches, so several
-    are on the "device" at once while worker processes tokenize."""
+    are on the "device" at once while worker processes tokenize; the packed engine with a
+    small pass budget, so that batches queued behind others hold their last pass back."""
     from conftest import RunningService, service_config
     from kafka_helpers import create_topics, produce, read_all, unique, wait_drained
 
-    engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), 4096)
+    config = EngineConfig(model=str(tiny_model), device="cpu")
+    engine = NliEngine.load(config, 256, backend="packed")
     labels = ["物流", "服务", "价格"]
     names = {"input": unique("in"), "output": unique("out"), "dead_letter": unique("dlq")}
     create_topics(bootstrap, names.values(), partitions=3)
@@ -344,3 +355,62 @@ def test_service_with_both_gpu_stages_scores_every_event_once_and_commits(
         assert body["labels"] == list(alone.labels)
         assert body["scores"] == pytest.approx(list(alone.scores), abs=1e-6)
     assert metrics.registry.get_sample_value("stream_classifier_batch_messages_sum") == 60
+
+
+def test_engine_idle_time_counts_only_time_with_nothing_on_the_device(
+    engine: FakeEngine,
+) -> None:
+    metrics = Metrics()
+    idle = lambda: metrics.registry.get_sample_value("stream_classifier_engine_idle_seconds_total")  # noqa: E731
+    created = time.monotonic()
+    scorer = PipelinedScorer(engine, metrics)
+    try:
+        time.sleep(0.3)  # nothing submitted: the engine stage is idle
+        scorer.submit([request("first")]).result(WAIT_S)
+        assert 0.1 <= idle() <= time.monotonic() - created
+        engine.gates[2] = threading.Event()
+        second = scorer.submit([request("second")])
+        wait_for(lambda: engine.launched >= 2)
+        before = idle()
+        time.sleep(1.0)  # a batch on the device: not idle
+        engine.gates[2].set()
+        second.result(WAIT_S)
+        scorer.submit([request("third")]).result(WAIT_S)
+        assert idle() - before < 0.5
+    finally:
+        scorer.shutdown()
+
+
+def test_thread_scorer_counts_the_time_between_batches_as_idle() -> None:
+    metrics = Metrics()
+    started = time.monotonic()
+    scorer = ThreadScorer(FakeEngine(), metrics)
+    try:
+        time.sleep(0.2)
+        scorer.submit([request("one")]).result(WAIT_S)
+        idle = metrics.registry.get_sample_value("stream_classifier_engine_idle_seconds_total")
+        assert idle is not None and 0.2 <= idle <= time.monotonic() - started
+    finally:
+        scorer.shutdown()
+
+
+def test_a_batch_queued_behind_another_may_hold_its_last_pass_until_the_next_launch(
+    engine: FakeEngine,
+) -> None:
+    """hold_tail only with a batch ahead on the device; a flush once the holder is alone."""
+    scorer = PipelinedScorer(engine, Metrics())
+    engine.gates[1] = threading.Event()
+    try:
+        first = scorer.submit([request("one")])
+        wait_for(lambda: engine.launched >= 1)
+        second = scorer.submit([request("two")])
+        wait_for(lambda: engine.launched >= 2)
+        third = scorer.submit([request("three")])
+        engine.gates[1].set()
+        for future in (first, second, third):
+            future.result(WAIT_S)
+    finally:
+        scorer.shutdown()
+    assert engine.launched == 3
+    assert engine.holding == [2, 3]  # batch 1 was alone on the device
+    assert 3 in engine.flushed_after, "the last batch's held pass was never flushed"

@@ -61,6 +61,7 @@ def test_gpu_service_script_runs_the_real_service_and_writes_its_report(
         "switch_interval_ms": "5",  # Python's own on a CPU (0.5 on a GPU)
     }
     assert service["gpu_busy"] is None  # no GPU here
+    assert 0.0 <= service["engine_idle"] <= 1.0
     (at_half,) = service["latency"]
     assert at_half["load"] == 0.5 and at_half["produced"] >= 1
     assert 0 < at_half["p50_ms"] <= at_half["p99_ms"]

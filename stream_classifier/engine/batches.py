@@ -6,9 +6,22 @@ positions and token types computed, with a handful of numpy calls.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
+
+
+class PairArrays(Protocol):
+    """Pairs back to back, as :class:`TokenBatch` holds them."""
+
+    @property
+    def ids(self) -> np.ndarray: ...
+    @property
+    def lengths(self) -> np.ndarray: ...
+    @property
+    def a_lengths(self) -> np.ndarray: ...
 
 
 @dataclass(frozen=True)
@@ -21,6 +34,15 @@ class TokenBatch:
     ids: np.ndarray
     lengths: np.ndarray
     a_lengths: np.ndarray
+
+    @classmethod
+    def concatenate(cls, parts: Sequence[PairArrays]) -> TokenBatch:
+        """The pairs of ``parts``, one after another."""
+        return cls(
+            np.concatenate([p.ids for p in parts]),
+            np.concatenate([p.lengths for p in parts]),
+            np.concatenate([p.a_lengths for p in parts]),
+        )
 
     @property
     def rows(self) -> int:

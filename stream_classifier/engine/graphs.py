@@ -9,11 +9,11 @@ A graph has fixed shapes, so a pass is fitted into a bucket (:class:`Shape`):
 
 - its tokens, rounded up to a sixteenth of the next power of two, less 8 (at most
   ``max_tokens``, the budget that bounds GPU memory); the extra tokens belong to no
-  sequence. Only a micro-batch's last pass is short of the budget, so this pads at most
-  4,096 tokens per micro-batch at the default budget. The 8: on an H100 a pass of a
-  multiple of 64 tokens ran 3-5% slower than one of 8 fewer (cuBLAS picks other matrix
-  kernels; ``benchmarks/graph_pass_profile.py``), so no bucket is one, and the engine fills
-  its passes up to :func:`pass_budget`;
+  sequence. So a pass is padded by at most 1/16 of its tokens; in a large micro-batch only
+  the last pass is short of the budget. The 8: on an H100 a pass of a multiple of 64
+  tokens ran 3-5% slower than one of 8 fewer (cuBLAS picks other matrix kernels;
+  ``benchmarks/graph_pass_profile.py``), so no bucket is one, and the engine fills its
+  passes up to :func:`pass_budget`;
 - its sequences, rounded up to a power of two, and to at least 1/64 of its tokens (so
   that full passes of pairs of 64 tokens or more on average share a count, and those of
   ENGINE.md's texts the shape that the engine's warm-up captures); the extra sequences
@@ -24,15 +24,15 @@ A graph has fixed shapes, so a pass is fitted into a bucket (:class:`Shape`):
 The rows of extra tokens and sequences hold garbage (attention never reads them into a
 real sequence) and only the real sequences' logits are returned.
 
-Only full passes are replayed (those in the bucket just under the budget: all but the last
-pass of a large micro-batch). A capture took ~130 ms of the engine thread on an H100, and
-the launches stop meanwhile; a micro-batch's short last pass has a shape of its own each
-time and is queued behind the full ones, so it runs eagerly. A shape is captured on its
-second pass (:data:`CAPTURE_ON_PASS`; the engine's warm-up captures the full passes of
-ENGINE.md's texts), so that everything lazy (compiled kernels, the stream's cuBLAS
-workspace) exists before any capture. All graphs share one memory pool: they run one after
-another on one stream, so memory is that of the largest pass, as eagerly. A shape whose
-capture fails runs eagerly.
+Every pass is replayed once its shape has a graph. A shape is captured on its second pass
+(:data:`CAPTURE_ON_PASS`; a shape seen once runs eagerly), so that everything lazy
+(compiled kernels, the stream's cuBLAS workspace) exists before its capture and one-off
+shapes cost no capture. A capture takes ~130 ms of the engine thread on an H100 (the
+device meanwhile runs what is queued); the engine's warm-up captures the full passes of
+ENGINE.md's texts, and a steady workload's short passes fall into a few dozen buckets, so
+captures stop after its first minute. All graphs share one memory pool: they run one after
+another on one stream, so memory is that of the largest pass, as eagerly. At most
+:data:`MAX_GRAPHS` are kept; a shape beyond them, or whose capture failed, runs eagerly.
 """
 
 from __future__ import annotations
@@ -144,8 +144,6 @@ class GraphedForward:
         self.max_tokens = max_tokens
         self.capture = capture
         self.device = packed.device
-        #: Passes of fewer tokens run eagerly (by default all but the full ones).
-        self.min_graph_tokens = bucket_tokens(pass_budget(max_tokens), max_tokens) or max_tokens
         self._graphs: dict[Shape, _Graph | None] = {}
         self._passes: Counter[Shape] = Counter()
         self._pool = torch.cuda.graph_pool_handle() if capture else None
@@ -156,7 +154,7 @@ class GraphedForward:
 
     def __call__(self, batch: TokenBatch) -> torch.Tensor:
         shape = shape_of(batch, self.max_tokens)
-        if shape is None or shape.tokens < self.min_graph_tokens:
+        if shape is None:
             return self.packed(batch)
         if shape not in self._graphs:
             self._passes[shape] += 1

@@ -525,13 +525,19 @@ class HfNliEngine:
     def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
         return self.classify_async(batch).result()
 
-    def classify_async(self, batch: Sequence[Prepared]) -> PendingHfScores:
-        """Queue every batch on the device and return at once; ``result()`` waits."""
+    def classify_async(self, batch: Sequence[Prepared], hold_tail: bool = False) -> PendingHfScores:
+        """Queue every batch on the device and return at once; ``result()`` waits.
+
+        Padded batches are sorted by length, so no pass is held back (``hold_tail`` is
+        accepted and has no effect; :meth:`flush` has nothing to do)."""
         items = tuple(batch)
         if not items:
             return PendingHfScores(items, None)
         everything = Pairs.concatenate([_pairs(item) for item in items])
         return PendingHfScores(items, self._launch(everything))
+
+    def flush(self) -> None:
+        return None
 
     def logits(self, pairs: Pairs) -> np.ndarray:
         """(entailment, contradiction) logits in fp32 for every pair, in input order."""
@@ -545,7 +551,7 @@ class HfNliEngine:
         outputs: list[torch.Tensor] = []
         for rows in plan:
             self._run(pairs.take(rows), outputs)
-        return PendingLogits(torch.cat(outputs), np.concatenate(plan))
+        return PendingLogits.of(torch.cat(outputs), np.concatenate(plan))
 
     def _run(self, batch: Pairs, outputs: list[torch.Tensor]) -> None:
         run_halving_on_oom(

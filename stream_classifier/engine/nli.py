@@ -29,8 +29,9 @@ import functools
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
@@ -253,6 +254,8 @@ class NliEngine:
         if self.device.type == "cuda":
             self.stream = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
             self.stream.wait_stream(torch.cuda.current_stream(self.device))
+        #: The pass held back by ``classify_async(..., hold_tail=True)``.
+        self._tail: _Segment | None = None
 
     @classmethod
     def load(
@@ -379,39 +382,91 @@ class NliEngine:
     def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
         return self.classify_async(batch).result()
 
-    def classify_async(self, batch: Sequence[Prepared]) -> PendingScores:
+    def classify_async(self, batch: Sequence[Prepared], hold_tail: bool = False) -> PendingScores:
         """Queue every batch on the device and return at once; ``result()`` waits.
 
-        The caller can prepare (or queue) the next micro-batch while this one runs.
+        The caller can prepare (or queue) the next micro-batch while this one runs. With
+        ``hold_tail`` (the caller has another micro-batch to queue next), the packed
+        backends hold back a last forward pass short of the budget; it runs with the next
+        call's first pairs, so that every pass of a stream of large micro-batches is full
+        (the padded backend sorts pairs by length and holds nothing back). The caller must
+        then call ``classify_async`` again, or :meth:`flush`, for this ``result()`` to come.
         """
         items = tuple(batch)
         if not items:
             return PendingScores(items, None)
-        pair_sets = [_pair_set(item) for item in items]
-        everything = TokenBatch(
-            np.concatenate([p.ids for p in pair_sets]),
-            np.concatenate([p.lengths for p in pair_sets]),
-            np.concatenate([p.a_lengths for p in pair_sets]),
-        )
-        return PendingScores(items, self._launch(everything))
+        everything = TokenBatch.concatenate([_pair_set(item) for item in items])
+        return PendingScores(items, self._launch(everything, hold_tail))
+
+    def flush(self) -> None:
+        """Queue the pass held back by ``classify_async(..., hold_tail=True)``, if any."""
+        tail, self._tail = self._tail, None
+        if tail is not None:
+            with self._on_stream():
+                self._launch_packed([tail], self._pass_budget(), hold_tail=False)
 
     def logits(self, pairs: TokenBatch) -> np.ndarray:
         """(entailment, contradiction) logits in fp32 for every pair, in input order."""
         return self._launch(pairs).wait()
 
-    def _launch(self, pairs: TokenBatch) -> PendingLogits:
-        budget = self.pass_tokens
-        if self.device.type == "cpu":
-            budget = min(budget, CPU_BATCH_TOKENS)
-        if self._packed:
-            plan = packed_batches(pairs.lengths, budget)
-        else:
-            plan = padded_batches(pairs.lengths, budget, PAD_MULTIPLE)
-        outputs: list[torch.Tensor] = []
-        with torch.cuda.stream(self.stream) if self.stream is not None else nullcontext():
+    def _pass_budget(self) -> int:
+        return (
+            min(self.pass_tokens, CPU_BATCH_TOKENS)
+            if self.device.type == "cpu"
+            else self.pass_tokens
+        )
+
+    def _on_stream(self) -> AbstractContextManager[Any]:
+        return torch.cuda.stream(self.stream) if self.stream is not None else nullcontext()
+
+    def _launch(self, pairs: TokenBatch, hold_tail: bool = False) -> PendingLogits:
+        budget = self._pass_budget()
+        with self._on_stream():
+            if not self._packed:
+                plan = padded_batches(pairs.lengths, budget, PAD_MULTIPLE)
+                outputs: list[torch.Tensor] = []
+                for rows in plan:
+                    self._run(pairs.take(rows), outputs)
+                return PendingLogits.of(torch.cat(outputs), np.concatenate(plan))
+            pending = PendingLogits(np.arange(pairs.rows))
+            tail, self._tail = self._tail, None
+            segments = [(pending, pairs)] if tail is None else [tail, (pending, pairs)]
+            self._launch_packed(segments, budget, hold_tail)
+            return pending
+
+    def _launch_packed(self, segments: list[_Segment], budget: int, hold_tail: bool) -> None:
+        """Queue the passes over every segment's pairs, one after another; each segment's
+        logits go to its owner, whose copy back is queued right after the pass with its
+        last rows. With ``hold_tail``, a last pass that holds only the last segment's pairs
+        and is not the only one is kept in ``self._tail`` instead."""
+        everything = TokenBatch.concatenate([pairs for _, pairs in segments])
+        plan = packed_batches(everything.lengths, budget)
+        last_owner, last_pairs = segments[-1]
+        held: np.ndarray | None = None
+        if hold_tail and len(plan) > 1 and plan[-1][0] >= everything.rows - last_pairs.rows:
+            held = plan.pop()
+        launched = _LaunchedRows()
+        ends = np.cumsum([pairs.rows for _, pairs in segments])
+        finished = 0  # owners (before the last) whose rows are all queued
+        try:
             for rows in plan:
-                self._run(pairs.take(rows), outputs)
-            return PendingLogits(torch.cat(outputs), np.concatenate(plan))
+                outputs: list[torch.Tensor] = []
+                self._run(everything.take(rows), outputs)
+                launched.extend(outputs)
+                while finished < len(segments) - 1 and ends[finished] <= launched.count:
+                    start = int(ends[finished - 1]) if finished else 0
+                    segments[finished][0].queued(launched.slices(start, int(ends[finished])))
+                    finished += 1
+        except BaseException as exc:
+            for owner, _ in segments[finished:]:
+                owner.fail(exc)  # a held tail's batch too: its caller scores it again
+            raise
+        start = int(ends[-2]) if len(segments) > 1 else 0
+        if held is None:
+            last_owner.queued(launched.slices(start, launched.count))
+        else:
+            last_owner.add(launched.slices(start, launched.count))
+            self._tail = (last_owner, everything.take(held))
 
     def _run(self, batch: TokenBatch, outputs: list[torch.Tensor]) -> None:
         run_halving_on_oom(
@@ -474,11 +529,34 @@ def run_halving_on_oom(
 
 
 class PendingLogits:
-    """Logits still on their way back: one non-blocking copy into pinned memory."""
+    """Logits still on their way back: one non-blocking copy into pinned memory, started
+    once every pass with the batch's pairs is queued (:meth:`queued`; for a batch whose
+    last pass was held back, at the engine's next launch)."""
 
-    def __init__(self, on_device: torch.Tensor, order: np.ndarray) -> None:
+    def __init__(self, order: np.ndarray) -> None:
         self._order = order
+        self._parts: list[torch.Tensor] = []
         self._event: torch.cuda.Event | None = None
+        self._host: torch.Tensor | None = None
+        self._error: BaseException | None = None
+        self._ready = threading.Event()
+
+    @classmethod
+    def of(cls, on_device: torch.Tensor, order: np.ndarray) -> PendingLogits:
+        """A batch queued whole: ``on_device`` holds every row (in ``order``)."""
+        pending = cls(order)
+        pending.queued([on_device])
+        return pending
+
+    def add(self, rows: Sequence[torch.Tensor]) -> None:
+        """The logits of the batch's next rows (on the device, maybe not computed yet)."""
+        self._parts += rows
+
+    def queued(self, rows: Sequence[torch.Tensor] = ()) -> None:
+        """With its last ``rows``, every row is queued: start the copy back (on the
+        current stream)."""
+        parts, self._parts = [*self._parts, *rows], []
+        on_device = parts[0] if len(parts) == 1 else torch.cat(parts)
         if on_device.device.type == "cuda":
             self._host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
             self._host.copy_(on_device, non_blocking=True)
@@ -486,15 +564,51 @@ class PendingLogits:
             self._event.record()
         else:
             self._host = on_device
+        self._ready.set()
+
+    def fail(self, error: BaseException) -> None:
+        """A pass with some of its rows failed: ``wait()`` raises ``error``."""
+        self._error = error
+        self._ready.set()
 
     def wait(self) -> np.ndarray:
         """The logits in input order (blocks until the device is done)."""
+        self._ready.wait()
+        if self._error is not None:
+            raise self._error
         if self._event is not None:
             self._event.synchronize()
+        assert self._host is not None
         gathered = self._host.numpy()
         result = np.empty_like(gathered)
         result[self._order] = gathered
         return result
+
+
+#: A held-back pass: whose rows they are, and the pairs.
+_Segment = tuple[PendingLogits, TokenBatch]
+
+
+class _LaunchedRows:
+    """The logits of a launch's passes so far, as queued: rows numbered across passes."""
+
+    def __init__(self) -> None:
+        self._parts: list[tuple[int, torch.Tensor]] = []
+        self.count = 0
+
+    def extend(self, outputs: Sequence[torch.Tensor]) -> None:
+        for output in outputs:
+            self._parts.append((self.count, output))
+            self.count += int(output.shape[0])
+
+    def slices(self, start: int, stop: int) -> list[torch.Tensor]:
+        """Rows ``start`` to ``stop``, as views of the passes' outputs."""
+        views = []
+        for first, output in self._parts:
+            low, high = max(start, first), min(stop, first + int(output.shape[0]))
+            if low < high:
+                views.append(output[low - first : high - first])
+        return views
 
 
 class PendingScores:

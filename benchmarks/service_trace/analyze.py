@@ -1,0 +1,78 @@
+"""Summarise traces written by sitecustomize.py: how busy the device was while saturated.
+
+    python3 benchmarks/service_trace/analyze.py TRACE_JSON...
+
+The saturated part is the longest stretch of passes (by tokens) without a device gap of
+0.3 s. For it: the device time of the passes against the stretch's length, the gaps
+between passes and whether the engine thread launched the next pass late, the device time
+per token of full and short passes, and the engine thread's launch times.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+FULL_TOKENS = 60_000
+SEGMENT_GAP_S = 0.3
+
+
+def saturated(passes: list[list[float]]) -> list[list[float]]:
+    ordered = sorted(passes, key=lambda p: p[4])
+    stretches, current = [], [ordered[0]]
+    for before, after in zip(ordered, ordered[1:], strict=False):
+        if after[4] - before[5] > SEGMENT_GAP_S:
+            stretches.append(current)
+            current = []
+        current.append(after)
+    stretches.append(current)
+    return max(stretches, key=lambda s: sum(p[2] for p in s))
+
+
+def summary(trace: dict[str, Any]) -> dict[str, Any]:
+    stretch = saturated(trace["passes"])
+    start, end = stretch[0][4], stretch[-1][5]
+    busy = sum(p[5] - p[4] for p in stretch)
+    gaps = late = 0.0
+    for before, after in zip(stretch, stretch[1:], strict=False):
+        gap = after[4] - before[5]
+        if gap > 0:
+            gaps += gap
+            if after[1] > before[5]:  # launched only after the device had finished
+                late += min(gap, after[1] - before[5])
+    full = [p for p in stretch if p[2] >= FULL_TOKENS]
+    short = [p for p in stretch if p[2] < FULL_TOKENS]
+
+    def us_per_token(passes: list[list[float]]) -> float | None:
+        tokens = sum(p[2] for p in passes)
+        return sum(p[5] - p[4] for p in passes) / tokens * 1e6 if tokens else None
+
+    launches = [row[1] - row[0] for row in trace["launch"] if start - 1 <= row[0] <= end]
+    return {
+        "passes": len(stretch),
+        "tokens": sum(p[2] for p in stretch),
+        "seconds": end - start,
+        "device_busy": busy / (end - start),
+        "gap_s": gaps,
+        "gap_launched_late_s": late,
+        "full_passes": len(full),
+        "short_passes": len(short),
+        "full_us_per_token": us_per_token(full),
+        "short_us_per_token": us_per_token(short),
+        "captures": sum(1 for c in trace["captures"] if start - 1 <= c[0] <= end),
+        "launch_ms_mean": sum(launches) / len(launches) * 1e3 if launches else None,
+    }
+
+
+def main(paths: list[str]) -> None:
+    for path in paths:
+        with open(path, encoding="utf-8") as file:
+            result = summary(json.load(file))
+        print(path)
+        for key, value in result.items():
+            print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,107 @@
+"""A tracer for the service on a GPU (diagnostics only, never imported by the package).
+
+Python imports ``sitecustomize`` at start-up from ``sys.path``; ``run.sh`` puts this folder
+there and sets ``SC_TRACE`` to a JSON path. Once ``stream_classifier.service`` is imported,
+the engine stage's methods are wrapped to record, for every forward pass, when the engine
+thread launched it (host clock) and when the device ran it (two CUDA events on the engine's
+stream, placed on the host clock by one synchronised reference event); every micro-batch's
+launch and return, every submission, and every CUDA graph capture. The JSON is written
+when the scorer shuts down (the service's SIGTERM drain). ``analyze.py`` reads it.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+import os
+import time
+from typing import Any
+
+_PATH = os.environ.get("SC_TRACE")
+
+
+def _install() -> None:
+    import torch
+
+    from stream_classifier import scoring
+    from stream_classifier.engine import graphs, nli
+
+    record: dict[str, list[Any]] = {
+        "passes": [],
+        "launch": [],
+        "back": [],
+        "submit": [],
+        "captures": [],
+    }
+    reference: dict[str, Any] = {}
+
+    def stamp(stream: Any) -> Any:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(stream)
+        return event
+
+    def wrap(cls: Any, name: str, note: Any) -> None:
+        inner = getattr(cls, name)
+
+        def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+            return note(self, lambda: inner(self, *args, **kwargs), *args)
+
+        setattr(cls, name, wrapper)
+
+    def run_pass(engine: Any, call: Any, batch: Any, *_: Any) -> Any:
+        if not reference:
+            reference["event"] = stamp(engine.stream)
+            torch.cuda.synchronize()
+            reference["host"] = time.monotonic()
+        started = time.monotonic()
+        begin = stamp(engine.stream)
+        result = call()
+        end = stamp(engine.stream)
+        record["passes"].append([started, time.monotonic(), batch.tokens, batch.rows, begin, end])
+        return result
+
+    def timed(key: str, size: Any) -> Any:
+        def note(_self: Any, call: Any, *args: Any) -> Any:
+            started = time.monotonic()
+            result = call()
+            record[key].append([started, time.monotonic(), size(*args)])
+            return result
+
+        return note
+
+    def submitted(_self: Any, call: Any, requests: Any, *_: Any) -> Any:
+        record["submit"].append([time.monotonic(), len(requests)])
+        return call()
+
+    def shutdown(_self: Any, call: Any, *_: Any) -> Any:
+        result = call()
+        torch.cuda.synchronize()
+        base = reference.get("event")
+        passes = []
+        for started, ended, tokens, rows, begin, end in record["passes"]:
+            on_device = [reference["host"] + base.elapsed_time(e) / 1e3 for e in (begin, end)]
+            passes.append([started, ended, tokens, rows, *on_device])
+        with open(str(_PATH), "w", encoding="utf-8") as file:
+            json.dump({**record, "passes": passes}, file)
+        return result
+
+    wrap(nli.NliEngine, "_run", run_pass)
+    wrap(graphs.GraphedForward, "_new", timed("captures", lambda shape: list(shape)))
+    wrap(scoring.PipelinedScorer, "_launch", timed("launch", lambda job, *_: len(job.requests)))
+    wrap(scoring.PipelinedScorer, "_scored", timed("back", lambda back: len(back.job.requests)))
+    wrap(scoring.PipelinedScorer, "submit", submitted)
+    wrap(scoring.PipelinedScorer, "shutdown", shutdown)
+
+
+if _PATH:
+    _import = builtins.__import__
+    _installed: list[bool] = []
+
+    def _hook(name: str, *args: Any, **kwargs: Any) -> Any:
+        module = _import(name, *args, **kwargs)
+        if not _installed and name == "stream_classifier.service":
+            _installed.append(True)
+            _install()
+        return module
+
+    builtins.__import__ = _hook
