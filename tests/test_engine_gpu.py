@@ -114,3 +114,22 @@ def test_padded_fp16_sdpa_matches_the_reference_within_the_fp16_bar(
         expected = dict(zip(case["expected"]["labels"], case["expected"]["scores"], strict=True))
         ours = dict(zip(result.labels, result.scores, strict=True))
         assert ours == pytest.approx(expected, abs=FP16_TOLERANCE), case["name"]
+
+
+def test_held_back_passes_on_cuda_score_like_batches_alone(tiny_model: Path) -> None:
+    """Micro-batches queued two deep, each holding its last pass for the next one (graphs,
+    the engine's stream, copies back started mid-launch), against each batch alone."""
+    engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cuda"), 4096)
+    engine.warmup()
+    cases = [prepared(engine, case) for case in GOLDEN]
+    batches = [cases * (3 + k) for k in range(5)]  # several passes each at 4,096 tokens
+    alone = [engine.classify(batch) for batch in batches]
+    pending = [engine.classify_async(batch, hold_tail=k > 0) for k, batch in enumerate(batches)]
+    engine.flush()
+    for queued, expected in zip(pending, alone, strict=True):
+        got = queued.result()
+        assert len(got) == len(expected)
+        for ours, theirs in zip(got, expected, strict=True):
+            assert dict(zip(ours.labels, ours.scores, strict=True)) == pytest.approx(
+                dict(zip(theirs.labels, theirs.scores, strict=True)), abs=FP16_TOLERANCE
+            )
