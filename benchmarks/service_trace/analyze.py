@@ -1,11 +1,13 @@
 """Summarise traces written by sitecustomize.py: how busy the device was while saturated.
 
-    python3 benchmarks/service_trace/analyze.py TRACE_JSON...
+    python3 benchmarks/service_trace/analyze.py [--tokens N] TRACE_JSON...
 
 The saturated part is the longest stretch of passes (by tokens) without a device gap of
-0.3 s. For it: the device time of the passes against the stretch's length, the gaps
-between passes and whether the engine thread launched the next pass late, the device time
-per token of full and short passes, and the engine thread's launch times.
+0.3 s, or with ``--tokens N`` the passes from the first micro-batch submitted until N
+tokens are done (the same work in every trace of one workload, gaps included). For it:
+the device time of the passes against the stretch's length, the gaps between passes and
+whether the engine thread launched the next pass late, the device time per token of full
+and short passes, and the engine thread's launch times.
 """
 
 from __future__ import annotations
@@ -30,8 +32,20 @@ def saturated(passes: list[list[float]]) -> list[list[float]]:
     return max(stretches, key=lambda s: sum(p[2] for p in s))
 
 
-def summary(trace: dict[str, Any]) -> dict[str, Any]:
-    stretch = saturated(trace["passes"])
+def first_tokens(trace: dict[str, Any], tokens: int) -> list[list[float]]:
+    first_submit = trace["submit"][0][0]
+    ordered = sorted((p for p in trace["passes"] if p[0] >= first_submit), key=lambda p: p[4])
+    done, stretch = 0, []
+    for p in ordered:
+        if done >= tokens:
+            break
+        stretch.append(p)
+        done += int(p[2])
+    return stretch
+
+
+def summary(trace: dict[str, Any], tokens: int | None = None) -> dict[str, Any]:
+    stretch = saturated(trace["passes"]) if tokens is None else first_tokens(trace, tokens)
     start, end = stretch[0][4], stretch[-1][5]
     busy = sum(p[5] - p[4] for p in stretch)
     gaps = late = 0.0
@@ -65,10 +79,13 @@ def summary(trace: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def main(paths: list[str]) -> None:
-    for path in paths:
+def main(arguments: list[str]) -> None:
+    tokens = None
+    if arguments[:1] == ["--tokens"]:
+        tokens, arguments = int(arguments[1]), arguments[2:]
+    for path in arguments:
         with open(path, encoding="utf-8") as file:
-            result = summary(json.load(file))
+            result = summary(json.load(file), tokens)
         print(path)
         for key, value in result.items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
