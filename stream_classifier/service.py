@@ -442,10 +442,10 @@ class Service:
         except Exception as exc:  # noqa: BLE001 - e.g. an id no JSON encoder accepts
             reason = f"{type(exc).__name__}: {exc}"
             return [self._dead_letter(Rejection(item.envelope, "output_failed", reason))]
-        if decision.decision is not None:
-            self.metrics.decisions.labels(item.topic.input, decision.decision).inc()
         headers = item.envelope.headers + our_headers(self.engine.model_id, item.text_truncated)
-        output = self._record(item.topic.output, item.envelope, value, headers, "output")
+        output = self._record(
+            item.topic.output, item.envelope, value, headers, "output", decision.decision
+        )
         routed = [self._record(t, item.envelope, value, headers, "route") for t in decision.routes]
         return [output, *routed]
 
@@ -459,7 +459,12 @@ class Service:
 
     @staticmethod
     def _record(
-        topic: str, envelope: Envelope, value: bytes | None, headers: Any, kind: str
+        topic: str,
+        envelope: Envelope,
+        value: bytes | None,
+        headers: Any,
+        kind: str,
+        decision: str | None = None,
     ) -> Record:
         return Record(
             topic=topic,
@@ -469,6 +474,7 @@ class Service:
             timestamp=envelope.source.timestamp or 0,
             source=envelope.source,
             kind=kind,
+            decision=decision,
         )
 
     def _scored(
@@ -494,9 +500,12 @@ class Service:
         self.checkpoint.on_delivery(record, failure)
 
     def _on_written(self, record: Record) -> None:
-        """A record is durably written (at-least-once: acknowledged)."""
+        """A record is durably written (at-least-once: acknowledged). Counted here, not
+        when built: a batch redone after an aborted transaction is built twice."""
         if record.kind == "output":
             self.metrics.produced.labels(record.source.topic).inc()
+            if record.decision is not None:
+                self.metrics.decisions.labels(record.source.topic, record.decision).inc()
         if record.source.timestamp:
             age = time.time() - record.source.timestamp / 1e3
             self.metrics.end_to_end_seconds.observe(max(0.0, age))

@@ -54,6 +54,8 @@ class Record:
     timestamp: int
     source: SourceRef
     kind: str  # "output", "dead_letter" or "route"
+    #: An output's decision lane (counted once the output is durably written).
+    decision: str | None = None
 
 
 @dataclass(frozen=True)

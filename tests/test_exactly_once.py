@@ -32,12 +32,12 @@ def engine(tiny_model: Path) -> NliEngine:
     return NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), max_batch_tokens=4096)
 
 
-def eos_setup(bootstrap: str, partitions: int = 2) -> Any:
+def eos_setup(bootstrap: str, partitions: int = 2, **topic: Any) -> Any:
     topics = {"input": unique("in"), "output": unique("out"), "dead_letter": unique("dlq")}
     create_topics(bootstrap, list(topics.values()), partitions)
     return service_config(
         bootstrap,
-        [{**topics, "labels": ["spam", "ok"]}],
+        [{**topics, "labels": ["spam", "ok"], **topic}],
         processing={
             "guarantee": "exactly_once",
             "max_batch_messages": 16,
@@ -96,8 +96,11 @@ def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
     bootstrap: str, engine: NliEngine, abortable: bool
 ) -> None:
     """An abortable error aborts; an unknown outcome (a hung call) replaces the producer,
-    which fences the old one and settles its transaction. Both redo the batch."""
-    config = eos_setup(bootstrap)
+    which fences the old one and settles its transaction. Both redo the batch; its
+    decisions are counted once, when committed."""
+    config = eos_setup(
+        bootstrap, lanes=[{"name": "spam", "labels": ["spam"], "min_score": 0.5}, {"name": "rest"}]
+    )
     n = 120
     produce(bootstrap, config.topics[0].input, mixed(n), keys=[str(i).encode() for i in range(n)])
     service = Service(config, engine)
@@ -117,6 +120,13 @@ def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
     assert service.metrics.transactions.labels("aborted")._value.get() == 2
     assert service.healthy()[0]
     assert_exactly_once(bootstrap, config, n)
+    decided = service.metrics.registry.get_sample_value
+    topic = config.topics[0].input
+    counted = sum(
+        decided("stream_classifier_decisions_total", {"topic": topic, "decision": d}) or 0
+        for d in ("spam", "rest")
+    )
+    assert counted == n - mixed(n).count(b"not json")
 
 
 def test_exactly_once_outputs_invisible_to_read_committed_until_commit(
