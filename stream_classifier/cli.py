@@ -207,9 +207,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     # `kill -HUP PID`: re-read the topic settings (labels, thresholds, lanes...) in place.
     signal.signal(
         signal.SIGHUP,
-        lambda _s, _f: service.request_reload(
-            lambda: _for_device(load_config(args.config), on_gpu)
-        ),
+        lambda _s, _f: service.request_reload(lambda: reload_config(args.config, on_gpu)),
     )
     server = _start_health_server(config, metrics, service)
     gpu = start_gpu_sampler(metrics)
@@ -225,6 +223,21 @@ def cmd_run(args: argparse.Namespace) -> int:
             gpu.stop()
     log.info("stopped cleanly")
     return 0
+
+
+#: How long a reload may wait for the cluster's topic list (the loop waits meanwhile).
+RELOAD_CHECK_S = 5.0
+
+
+def reload_config(path: str, on_gpu: bool) -> ServiceConfig:
+    """The configuration a SIGHUP reload applies: the file, with the device's defaults, and
+    only if every topic it names exists (a new route to a missing topic would fail its
+    first write and stop the service); any error rejects the reload."""
+    from stream_classifier.preflight import check_kafka
+
+    config = _for_device(load_config(path), on_gpu)
+    check_kafka(config, timeout_s=RELOAD_CHECK_S)
+    return config
 
 
 def _on_gpu(engine: Engine) -> bool:

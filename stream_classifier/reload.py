@@ -4,7 +4,9 @@ Labels, template, multi-label, thresholds, lanes and routes, and the input limit
 topic may change while the service runs; events already read keep the settings they were
 read with. Anything else (Kafka, processing, engine, metrics, which topics exist and
 where their outputs and dead letters go) needs a restart: a reload that changes it is
-refused, with the reason, and the running settings stay.
+refused, with the reason, and the running settings stay. A reload whose file names a
+topic that does not exist (a new route) is rejected before it gets here
+(:func:`stream_classifier.cli.reload_config`).
 """
 
 from __future__ import annotations

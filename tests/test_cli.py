@@ -108,3 +108,34 @@ def test_eval_missing_sample_file_says_so(tmp_path: Path) -> None:
     result = cli("eval", "--labels", "a,b", str(missing))
     assert result.returncode == 2
     assert result.stderr.strip() == f"eval: no such file: {missing}"
+
+
+@pytest.mark.kafka
+def test_a_reload_naming_a_missing_route_topic_is_rejected_with_its_name(
+    bootstrap: str, tmp_path: Path
+) -> None:
+    """SIGHUP re-reads the file; a lane that routes to a topic that does not exist would
+    fail its first write and stop the service, so the reload is refused instead."""
+    from kafka_helpers import create_topics, unique
+
+    from stream_classifier.cli import reload_config
+    from stream_classifier.preflight import PreflightError
+
+    names = {"input": unique("in"), "output": unique("out"), "dead_letter": unique("dlq")}
+    routed = unique("review")
+    create_topics(bootstrap, [*names.values(), routed], partitions=1)
+    path = tmp_path / "config.yaml"
+
+    def write(route: str) -> None:
+        lanes = [{"name": "review", "labels": ["x"], "min_score": 0.5, "route": route}]
+        lanes.append({"name": "allow"})
+        topic = {**names, "labels": ["x", "y"], "lanes": lanes}
+        config = {"kafka": {"bootstrap_servers": bootstrap}, "topics": [topic]}
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+
+    write(routed)
+    assert reload_config(str(path), on_gpu=False).topics[0].route_topics == [routed]
+    missing = unique("nowhere")
+    write(missing)
+    with pytest.raises(PreflightError, match=missing):
+        reload_config(str(path), on_gpu=False)
