@@ -500,16 +500,14 @@ def run_service(
     try:
         first: list[float] = []
         idle = "stream_classifier_engine_idle_seconds_total"
-        idle_at_first = 0.0
 
         def consumed() -> bool:
-            nonlocal idle_at_first
-            idle_at_first = _metric(port, idle)
             if _metric(port, "stream_classifier_events_consumed_total") > 0:
                 first.append(time.monotonic())
             return bool(first)
 
         _wait(consumed, timeout, "the first consume", service)
+        idle_at_first = _metric(port, idle)
         _wait(lambda: commits.committed() >= options.events, timeout, "commit", service)
         done = time.monotonic()
         idle_share = (_metric(port, idle) - idle_at_first) / (done - first[0])

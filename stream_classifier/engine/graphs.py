@@ -27,10 +27,11 @@ real sequence) and only the real sequences' logits are returned.
 Every pass is replayed once its shape has a graph. A shape is captured on its second pass
 (:data:`CAPTURE_ON_PASS`; a shape seen once runs eagerly), so that everything lazy
 (compiled kernels, the stream's cuBLAS workspace) exists before its capture and one-off
-shapes cost no capture. A capture takes ~130 ms of the engine thread on an H100 (the
-device meanwhile runs what is queued); the engine's warm-up captures the full passes of
-ENGINE.md's texts, and a steady workload's short passes fall into a few dozen buckets, so
-captures stop after its first minute. All graphs share one memory pool: they run one after
+shapes cost no capture. In the service on an H100 a capture took 10-20 ms of the engine
+thread after the first (``benchmarks/service_trace``; the device meanwhile runs what is
+queued), and the engine's warm-up captures the full passes of ENGINE.md's texts. While the
+input is saturated the engine keeps passes full (``NliEngine.classify_async``'s
+``hold_tail``), so few short shapes occur. All graphs share one memory pool: they run one after
 another on one stream, so memory is that of the largest pass, as eagerly. At most
 :data:`MAX_GRAPHS` are kept; a shape beyond them, or whose capture failed, runs eagerly.
 """

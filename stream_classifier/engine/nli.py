@@ -585,7 +585,7 @@ class PendingLogits:
         return result
 
 
-#: A held-back pass: whose rows they are, and the pairs.
+#: One batch's pairs in a launch (or the pass it held back), and whose logits they are.
 _Segment = tuple[PendingLogits, TokenBatch]
 
 

@@ -166,6 +166,19 @@ class FaultRun:
         process.send_signal(signal.SIGKILL)
         process.wait(30)
 
+    def scale_out_and_kill_first(self, events: int) -> None:
+        """One instance scores a fifth of ``events``, two more join, and once half are
+        scored the first is SIGKILLed (its slot is never started again); then half as many
+        events again arrive."""
+        self.produce(events)
+        first = self.start()
+        self.wait_scored(events // 5)
+        self.start(slot=1)
+        self.start(slot=2)
+        self.wait_scored(events // 2)
+        self.kill(first)
+        self.produce(events // 2)
+
     def terminate_all(self, timeout: float = 60) -> list[int]:
         codes = []
         for process in self.processes:

@@ -37,15 +37,8 @@ def outputs_stable(run: FaultRun) -> bool:
 
 def probe(attempt: int) -> str:
     run = FaultRun(BOOTSTRAP, "exactly_once", Path(tempfile.mkdtemp()), partitions=6)
-    run.produce(EVENTS)
-    first = run.start()
-    run.wait_scored(EVENTS // 5)
-    run.start(slot=1)
-    run.start(slot=2)
-    run.wait_scored(EVENTS // 2)
-    killed = time.monotonic()
-    run.kill(first)
-    run.produce(EVENTS // 2)
+    run.scale_out_and_kill_first(EVENTS)
+    killed = time.monotonic()  # (and half the events again produced)
     timed_out: list[int] = []
 
     def input_committed() -> bool:

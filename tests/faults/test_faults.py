@@ -93,14 +93,7 @@ def scale_out_run(bootstrap: str, mode: str, tmp_path: Path) -> FaultRun:
 
 
 def scale_out_then_kill(run: FaultRun, events: int, note: str) -> None:
-    run.produce(events)
-    first = run.start()
-    run.wait_scored(events // 5)
-    run.start(slot=1)
-    run.start(slot=2)
-    run.wait_scored(events // 2)
-    run.kill(first)
-    run.produce(events // 2)
+    run.scale_out_and_kill_first(events)
     run.wait_drained(timeout=300)
     assert run.terminate_all()[1:] == [0, 0]
     run.assert_guarantee(run.count(f"scale 1->3, one killed{note}"))
