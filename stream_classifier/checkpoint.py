@@ -5,12 +5,19 @@ to write with the offsets after the batch; the checkpoint decides when offsets m
 
 - :class:`AtLeastOnce`: each event's records are produced with delivery reports. Per
   partition the committable offset is the end of the prefix whose records were all
-  acknowledged. A record that failed in a way a later attempt may cure (a broker outage
-  of any length) is sent again, never skipped; a permanent failure stops the service.
+  acknowledged. When a record fails in a way a later attempt may cure (an outage of any
+  length), its partition is replayed in order from that prefix's end, as Kafka Streams
+  does: a late re-send of one record would land after newer records of its key.
 - :class:`ExactlyOnce`: each batch is one transaction holding its records and its
   consumed offsets. When a transaction does not commit, the checkpoint aborts it (or
   replaces the producer, which settles a transaction of unknown outcome) and asks the
   loop to rewind to the group's committed offsets, which it reads here and never guesses.
+
+In both, a record the cluster refuses for good is replaced by a smaller dead letter
+(:func:`stream_classifier.records.smaller`), and a fatal error (authorization,
+configuration) stops the service with its reason: :mod:`stream_classifier.kafka_errors`
+decides which is which. An outage of the output is logged once when it starts and once
+when it ends.
 
 Both are driven from the Kafka thread only: :meth:`Checkpoint.turn` once a loop turn,
 :meth:`Checkpoint.commit_revoked` from inside a revoke callback. Neither blocks longer
@@ -25,6 +32,7 @@ from typing import Protocol
 
 from confluent_kafka import OFFSET_BEGINNING
 
+from stream_classifier.kafka_errors import Verdict
 from stream_classifier.offsets import OffsetTracker, TopicPartition
 from stream_classifier.sink import DeliveryFailure, Record, Sink, SinkError, TransactionFailed
 from stream_classifier.source import OffsetsUnavailable, Source
@@ -39,6 +47,10 @@ BACKOFF_MAX_S = 5.0
 COMMITTED_TIMEOUT_S = 10.0
 
 Clock = Callable[[], float]
+#: The next form of a record refused for good (None: give up), and what is told of one
+#: given up.
+Replace = Callable[[Record, DeliveryFailure], "Record | None"]
+GiveUp = Callable[[Record, DeliveryFailure], None]
 
 
 class Checkpoint(Protocol):
@@ -56,6 +68,7 @@ class Checkpoint(Protocol):
     ) -> dict[TopicPartition, int] | None: ...
     def in_flight(self) -> int: ...
     def health(self) -> tuple[bool, str]: ...
+    def replays(self) -> dict[TopicPartition, int]: ...
     def on_delivery(self, record: Record, failure: DeliveryFailure | None) -> None: ...
 
 
@@ -77,6 +90,31 @@ class _Backoff:
 
     def due(self) -> bool:
         return self._clock() >= self._retry_at
+
+
+class _Outage:
+    """Logs an outage of the output once when it starts and once when it ends."""
+
+    def __init__(self, clock: Clock) -> None:
+        self._clock = clock
+        self._since: float | None = None
+        self._failures = 0
+
+    def failed(self, reason: str) -> None:
+        self._failures += 1
+        if self._since is None:
+            self._since = self._clock()
+            log.warning("output not writable: %s; holding input and retrying until it is", reason)
+
+    def succeeded(self) -> None:
+        if self._since is not None:
+            log.warning(
+                "output writable again after %.1fs (%d failed attempts)",
+                self._clock() - self._since,
+                self._failures,
+            )
+        self._since = None
+        self._failures = 0
 
 
 class _Rewinds:
@@ -106,7 +144,7 @@ class _Rewinds:
         try:
             committed = self._source.committed(partitions, COMMITTED_TIMEOUT_S)
         except OffsetsUnavailable as exc:
-            log.info("committed offsets not readable yet (%s): will retry", exc)
+            log.debug("committed offsets not readable yet (%s): will retry", exc)
             return None
         targets: dict[TopicPartition, int] = {}
         for tp in partitions:
@@ -130,6 +168,8 @@ class AtLeastOnce(_Rewinds):
         earliest: bool = True,
         on_written: Callable[[Record], None] = lambda record: None,
         on_commit: Callable[[bool], None] = lambda ok: None,
+        replace: Replace = lambda record, failure: None,
+        give_up: GiveUp = lambda record, failure: None,
     ) -> None:
         super().__init__(source, earliest)
         self._sink = sink
@@ -137,16 +177,17 @@ class AtLeastOnce(_Rewinds):
         self._clock = clock
         self._on_written = on_written
         self._on_commit = on_commit
+        self._replace = replace
+        self._give_up = give_up
         self._tracker = OffsetTracker()
         #: Records produced and not yet acknowledged, by identity, with their event.
-        self._records: dict[int, tuple[TopicPartition, int]] = {}
+        self._records: dict[int, tuple[tuple[TopicPartition, int], Record]] = {}
         #: Records left to acknowledge per event.
         self._left: dict[tuple[TopicPartition, int], int] = {}
-        #: Records whose delivery failed and that wait to be sent again, with how many
-        #: times each has failed so far.
-        self._resend: list[Record] = []
-        self._failures: dict[int, int] = {}
-        self._resend_at = 0.0
+        #: Partitions to read again from these offsets (their records failed).
+        self._replays: dict[TopicPartition, int] = {}
+        self._backoff = _Backoff(clock)
+        self._outage = _Outage(clock)
         self._last_commit = clock()
         self._failure: SinkError | None = None
 
@@ -156,46 +197,53 @@ class AtLeastOnce(_Rewinds):
     def released(self, partitions: Iterable[TopicPartition]) -> None:
         gone = set(partitions)
         self.assigned(gone)
+        self._forget(gone)
+        for tp in gone:
+            self._replays.pop(tp, None)
+
+    def _forget(self, gone: set[TopicPartition]) -> None:
         self._tracker.forget(list(gone))
-        self._records = {k: ev for k, ev in self._records.items() if ev[0] not in gone}
+        self._records = {k: v for k, v in self._records.items() if v[0][0] not in gone}
         self._left = {ev: n for ev, n in self._left.items() if ev[0] not in gone}
-        self._failures = {k: n for k, n in self._failures.items() if k in self._records}
-        self._resend = [r for r in self._resend if id(r) in self._records]
 
     def consumed(self, tp: TopicPartition, offset: int) -> None:
         super().consumed(tp, offset)
         self._tracker.register(tp, offset)
 
     def can_write(self) -> bool:
-        return True
+        return self._backoff.due()
 
     def write(self, records: list[Record], offsets: dict[TopicPartition, int]) -> bool:
+        records = [r for r in records if _event(r)[0] not in self._replays]
         for record in records:
-            event = ((record.source.topic, record.source.partition), record.source.offset)
-            self._records[id(record)] = event
-            self._left[event] = self._left.get(event, 0) + 1
+            self._track(record, _event(record))
         for record in records:
-            self._sink.produce(record)
+            self._produce(record)
         return True
 
+    def _track(self, record: Record, event: tuple[TopicPartition, int]) -> None:
+        self._records[id(record)] = (event, record)
+        self._left[event] = self._left.get(event, 0) + 1
+
+    def _produce(self, record: Record) -> None:
+        failure = self._sink.produce(record)
+        if failure is not None:
+            self.on_delivery(record, failure)
+
     def on_delivery(self, record: Record, failure: DeliveryFailure | None) -> None:
-        event = self._records.get(id(record))
-        if event is None:
-            return  # its partition was released: the next owner redoes the event
+        entry = self._records.pop(id(record), None)
+        if entry is None:
+            return  # its partition was released or is replayed: redone from the source
+        event = entry[0]
         if failure is None:
-            del self._records[id(record)]
-            self._failures.pop(id(record), None)
+            self._outage.succeeded()
+            self._backoff.succeeded()
             self._on_written(record)
-            self._left[event] -= 1
-            if self._left[event] == 0:
-                del self._left[event]
-                self._tracker.mark_done(*event)
-        elif failure.retriable:
-            failed = self._failures[id(record)] = self._failures.get(id(record), 0) + 1
-            log.warning("%s record not delivered (%s): will send it again", record.kind, failure)
-            self._resend.append(record)
-            backoff = min(BACKOFF_MAX_S, 0.1 * 2**failed)
-            self._resend_at = max(self._resend_at, self._clock() + backoff)
+            self._acknowledged(event)
+        elif failure.verdict is Verdict.DEAD_LETTER:
+            self._refused(record, event, failure)
+        elif failure.verdict is Verdict.RIDE_OUT:
+            self._replay(event, failure)
         elif self._failure is None:
             source = record.source
             self._failure = SinkError(
@@ -203,15 +251,44 @@ class AtLeastOnce(_Rewinds):
                 f"[{source.partition}]@{source.offset}: {failure.reason}"
             )
 
+    def _acknowledged(self, event: tuple[TopicPartition, int]) -> None:
+        self._left[event] -= 1
+        if self._left[event] == 0:
+            del self._left[event]
+            self._tracker.mark_done(*event)
+
+    def _refused(
+        self, record: Record, event: tuple[TopicPartition, int], failure: DeliveryFailure
+    ) -> None:
+        """A record that can never be written: write its smaller form, or give it up."""
+        smaller = self._replace(record, failure)
+        if smaller is None:
+            self._give_up(record, failure)
+            self._acknowledged(event)
+            return
+        self._left[event] -= 1
+        self._track(smaller, event)
+        self._produce(smaller)
+
+    def _replay(self, event: tuple[TopicPartition, int], failure: DeliveryFailure) -> None:
+        """Read the partition again from the end of its acknowledged prefix, in order."""
+        tp = event[0]
+        self._outage.failed(failure.reason)
+        if tp in self._replays:
+            return
+        self._replays[tp] = self._tracker.first_pending(tp, default=event[1])
+        self._forget({tp})
+        self._backoff.failed()
+
+    def replays(self) -> dict[TopicPartition, int]:
+        """Partitions to read again and from where; asking hands them to the caller."""
+        replays, self._replays = self._replays, {}
+        return replays
+
     def turn(self) -> None:
         self._sink.poll(0)
         if self._failure is not None:
             raise self._failure
-        if self._resend and self._clock() >= self._resend_at:
-            again, self._resend = self._resend, []
-            log.info("sending %d undelivered records again", len(again))
-            for record in again:
-                self._sink.produce(record)
         if self._clock() - self._last_commit >= self._interval:
             self._commit(None)
 
@@ -238,16 +315,20 @@ class AtLeastOnce(_Rewinds):
         left = self._sink.flush(timeout)
         if self._failure is not None:
             raise self._failure
-        return self._commit(None) and left == 0 and not self._resend
+        return self._commit(None) and left == 0 and not self._replays
 
     def in_flight(self) -> int:
         return len(self._left)
 
     def health(self) -> tuple[bool, str]:
-        worst = max(self._failures.values(), default=0)
-        if worst >= UNHEALTHY_FAILURES:
-            return False, f"{len(self._failures)} records undelivered, re-sending ({worst} tries)"
+        if self._backoff.failures >= UNHEALTHY_FAILURES:
+            return False, f"output not writable: {self._backoff.failures} replays in a row failed"
         return True, "ok"
+
+
+def _event(record: Record) -> tuple[TopicPartition, int]:
+    source = record.source
+    return (source.topic, source.partition), source.offset
 
 
 class ExactlyOnce(_Rewinds):
@@ -260,14 +341,28 @@ class ExactlyOnce(_Rewinds):
         clock: Clock,
         earliest: bool = True,
         on_committed: Callable[[list[Record]], None] = lambda records: None,
+        replace: Replace = lambda record, failure: None,
+        give_up: GiveUp = lambda record, failure: None,
     ) -> None:
         super().__init__(source, earliest)
         self._sink = sink
         self._clock = clock
+        self._earliest = earliest
         self._on_committed = on_committed
+        self._replace = replace
+        self._give_up = give_up
         self._backoff = _Backoff(clock)
+        self._outage = _Outage(clock)
         #: The producer must be replaced (a transaction of unknown outcome, a lost group).
         self._broken = False
+        #: Delivery failures reported for the open transaction's records.
+        self._failed: list[tuple[Record, DeliveryFailure]] = []
+        #: Records refused for good, by event and destination: the form to write instead
+        #: when their batch is redone (the refusal failed its transaction).
+        self._refused: dict[tuple[str, int, int, str, str], tuple[int, DeliveryFailure]] = {}
+        #: Under ``latest``: each new partition's first consumed offset, committed before
+        #: the first transaction so that the next owner starts there, not at the end.
+        self._pins: dict[TopicPartition, int] = {}
 
     def start(self) -> None:
         """Start the producer; if the cluster is unreachable, retry from the loop."""
@@ -278,8 +373,15 @@ class ExactlyOnce(_Rewinds):
             self._broken = True
             self._backoff.failed()
 
+    def consumed(self, tp: TopicPartition, offset: int) -> None:
+        if not self._earliest and tp not in self._first:
+            self._pins[tp] = offset
+        super().consumed(tp, offset)
+
     def released(self, partitions: Iterable[TopicPartition]) -> None:
         self.assigned(partitions)
+        for tp in partitions:
+            self._pins.pop(tp, None)
 
     def replace_producer(self) -> None:
         """Start a fresh producer before the next transaction (after losing the group)."""
@@ -300,19 +402,69 @@ class ExactlyOnce(_Rewinds):
 
     def write(self, records: list[Record], offsets: dict[TopicPartition, int]) -> bool:
         """Commit one batch's transaction; False if it did not commit (rewind and redo)."""
+        self._failed = []
         try:
             self._sink.begin()
-            for record in records:
-                self._sink.produce(record)
+            written = [w for r in records if (w := self._produce(self._instead(r))) is not None]
+            if self._failed:
+                raise TransactionFailed(self._failed[0][1].reason, abortable=True)
             self._sink.commit(offsets, self._source.group_metadata())
         except TransactionFailed as exc:
-            log.warning("transaction failed (%s): rewinding to the committed offsets", exc)
-            self._end_failed(exc.abortable)
-            self._backoff.failed()
+            self._failed_transaction(exc)
             return False
         self._backoff.succeeded()
-        self._on_committed(records)
+        self._outage.succeeded()
+        for tp in offsets:
+            self._pins.pop(tp, None)
+        for record in records:
+            self._refused.pop(_refusal_key(record), None)
+        self._on_committed(written)
         return True
+
+    def _instead(self, record: Record) -> Record | None:
+        """What to write for a record: a smaller form where an earlier attempt was refused."""
+        refused = self._refused.get(_refusal_key(record))
+        if refused is None:
+            return record
+        stage, failure = refused
+        current: Record | None = record
+        while current is not None and current.stage < stage:
+            last = current
+            current = self._replace(current, failure)
+            if current is None:
+                self._give_up(last, failure)
+        return current
+
+    def _produce(self, record: Record | None) -> Record | None:
+        """Queue a record in the open transaction, smaller forms where it is refused."""
+        while record is not None:
+            failure = self._sink.produce(record)
+            if failure is None:
+                return record
+            if failure.verdict is not Verdict.DEAD_LETTER:
+                self._failed.append((record, failure))
+                return None
+            smaller = self._replace(record, failure)
+            if smaller is None:
+                self._give_up(record, failure)
+            record = smaller
+        return None
+
+    def _failed_transaction(self, exc: TransactionFailed) -> None:
+        failures, self._failed = self._failed, []
+        fatal = [f for _, f in failures if f.verdict is Verdict.FATAL]
+        if fatal:
+            raise SinkError(f"a record of the transaction was refused: {fatal[0].reason}")
+        for record, failure in failures:
+            if failure.verdict is Verdict.DEAD_LETTER:
+                self._refused[_refusal_key(record)] = (record.stage + 1, failure)
+        refused = any(f.verdict is Verdict.DEAD_LETTER for _, f in failures)
+        if not refused:
+            self._outage.failed(str(exc))
+        log.debug("transaction failed (%s): rewinding to the committed offsets", exc)
+        self._end_failed(exc.abortable)
+        if not refused:
+            self._backoff.failed()
 
     def _end_failed(self, abortable: bool) -> None:
         if abortable:
@@ -324,13 +476,28 @@ class ExactlyOnce(_Rewinds):
         self._broken = True
 
     def on_delivery(self, record: Record, failure: DeliveryFailure | None) -> None:
-        pass  # a failed record fails its transaction's commit, which is what counts
+        """A failed record fails its transaction's commit; why it failed decides the redo."""
+        if failure is not None:
+            self._failed.append((record, failure))
+
+    def replays(self) -> dict[TopicPartition, int]:
+        return {}  # a failed transaction rewinds every partition (write returns False)
 
     def turn(self) -> None:
         self._sink.poll(0)
+        if self._pins:
+            self._commit_pins(set(self._pins))
+
+    def _commit_pins(self, partitions: set[TopicPartition]) -> None:
+        pins = {tp: off for tp, off in self._pins.items() if tp in partitions}
+        if pins and self._source.commit(pins):
+            for tp in pins:
+                self._pins.pop(tp, None)
 
     def commit_revoked(self, partitions: list[TopicPartition], timeout: float) -> None:
-        pass  # nothing is open between transactions; unwritten events are redone
+        """Nothing is open between transactions; unwritten events are redone. A new
+        partition's starting point is committed so that the next owner starts there."""
+        self._commit_pins(set(partitions))
 
     def finish(self, timeout: float) -> bool:
         return True  # every written batch committed in its own transaction
@@ -342,3 +509,9 @@ class ExactlyOnce(_Rewinds):
         if self._backoff.failures >= UNHEALTHY_FAILURES:
             return False, f"{self._backoff.failures} transactions failed in a row"
         return True, "ok"
+
+
+def _refusal_key(record: Record) -> tuple[str, int, int, str, str]:
+    first = record.first or record
+    source = record.source
+    return source.topic, source.partition, source.offset, first.topic, first.kind

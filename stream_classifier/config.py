@@ -184,6 +184,10 @@ class ProcessingConfig(_Section):
     shutdown_timeout_s: float = Field(30.0, gt=0)
     #: How long the producer may try to deliver one record before it counts as failed.
     delivery_timeout_ms: int = Field(30_000, ge=1000)
+    #: The engine's liveness: work handed to it and nothing back for longer than this
+    #: makes /healthz answer 503 (a hung kernel or a wedged driver; the liveness probe
+    #: then restarts the pod). Longer than the slowest micro-batch, start-up included.
+    engine_timeout_s: float = Field(120.0, gt=0)
     #: Micro-batches handed to the engine and not yet written, at most (beyond it,
     #: partitions are paused). Default 2; when not set and the engine runs on a GPU, 3
     #: (see ``for_device``).

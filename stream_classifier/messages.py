@@ -14,11 +14,9 @@ from typing import Any, Protocol
 from pydantic import BaseModel, ConfigDict, Field
 
 from stream_classifier.config import TopicConfig
+from stream_classifier.headers import HEADER_PREFIX, Headers, read_headers
 
-HEADER_PREFIX = "stream-classifier."
 PLAIN_TEXT_FIELD = "$value"
-
-Headers = list[tuple[str, str | bytes | None]]
 
 
 class KafkaMessage(Protocol):
@@ -132,8 +130,7 @@ class Envelope:
         kind, ts = message.timestamp()
         topic, partition, offset = message.topic(), message.partition(), message.offset()
         assert topic is not None and partition is not None and offset is not None
-        raw_headers = message.headers() or []
-        headers = list(raw_headers.items() if isinstance(raw_headers, dict) else raw_headers)
+        headers = read_headers(message)
         return cls(
             source=SourceRef(
                 topic=topic, partition=partition, offset=offset, timestamp=ts if kind else None

@@ -64,6 +64,18 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
+        self.engine_stalled_seconds = Gauge(
+            PREFIX + "engine_stalled_seconds",
+            "How long work has waited on the engine with nothing coming back (0 while it"
+            " returns batches or has none); over processing.engine_timeout_s /healthz fails",
+            registry=r,
+        )
+        self.undeliverable = Counter(
+            PREFIX + "undeliverable",
+            "Events given up: not even their smallest dead letter could be written",
+            ["topic"],
+            registry=r,
+        )
         self.engine_idle_seconds = Counter(
             PREFIX + "engine_idle_seconds",
             "Time the engine stage had no micro-batch to score (on a GPU: the device waited"

@@ -22,7 +22,7 @@ class OffsetOrderError(Exception):
 class _PartitionState:
     pending: deque[int] = field(default_factory=deque)
     done: set[int] = field(default_factory=set)
-    #: Next offset to commit (last finished + 1), None until something finished.
+    #: Next offset to commit (last finished + 1, or the first offset registered).
     committable: int | None = None
     committed: int | None = None
     last_registered: int | None = None
@@ -42,6 +42,12 @@ class OffsetTracker:
             raise OffsetOrderError(f"{tp[0]}[{tp[1]}] offset {offset} after {last}")
         state.last_registered = offset
         state.pending.append(offset)
+        if state.committable is None:
+            # Everything before the first event read since assignment is someone else's
+            # finished work: committing this offset at once pins where the next owner
+            # starts (under auto.offset.reset=latest it would start at the end and skip
+            # what this owner read but did not finish).
+            state.committable = offset
 
     def mark_done(self, tp: TopicPartition, offset: int) -> None:
         """Record that the event's output (or dead letter) was acknowledged."""
@@ -53,6 +59,11 @@ class OffsetTracker:
             finished = state.pending.popleft()
             state.done.discard(finished)
             state.committable = finished + 1
+
+    def first_pending(self, tp: TopicPartition, default: int) -> int:
+        """The lowest offset consumed and not finished (``default`` if none)."""
+        state = self._partitions.get(tp)
+        return state.pending[0] if state and state.pending else default
 
     def to_commit(self) -> dict[TopicPartition, int]:
         """Offsets that advanced since the last :meth:`committed` call."""

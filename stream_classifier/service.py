@@ -31,22 +31,21 @@ from typing import Any
 from stream_classifier.batcher import Batch, Item, MicroBatcher, topic_partition
 from stream_classifier.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce
 from stream_classifier.config import ServiceConfig, TopicConfig
-from stream_classifier.decisions import Decision, decide
-from stream_classifier.engine.base import Engine, Prepared, Scores
+from stream_classifier.engine.base import Engine, Prepared
 from stream_classifier.messages import (
     ClassifyRequest,
     Envelope,
     KafkaMessage,
     Rejection,
-    ScoredEvent,
     decode_event,
 )
 from stream_classifier.metrics import Metrics
 from stream_classifier.offsets import TopicPartition
 from stream_classifier.preparing import InlinePreparer, Preparer
+from stream_classifier.records import records_for, smaller
 from stream_classifier.reload import restart_needed, settings_version
 from stream_classifier.scoring import Outcome, Scorer, ThreadScorer
-from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink, our_headers
+from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink
 from stream_classifier.source import KafkaSource, Source, consumer_config
 
 log = logging.getLogger(__name__)
@@ -59,6 +58,8 @@ STALL_S = 60.0
 REVOKE_FLUSH_S = 5.0
 #: librdkafka statistics (consumer lag) interval when metrics are on.
 STATS_INTERVAL_MS = 5000
+#: librdkafka's default ``message.max.bytes`` (the producer's record size limit).
+MESSAGE_MAX_BYTES = 1_000_000
 
 
 class ServiceError(Exception):
@@ -78,6 +79,7 @@ class Scoring:
     future: Future[list[Outcome]]
     generation: int
     epochs: dict[TopicPartition, int]
+    submitted_at: float = 0.0
 
 
 @dataclass
@@ -142,9 +144,12 @@ class Service:
         self._paused: set[TopicPartition] = set()
         #: Assigned partitions whose pause state librdkafka may not match (new ones).
         self._unsettled: set[TopicPartition] = set()
-        #: Partitions to read again from their committed offsets (after a failed
-        #: transaction, or a revoke and re-assign inside one consume()).
-        self._rewinding: set[TopicPartition] = set()
+        #: Partitions to read again: from their committed offsets (None: after a failed
+        #: transaction, or a revoke and re-assign inside one consume()), or from the
+        #: offset given (a partition replayed after its records failed).
+        self._rewinding: dict[TopicPartition, int | None] = {}
+        #: When the engine last returned a batch (its liveness, see healthy()).
+        self._engine_returned_at = clock()
         self._rebalance = Rebalance()
         self._last_turn = clock()
         self._started = False
@@ -158,8 +163,25 @@ class Service:
 
     def _make_checkpoint(self) -> Checkpoint:
         earliest = self.config.kafka.auto_offset_reset == "earliest"
+        max_bytes = int(self._producer_config().get("message.max.bytes", MESSAGE_MAX_BYTES))
+
+        def replace(record: Record, failure: DeliveryFailure) -> Record | None:
+            replacement = smaller(record, failure, max_bytes)
+            if replacement is not None and replacement.stage == 1:
+                source = record.source.topic
+                self.metrics.dead_letters.labels(source, replacement.code or "").inc()
+            return replacement
+
         if self.exactly_once:
-            return ExactlyOnce(self.source, self.sink, self._clock, earliest, self._on_committed)
+            return ExactlyOnce(
+                self.source,
+                self.sink,
+                self._clock,
+                earliest,
+                self._on_committed,
+                replace,
+                self._on_given_up,
+            )
         interval = self.config.processing.commit_interval_ms / 1000.0
         return AtLeastOnce(
             self.source,
@@ -169,6 +191,8 @@ class Service:
             earliest,
             self._on_written,
             lambda ok: self.metrics.commits.labels("ok" if ok else "failed").inc(),
+            replace,
+            self._on_given_up,
         )
 
     # -- client settings -----------------------------------------------------------------
@@ -219,7 +243,21 @@ class Service:
         stalled = self._clock() - self._last_turn
         if self._started and stalled > STALL_S:
             return False, f"processing loop has not turned for {stalled:.0f}s"
+        engine_stalled = self.engine_stalled_s()
+        if engine_stalled > self.config.processing.engine_timeout_s:
+            return False, f"the engine has returned nothing for {engine_stalled:.0f}s"
         return True, "ok"
+
+    def engine_stalled_s(self) -> float:
+        """How long work has waited on the engine with nothing coming back (0: idle).
+
+        A hung kernel or a wedged driver keeps the loop turning (every partition paused),
+        so the loop's own liveness cannot see it: this can.
+        """
+        waiting = [s.submitted_at for s in list(self._scoring) if not s.future.done()]
+        if not waiting:
+            return 0.0
+        return max(0.0, self._clock() - max(waiting[0], self._engine_returned_at))
 
     @property
     def assigned_partitions(self) -> frozenset[TopicPartition]:
@@ -253,6 +291,7 @@ class Service:
         """One pass: rebalance, rewind, pause/resume, consume once, batch, write, commit."""
         self._last_turn = self._clock()
         self._reload_due()
+        self._take_replays()
         self._rewind_due()
         self._apply_pause()
         timeout = max(0.0, min(POLL_SLICE_S, self.batcher.time_left()))
@@ -262,6 +301,7 @@ class Service:
             timeout = 0.0  # waited on the engine instead: consume() only serves callbacks
         messages = self.source.consume(self._room(), timeout)
         self._apply_rebalance()  # callbacks served inside consume() come first
+        self._take_replays()  # a revoke's flush inside consume() may have asked for some
         received_at = time.monotonic()
         for message in messages:
             self._take(message, received_at)
@@ -365,8 +405,13 @@ class Service:
     def _submit(self, batch: Batch) -> None:
         if batch.items:
             future = self.scorer.submit(batch.requests)
+            future.add_done_callback(self._engine_returned)
             epochs = {tp: self._epochs.get(tp, 0) for tp in batch.next_offsets()}
-            self._scoring.append(Scoring(batch, future, self._generation, epochs))
+            scoring = Scoring(batch, future, self._generation, epochs, self._clock())
+            self._scoring.append(scoring)
+
+    def _engine_returned(self, _future: Future[list[Outcome]]) -> None:
+        self._engine_returned_at = self._clock()  # on the engine thread: one assignment
 
     # -- backpressure --------------------------------------------------------------------
 
@@ -388,7 +433,9 @@ class Service:
         pause = sorted((want - self._paused) | (want & self._unsettled))
         resume = sorted((self._paused - want) | (self._unsettled - want))
         if pause and not self._paused:
-            log.info("holding input: pausing %d partitions", len(pause))
+            # At saturation this is every batch; an outage of the output is logged by the
+            # checkpoint, once when it starts and once when it ends.
+            log.debug("holding input: pausing %d partitions", len(pause))
         self.source.pause(pause)
         self.source.resume([tp for tp in resume if tp in self._assigned])
         self._paused = want
@@ -423,76 +470,16 @@ class Service:
         if not owned.items:
             return
         by_request = dict(zip((id(r) for r in batch.requests), outcomes, strict=True))
-        now = time.monotonic()
         records: list[Record] = []
         for item in owned.items:
-            records += self._records_for(item, by_request.get(id(item)), now)
+            topic = self._topics[item.envelope.source.topic]
+            built = records_for(item, by_request.get(id(item)), topic, self.engine.model_id)
+            for record in built:
+                if record.kind == "dead_letter":
+                    self.metrics.dead_letters.labels(topic.input, record.code or "").inc()
+            records += built
         if not self.checkpoint.write(records, owned.next_offsets()):
             self._start_rewind()
-
-    def _records_for(self, item: Item, outcome: Outcome | None, now: float) -> list[Record]:
-        if isinstance(item, Rejection):
-            return [self._dead_letter(item)]
-        if isinstance(outcome, str):
-            return [self._dead_letter(Rejection(item.envelope, "engine_failed", outcome))]
-        assert outcome is not None
-        try:
-            decision = decide(item.topic, outcome.labels, outcome.scores)
-            value = self._scored(item, outcome, now, decision).model_dump_json().encode()
-        except Exception as exc:  # noqa: BLE001 - e.g. an id no JSON encoder accepts
-            reason = f"{type(exc).__name__}: {exc}"
-            return [self._dead_letter(Rejection(item.envelope, "output_failed", reason))]
-        headers = item.envelope.headers + our_headers(self.engine.model_id, item.text_truncated)
-        output = self._record(
-            item.topic.output, item.envelope, value, headers, "output", decision.decision
-        )
-        routed = [self._record(t, item.envelope, value, headers, "route") for t in decision.routes]
-        return [output, *routed]
-
-    def _dead_letter(self, rejection: Rejection) -> Record:
-        topic = self._topics[rejection.envelope.source.topic]
-        log.debug("dead letter %s: %s", rejection.code, rejection.reason)
-        self.metrics.dead_letters.labels(topic.input, rejection.code).inc()
-        envelope = rejection.envelope
-        headers = envelope.headers + rejection.context().headers()
-        return self._record(topic.dead_letter, envelope, envelope.value, headers, "dead_letter")
-
-    @staticmethod
-    def _record(
-        topic: str,
-        envelope: Envelope,
-        value: bytes | None,
-        headers: Any,
-        kind: str,
-        decision: str | None = None,
-    ) -> Record:
-        return Record(
-            topic=topic,
-            key=envelope.key,
-            value=value,
-            headers=headers,
-            timestamp=envelope.source.timestamp or 0,
-            source=envelope.source,
-            kind=kind,
-            decision=decision,
-        )
-
-    def _scored(
-        self, request: ClassifyRequest, scores: Scores, now: float, decision: Decision
-    ) -> ScoredEvent:
-        return ScoredEvent(
-            id=request.event_id,
-            source=request.envelope.source,
-            labels=list(scores.labels),
-            scores=list(scores.scores),
-            top_label=scores.top_label,
-            multi_label=request.topic.multi_label,
-            model=self.engine.model_id,
-            latency_ms=round((now - request.envelope.received_at) * 1000.0, 3),
-            flagged=None if decision.flagged is None else list(decision.flagged),
-            decision=decision.decision,
-            settings_version=request.settings_version,
-        )
 
     # -- acknowledgements (delivery reports, committed transactions) ----------------------
 
@@ -511,6 +498,20 @@ class Service:
             self.metrics.end_to_end_seconds.observe(max(0.0, age))
         if self.written_hook is not None:
             self.written_hook(record)
+
+    def _on_given_up(self, record: Record, failure: DeliveryFailure) -> None:
+        """Not even the smallest dead letter could be written: the event is given up."""
+        source = record.source
+        log.error(
+            "gave up %s[%d]@%d: no form of its %s record could be written to %s (%s)",
+            source.topic,
+            source.partition,
+            source.offset,
+            (record.first or record).kind,
+            record.topic,
+            failure.reason,
+        )
+        self.metrics.undeliverable.labels(source.topic).inc()
 
     def _on_committed(self, records: list[Record]) -> None:
         """exactly_once: a transaction committed; its records are now visible."""
@@ -556,19 +557,34 @@ class Service:
         self._generation += 1
         self._backlog.clear()
         self.batcher.take()
-        self._rewinding |= self._assigned
+        self._rewinding.update(dict.fromkeys(self._assigned))
+
+    def _take_replays(self) -> None:
+        """Partitions whose records failed: drop what is queued of them, read them again
+        from the offset the checkpoint gives (the end of their acknowledged prefix)."""
+        replays = self.checkpoint.replays()
+        if not replays:
+            return
+        self._drop_queued(set(replays))
+        for tp, offset in replays.items():
+            if tp in self._assigned:
+                self._rewinding[tp] = offset
+        log.debug("replaying %s", replays)
 
     def _rewind_due(self) -> None:
         if not self._rewinding or not self.checkpoint.can_write():
             return
-        targets = self.checkpoint.rewind_targets(sorted(self._rewinding))
+        from_committed = sorted(tp for tp, offset in self._rewinding.items() if offset is None)
+        targets = self.checkpoint.rewind_targets(from_committed)
         if targets is None:
             return  # not readable now (an outage, another member's open transaction)
-        for tp, offset in targets.items():
-            self.source.seek(tp, offset)
-        for tp in self._rewinding:
+        targets.update((tp, o) for tp, o in self._rewinding.items() if o is not None)
+        for tp in list(self._rewinding):
+            # No target: nothing to read again (latest, and nothing read yet).
+            if tp in targets and not self.source.seek(tp, targets[tp]):
+                continue  # not seekable yet (just assigned): next turn
             self._next_offsets.pop(tp, None)
-        self._rewinding.clear()
+            del self._rewinding[tp]
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -642,7 +658,7 @@ class Service:
             self._release(change.released)
             # Revoked and assigned again within one consume(): what it returned for such a
             # partition may predate either callback, so drop it and read again.
-            self._rewinding |= set(change.released) & self._assigned
+            self._rewinding.update(dict.fromkeys(set(change.released) & self._assigned))
         if change.assigned:
             self.checkpoint.assigned(change.assigned)
             self._unsettled.update(change.assigned)
@@ -654,20 +670,27 @@ class Service:
 
     def _release(self, partitions: Iterable[TopicPartition]) -> None:
         gone = set(partitions)
-        dropped = self.batcher.drop(gone)
-        kept = [w for w in self._backlog if topic_partition(w.item) not in gone]
-        dropped += len(self._backlog) - len(kept)
-        self._backlog = deque(kept)
+        dropped = self._drop_queued(gone)
         self.checkpoint.released(gone)
         for tp in gone:
-            self._epochs[tp] = self._epochs.get(tp, 0) + 1
             self._next_offsets.pop(tp, None)
+            self._rewinding.pop(tp, None)
         self._paused -= gone
-        self._rewinding -= gone
         for topic, partition in gone:
             self.metrics.forget_partition(topic, partition)
         if dropped:
             log.info("dropped %d queued events of released partitions", dropped)
+
+    def _drop_queued(self, partitions: set[TopicPartition]) -> int:
+        """Forget every event of these partitions not yet written; a new epoch discards
+        those already with the engine (see :class:`Scoring`)."""
+        dropped = self.batcher.drop(partitions)
+        kept = [w for w in self._backlog if topic_partition(w.item) not in partitions]
+        dropped += len(self._backlog) - len(kept)
+        self._backlog = deque(kept)
+        for tp in partitions:
+            self._epochs[tp] = self._epochs.get(tp, 0) + 1
+        return dropped
 
     # -- gauges and statistics -----------------------------------------------------------
 
@@ -675,6 +698,7 @@ class Service:
         scoring = sum(len(s.batch) for s in self._scoring if s.generation == self._generation)
         queued = len(self._backlog) + len(self.batcher) + scoring
         self.metrics.in_flight.set(queued + self.checkpoint.in_flight())
+        self.metrics.engine_stalled_seconds.set(self.engine_stalled_s())
 
     def _on_stats(self, stats_json: str) -> None:
         stats = json.loads(stats_json)

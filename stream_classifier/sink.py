@@ -1,26 +1,31 @@
 """The producer side: the :class:`Sink` port and its Kafka adapter.
 
-Outputs keep the input's key (so partitioning and per-key order survive), copy its headers
-and add ours, and keep its timestamp. Delivery callbacks never raise: they hand each
-record and its outcome to the ``on_delivery`` function given at construction, and only for
-records of the current producer (a replaced producer's late reports are ignored).
+Delivery callbacks never raise: they hand each record and its outcome to the
+``on_delivery`` function given at construction, and only for records of the current
+producer (a replaced producer's late reports are ignored). A record ``produce()`` cannot
+queue is answered the same way, as the call's return value; only a fatal error raises.
 
-Transactional calls are classified here, once, into three outcomes the checkpoint acts
-on: done, :class:`TransactionFailed` (abort or replace the producer, then redo the
-events) and :class:`SinkError` (fatal: this instance was fenced or misconfigured).
+Every error is classified once, by code, in :mod:`stream_classifier.kafka_errors`
+(ride out, dead-letter, fatal): librdkafka's ``retriable()`` flag is never set on these
+errors and decides nothing. Transactional calls end in one of three outcomes the
+checkpoint acts on: done, :class:`TransactionFailed` (abort or replace the producer, then
+redo the events) and :class:`SinkError` (fatal: fenced, misconfigured, not authorized).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 
-from stream_classifier.messages import HEADER_PREFIX, Headers, SourceRef
+from stream_classifier.headers import Headers
+from stream_classifier.kafka_errors import Verdict, verdict_of
+from stream_classifier.messages import Envelope, SourceRef
 from stream_classifier.offsets import TopicPartition as TP
 
 log = logging.getLogger(__name__)
@@ -56,13 +61,27 @@ class Record:
     kind: str  # "output", "dead_letter" or "route"
     #: An output's decision lane (counted once the output is durably written).
     decision: str | None = None
+    #: The input event, and where its dead letters go: what a refused record is replaced
+    #: with is built from them (stream_classifier.records.smaller).
+    envelope: Envelope | None = field(default=None, repr=False, compare=False)
+    dead_letter_topic: str | None = None
+    #: A dead letter's code.
+    code: str | None = None
+    #: 0 as built; 1-3 for the smaller forms of a refused record, ``first`` the original.
+    stage: int = 0
+    first: Record | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
 class DeliveryFailure:
     reason: str
-    #: True for what a later attempt may cure (a timeout, the broker away).
-    retriable: bool
+    verdict: Verdict
+    #: librdkafka's error code (KafkaError.*).
+    code: int = 0
+
+    @classmethod
+    def of(cls, error: KafkaError) -> DeliveryFailure:
+        return cls(f"{error.str()} ({error.name()})", verdict_of(error), error.code())
 
 
 DeliveryCallback = Callable[[Record, DeliveryFailure | None], None]
@@ -73,7 +92,7 @@ class Sink(Protocol):
 
     def start(self) -> None: ...
     def restart(self) -> None: ...
-    def produce(self, record: Record) -> None: ...
+    def produce(self, record: Record) -> DeliveryFailure | None: ...
     def poll(self, timeout: float) -> None: ...
     def flush(self, timeout: float) -> int: ...
     def begin(self) -> None: ...
@@ -86,6 +105,8 @@ class Sink(Protocol):
 #: the producer is given up as hung (librdkafka #5456, #5511).
 TXN_TIMEOUT_S = 30.0
 HANG_MARGIN_S = 15.0
+#: How long ``produce()`` waits for room in a full queue before giving the record back.
+QUEUE_FULL_S = 5.0
 
 
 class KafkaSink:
@@ -120,8 +141,10 @@ class KafkaSink:
 
     # -- records ---------------------------------------------------------------------------
 
-    def produce(self, record: Record) -> None:
+    def produce(self, record: Record) -> DeliveryFailure | None:
+        """Queue one record; a failure to queue it is returned (fatal ones raise)."""
         callback = self._callback(record, self._epoch)
+        deadline = time.monotonic() + QUEUE_FULL_S
         while True:
             try:
                 self.producer.produce(
@@ -132,14 +155,18 @@ class KafkaSink:
                     timestamp=record.timestamp,
                     on_delivery=callback,
                 )
-                return
+                return None
             except BufferError:
+                if time.monotonic() >= deadline:
+                    return DeliveryFailure(
+                        f"producer queue full for {QUEUE_FULL_S:.0f}s", Verdict.RIDE_OUT
+                    )
                 self.producer.poll(0.1)  # serve delivery reports to make room
             except KafkaException as exc:
-                error: KafkaError = exc.args[0]
-                if error.fatal() or not error.retriable():
-                    raise SinkError(f"produce to {record.topic} failed: {error.str()}") from exc
-                self.producer.poll(0.1)
+                failure = DeliveryFailure.of(exc.args[0])
+                if failure.verdict is Verdict.FATAL:
+                    raise SinkError(f"produce to {record.topic} failed: {failure.reason}") from exc
+                return failure
 
     def _callback(self, record: Record, epoch: int) -> Callable[[KafkaError | None, Any], None]:
         def on_delivery(error: KafkaError | None, _message: Any) -> None:
@@ -148,9 +175,7 @@ class KafkaSink:
             if error is None:
                 self._on_delivery(record, None)
                 return
-            retriable = error.retriable() or error.code() in _RIDE_OUT
-            failure = DeliveryFailure(f"{error.str()} ({error.name()})", retriable)
-            self._on_delivery(record, failure)
+            self._on_delivery(record, DeliveryFailure.of(error))
 
         return on_delivery
 
@@ -187,8 +212,8 @@ class KafkaSink:
             _within_deadline(operation, name, TXN_TIMEOUT_S + HANG_MARGIN_S)
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
-            if error.fatal():
-                raise SinkError(f"{name}: {error.str()} (fatal)") from exc
+            if verdict_of(error) is Verdict.FATAL:
+                raise SinkError(f"{name}: {error.str()} ({error.name()}, fatal)") from exc
             raise TransactionFailed(
                 f"{name}: {error.str()}", abortable=error.txn_requires_abort()
             ) from exc
@@ -201,17 +226,6 @@ class KafkaSink:
             return int(self._producer.flush(timeout))
         except KafkaException:
             return -1
-
-
-#: Errors an outage produces that librdkafka does not flag retriable; retried all the same.
-_RIDE_OUT = {KafkaError._MSG_TIMED_OUT, KafkaError._TIMED_OUT, KafkaError._TRANSPORT}
-
-
-def our_headers(model: str, truncated: bool) -> Headers:
-    headers: Headers = [(HEADER_PREFIX + "model", model.encode())]
-    if truncated:
-        headers.append((HEADER_PREFIX + "text-truncated", b"true"))
-    return headers
 
 
 def _retire(producer: Producer) -> None:

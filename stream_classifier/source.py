@@ -17,6 +17,7 @@ from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from stream_classifier.kafka_errors import FATAL_CODES
 from stream_classifier.messages import KafkaMessage
 from stream_classifier.offsets import TopicPartition as TP
 
@@ -50,7 +51,7 @@ class Source(Protocol):
     def consume(self, max_messages: int, timeout: float) -> Sequence[KafkaMessage]: ...
     def commit(self, offsets: dict[TP, int]) -> bool: ...
     def committed(self, partitions: list[TP], timeout: float) -> dict[TP, int | None]: ...
-    def seek(self, tp: TP, offset: int) -> None: ...
+    def seek(self, tp: TP, offset: int) -> bool: ...
     def pause(self, partitions: list[TP]) -> None: ...
     def resume(self, partitions: list[TP]) -> None: ...
     def group_metadata(self) -> object: ...
@@ -81,29 +82,50 @@ class KafkaSource:
         return self._consumer
 
     def consume(self, max_messages: int, timeout: float) -> list[KafkaMessage]:
-        """One fetch of up to ``max_messages``; transient errors are logged, fatal ones raise."""
+        """One fetch of up to ``max_messages``; transient errors are logged, fatal ones raise.
+
+        Fatal means librdkafka says the client is dead, or the code is one that waiting
+        will not cure (:data:`~stream_classifier.kafka_errors.FATAL_CODES`: an ACL revoked
+        on the input topic or the group, credentials gone). librdkafka reports those as
+        ordinary consumer errors and keeps retrying, so without this the service would log
+        them forever and commit nothing.
+        """
         good: list[KafkaMessage] = []
         for message in self.consumer.consume(num_messages=max_messages, timeout=timeout):
             error = message.error()
             if error is None:
                 good.append(message)
-            elif error.fatal():
-                raise SourceError(f"consumer fatal error: {error.str()}")
+            elif error.fatal() or error.code() in FATAL_CODES:
+                where = f" on {message.topic()}" if message.topic() else ""
+                raise SourceError(f"consumer error{where}: {_describe(error)}")
             elif error.code() != KafkaError._PARTITION_EOF:
                 log.warning("consume error on %s: %s", message.topic(), error.str())
         return good
 
     def commit(self, offsets: dict[TP, int]) -> bool:
-        """Commit synchronously; False (and a log line) if the group refused any of it."""
+        """Commit synchronously; False (and a log line) if the group refused any of it now.
+
+        A refusal that retrying cannot cure (:data:`FATAL_CODES`, e.g. READ on the group
+        or on the input topic revoked) raises :class:`SourceError` instead: a retried
+        commit would fail the same way forever while nothing is committed.
+        """
         partitions = [TopicPartition(topic, part, off) for (topic, part), off in offsets.items()]
         try:
             results = self.consumer.commit(offsets=partitions, asynchronous=False)
         except KafkaException as exc:
-            log.warning("commit failed, will retry: %s", exc.args[0].str())
+            error: KafkaError = exc.args[0]
+            if error.fatal() or error.code() in FATAL_CODES:
+                raise SourceError(f"commit refused: {_describe(error)}") from exc
+            log.warning("commit failed, will retry: %s", error.str())
             return False
         failed = [tp for tp in results or [] if tp.error is not None]
         for tp in failed:
             assert tp.error is not None
+            if tp.error.code() in FATAL_CODES:
+                raise SourceError(
+                    f"commit of {tp.topic}[{tp.partition}]@{tp.offset} refused: "
+                    f"{_describe(tp.error)}"
+                )
             log.warning(
                 "commit of %s[%d]@%d failed: %s", tp.topic, tp.partition, tp.offset, tp.error.str()
             )
@@ -123,8 +145,19 @@ class KafkaSource:
             offsets[(tp.topic, tp.partition)] = tp.offset if tp.offset >= 0 else None
         return offsets
 
-    def seek(self, tp: TP, offset: int) -> None:
-        self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+    def seek(self, tp: TP, offset: int) -> bool:
+        """Move the fetch position; False where librdkafka refuses now (retry later).
+
+        A partition assigned in the last consume() may not be fetched yet, and librdkafka
+        then answers ``_STATE`` ("Erroneous state"): the caller keeps it paused and seeks
+        again at its next turn.
+        """
+        try:
+            self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
+        except KafkaException as exc:
+            log.debug("seek %s[%d] to %d not possible yet: %s", *tp, offset, exc.args[0].str())
+            return False
+        return True
 
     def pause(self, partitions: list[TP]) -> None:
         if partitions:
@@ -157,6 +190,12 @@ def consumer_config(
         # Input written by transactional producers: only read what they committed.
         "isolation.level": "read_committed",
     }
+
+
+def _describe(error: KafkaError) -> str:
+    """librdkafka's text and the code's name (e.g. GROUP_AUTHORIZATION_FAILED), so that
+    the log line says which permission class failed even where the text is vague."""
+    return f"{error.str()} ({error.name()})"
 
 
 def _tps(parts: list[TopicPartition]) -> list[TP]:

@@ -13,7 +13,7 @@ def test_to_commit_advances_only_over_contiguous_finished_offsets() -> None:
         tracker.register(TP, offset)
     tracker.mark_done(TP, 11)
     tracker.mark_done(TP, 13)
-    assert tracker.to_commit() == {}  # 10 is still out
+    assert tracker.to_commit() == {TP: 10}  # 10 is still out: only where reading began
     tracker.mark_done(TP, 10)
     assert tracker.to_commit() == {TP: 12}  # 12 is still out
     tracker.mark_done(TP, 12)
@@ -51,5 +51,17 @@ def test_forget_drops_a_partition_and_ignores_its_late_acks() -> None:
     tracker.register(("in", 1), 0)
     tracker.forget([TP])
     tracker.mark_done(TP, 0)
-    assert tracker.to_commit() == {}
+    assert TP not in tracker.to_commit()
     assert tracker.in_flight() == 1
+
+
+def test_the_first_offset_read_is_committable_at_once() -> None:
+    """Under auto.offset.reset=latest a partition with nothing committed would start at
+    the end for its next owner: committing where this owner began reading pins it."""
+    tracker = OffsetTracker()
+    tracker.register(TP, 40)
+    tracker.register(TP, 41)
+    assert tracker.to_commit() == {TP: 40}
+    assert tracker.first_pending(TP, default=-1) == 40
+    tracker.mark_done(TP, 40)
+    assert tracker.first_pending(TP, default=-1) == 41

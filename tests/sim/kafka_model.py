@@ -19,6 +19,7 @@ import random
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from stream_classifier.kafka_errors import Verdict
 from stream_classifier.messages import KafkaMessage
 from stream_classifier.sink import DeliveryCallback, DeliveryFailure, Record, SinkError
 from stream_classifier.sink import TransactionFailed as TxnFailed
@@ -326,9 +327,10 @@ class SimSource:
             raise OffsetsUnavailable(f"{unstable[0]}: UNSTABLE_OFFSET_COMMIT")
         return {tp: self.cluster.committed.get(tp) for tp in partitions}
 
-    def seek(self, tp: TP, offset: int) -> None:
+    def seek(self, tp: TP, offset: int) -> bool:
         assert tp in self.owned, f"seek on {tp} not assigned"
         self.position[tp] = 0 if offset == BEGINNING else offset
+        return True
 
     def pause(self, partitions: list[TP]) -> None:
         self.paused.update(partitions)
@@ -400,15 +402,16 @@ class SimSink:
     def restart(self) -> None:
         self.start()
 
-    def produce(self, record: Record) -> None:
+    def produce(self, record: Record) -> DeliveryFailure | None:
         if self.txn is not None:
             self._check_epoch()
             tp = (record.topic, 0)
             stored = self.cluster.append(tp, record.key, record.value, record)
             stored.state, stored.txn = "open", self.txn
             self.txn.records.append(stored)
-            return
+            return None
         self.queue.append(Queued(record, self.cluster.step, self.epoch))
+        return None
 
     def poll(self, timeout: float) -> None:
         if self.txn_id is not None:
@@ -417,7 +420,7 @@ class SimSink:
         for queued in waiting:
             if self.cluster.outage:
                 if self.cluster.step - queued.created > self.delivery_timeout_steps:
-                    self.on_delivery(queued.record, DeliveryFailure("timed out", True))
+                    self.on_delivery(queued.record, DeliveryFailure("timed out", Verdict.RIDE_OUT))
                 else:
                     self.queue.append(queued)
                 continue
