@@ -2,22 +2,24 @@
 # gpu-service-pack.sh: make what benchmarks/gpu-service.sh needs on a GPU machine without
 # Java or network, in two git-ignored folders of this checkout (carry both):
 #
-#   .out/gpu-broker  a jlink'ed Java 17 and the broker's jars (../shared/tools/gpu-broker-pack;
-#                    needs jlink and the jars deploy/kafka/kafka-local fetched here)
+#   .out/gpu-broker  a jlink'ed Java 17 and the broker's jars, made by the script PACKER names
+#                    (not part of this repository: it runs `PACKER DIR`, needs jlink and the
+#                    jars deploy/kafka/kafka-local fetched here, and writes DIR/unpack.sh)
 #   .whl             wheels of the service's packages that the GPU image lacks, for its
 #                    Python (3.12, x86-64 manylinux), at the versions of this environment
 #
-# Environment: PACKER (the gpu-broker-pack script), PY_VERSION [3.12], VENV (the Python
-# environment whose versions to copy; default: the one running pip below).
+# Environment: PACKER (the broker-packing script; needed only while .out/gpu-broker is
+# missing), PY_VERSION [3.12], VENV (the Python environment whose versions to copy; default:
+# the one running pip below).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-packer=${PACKER:-../shared/tools/gpu-broker-pack}
 python=${VENV:+$VENV/bin/}python3
 
 if [[ -f .out/gpu-broker/unpack.sh ]]; then
   echo "gpu-service-pack: .out/gpu-broker exists (remove it to pack again)" >&2
 else
-  bash "$packer" .out/gpu-broker
+  [[ -n ${PACKER:-} ]] || { echo "gpu-service-pack: set PACKER to the broker-packing script" >&2; exit 1; }
+  bash "$PACKER" .out/gpu-broker
 fi
 
 # Not in the GPU image (see the device's KINDS.md package list): the Kafka client and

@@ -20,9 +20,9 @@ from pathlib import Path
 
 import torch
 
-from stream_classifier import bench
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.nli import NliEngine
+from stream_classifier.tools import bench
 
 
 def main() -> None:

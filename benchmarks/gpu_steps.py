@@ -1,4 +1,5 @@
-"""ENGINE.md's method, one step at a time, on the same events (large shape, 4 labels).
+"""The planned method (docs/PERFORMANCE.md), one step at a time, on the same events (large
+shape, 4 labels).
 
     PYTHONUNBUFFERED=1 python benchmarks/gpu_steps.py --messages 8000 --json OUT.json
 
@@ -23,11 +24,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from stream_classifier import bench
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.batches import TokenBatch
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.engine.packed import LayerWeights, PackedBert
+from stream_classifier.tools import bench
 
 
 def rest_gelu_epilogue(

@@ -2,8 +2,9 @@
 
     PYTHONUNBUFFERED=1 python benchmarks/graph_pass_profile.py --json out.json
 
-ENGINE.md's workload (large shape, random weights, 4 labels): the pairs of 1024 events cut
-by the 65,536-token budget; the first (full) pass and the last (short) pass, each run
+The reference workload (docs/PERFORMANCE.md; large shape, random weights, 4 labels): the
+pairs of 1024 events cut by the 65,536-token budget; the first (full) pass and the last
+(short) pass, each run
 
 - ``eager``: the packed forward on the pass as it is;
 - ``fixed``: the same, fitted into its graph bucket (padding tokens, empty sequences) but
@@ -28,12 +29,12 @@ import numpy as np
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from stream_classifier import bench
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.batches import TokenBatch, packed_batches
 from stream_classifier.engine.graphs import GraphedForward
-from stream_classifier.engine.nli import NliEngine, _pair_set
+from stream_classifier.engine.nli import NliEngine, pair_set
 from stream_classifier.engine.packed import PackedBert
+from stream_classifier.tools import bench
 
 
 def gpu_ms(call: Callable[[], Any], repeats: int) -> float:
@@ -87,8 +88,8 @@ def main() -> None:
         packed = engine.forward
         assert isinstance(packed, PackedBert)
         events = bench.make_events(1024, 4, 4)
-        chunk = next(bench._micro_batches(engine, events, 1024, False))
-        pairs = [_pair_set(item) for item in chunk]
+        chunk = next(bench.micro_batches(engine, events, 1024, False))
+        pairs = [pair_set(item) for item in chunk]
         everything = TokenBatch(
             np.concatenate([p.ids for p in pairs]),
             np.concatenate([p.lengths for p in pairs]),

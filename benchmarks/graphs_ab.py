@@ -2,12 +2,12 @@
 
     PYTHONUNBUFFERED=1 python benchmarks/graphs_ab.py --batches 12 --rounds 3 --json out.json
 
-Two engines on one random large model (``engine.cuda_graphs`` on and off), ENGINE.md's
-workload, 1024-event micro-batches, pre-tokenized and queued two deep (bench's model side).
-Each round runs both engines alone, then beside a pure-Python thread at each switch
-interval (that thread stands for the service's Kafka thread; launch_timeline.py says why
-it matters). The graphed engine's first two passes over the workload (eager, then
-capturing) are timed apart; the rounds after them replay only.
+Two engines on one random large model (``engine.cuda_graphs`` on and off), the reference
+workload (docs/PERFORMANCE.md), 1024-event micro-batches, pre-tokenized and queued two deep
+(bench's model side). Each round runs both engines alone, then beside a pure-Python thread
+at each switch interval (that thread stands for the service's Kafka thread;
+launch_timeline.py says why it matters). The graphed engine's first two passes over the
+workload (eager, then capturing) are timed apart; the rounds after them replay only.
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from launch_timeline import busy_loop, run
 
-from stream_classifier import bench
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.nli import NliEngine
+from stream_classifier.tools import bench
 
 
 def measure(engine: NliEngine, chunks: list[Any], interval: float | None) -> float:
@@ -65,7 +65,7 @@ def main() -> None:
         for engine in engines.values():
             engine.warmup()
         events = bench.make_events(1024 * args.batches, args.labels, args.labels)
-        chunks = list(bench._micro_batches(engines["eager"], events, 1024, False))
+        chunks = list(bench.micro_batches(engines["eager"], events, 1024, False))
         graphed = engines["graphs"].forward
         for name in ("first_pass", "second_pass"):
             report[f"graphs_{name}_msgs_per_s"] = measure(engines["graphs"], chunks, None)

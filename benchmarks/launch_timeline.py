@@ -2,8 +2,8 @@
 
     PYTHONUNBUFFERED=1 python benchmarks/launch_timeline.py --batches 12 --json out.json
 
-ENGINE.md's workload (large shape, random weights, 4 labels), 1024-event micro-batches,
-pre-tokenized. Three runs on one warm engine:
+The reference workload (docs/PERFORMANCE.md; large shape, random weights, 4 labels),
+1024-event micro-batches, pre-tokenized. Three runs on one warm engine:
 
 - ``two_deep``: ``classify_async`` of batch k+1 before ``result()`` of batch k (bench's
   model side): per batch, how long ``classify_async`` takes to return (the host building
@@ -35,9 +35,9 @@ from typing import Any
 
 import torch
 
-from stream_classifier import bench
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.nli import NliEngine
+from stream_classifier.tools import bench
 
 
 def run(engine: NliEngine, chunks: list[Any], two_deep: bool) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def main() -> None:
         engine = NliEngine.load(EngineConfig(model=str(model_dir)), 65536)
         engine.warmup()
         events = bench.make_events(1024 * args.batches, 4, 4)
-        chunks = list(bench._micro_batches(engine, events, 1024, False))
+        chunks = list(bench.micro_batches(engine, events, 1024, False))
         run(engine, chunks[:3], True)  # warm
         counter = [0]
         stop = threading.Event()

@@ -21,10 +21,10 @@ import numpy as np
 import onnxruntime as ort  # type: ignore[import-not-found]
 import torch
 
-from stream_classifier import bench
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.batches import TokenBatch
 from stream_classifier.engine.nli import NliEngine, round_up
+from stream_classifier.tools import bench
 
 
 def export(engine: NliEngine, path: Path) -> None:

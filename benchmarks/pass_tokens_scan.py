@@ -2,8 +2,9 @@
 
     PYTHONUNBUFFERED=1 python benchmarks/pass_tokens_scan.py   # writes $OUT/m_scan.json
 
-ENGINE.md workload pairs (large shape, 4 labels) plus one filler pair, to exactly M tokens
-for M just under 65,536, 49,152 and 32,768; the median GPU time of 5 passes each.
+Pairs of the reference workload (docs/PERFORMANCE.md; large shape, 4 labels) plus one
+filler pair, to exactly M tokens for M just under 65,536, 49,152 and 32,768; the median GPU
+time of 5 passes each.
 """
 
 import json
@@ -15,10 +16,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stream_classifier import bench
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.batches import TokenBatch
-from stream_classifier.engine.nli import NliEngine, _pair_set
+from stream_classifier.engine.nli import NliEngine, pair_set
+from stream_classifier.tools import bench
 
 sys.path.insert(0, "benchmarks")
 from graph_pass_profile import gpu_ms
@@ -42,8 +43,8 @@ with tempfile.TemporaryDirectory() as tmp:
     engine = NliEngine.load(EngineConfig(model=model_dir, cuda_graphs=False), 65536)
     engine.warmup()
     events = bench.make_events(2048, 4, 4)
-    chunk = [x for c in bench._micro_batches(engine, events, 1024, False) for x in c]
-    pairs = [_pair_set(i) for i in chunk]
+    chunk = [x for c in bench.micro_batches(engine, events, 1024, False) for x in c]
+    pairs = [pair_set(i) for i in chunk]
     everything = TokenBatch(
         np.concatenate([p.ids for p in pairs]),
         np.concatenate([p.lengths for p in pairs]),

@@ -1,10 +1,12 @@
 """A/B of the prepare stage: where tokenizing runs, and what it leaves to the other threads.
 
     PYTHONUNBUFFERED=1 python benchmarks/prepare_ab.py --messages 4000 --repeats 3 \\
-        --json benchmarks/prepare_ab_cpu.json
+        --json OUT.json
 
-ENGINE.md's workload (4 labels, the bench vocabulary; tokenizing needs no model), prepared
-through each preparer the service can use, alternating, ``repeats`` times:
+(docs/PERFORMANCE.md quotes a run: benchmarks/results/2026-11-26-cpu/prepare_ab_cpu.json.)
+The reference workload (docs/PERFORMANCE.md; 4 labels, the bench vocabulary; tokenizing
+needs no model), prepared through each preparer the service can use, alternating,
+``repeats`` times:
 
 - ``inline``: ``engine.prepare`` on the submitting thread (the Kafka thread);
 - ``thread``: on one other thread; transformers' fast tokenizer call releases the
@@ -12,7 +14,7 @@ through each preparer the service can use, alternating, ``repeats`` times:
   assembly) holds it;
 - ``thread-batched``: one other thread that tokenizes every waiting text (up to 64) in one
   Rust ``encode_batch`` call, so the lock is released once per chunk rather than per text
-  (benchmark only: it reads the engine's tokenizer side directly);
+  (``PairTokenizer.prepare_many``, on a thread of this script's own);
 - ``process-N``: N worker processes (:class:`ProcessPreparer`), fed in chunks.
 
 Each is run twice per repeat: ``quiet`` (nothing else in the process) and ``busy`` (beside
@@ -39,9 +41,8 @@ from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
-from stream_classifier import bench
 from stream_classifier.config import EngineConfig
-from stream_classifier.engine.base import Prepared
+from stream_classifier.engine.base import Prepared, PrepareTask
 from stream_classifier.engine.nli import NliEngine, PairTokenizer
 from stream_classifier.preparing import (
     InlinePreparer,
@@ -49,28 +50,21 @@ from stream_classifier.preparing import (
     ProcessPreparer,
     ThreadPreparer,
 )
+from stream_classifier.tools import bench
 
 
 class BatchedThreadPreparer:
-    """One thread; each waiting text (up to ``chunk``) tokenized in one ``encode_batch``."""
+    """One thread; the waiting texts (up to ``chunk``) prepared by one ``prepare_many``,
+    which tokenizes them in one ``encode_batch`` call."""
 
     def __init__(self, engine: NliEngine, chunk: int = 64) -> None:
         self.pairs = PairTokenizer(engine.tokenizer, engine.max_length)
-        self.backend = engine.tokenizer.backend_tokenizer
         self.chunk = chunk
-        self._ids: dict[str, tuple[int, ...]] = {}
-        self.pairs._tokenize = self._lookup  # type: ignore[method-assign]
-        self._queue: deque[tuple[Future[Prepared], tuple[Any, ...]]] = deque()
+        self._queue: deque[tuple[Future[Prepared], PrepareTask]] = deque()
         self._cond = threading.Condition()
         self._closed = False
         self._thread = threading.Thread(target=self._run, daemon=True)
         self._thread.start()
-
-    def _lookup(self, text: str) -> tuple[int, ...]:
-        ids = self._ids.get(text)
-        if ids is None:  # a hypothesis, tokenized once per process
-            return tuple(self.backend.encode(text, add_special_tokens=False).ids)
-        return ids
 
     def submit(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
@@ -89,11 +83,12 @@ class BatchedThreadPreparer:
                 if self._closed:
                     return
                 take = [self._queue.popleft() for _ in range(min(self.chunk, len(self._queue)))]
-            texts = [task[0] for _, task in take]
-            encoded = self.backend.encode_batch(texts, add_special_tokens=False)
-            self._ids = {t: tuple(e.ids) for t, e in zip(texts, encoded, strict=True)}
-            for future, task in take:
-                future.set_result(self.pairs.prepare(*task))
+            results = self.pairs.prepare_many([task for _, task in take])
+            for (future, _), result in zip(take, results, strict=True):
+                if isinstance(result, Exception):
+                    future.set_exception(result)
+                else:
+                    future.set_result(result)
 
     def shutdown(self) -> None:
         with self._cond:

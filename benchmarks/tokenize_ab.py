@@ -21,9 +21,9 @@ from typing import Any
 
 import torch
 
-from stream_classifier import bench
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import nli
+from stream_classifier.tools import bench
 
 
 def _per_text_call(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
@@ -51,7 +51,7 @@ def main() -> None:
         for mode in ["batch", "call", "backend", "batch", "call", "backend"]:
             nli.tokenize_many = modes[mode]  # type: ignore[assignment]
             start = time.perf_counter()
-            for _ in bench._micro_batches(engine, events[:4000], 1024, False):
+            for _ in bench.micro_batches(engine, events[:4000], 1024, False):
                 pass
             prepare_rate = len(events[:4000]) / (time.perf_counter() - start)
             _, seconds = bench.run_ours(engine, events, 1024, False)
@@ -63,7 +63,7 @@ def main() -> None:
             rows.append(row)
             print(json.dumps(row), flush=True)
         _, seconds = bench.run_prepared(
-            engine, list(bench._micro_batches(engine, events, 1024, False))
+            engine, list(bench.micro_batches(engine, events, 1024, False))
         )
         print(json.dumps({"pre_tokenized_msgs_per_s": len(events) / seconds}))
         print("cpu threads", torch.get_num_threads())

@@ -30,7 +30,6 @@ from stream_classifier.config import (
     ServiceConfig,
     load_config,
 )
-from stream_classifier.eval import add_arguments as add_eval_arguments
 
 if TYPE_CHECKING:  # the run command's modules import confluent_kafka; load them lazily
     from stream_classifier.engine import Engine
@@ -92,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="score a labelled JSONL sample; --compare label wordings and templates"
     )
-    add_eval_arguments(evaluate)
+    _add_eval_arguments(evaluate)
     evaluate.set_defaults(handler=cmd_eval)
 
     schemas = commands.add_parser("schemas", help="write the JSON Schemas of the contracts")
@@ -159,6 +158,63 @@ def _parser() -> argparse.ArgumentParser:
     )
     bench.set_defaults(handler=cmd_bench)
     return parser
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+    """``eval``'s arguments, here rather than in :mod:`stream_classifier.tools.eval` so that
+    building the parser (for ``run`` too) does not import the tool; the tool reads them."""
+    parser.add_argument("samples", nargs="+", metavar="SAMPLE.jsonl", type=Path)
+    parser.add_argument("--config", help="service YAML: its engine, topics, labels, templates")
+    parser.add_argument("--topic", help="the input topic every sample belongs to")
+    parser.add_argument("--engine", choices=["nli", "embedding"], help="engine kind")
+    parser.add_argument("--model", help="model directory or id (default: the kind's default)")
+    parser.add_argument("--labels", help="comma-separated labels (without --config)")
+    parser.add_argument("--template", default="{}", help="hypothesis template (without --config)")
+    parser.add_argument("--multi-label", action="store_true", help="(without --config)")
+    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
+    parser.add_argument("--dtype", help="auto, float16, bfloat16, float32")
+    parser.add_argument(
+        "--compare-template",
+        action="append",
+        default=[],
+        metavar="TEMPLATE",
+        help="also try this template (repeatable)",
+    )
+    parser.add_argument(
+        "--compare-labels",
+        action="append",
+        default=[],
+        metavar="CSV",
+        help="also try these wordings, one per configured label, in order (repeatable)",
+    )
+    parser.add_argument(
+        "--compare",
+        action="append",
+        default=[],
+        type=Path,
+        metavar="VARIANTS.yaml",
+        help="also try the variants in this file (repeatable)",
+    )
+    parser.add_argument(
+        "--threshold",
+        type=float,
+        help="multi-label: a label counts as predicted from this score up (default: the "
+        "topic's threshold for the label, else 0.5)",
+    )
+    parser.add_argument(
+        "--sweep",
+        metavar="LANE[=V1,V2,...]",
+        help="also decide the sample with this lane's cut-off (its min_score, or the "
+        "thresholds of its labels) at each value, all else as configured",
+    )
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--json", action="store_true", help="print results as JSON")
+    parser.add_argument(
+        "--progress",
+        choices=["auto", "always", "never"],
+        default="auto",
+        help="progress bar on stderr (auto: on a terminal, for long samples)",
+    )
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
@@ -377,7 +433,7 @@ def _classify_engine_config(args: argparse.Namespace, labels: list[str]) -> Engi
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from stream_classifier.eval import command
+    from stream_classifier.tools.eval import command
 
     missing = [str(path) for path in [*args.samples, *args.compare] if not path.is_file()]
     if args.config is not None and not Path(args.config).is_file():
@@ -401,7 +457,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_pipeline(args)
     if args.service:
         return cmd_bench_service(args)
-    from stream_classifier import bench
+    from stream_classifier.tools import bench
 
     options = bench.BenchOptions(
         shape=args.shape,
@@ -424,7 +480,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:
     import os
 
-    from stream_classifier import bench_pipeline
+    from stream_classifier.tools import bench_pipeline
 
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -437,7 +493,7 @@ def cmd_bench_pipeline(args: argparse.Namespace) -> int:
 
 
 def cmd_bench_service(args: argparse.Namespace) -> int:
-    from stream_classifier import bench_service
+    from stream_classifier.tools import bench_service
 
     options = bench_service.ServiceBenchOptions(
         bootstrap=args.bootstrap,

@@ -93,7 +93,7 @@ def start_gpu_sampler(
     environ: Mapping[str, str] = os.environ,
 ) -> GpuSampler | None:
     """Start sampling the usable GPUs, or return None (and say why at debug level)."""
-    nvml = nvml if nvml is not None else _import_nvml()
+    nvml = nvml if nvml is not None else import_nvml()
     if nvml is None:
         return None
     try:
@@ -102,7 +102,7 @@ def start_gpu_sampler(
         log.info("no GPU metrics: NVML is not available (%s)", exc)
         return None
     try:
-        handles = _visible_handles(nvml, environ.get("CUDA_VISIBLE_DEVICES"))
+        handles = visible_handles(nvml, environ.get("CUDA_VISIBLE_DEVICES"))
     except Exception as exc:  # noqa: BLE001
         log.warning("no GPU metrics: listing GPUs through NVML failed: %s", exc)
         nvml.nvmlShutdown()
@@ -118,7 +118,9 @@ def start_gpu_sampler(
     return sampler
 
 
-def _import_nvml() -> Nvml | None:
+def import_nvml() -> Nvml | None:
+    """The ``pynvml`` module, or None where it is not installed (public: ``bench --service``
+    samples the GPU the same way)."""
     try:
         module: Nvml = importlib.import_module("pynvml")
     except ImportError:
@@ -127,8 +129,9 @@ def _import_nvml() -> Nvml | None:
     return module
 
 
-def _visible_handles(nvml: Nvml, cuda_visible: str | None) -> dict[str, Any]:
-    """NVML index (as the label) → handle, for the GPUs CUDA_VISIBLE_DEVICES allows."""
+def visible_handles(nvml: Nvml, cuda_visible: str | None) -> dict[str, Any]:
+    """NVML index (as the label) → handle, for the GPUs CUDA_VISIBLE_DEVICES allows (public:
+    ``bench --service`` samples the GPUs the service uses, chosen the same way)."""
     every = {str(i): nvml.nvmlDeviceGetHandleByIndex(i) for i in range(nvml.nvmlDeviceGetCount())}
     if cuda_visible is None:
         return every

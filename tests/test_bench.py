@@ -7,11 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from stream_classifier import bench
 from stream_classifier.engine.nli import NliEngine
+from stream_classifier.tools import bench
 
 
-def test_workload_follows_engine_md() -> None:
+def test_workload_is_the_reference_workload() -> None:
+    """docs/PERFORMANCE.md, "Reference workload and budgets": what every run compares on."""
     events = bench.make_events(2000, 4, seed=1)
     lengths = [len(e.text) for e in events]
     assert min(lengths) >= bench.MIN_TOKENS and max(lengths) <= bench.MAX_TOKENS
@@ -21,7 +22,8 @@ def test_workload_follows_engine_md() -> None:
     assert len(bench.vocabulary()) == bench.VOCAB_SIZE == 21128
 
 
-def test_flops_match_engine_md() -> None:
+def test_flops_are_the_reference_count() -> None:
+    """F(L) = L * (2 W + 4 n d L), W = 302 M for the large shape (docs/PERFORMANCE.md)."""
     large = bench.SHAPES["large"]
     assert abs(large.weights - 302e6) < 1e6
     assert large.flops(100) == 100 * (2 * large.weights + 4 * 24 * 1024 * 100)

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from stream_classifier.bench_pipeline import BenchNullEngine, run_pipeline_bench
 from stream_classifier.config import ConfigError, load_config
+from stream_classifier.tools.bench_pipeline import BenchNullEngine, run_pipeline_bench
 
 
 @pytest.mark.kafka

@@ -24,7 +24,7 @@ from stream_classifier.messages import parse_labels
 pytestmark = pytest.mark.gpu
 
 GOLDEN = json.loads((Path(__file__).parent / "fixtures" / "golden.json").read_text("utf-8"))
-FP16_TOLERANCE = 2e-3  # ENGINE.md's fidelity bar for fp16
+FP16_TOLERANCE = 2e-3  # the fp16 fidelity budget (docs/PERFORMANCE.md)
 
 
 @pytest.fixture(scope="module")

@@ -165,10 +165,11 @@ def test_full_passes_share_the_bucket_just_under_the_budget() -> None:
 
 def test_the_warm_up_pass_has_the_shape_of_full_passes_of_real_texts() -> None:
     """The engine's warm-up (longest pairs) captures the graph that full passes of texts
-    like ENGINE.md's replay: same token bucket, sequences and longest pair (512)."""
+    like the reference workload's (docs/PERFORMANCE.md) replay: same token bucket, sequences
+    and longest pair (512)."""
     warm_up = TokenBatch(np.zeros(127 * 512, np.int32), np.full(127, 512, np.int32), np.ones(127))
     rng = np.random.default_rng(6)
-    for median in (60, 150):  # ENGINE.md's text lengths (lognormal), and longer ones
+    for median in (60, 150):  # the reference workload's text lengths, and longer ones
         texts = np.clip(rng.lognormal(np.log(median), 0.7, size=4000), 8, 480)
         lengths = (texts + 12).astype(np.int32)  # + [CLS], [SEP]s and the hypothesis
         rows = int(np.searchsorted(np.cumsum(lengths), pass_budget(65_536), side="right"))

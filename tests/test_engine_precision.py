@@ -2,7 +2,8 @@
 
 The pooler and classifier see only the [CLS] rows, so running them in fp32 (with the
 checkpoint's fp32 weights) costs nothing, while fp16 there alone moves scores by up to
-~1e-3 of ENGINE.md's 2e-3 fp16 budget. fp16 runs on the CPU too, so this is checked here.
+~1e-3 of the 2e-3 fp16 budget (docs/PERFORMANCE.md, "Reference workload and budgets"). fp16
+runs on the CPU too, so this is checked here.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ import yaml
 from stream_classifier import cli
 from stream_classifier.config import Lane, ServiceConfig
 from stream_classifier.engine.base import Prepared, Scores
-from stream_classifier.eval import (
+from stream_classifier.tools.eval import (
     EvalError,
     Example,
     Variant,

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_classifier.bench_service import _percentile
+from stream_classifier.tools.bench_service import _percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -16,8 +16,8 @@ A graph has fixed shapes, so a pass is fitted into a bucket (:class:`Shape`):
   passes up to :func:`pass_budget`;
 - its sequences, rounded up to a power of two, and to at least 1/64 of its tokens (so
   that full passes of pairs of 64 tokens or more on average share a count, and those of
-  ENGINE.md's texts the shape that the engine's warm-up captures); the extra sequences
-  are empty;
+  the reference workload's texts (docs/PERFORMANCE.md) the shape that the engine's
+  warm-up captures); the extra sequences are empty;
 - its longest sequence, rounded up to 128 (flash attention's block of queries, so the
   kernels get the same grid as the eager pass).
 
@@ -29,8 +29,8 @@ Every pass is replayed once its shape has a graph. A shape is captured on its se
 (compiled kernels, the stream's cuBLAS workspace) exists before its capture and one-off
 shapes cost no capture. In the service on an H100 a capture took 10-20 ms of the engine
 thread after the first (``benchmarks/service_trace``; the device meanwhile runs what is
-queued), and the engine's warm-up captures the full passes of ENGINE.md's texts. While the
-input is saturated the engine keeps passes full (``NliEngine.classify_async``'s
+queued), and the engine's warm-up captures the full passes of the reference workload's
+texts. While the input is saturated the engine keeps passes full (``NliEngine.classify_async``'s
 ``hold_tail``), so few short shapes occur. All graphs share one memory pool: they run one after
 another on one stream, so memory is that of the largest pass, as eagerly. At most
 :data:`MAX_GRAPHS` are kept; a shape beyond them, or whose capture failed, runs eagerly.

@@ -2,7 +2,8 @@
 
 Whatever the encoder's dtype, the head runs in fp32 with the checkpoint's own fp32
 weights: it sees one row per sentence pair, so it costs nothing next to the encoder, and in
-fp16 it alone moves scores by up to ~1e-3 (half of ENGINE.md's fp16 budget).
+fp16 it alone moves scores by up to ~1e-3 (half of the 2e-3 fp16 budget in
+docs/PERFORMANCE.md, "Reference workload and budgets").
 """
 
 from __future__ import annotations

@@ -395,7 +395,7 @@ class NliEngine:
         items = tuple(batch)
         if not items:
             return PendingScores(items, None)
-        everything = TokenBatch.concatenate([_pair_set(item) for item in items])
+        everything = TokenBatch.concatenate([pair_set(item) for item in items])
         return PendingScores(items, self._launch(everything, hold_tail))
 
     def flush(self) -> None:
@@ -670,7 +670,9 @@ def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
     return tensor
 
 
-def _pair_set(item: Prepared) -> PairSet:
+def pair_set(item: Prepared) -> PairSet:
+    """The token ids of a request this engine prepared (public: benchmarks feed them to the
+    forward pass directly); a request another engine prepared is an error."""
     if not isinstance(item.payload, PairSet):
         raise EngineError("request was prepared by another engine")
     return item.payload

@@ -2,7 +2,7 @@
 
 Builds a random-weight StructBERT of a chosen shape (a generated 21128-token Chinese
 vocabulary, saved like a ModelScope checkpoint and loaded through the engine's own loading
-code) and the synthetic workload of ``ENGINE.md``: Chinese-character texts with lognormal
+code) and the reference workload (docs/PERFORMANCE.md): Chinese-character texts with lognormal
 lengths (median 60 tokens, sigma 0.7, clipped to 8..480), the template
 ``这篇文章的标题是{}``, labels of 2 to 5 characters. In one process it runs the Hugging
 Face ``zero-shot-classification`` pipeline (fp16, ``batch_size=64`` on a GPU; fp32 on a
@@ -14,8 +14,9 @@ difference between the two.
 DeBERTa-v3 of the shape instead (``DebertaV2ForSequenceClassification``, relative attention
 with 256 position buckets as in ``microsoft/deberta-v3-large``, a Unigram tokenizer over the
 benchmark's characters built here), saved as a transformers checkpoint and loaded through
-``load_engine``, so the :mod:`.engine.hf_nli` engine runs against the HF pipeline on that
-same directory. Its FLOPs count DeBERTa's disentangled attention (:meth:`Shape.flops`).
+``load_engine``, so the :mod:`stream_classifier.engine.hf_nli` engine runs against the HF
+pipeline on that same directory. Its FLOPs count DeBERTa's disentangled attention
+(:meth:`Shape.flops`).
 
 Needs only torch, transformers, numpy and the project's config module (no Kafka client).
 """
@@ -82,13 +83,13 @@ class Shape:
 
     @property
     def weights(self) -> int:
-        """Non-embedding matrix weights (what ENGINE.md's F(L) counts)."""
+        """Non-embedding matrix weights (what the reference FLOP count F(L) counts)."""
         return self.layers * (4 * self.hidden**2 + 2 * self.hidden * self.intermediate)
 
     def flops(self, length: int) -> float:
         """Forward FLOPs of one pair of L = ``length`` tokens: matrices plus attention.
 
-        BERT (ENGINE.md): ``F(L) = L * (2 W + 4 n d L)`` with W the non-embedding matrix
+        BERT (docs/PERFORMANCE.md): ``F(L) = L * (2 W + 4 n d L)`` with W the non-embedding
         weights, n layers, d hidden: 2 FLOPs per weight per token, and per layer Q K^T and
         (attention) V, two L x L x d products of 2 L^2 d FLOPs each.
 
@@ -115,7 +116,8 @@ SHAPES = {
 }
 
 
-#: The engine a bench runs: StructBERT's (:mod:`.engine.nli`) or any HF NLI model's.
+#: The engine a bench runs: StructBERT's (:mod:`stream_classifier.engine.nli`) or any HF NLI
+#: model's.
 BenchEngine = NliEngine | HfNliEngine
 
 
@@ -328,7 +330,8 @@ def shape_of(options: BenchOptions) -> Shape:
 
 
 def make_events(count: int, labels: int, seed: int) -> list[Event]:
-    """ENGINE.md's workload; one topic, so every message carries the same label set."""
+    """The reference workload (docs/PERFORMANCE.md); one topic, so every message carries the
+    same label set."""
     rng = np.random.default_rng(seed)
     pool = np.array([chr(CJK_FIRST + i) for i in range(TEXT_CHARS)])
     lengths = rng.lognormal(math.log(MEDIAN_TOKENS), SIGMA, size=count)
@@ -430,10 +433,11 @@ def run_baseline(
     return scores, seconds, memory
 
 
-def _micro_batches(
+def micro_batches(
     engine: BenchEngine, events: Sequence[Event], size: int, multi_label: bool
 ) -> Iterator[list[Prepared]]:
-    """Each chunk prepared as the service prepares what one consume() returned."""
+    """Each chunk prepared as the service prepares what one consume() returned (public: the
+    scripts in benchmarks/ measure the engine on the same micro-batches)."""
     for start in range(0, len(events), size):
         tasks = [(e.text, e.labels, TEMPLATE, multi_label) for e in events[start : start + size]]
         prepared = prepare_all(engine, tasks)
@@ -451,7 +455,7 @@ def run_ours(
     prepared: queue.Queue[list[Prepared] | None] = queue.Queue(maxsize=2)
 
     def produce() -> None:
-        for chunk in _micro_batches(engine, events, batch_messages, multi_label):
+        for chunk in micro_batches(engine, events, batch_messages, multi_label):
             prepared.put(chunk)
         prepared.put(None)
 
@@ -553,7 +557,7 @@ def bench_labels(context: Context, labels: int) -> list[Result]:
     ours.max_score_diff = max_difference(scores, theirs)
     _compare_with_fp32(context, events, scores, theirs, baseline, ours)
 
-    chunks = list(_micro_batches(engine, events, options.batch_messages, options.multi_label))
+    chunks = list(micro_batches(engine, events, options.batch_messages, options.multi_label))
     others = reset_memory(device) - weights_gb(engine.model)
     _, model_s = run_prepared(engine, chunks)
     model_only = _our_result(
@@ -677,7 +681,7 @@ def environment(device: torch.device) -> dict[str, str]:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "command": " ".join(sys.argv),
     }
 

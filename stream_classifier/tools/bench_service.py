@@ -1,7 +1,8 @@
 """``stream-classifier bench --service``: the real service through a real broker.
 
 What users run is the service, so this measures it the way they run it, on the same
-random-weight StructBERT and the same ENGINE.md workload as ``bench``. For each label count:
+random-weight StructBERT and the same reference workload (docs/PERFORMANCE.md) as ``bench``.
+For each label count:
 
 1. **the engine alone** (in a child process, so that its GPU memory is gone before the
    service starts): ``bench``'s end-to-end rate (tokenizing in a thread, two micro-batches
@@ -52,7 +53,7 @@ import yaml
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
-from stream_classifier import bench
+from stream_classifier.tools import bench
 
 #: How often the first consume (the service's /metrics) and the commits are polled.
 POLL_S = 0.05
@@ -148,7 +149,7 @@ def engine_numbers(
     events = bench.make_events(count, labels, options.seed + labels)
     size = options.engine_batch_messages
     _, end_to_end_s = bench.run_ours(engine, events, size, False)
-    chunks = list(bench._micro_batches(engine, events, size, False))
+    chunks = list(bench.micro_batches(engine, events, size, False))
     _, model_s = bench.run_prepared(engine, chunks)
     return {
         "messages": count,
@@ -293,17 +294,17 @@ class GpuBusy:
     """NVML utilisation of the GPU this process would use, sampled in a thread."""
 
     def __init__(self) -> None:
-        from stream_classifier.gpu import _import_nvml, _visible_handles
+        from stream_classifier.gpu import import_nvml, visible_handles
 
         self.samples: list[tuple[float, float]] = []
         self._stop = threading.Event()
-        self._nvml = _import_nvml()
+        self._nvml = import_nvml()
         self._handle: Any = None
         if self._nvml is None:
             return
         try:
             self._nvml.nvmlInit()
-            handles = _visible_handles(self._nvml, os.environ.get("CUDA_VISIBLE_DEVICES"))
+            handles = visible_handles(self._nvml, os.environ.get("CUDA_VISIBLE_DEVICES"))
         except Exception:  # noqa: BLE001 - no driver, no GPU: no samples
             return
         if handles:

@@ -797,63 +797,12 @@ EXIT_USAGE = 2
 EXIT_ENGINE = 3
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("samples", nargs="+", metavar="SAMPLE.jsonl", type=Path)
-    parser.add_argument("--config", help="service YAML: its engine, topics, labels, templates")
-    parser.add_argument("--topic", help="the input topic every sample belongs to")
-    parser.add_argument("--engine", choices=["nli", "embedding"], help="engine kind")
-    parser.add_argument("--model", help="model directory or id (default: the kind's default)")
-    parser.add_argument("--labels", help="comma-separated labels (without --config)")
-    parser.add_argument("--template", default="{}", help="hypothesis template (without --config)")
-    parser.add_argument("--multi-label", action="store_true", help="(without --config)")
-    parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", help="auto, float16, bfloat16, float32")
-    parser.add_argument(
-        "--compare-template",
-        action="append",
-        default=[],
-        metavar="TEMPLATE",
-        help="also try this template (repeatable)",
-    )
-    parser.add_argument(
-        "--compare-labels",
-        action="append",
-        default=[],
-        metavar="CSV",
-        help="also try these wordings, one per configured label, in order (repeatable)",
-    )
-    parser.add_argument(
-        "--compare",
-        action="append",
-        default=[],
-        type=Path,
-        metavar="VARIANTS.yaml",
-        help="also try the variants in this file (repeatable)",
-    )
-    parser.add_argument(
-        "--threshold",
-        type=float,
-        help="multi-label: a label counts as predicted from this score up (default: the "
-        "topic's threshold for the label, else 0.5)",
-    )
-    parser.add_argument(
-        "--sweep",
-        metavar="LANE[=V1,V2,...]",
-        help="also decide the sample with this lane's cut-off (its min_score, or the "
-        "thresholds of its labels) at each value, all else as configured",
-    )
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--json", action="store_true", help="print results as JSON")
-    parser.add_argument(
-        "--progress",
-        choices=["auto", "always", "never"],
-        default="auto",
-        help="progress bar on stderr (auto: on a terminal, for long samples)",
-    )
-
-
 def command(args: argparse.Namespace) -> int:
-    """Run ``stream-classifier eval``; print the report; return the exit code."""
+    """Run ``stream-classifier eval``; print the report; return the exit code.
+
+    ``args`` is what the CLI parsed: its arguments are defined in ``cli._add_eval_arguments``,
+    so that building the command line does not import this module.
+    """
     from stream_classifier.config import ConfigError
     from stream_classifier.engine import EngineError, load_engine
 
