@@ -74,14 +74,17 @@ class _Librdkafka:
         return out
 
 
-def _load() -> _Librdkafka | None:
-    """librdkafka as loaded by confluent-kafka (its wheel bundles it), or None."""
+def librdkafka_path() -> str:
+    """The librdkafka that confluent-kafka loaded: its wheel bundles one, else the system's."""
     package = Path(confluent_kafka.__file__).resolve().parent
     candidates = sorted((package.parent / "confluent_kafka.libs").glob("librdkafka*"))
     candidates += sorted(package.glob("librdkafka*"))
+    return str(candidates[0]) if candidates else "librdkafka.so.1"
+
+
+def _load() -> _Librdkafka | None:
     try:
-        library = ctypes.CDLL(str(candidates[0]) if candidates else "librdkafka.so.1")
-        return _Librdkafka(library)
+        return _Librdkafka(ctypes.CDLL(librdkafka_path()))
     except (OSError, AttributeError) as exc:
         log.info("header names are read through confluent-kafka only (%s)", exc)
         return None

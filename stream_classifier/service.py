@@ -62,6 +62,17 @@ STATS_INTERVAL_MS = 5000
 MESSAGE_MAX_BYTES = 1_000_000
 
 
+def written_topics(config: ServiceConfig) -> list[str]:
+    """Every topic the service writes: outputs, dead letters and the lanes' routes."""
+    return sorted(
+        {
+            t
+            for topic in config.topics
+            for t in (topic.output, topic.dead_letter, *topic.route_topics)
+        }
+    )
+
+
 class ServiceError(Exception):
     """The service stopped because it could not go on without losing events."""
 
@@ -128,7 +139,9 @@ class Service:
         #: A reload asked for (SIGHUP): how to read the new configuration.
         self._reload: Callable[[], ServiceConfig] | None = None
         self.source: Source = source or KafkaSource(self._consumer_config(), list(self._topics))
-        self.sink: Sink = sink or KafkaSink(self._producer_config(), self._on_delivery)
+        self.sink: Sink = sink or KafkaSink(
+            self._producer_config(), self._on_delivery, written_topics(config)
+        )
         self.checkpoint: Checkpoint = self._make_checkpoint()
         self.scorer: Scorer = scorer or ThreadScorer(engine, self.metrics)
         self.preparer: Preparer = preparer or InlinePreparer(engine)

@@ -22,6 +22,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin._config import ConfigResource
 
 from stream_classifier.headers import Headers
 from stream_classifier.kafka_errors import Verdict, verdict_of
@@ -112,9 +114,15 @@ QUEUE_FULL_S = 5.0
 class KafkaSink:
     """:class:`Sink` over one ``confluent_kafka.Producer`` (replaced on :meth:`restart`)."""
 
-    def __init__(self, producer_config: dict[str, Any], on_delivery: DeliveryCallback) -> None:
+    def __init__(
+        self,
+        producer_config: dict[str, Any],
+        on_delivery: DeliveryCallback,
+        topics: list[str] | None = None,
+    ) -> None:
         self._config = producer_config
         self._on_delivery = on_delivery
+        self._topics = topics or []
         self._producer: Producer | None = None
         self._epoch = 0
 
@@ -127,7 +135,7 @@ class KafkaSink:
     def start(self) -> None:
         """A producer; a transactional one fences its predecessors and settles their work."""
         self._epoch += 1
-        self._producer = Producer(self._config)
+        self._producer = Producer(batch_within_topic_limits(self._config, self._topics))
         if "transactional.id" in self._config:
             producer = self._producer
             self._call(lambda: producer.init_transactions(TXN_TIMEOUT_S), "init_transactions")
@@ -224,7 +232,9 @@ class KafkaSink:
             return 0
         try:
             return int(self._producer.flush(timeout))
-        except KafkaException:
+        except (KafkaException, SystemError):
+            # A producer failed fatally (fenced, not authorized) raises SystemError from
+            # flush in confluent-kafka: the error that stopped the service must stand.
             return -1
 
 
@@ -258,3 +268,52 @@ def _within_deadline(operation: Callable[[], object], name: str, deadline: float
         )
     if outcome and outcome[0] is not None:
         raise outcome[0]
+
+
+#: librdkafka's default ``batch.size``.
+BATCH_SIZE = 1_000_000
+#: Room for a record batch's own framing below a topic's ``max.message.bytes``.
+BATCH_FRAMING = 1024
+
+
+def batch_within_topic_limits(config: dict[str, Any], topics: list[str]) -> dict[str, Any]:
+    """The producer settings with ``batch.size`` under the smallest ``max.message.bytes``
+    of the topics it writes.
+
+    A broker applies a topic's ``max.message.bytes`` to a whole record batch: a batch over
+    it is refused as one, small records and all (MSG_SIZE_TOO_LARGE for each). Kept under
+    the smallest limit, a refusal only ever concerns a record too large on its own (such
+    a record is sent in a batch of its own), which is then dead-lettered. The limits are
+    read at start; a topic limit lowered below it while running takes a restart.
+    """
+    if not topics or "batch.size" in config:
+        return config
+    limit = min(topic_limits(config, topics).values(), default=None)
+    if limit is None or limit - BATCH_FRAMING >= BATCH_SIZE:
+        return config
+    log.info("batch.size %d: under the smallest max.message.bytes of %s", limit, topics)
+    return {**config, "batch.size": max(1, limit - BATCH_FRAMING)}
+
+
+def topic_limits(config: dict[str, Any], topics: list[str]) -> dict[str, int]:
+    """Each topic's ``max.message.bytes``; empty where they cannot be read (no
+    DESCRIBE_CONFIGS permission, say: the defaults then stand)."""
+    client = {
+        k: v for k, v in config.items() if k in _CLIENT_KEYS or k.startswith(_CLIENT_PREFIXES)
+    }
+    admin = AdminClient(client)
+    resources = [ConfigResource(ConfigResource.Type.TOPIC, t) for t in sorted(set(topics))]
+    limits: dict[str, int] = {}
+    try:
+        for resource, future in admin.describe_configs(resources, request_timeout=10).items():
+            entry = future.result(timeout=15).get("max.message.bytes")
+            if entry is not None and entry.value is not None:
+                limits[resource.name] = int(entry.value)
+    except (KafkaException, ValueError, TimeoutError) as exc:
+        log.info("topic max.message.bytes not readable (%s): librdkafka's batch size stands", exc)
+        return {}
+    return limits
+
+
+_CLIENT_KEYS = {"bootstrap.servers", "client.id", "security.protocol"}
+_CLIENT_PREFIXES = ("sasl.", "ssl.")

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import ctypes
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka.admin import (
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    NewTopic,
+)
 
 
 def unique(prefix: str) -> str:
@@ -192,3 +199,97 @@ def wait_drained(
         return all(done[p] == end or (end == 0 and done[p] < 0) for p, end in ends.items())
 
     wait_until(drained, timeout, f"{group} committed to the end of {topic}")
+
+
+def alter_topic(bootstrap: str, topic: str, **settings: str) -> None:
+    """Set topic configs (``max.message.bytes``, ``min.insync.replicas``...) as an admin
+    would; dots in names are written as underscores."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    entries = [
+        ConfigEntry(name.replace("_", "."), value, incremental_operation=AlterConfigOpType.SET)
+        for name, value in settings.items()
+    ]
+    resource = ConfigResource(ConfigResource.Type.TOPIC, topic, incremental_configs=entries)
+    for future in admin.incremental_alter_configs([resource]).values():
+        future.result(timeout=30)
+
+
+def delete_topics(bootstrap: str, names: Iterable[str]) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    for future in admin.delete_topics(list(names), operation_timeout=30).values():
+        future.result(timeout=30)
+
+
+class _Mem(ctypes.Structure):
+    _fields_ = [("ptr", ctypes.c_void_p), ("size", ctypes.c_size_t)]
+
+
+class _Value(ctypes.Union):
+    _fields_ = [("cstr", ctypes.c_char_p), ("ptr", ctypes.c_void_p), ("mem", _Mem)]
+    _fields_ += [("pad", ctypes.c_char * 64)]
+
+
+class _Vu(ctypes.Structure):
+    _fields_ = [("vtype", ctypes.c_int), ("u", _Value)]
+
+
+#: rd_kafka_vtype_t
+_VTYPE_TOPIC, _VTYPE_VALUE, _VTYPE_KEY, _VTYPE_HEADERS = 1, 4, 5, 10
+
+
+def c_api_produce(
+    bootstrap: str,
+    topic: str,
+    value: bytes,
+    headers: list[tuple[bytes, bytes | None]],
+    key: bytes | None = None,
+) -> None:
+    """Produce one record through librdkafka's C API (rd_kafka_produceva), as tools
+    built on it do: header names are any bytes there, which confluent-kafka cannot write."""
+    from stream_classifier.headers import librdkafka_path
+
+    lib = ctypes.CDLL(librdkafka_path())
+    p, size = ctypes.c_void_p, ctypes.c_size_t
+    lib.rd_kafka_conf_new.restype = p
+    lib.rd_kafka_conf_set.argtypes = [p, ctypes.c_char_p, ctypes.c_char_p, ctypes.c_char_p, size]
+    lib.rd_kafka_new.restype = p
+    lib.rd_kafka_new.argtypes = [ctypes.c_int, p, ctypes.c_char_p, size]
+    lib.rd_kafka_headers_new.restype = p
+    lib.rd_kafka_headers_new.argtypes = [size]
+    lib.rd_kafka_header_add.argtypes = [p, ctypes.c_char_p, ctypes.c_ssize_t, p, ctypes.c_ssize_t]
+    lib.rd_kafka_produceva.restype = p
+    lib.rd_kafka_produceva.argtypes = [p, ctypes.POINTER(_Vu), size]
+    lib.rd_kafka_error_string.restype = ctypes.c_char_p
+    lib.rd_kafka_error_string.argtypes = [p]
+    lib.rd_kafka_flush.argtypes = [p, ctypes.c_int]
+    lib.rd_kafka_destroy.argtypes = [p]
+    errstr = ctypes.create_string_buffer(512)
+    conf = lib.rd_kafka_conf_new()
+    assert lib.rd_kafka_conf_set(conf, b"bootstrap.servers", bootstrap.encode(), errstr, 512) == 0
+    handle = lib.rd_kafka_new(0, conf, errstr, 512)
+    assert handle, errstr.value
+    buffers = []
+    c_headers = lib.rd_kafka_headers_new(len(headers))
+    for name, data in headers:
+        buffer = None if data is None else ctypes.create_string_buffer(data, len(data))
+        buffers.append(buffer)
+        length = -1 if data is None else len(data)
+        assert lib.rd_kafka_header_add(c_headers, name, len(name), buffer, length) == 0
+    fields = [(_VTYPE_TOPIC, topic.encode()), (_VTYPE_VALUE, value), (_VTYPE_HEADERS, c_headers)]
+    if key is not None:
+        fields.append((_VTYPE_KEY, key))
+    vus = (_Vu * len(fields))()
+    for slot, (vtype, data) in zip(vus, fields, strict=True):
+        slot.vtype = vtype
+        if vtype == _VTYPE_TOPIC:
+            slot.u.cstr = data
+        elif vtype == _VTYPE_HEADERS:
+            slot.u.ptr = data
+        else:
+            buffer = ctypes.create_string_buffer(data, len(data))
+            buffers.append(buffer)
+            slot.u.mem = _Mem(ctypes.cast(buffer, ctypes.c_void_p), len(data))
+    error = lib.rd_kafka_produceva(handle, vus, len(fields))
+    assert not error, lib.rd_kafka_error_string(error)
+    assert lib.rd_kafka_flush(handle, 30_000) == 0
+    lib.rd_kafka_destroy(handle)
