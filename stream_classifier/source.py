@@ -148,9 +148,11 @@ class KafkaSource:
     def seek(self, tp: TP, offset: int) -> bool:
         """Move the fetch position; False where librdkafka refuses now (retry later).
 
-        A partition assigned in the last consume() may not be fetched yet, and librdkafka
-        then answers ``_STATE`` ("Erroneous state"): the caller keeps it paused and seeks
-        again at its next turn.
+        librdkafka refuses a seek on a partition whose assignment it has not applied yet
+        (``_UNKNOWN_PARTITION`` inside the assign callback; ``_STATE`` is reported for one
+        whose fetcher has not started). The loop seeks only after consume() returns, where
+        librdkafka 2.16 accepted every seek tried, but a refusal must not stop the stream:
+        the caller keeps the partition paused and seeks again at its next turn.
         """
         try:
             self.consumer.seek(TopicPartition(tp[0], tp[1], offset))
