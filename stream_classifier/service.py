@@ -41,6 +41,7 @@ from stream_classifier.messages import (
 )
 from stream_classifier.metrics import Metrics
 from stream_classifier.offsets import TopicPartition
+from stream_classifier.partitions import Partitions
 from stream_classifier.preparing import InlinePreparer, Preparer
 from stream_classifier.records import records_for, smaller
 from stream_classifier.reload import restart_needed, settings_version
@@ -148,19 +149,7 @@ class Service:
         self._scoring: deque[Scoring] = deque()
         self._backlog: deque[Waiting] = deque()
         self._generation = 0
-        self._assigned: set[TopicPartition] = set()
-        #: Per partition, how many times it was released (see :class:`Scoring`).
-        self._epochs: dict[TopicPartition, int] = {}
-        #: Per partition, the offset after the last one taken since it was assigned (or
-        #: rewound): what arrives below it again is already in hand.
-        self._next_offsets: dict[TopicPartition, int] = {}
-        self._paused: set[TopicPartition] = set()
-        #: Assigned partitions whose pause state librdkafka may not match (new ones).
-        self._unsettled: set[TopicPartition] = set()
-        #: Partitions to read again: from their committed offsets (None: after a failed
-        #: transaction, or a revoke and re-assign inside one consume()), or from the
-        #: offset given (a partition replayed after its records failed).
-        self._rewinding: dict[TopicPartition, int | None] = {}
+        self.partitions = Partitions()
         #: When the engine last returned a batch (its liveness, see healthy()).
         self._engine_returned_at = clock()
         self._rebalance = Rebalance()
@@ -274,14 +263,14 @@ class Service:
 
     @property
     def assigned_partitions(self) -> frozenset[TopicPartition]:
-        return frozenset(self._assigned)
+        return frozenset(self.partitions.assigned)
 
     def ready(self) -> tuple[bool, str]:
         if not self._started:
             return False, "starting"
-        if not self._assigned:
+        if not self.partitions.assigned:
             return False, "no partitions assigned"
-        return True, f"{len(self._assigned)} partitions assigned"
+        return True, f"{len(self.partitions.assigned)} partitions assigned"
 
     # -- the loop ------------------------------------------------------------------------
 
@@ -333,7 +322,7 @@ class Service:
         processing = self.config.processing
         if len(self._scoring) < processing.max_pending_batches:
             return False
-        if not self._assigned or self._paused != self._assigned:
+        if not self.partitions.holding_all():
             return False
         head = self._scoring[0].future
         if head.done():
@@ -349,16 +338,10 @@ class Service:
 
     def _take(self, message: KafkaMessage, received_at: float) -> None:
         tp = (message.topic() or "", message.partition() or 0)
-        if tp not in self._assigned or tp in self._rewinding:
-            return  # not ours (any more), or read again from the committed offset soon
         offset = message.offset()
         assert offset is not None
-        if offset < self._next_offsets.get(tp, 0):
-            # librdkafka moved the fetch position back without a rebalance (seen after a
-            # pause right at assignment): these events are in hand already.
-            log.debug("%s[%d]@%d delivered again: dropped", tp[0], tp[1], offset)
+        if not self.partitions.take(tp, offset):
             return
-        self._next_offsets[tp] = offset + 1
         self.checkpoint.consumed(tp, offset)
         self.metrics.consumed.labels(tp[0]).inc()
         self._backlog.append(self._accept(Envelope.of(message, received_at)))
@@ -419,7 +402,7 @@ class Service:
         if batch.items:
             future = self.scorer.submit(batch.requests)
             future.add_done_callback(self._engine_returned)
-            epochs = {tp: self._epochs.get(tp, 0) for tp in batch.next_offsets()}
+            epochs = {tp: self.partitions.epoch(tp) for tp in batch.next_offsets()}
             scoring = Scoring(batch, future, self._generation, epochs, self._clock())
             self._scoring.append(scoring)
 
@@ -440,20 +423,14 @@ class Service:
             or self.checkpoint.in_flight() >= self.max_in_flight
             or not self.checkpoint.can_write()
         )
-        want = set(self._assigned) if hold else set(self._rewinding)
-        if want == self._paused and not self._unsettled:
+        change = self.partitions.pause_change(hold)
+        if change is None:
             return  # nothing to change (most turns)
-        pause = sorted((want - self._paused) | (want & self._unsettled))
-        resume = sorted((self._paused - want) | (self._unsettled - want))
-        if pause and not self._paused:
-            # At saturation this is every batch; an outage of the output is logged by the
-            # checkpoint, once when it starts and once when it ends.
-            log.debug("holding input: pausing %d partitions", len(pause))
-        self.source.pause(pause)
-        self.source.resume([tp for tp in resume if tp in self._assigned])
-        self._paused = want
-        self._unsettled.clear()
-        self.metrics.paused_partitions.set(len(self._paused))
+        # At saturation this is every batch: not logged. An outage of the output is logged
+        # by the checkpoint, once when it starts and once when it ends.
+        self.source.pause(change.pause)
+        self.source.resume(change.resume)
+        self.metrics.paused_partitions.set(len(self.partitions.paused))
 
     # -- writing results -----------------------------------------------------------------
 
@@ -476,9 +453,7 @@ class Service:
     def _write(self, scoring: Scoring, outcomes: list[Outcome]) -> None:
         batch = scoring.batch
         owned = batch.without(
-            tp
-            for tp, epoch in scoring.epochs.items()
-            if tp not in self._assigned or self._epochs.get(tp, 0) != epoch
+            tp for tp, epoch in scoring.epochs.items() if not self.partitions.current(tp, epoch)
         )
         if not owned.items:
             return
@@ -570,7 +545,7 @@ class Service:
         self._generation += 1
         self._backlog.clear()
         self.batcher.take()
-        self._rewinding.update(dict.fromkeys(self._assigned))
+        self.partitions.rewind(self.partitions.assigned)
 
     def _take_replays(self) -> None:
         """Partitions whose records failed: drop what is queued of them, read them again
@@ -580,24 +555,23 @@ class Service:
             return
         self._drop_queued(set(replays))
         for tp, offset in replays.items():
-            if tp in self._assigned:
-                self._rewinding[tp] = offset
+            self.partitions.rewind([tp], offset)
         log.debug("replaying %s", replays)
 
     def _rewind_due(self) -> None:
-        if not self._rewinding or not self.checkpoint.can_write():
+        rewinding = self.partitions.rewinding
+        if not rewinding or not self.checkpoint.can_write():
             return
-        from_committed = sorted(tp for tp, offset in self._rewinding.items() if offset is None)
+        from_committed = sorted(tp for tp, offset in rewinding.items() if offset is None)
         targets = self.checkpoint.rewind_targets(from_committed)
         if targets is None:
             return  # not readable now (an outage, another member's open transaction)
-        targets.update((tp, o) for tp, o in self._rewinding.items() if o is not None)
-        for tp in list(self._rewinding):
+        targets.update((tp, o) for tp, o in rewinding.items() if o is not None)
+        for tp in list(rewinding):
             # No target: nothing to read again (latest, and nothing read yet).
             if tp in targets and not self.source.seek(tp, targets[tp]):
                 continue  # not seekable yet (just assigned): next turn
-            self._next_offsets.pop(tp, None)
-            del self._rewinding[tp]
+            self.partitions.rewound(tp)
 
     # -- stopping ------------------------------------------------------------------------
 
@@ -606,7 +580,7 @@ class Service:
         deadline = self._clock() + self.config.processing.shutdown_timeout_s
         queued = len(self._backlog) + len(self.batcher)
         log.info("stopping: finishing %d queued events and %d batches", queued, len(self._scoring))
-        self.source.pause(sorted(self._assigned))
+        self.source.pause(sorted(self.partitions.assigned))
         self.preparer.flush()
         while self._backlog or len(self.batcher):
             left = max(0.0, deadline - self._clock())
@@ -641,7 +615,7 @@ class Service:
 
     def assigned(self, partitions: list[TopicPartition]) -> None:
         log.info("assigned %s", partitions)
-        self._assigned.update(partitions)
+        self.partitions.assign(partitions)
         self._rebalance.assigned += partitions
 
     def revoked(self, partitions: list[TopicPartition]) -> None:
@@ -659,7 +633,7 @@ class Service:
         self._rebalance.lost = True
 
     def _forget(self, partitions: list[TopicPartition]) -> None:
-        self._assigned.difference_update(partitions)
+        self.partitions.unassign(partitions)
         self._rebalance.released += partitions
 
     def _apply_rebalance(self) -> None:
@@ -671,24 +645,21 @@ class Service:
             self._release(change.released)
             # Revoked and assigned again within one consume(): what it returned for such a
             # partition may predate either callback, so drop it and read again.
-            self._rewinding.update(dict.fromkeys(set(change.released) & self._assigned))
+            self.partitions.rewind(change.released)
         if change.assigned:
             self.checkpoint.assigned(change.assigned)
-            self._unsettled.update(change.assigned)
+            self.partitions.settle(change.assigned)
         if change.lost and isinstance(self.checkpoint, ExactlyOnce):
             # Losing the group means the cluster was unreachable: start the transactional
             # producer afresh rather than trust its cached coordinators (librdkafka #5456).
             self.checkpoint.replace_producer()
-        self.metrics.assigned_partitions.set(len(self._assigned))
+        self.metrics.assigned_partitions.set(len(self.partitions.assigned))
 
     def _release(self, partitions: Iterable[TopicPartition]) -> None:
         gone = set(partitions)
         dropped = self._drop_queued(gone)
         self.checkpoint.released(gone)
-        for tp in gone:
-            self._next_offsets.pop(tp, None)
-            self._rewinding.pop(tp, None)
-        self._paused -= gone
+        self.partitions.release(gone)
         for topic, partition in gone:
             self.metrics.forget_partition(topic, partition)
         if dropped:
@@ -702,7 +673,7 @@ class Service:
         dropped += len(self._backlog) - len(kept)
         self._backlog = deque(kept)
         for tp in partitions:
-            self._epochs[tp] = self._epochs.get(tp, 0) + 1
+            self.partitions.new_epoch(tp)
         return dropped
 
     # -- gauges and statistics -----------------------------------------------------------
@@ -718,5 +689,5 @@ class Service:
         for topic, topic_stats in stats.get("topics", {}).items():
             for partition, p in topic_stats.get("partitions", {}).items():
                 lag = p.get("consumer_lag", -1)
-                if (topic, int(partition)) in self._assigned and lag >= 0:
+                if (topic, int(partition)) in self.partitions.assigned and lag >= 0:
                     self.metrics.consumer_lag.labels(topic, partition).set(lag)
