@@ -108,7 +108,8 @@ def test_unstable_committed_offset_delays_the_rewind_instead_of_guessing() -> No
     sim.cluster.fail_next_txn[sim.live[0].sink.txn_id or ""] = "abortable"
     run_turns(sim, 100)  # past the back-off: the rewind is tried, and must wait
     service = sim.live[0].service
-    assert set(service.partitions.rewinding) == {("in", 0)}, "rewound while the offset was unstable"
+    rewinding = set(service.partitions.rewinding)
+    assert rewinding == {("in", 0)}, "rewound while the offset was unstable"
     sim.cluster.end_txn(zombie, commit=False)
     finish(sim)
 
