@@ -24,7 +24,6 @@ from pydantic import ValidationError
 
 from stream_classifier.config import (
     DEFAULT_MODELS,
-    PYTHON_SWITCH_INTERVAL_MS,
     ConfigError,
     EngineConfig,
     ServiceConfig,
@@ -32,7 +31,6 @@ from stream_classifier.config import (
 )
 
 if TYPE_CHECKING:  # the run command's modules import confluent_kafka; load them lazily
-    from stream_classifier.engine import Engine
     from stream_classifier.metrics import HealthServer, Metrics
     from stream_classifier.service import Service
 
@@ -232,6 +230,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     stop = threading.Event()
     _stop_on_signals(stop)  # first: a SIGTERM while the model loads still exits cleanly
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
+    from stream_classifier.assemble import build_service, load_ready_engine, on_gpu, reload_config
     from stream_classifier.engine import EngineError
     from stream_classifier.gpu import start_gpu_sampler
     from stream_classifier.metrics import Metrics
@@ -248,25 +247,20 @@ def cmd_run(args: argparse.Namespace) -> int:
     metrics = Metrics()
     try:
         check_model_hub(config.engine)
-        engine = _ready_engine(config, metrics)
+        engine = load_ready_engine(config, metrics)
+        # Settings left to the device (batch size, tokenizer processes), also on reloads.
+        service = build_service(config, engine, metrics)
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
         return EXIT_ENGINE
-    # Settings left to the device (batch size, tokenizer processes), also on each reload.
-    on_gpu = _on_gpu(engine)
-    config = _for_device(config, on_gpu)
-    try:
-        service = _service(config, engine, metrics, on_gpu)
-    except EngineError as exc:
-        print(f"engine: {exc}", file=sys.stderr)
-        return EXIT_ENGINE
+    gpu = on_gpu(engine)
     # `kill -HUP PID`: re-read the topic settings (labels, thresholds, lanes...) in place.
     signal.signal(
         signal.SIGHUP,
-        lambda _s, _f: service.request_reload(lambda: reload_config(args.config, on_gpu)),
+        lambda _s, _f: service.request_reload(lambda: reload_config(args.config, gpu)),
     )
-    server = _start_health_server(config, metrics, service)
-    gpu = start_gpu_sampler(metrics)
+    server = _start_health_server(service.config, metrics, service)
+    sampler = start_gpu_sampler(metrics)
     try:
         service.run(stop)
     except (ServiceError, SinkError, SourceError, EngineError) as exc:
@@ -275,78 +269,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     finally:
         if server is not None:
             server.stop()
-        if gpu is not None:
-            gpu.stop()
+        if sampler is not None:
+            sampler.stop()
     log.info("stopped cleanly")
     return 0
-
-
-#: How long a reload may wait for the cluster's topic list (the loop waits meanwhile).
-RELOAD_CHECK_S = 5.0
-
-
-def reload_config(path: str, on_gpu: bool) -> ServiceConfig:
-    """The configuration a SIGHUP reload applies: the file, with the device's defaults, and
-    only if every topic it names exists (a new route to a missing topic would fail its
-    first write and stop the service); any error rejects the reload."""
-    from stream_classifier.preflight import check_kafka
-
-    config = _for_device(load_config(path), on_gpu)
-    check_kafka(config, timeout_s=RELOAD_CHECK_S)
-    return config
-
-
-def _on_gpu(engine: Engine) -> bool:
-    device = getattr(engine, "device", None)
-    return getattr(device, "type", None) == "cuda"
-
-
-def _for_device(config: ServiceConfig, gpu: bool) -> ServiceConfig:
-    """The configuration with the settings left unset resolved for the engine's device."""
-    return config.model_copy(update={"processing": config.processing.for_device(gpu)})
-
-
-def _service(config: ServiceConfig, engine: Engine, metrics: Metrics, gpu: bool) -> Service:
-    """The service with its engine stage (two batches on the device on a GPU) and its
-    prepare stage (``processing.prepare_workers`` tokenizer processes, or inline)."""
-    from stream_classifier.preparing import make_preparer
-    from stream_classifier.scoring import make_scorer
-    from stream_classifier.service import Service
-
-    processing = config.processing
-    switch_ms = processing.switch_interval_ms or PYTHON_SWITCH_INTERVAL_MS
-    sys.setswitchinterval(switch_ms / 1000.0)
-    preparer = make_preparer(engine, processing.prepare_workers or 0)
-    scorer = make_scorer(engine, metrics, gpu)
-    log.info(
-        "micro-batches of up to %d messages; engine stage %s; prepare stage %s; "
-        "interpreter switch interval %g ms",
-        processing.max_batch_messages,
-        type(scorer).__name__,
-        type(preparer).__name__,
-        switch_ms,
-    )
-    try:
-        return Service(config, engine, metrics, scorer=scorer, preparer=preparer)
-    except BaseException:
-        scorer.shutdown()
-        preparer.shutdown()
-        raise
-
-
-def _ready_engine(config: ServiceConfig, metrics: Metrics) -> Engine:
-    """Load, warm up at the largest batch, and prepare each topic's labels once."""
-    from stream_classifier.engine import load_engine
-
-    engine = load_engine(config.engine, config.processing.max_batch_tokens)
-    log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
-    engine.warmup()
-    if hasattr(engine, "prime"):  # embed each topic's label hypotheses once, now
-        for topic in config.topics:
-            engine.prime(topic.labels, topic.hypothesis_template)
-    if hasattr(engine, "on_out_of_memory"):
-        engine.on_out_of_memory = lambda rows: metrics.oom_splits.inc()
-    return engine
 
 
 def _start_health_server(

@@ -6,7 +6,7 @@ read with. Anything else (Kafka, processing, engine, metrics, which topics exist
 where their outputs and dead letters go) needs a restart: a reload that changes it is
 refused, with the reason, and the running settings stay. A reload whose file names a
 topic that does not exist (a new route) is rejected before it gets here
-(:func:`stream_classifier.cli.reload_config`).
+(:func:`stream_classifier.assemble.reload_config`).
 """
 
 from __future__ import annotations

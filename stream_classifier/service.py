@@ -23,10 +23,10 @@ import socket
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from stream_classifier.batcher import Batch, Item, MicroBatcher, topic_partition
 from stream_classifier.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce
@@ -72,6 +72,12 @@ def written_topics(config: ServiceConfig) -> list[str]:
             for t in (topic.output, topic.dead_letter, *topic.route_topics)
         }
     )
+
+
+class Observer(Protocol):
+    """Told of every record once it is durably written (benchmarks count them)."""
+
+    def written(self, record: Record) -> None: ...
 
 
 class ServiceError(Exception):
@@ -122,6 +128,7 @@ class Service:
         sink: Sink | None = None,
         scorer: Scorer | None = None,
         preparer: Preparer | None = None,
+        observers: Sequence[Observer] = (),
     ) -> None:
         self.config = config
         self.engine = engine
@@ -156,8 +163,7 @@ class Service:
         self._last_turn = clock()
         self._started = False
         self.closing = False
-        #: Called with every record once it is durably written (benchmarks count them).
-        self.written_hook: Callable[[Record], None] | None = None
+        self._observers = tuple(observers)
 
     def _use_topics(self, config: ServiceConfig) -> None:
         self._topics = {topic.input: topic for topic in config.topics}
@@ -484,8 +490,8 @@ class Service:
         if record.source.timestamp:
             age = time.time() - record.source.timestamp / 1e3
             self.metrics.end_to_end_seconds.observe(max(0.0, age))
-        if self.written_hook is not None:
-            self.written_hook(record)
+        for observer in self._observers:
+            observer.written(record)
 
     def _on_given_up(self, record: Record, failure: DeliveryFailure) -> None:
         """Not even the smallest dead letter could be written: the event is given up."""

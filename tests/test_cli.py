@@ -86,7 +86,9 @@ def test_classify_offline_fails_fast_naming_the_fix(endpoint: str) -> None:
     )
     took = time.monotonic() - started
     assert result.returncode == 3, result.stderr
-    assert took <= 3.0, f"took {took:.1f}s"
+    # Not a speed target: the process start alone (torch's import) takes seconds on a loaded
+    # machine. What must not happen is ModelScope's own ~30 s of retries before the error.
+    assert took < 20.0, f"took {took:.1f}s: waited for the hub instead of failing fast"
     message = result.stderr
     assert "cannot fetch model 'damo/nlp_structbert_zero-shot-classification_chinese-large'" in (
         message

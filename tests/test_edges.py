@@ -30,11 +30,11 @@ from kafka_helpers import (
     wait_until,
 )
 
+from stream_classifier.assemble import build_service
 from stream_classifier.config import EngineConfig, ServiceConfig
 from stream_classifier.engine.base import Prepared, Scores
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.headers import ESCAPED_NAMES_HEADER, HEADER_PREFIX
-from stream_classifier.service import Service
 from stream_classifier.source import KafkaSource, consumer_config
 
 pytestmark = pytest.mark.kafka
@@ -83,7 +83,7 @@ def test_records_over_the_producers_limit_become_dead_letters_and_the_stream_goe
     huge_id = event(1, id="i" * near_limit)  # valid: its output repeats the id, and more
     produce(bootstrap, topics["input"], [event(0), bad, huge_id, event(3)])
 
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         outputs = read_all(bootstrap, topics["output"], 2, timeout=90)
         letters = read_all(bootstrap, topics["dead_letter"], 2, timeout=90)
         drained(bootstrap, config)
@@ -119,7 +119,7 @@ def test_topics_with_a_smaller_max_message_bytes_get_smaller_dead_letters(
     values[4] = event(4, id="long-" * 600)  # a 3,000-byte id: output ~3.3 kB
     produce(bootstrap, topics["input"], values)
 
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         outputs = read_all(bootstrap, topics["output"], 9, timeout=90)
         letters = read_all(bootstrap, topics["dead_letter"], 1, timeout=90)
         drained(bootstrap, config)
@@ -152,7 +152,7 @@ def test_header_names_in_any_bytes_pass_through_and_never_stop_the_stream(
     c_api_produce(bootstrap, topics["input"], b"{malformed", headers)
     produce(bootstrap, topics["input"], [event(2)])
 
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         outputs = read_all(bootstrap, topics["output"], 2, timeout=60)
         letters = read_all(bootstrap, topics["dead_letter"], 1, timeout=60)
         drained(bootstrap, config)
@@ -216,7 +216,7 @@ def test_an_output_deleted_mid_run_is_ridden_out_in_order_and_logged_twice(
     n, keys = 40, 4
     key_of = [f"user-{i % keys}".encode() for i in range(n)]
     produce(bootstrap, topics["input"], [event(i) for i in range(n // 2)], key_of[: n // 2])
-    runner = RunningService(Service(config, engine))
+    runner = RunningService(build_service(config, engine))
     with runner:
         before = read_all(bootstrap, topics["output"], n // 2, timeout=60)
         drained(bootstrap, config, partitions=2)
@@ -265,7 +265,7 @@ def test_a_hung_engine_turns_healthz_red_and_recovers(bootstrap: str, engine: Nl
     topics = make_topics(bootstrap)
     config = service_config(bootstrap, [topics], processing={"engine_timeout_s": 2})
     hanging = HangingEngine(engine)
-    service = Service(config, hanging)  # type: ignore[arg-type]
+    service = build_service(config, hanging)  # type: ignore[arg-type]
     produce(bootstrap, topics["input"], [event(0)])
     with RunningService(service):
         wait_until(lambda: not service.healthy()[0], 60, "/healthz to report the hung engine")
@@ -342,7 +342,7 @@ def test_latest_partition_changing_hands_before_its_first_commit_loses_nothing(
         processing={"shutdown_timeout_s": 1},
     )
     hanging = HangingEngine(engine)
-    first = Service(config, hanging)  # type: ignore[arg-type]
+    first = build_service(config, hanging)  # type: ignore[arg-type]
     produced = [0]
 
     def consumed() -> float:
@@ -368,7 +368,7 @@ def test_latest_partition_changing_hands_before_its_first_commit_loses_nothing(
         runner.stop_event.set()  # SIGTERM: its drain gives up on the hung batch
         wait_until(lambda: first.closing, 30, "the first owner to give up and close")
         hanging.release.set()  # lets close() end; the late scores are not written
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         drained(bootstrap, config)
         outputs = read_to_end(bootstrap, topics["output"])
     assert sorted(set(ids(outputs)), key=lambda i: int(i[1:])) == [

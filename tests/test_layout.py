@@ -118,3 +118,27 @@ def test_building_the_command_line_loads_no_tool() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120
     )
     assert done.stdout.strip() == "[]"
+
+
+def service_constructions(path: Path) -> list[int]:
+    """Lines where a module calls ``Service(...)`` itself."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "Service"
+    ]
+
+
+def test_one_function_assembles_the_service() -> None:
+    """``run`` and every benchmark get the same assembly (device defaults, engine and
+    prepare stages, switch interval) from ``assemble.build_service``: a benchmark that
+    built ``Service`` itself would measure something ``run`` never runs."""
+    builders = {
+        module_name(path): lines
+        for path in PACKAGE.rglob("*.py")
+        if (lines := service_constructions(path))
+    }
+    assert set(builders) == {"stream_classifier.assemble"}, builders

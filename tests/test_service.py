@@ -11,10 +11,10 @@ import pytest
 from conftest import RunningService, service_config
 from kafka_helpers import committed, create_topics, produce, read_all, unique
 
+from stream_classifier.assemble import build_service
 from stream_classifier.config import EngineConfig, ServiceConfig
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.messages import HEADER_PREFIX
-from stream_classifier.service import Service
 
 pytestmark = pytest.mark.kafka
 
@@ -61,7 +61,7 @@ def test_every_event_gets_one_output_with_key_source_and_headers(
     produce(bootstrap, topic.input, events(n), keys=keys, headers=[("trace", b"abc")])
     inputs = {(r.partition, r.offset): r for r in read_all(bootstrap, topic.input, n)}
 
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         outputs = read_all(bootstrap, topic.output, n)
         wait_drained(bootstrap, config, partitions=2)
 
@@ -93,7 +93,7 @@ def test_outputs_equal_the_engine_scoring_each_text_alone(
     topic = config.topics[0]
     texts = ["价格太贵了", "快递三天还没到", "客服很耐心", "质量一般般" * 30]
     produce(bootstrap, topic.input, [json.dumps({"text": t}).encode() for t in texts])
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         outputs = read_all(bootstrap, topic.output, len(texts))
     by_offset = {json.loads(r.value)["source"]["offset"]: json.loads(r.value) for r in outputs}
     for offset, text in enumerate(texts):
@@ -118,7 +118,7 @@ def test_malformed_events_go_to_dead_letter_with_reason_and_offsets_advance(
     values = [*bad, *events(3)]
     produce(bootstrap, topic.input, values, keys=[f"k{i}".encode() for i in range(len(values))])
 
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         dead = read_all(bootstrap, topic.dead_letter, len(bad))
         outputs = read_all(bootstrap, topic.output, 3)
         wait_drained(bootstrap, config)
@@ -140,12 +140,12 @@ def test_restarted_service_resumes_at_committed_offset_without_gap(
     config = setup(bootstrap, topic_set())
     topic = config.topics[0]
     produce(bootstrap, topic.input, events(20))
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         read_all(bootstrap, topic.output, 20)
         wait_drained(bootstrap, config)
 
     produce(bootstrap, topic.input, events(15))
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         outputs = read_all(bootstrap, topic.output, 35)
         wait_drained(bootstrap, config)
 
@@ -161,7 +161,7 @@ def test_lone_event_is_flushed_by_the_time_bound(bootstrap: str, engine: NliEngi
         processing={"max_batch_messages": 1000, "max_batch_wait_ms": 50},
     )
     topic = config.topics[0]
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         produce(bootstrap, topic.input, events(1))
         outputs = read_all(bootstrap, topic.output, 1, timeout=30)
     assert len(outputs) == 1
@@ -184,7 +184,7 @@ def test_undeliverable_output_holds_the_commit_and_recovers_when_the_topic_appea
         processing={"delivery_timeout_ms": 3000},
     )
     produce(bootstrap, topics["input"], [b"{bad json", *events(3)])
-    service = Service(config, engine)
+    service = build_service(config, engine)
     runner = RunningService(service)
     with runner:
         from kafka_helpers import wait_until
@@ -213,7 +213,7 @@ def test_consumer_lag_metric_follows_librdkafka_statistics(
     )
     topic = config.topics[0]
     produce(bootstrap, topic.input, events(40))
-    service = Service(config, engine)
+    service = build_service(config, engine)
     lag = service.metrics.consumer_lag
 
     def lag_sample() -> float | None:

@@ -27,6 +27,7 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
+from stream_classifier.assemble import build_service
 from stream_classifier.config import ServiceConfig
 from stream_classifier.engine.base import Prepared, Scores
 from stream_classifier.service import Service
@@ -202,35 +203,37 @@ class _Running:
 def _service_throughput(bootstrap: str, events: int) -> float:
     names = _topics(bootstrap)
     _fill(bootstrap, names[0], events)
-    service = Service(_bench_config(bootstrap, names), BenchNullEngine())
-    delivered = _count_deliveries(service)
+    counter = _Counter()
+    service = build_service(_bench_config(bootstrap, names), BenchNullEngine(), observers=[counter])
     started = time.perf_counter()
     with _Running(service):
-        _wait(lambda: delivered["n"] >= events, 600)
+        _wait(lambda: counter.n >= events, 600)
         elapsed = time.perf_counter() - started
     return events / elapsed
 
 
-def _count_deliveries(service: Service) -> dict[str, int]:
-    counts = {"n": 0}
+class _Counter:
+    def __init__(self) -> None:
+        self.n = 0
 
-    def counting(_record: Record) -> None:
-        counts["n"] += 1
+    def written(self, _record: Record) -> None:
+        self.n += 1
 
-    service.written_hook = counting
-    return counts
+
+class _Latencies:
+    def __init__(self) -> None:
+        self.ms: list[float] = []
+
+    def written(self, record: Record) -> None:
+        if record.source.timestamp:
+            self.ms.append(time.time() * 1000.0 - record.source.timestamp)
 
 
 def _service_latency(bootstrap: str, rate: int, seconds: float) -> tuple[float, float]:
     names = _topics(bootstrap)
-    service = Service(_bench_config(bootstrap, names), BenchNullEngine())
-    latencies: list[float] = []
-
-    def timing(record: Record) -> None:
-        if record.source.timestamp:
-            latencies.append(time.time() * 1000.0 - record.source.timestamp)
-
-    service.written_hook = timing
+    timing = _Latencies()
+    service = build_service(_bench_config(bootstrap, names), BenchNullEngine(), observers=[timing])
+    latencies = timing.ms
     total = int(rate * seconds)
     with _Running(service):
         _wait(lambda: bool(service.assigned_partitions), 60)

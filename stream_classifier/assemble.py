@@ -1,0 +1,96 @@
+"""The one place that assembles the service: ``run``, every benchmark, reloads and tests.
+
+Whatever measures the service must measure what ``run`` runs: the engine loaded and
+warmed up the same way, the settings left unset resolved for the engine's device, the
+same engine and prepare stages and the same interpreter switch interval.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Sequence
+
+from stream_classifier.config import PYTHON_SWITCH_INTERVAL_MS, ServiceConfig, load_config
+from stream_classifier.engine.base import Engine
+from stream_classifier.metrics import Metrics
+from stream_classifier.service import Observer, Service
+
+log = logging.getLogger(__name__)
+
+#: How long a reload may wait for the cluster's topic list (the loop waits meanwhile).
+RELOAD_CHECK_S = 5.0
+
+
+def load_ready_engine(config: ServiceConfig, metrics: Metrics) -> Engine:
+    """Load, warm up at the largest batch, and prepare each topic's labels once."""
+    from stream_classifier.engine import load_engine
+
+    engine = load_engine(config.engine, config.processing.max_batch_tokens)
+    log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
+    engine.warmup()
+    if hasattr(engine, "prime"):  # embed each topic's label hypotheses once, now
+        for topic in config.topics:
+            engine.prime(topic.labels, topic.hypothesis_template)
+    if hasattr(engine, "on_out_of_memory"):
+        engine.on_out_of_memory = lambda rows: metrics.oom_splits.inc()
+    return engine
+
+
+def on_gpu(engine: Engine) -> bool:
+    device = getattr(engine, "device", None)
+    return getattr(device, "type", None) == "cuda"
+
+
+def for_device(config: ServiceConfig, gpu: bool) -> ServiceConfig:
+    """The configuration with the settings left unset resolved for the engine's device."""
+    return config.model_copy(update={"processing": config.processing.for_device(gpu)})
+
+
+def build_service(
+    config: ServiceConfig,
+    engine: Engine,
+    metrics: Metrics | None = None,
+    observers: Sequence[Observer] = (),
+) -> Service:
+    """The service with its engine stage (two batches on the device on a GPU), its prepare
+    stage (``processing.prepare_workers`` tokenizer processes, or inline) and the
+    settings resolved for the engine's device."""
+    from stream_classifier.preparing import make_preparer
+    from stream_classifier.scoring import make_scorer
+
+    gpu = on_gpu(engine)
+    config = for_device(config, gpu)
+    metrics = metrics or Metrics()
+    processing = config.processing
+    switch_ms = processing.switch_interval_ms or PYTHON_SWITCH_INTERVAL_MS
+    sys.setswitchinterval(switch_ms / 1000.0)
+    preparer = make_preparer(engine, processing.prepare_workers or 0)
+    scorer = make_scorer(engine, metrics, gpu)
+    log.info(
+        "micro-batches of up to %d messages; engine stage %s; prepare stage %s; "
+        "interpreter switch interval %g ms",
+        processing.max_batch_messages,
+        type(scorer).__name__,
+        type(preparer).__name__,
+        switch_ms,
+    )
+    try:
+        return Service(
+            config, engine, metrics, scorer=scorer, preparer=preparer, observers=observers
+        )
+    except BaseException:
+        scorer.shutdown()
+        preparer.shutdown()
+        raise
+
+
+def reload_config(path: str, gpu: bool) -> ServiceConfig:
+    """The configuration a SIGHUP reload applies: the file, with the device's defaults, and
+    only if every topic it names exists (a new route to a missing topic would fail its
+    first write and stop the service); any error rejects the reload."""
+    from stream_classifier.preflight import check_kafka
+
+    config = for_device(load_config(path), gpu)
+    check_kafka(config, timeout_s=RELOAD_CHECK_S)
+    return config
