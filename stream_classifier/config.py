@@ -11,6 +11,7 @@ naming each field and the reason, before anything touches Kafka or loads a model
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 from typing import Any, Literal
 
@@ -486,6 +487,17 @@ class ServiceConfig(BaseSettings):
     ) -> tuple[PydanticBaseSettingsSource, ...]:
         # Environment first so it overrides the file's values (passed as init kwargs).
         return (env_settings, init_settings)
+
+    def transactional_id(self) -> str:
+        """exactly_once's ``transactional.id``: ``processing.transactional_id``, else
+        ``<group_id>-<hostname>-<slot>``: stable across restarts (a restart fences its
+        predecessor), unique per process (two on one host differ in their metrics port,
+        which they could not both bind, or with metrics off in their device). One
+        PREFIXED ACL on ``<group_id>-`` covers every instance's default id."""
+        if self.processing.transactional_id:
+            return self.processing.transactional_id
+        slot = str(self.metrics.port) if self.metrics.enabled else self.engine.device
+        return f"{self.kafka.group_id}-{socket.gethostname()}-{slot}"
 
     @model_validator(mode="after")
     def _cross_checks(self) -> ServiceConfig:

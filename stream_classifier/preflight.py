@@ -115,15 +115,8 @@ def required_permissions(config: ServiceConfig) -> list[Permission]:
 
 
 def transactional_id(config: ServiceConfig) -> str:
-    """The exactly_once producer's transactional.id: ``processing.transactional_id``, else
-    ``<group_id>-<hostname>-<slot>``, the service's default (``Service._default_txn_id``;
-    a test keeps the two in step). One PREFIXED ACL on ``<group_id>-`` covers every
-    instance's default id."""
-    if config.processing.transactional_id:
-        return config.processing.transactional_id
-    metrics = config.metrics
-    slot = str(metrics.port) if metrics.enabled else config.engine.device
-    return f"{config.kafka.group_id}-{socket.gethostname()}-{slot}"
+    """The id the exactly_once producer uses (:meth:`ServiceConfig.transactional_id`)."""
+    return config.transactional_id()
 
 
 class _Collector(logging.Logger):

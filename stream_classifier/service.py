@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-import socket
 import threading
 import time
 from collections import deque
@@ -46,7 +45,7 @@ from stream_classifier.preparing import InlinePreparer, Preparer
 from stream_classifier.records import records_for, smaller
 from stream_classifier.reload import restart_needed, settings_version
 from stream_classifier.scoring import Outcome, Scorer, ThreadScorer
-from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink
+from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink, producer_config
 from stream_classifier.source import KafkaSource, Source, consumer_config
 
 log = logging.getLogger(__name__)
@@ -216,31 +215,7 @@ class Service:
         return config
 
     def _producer_config(self) -> dict[str, Any]:
-        processing = self.config.processing
-        config: dict[str, Any] = {
-            "linger.ms": 5,
-            **self.config.kafka.producer_client_config(),
-            "acks": "all",
-            # No duplicates or reordering from the producer's own retries.
-            "enable.idempotence": True,
-            "delivery.timeout.ms": processing.delivery_timeout_ms,
-            # Room for every record the service lets wait for an acknowledgement.
-            "queue.buffering.max.messages": max(100_000, 4 * self.max_in_flight),
-        }
-        if self.exactly_once:
-            config["transactional.id"] = processing.transactional_id or self._default_txn_id()
-            config["transaction.timeout.ms"] = processing.transaction_timeout_ms
-        return config
-
-    def _default_txn_id(self) -> str:
-        """Stable across restarts (a restart fences its predecessor), unique per process.
-
-        Two processes on one host differ in their metrics port (they could not both bind
-        it) or, with metrics off, in their device.
-        """
-        metrics = self.config.metrics
-        slot = str(metrics.port) if metrics.enabled else self.config.engine.device
-        return f"{self.config.kafka.group_id}-{socket.gethostname()}-{slot}"
+        return producer_config(self.config, self.max_in_flight)
 
     # -- health --------------------------------------------------------------------------
 

@@ -25,6 +25,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.admin._config import ConfigResource
 
+from stream_classifier.config import ServiceConfig
 from stream_classifier.headers import Headers
 from stream_classifier.kafka_errors import Verdict, verdict_of
 from stream_classifier.messages import Envelope, SourceRef
@@ -109,6 +110,25 @@ TXN_TIMEOUT_S = 30.0
 HANG_MARGIN_S = 15.0
 #: How long ``produce()`` waits for room in a full queue before giving the record back.
 QUEUE_FULL_S = 5.0
+
+
+def producer_config(config: ServiceConfig, max_in_flight: int) -> dict[str, Any]:
+    """librdkafka settings of the service's producer (user settings first, ours win)."""
+    processing = config.processing
+    settings: dict[str, Any] = {
+        "linger.ms": 5,
+        **config.kafka.producer_client_config(),
+        "acks": "all",
+        # No duplicates or reordering from the producer's own retries.
+        "enable.idempotence": True,
+        "delivery.timeout.ms": processing.delivery_timeout_ms,
+        # Room for every record the service lets wait for an acknowledgement.
+        "queue.buffering.max.messages": max(100_000, 4 * max_in_flight),
+    }
+    if processing.guarantee == "exactly_once":
+        settings["transactional.id"] = config.transactional_id()
+        settings["transaction.timeout.ms"] = processing.transaction_timeout_ms
+    return settings
 
 
 class KafkaSink:

@@ -32,7 +32,6 @@ import uuid
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -50,12 +49,13 @@ from confluent_kafka.admin import (
 from conftest import KAFKA_LOCAL, ROOT, TINY_MODEL, RunningService, service_config
 from kafka_helpers import create_topics, produce, read_all, unique, wait_drained, wait_until
 
+from stream_classifier.assemble import build_service
 from stream_classifier.cli import EXIT_FAILED, EXIT_KAFKA
 from stream_classifier.config import EngineConfig, ServiceConfig
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.preflight import check_kafka, required_permissions, transactional_id
-from stream_classifier.service import Service, ServiceError
-from stream_classifier.sink import SinkError
+from stream_classifier.service import ServiceError
+from stream_classifier.sink import SinkError, producer_config
 from stream_classifier.source import SourceError
 
 PORT, CONTROLLER_PORT, SASL_PORT = 9392, 9393, 9394
@@ -299,8 +299,7 @@ def test_the_check_names_the_transactional_id_the_service_uses() -> None:
     """The start-up check must probe the very id the producer will use, default or set."""
     case = Case.new()
     default = service_config("127.0.0.1:1", [case.topic_config()])
-    stand_in: Any = SimpleNamespace(config=default)
-    assert transactional_id(default) == Service._default_txn_id(stand_in)
+    assert transactional_id(default) == producer_config(default, 1)["transactional.id"]
     assert transactional_id(default).startswith(f"{default.kafka.group_id}-")  # the ACL prefix
     chosen = service_config(
         "127.0.0.1:1", [case.topic_config()], processing={"transactional_id": "pod-7"}
@@ -379,7 +378,7 @@ def test_each_guarantee_runs_end_to_end_with_only_its_acls(
     check_kafka(config, timeout_s=20)
     good = events(5, guarantee)
     produce(acl_broker.plaintext, case.input, [*good, b"not json"])
-    with RunningService(Service(config, engine)):
+    with RunningService(build_service(config, engine)):
         outputs = read_all(acl_broker.plaintext, case.output, 5, timeout=DEADLINE_S)
         routed = read_all(acl_broker.plaintext, case.route, 5, timeout=DEADLINE_S)
         dead = read_all(acl_broker.plaintext, case.dead_letter, 1, timeout=DEADLINE_S)
@@ -402,7 +401,7 @@ def test_an_acl_revoked_while_running_stops_the_service_with_the_reason(
     case = prepare(acl_broker, guarantee)
     config = config_for(acl_broker, case, guarantee)
     produce(acl_broker.plaintext, case.input, events(3, "before"))
-    with RunningService(Service(config, engine)) as running:
+    with RunningService(build_service(config, engine)) as running:
         assert len(read_all(acl_broker.plaintext, case.output, 3, timeout=DEADLINE_S)) == 3
         revoke(acl_broker, service_acls(case, guarantee)[revoked])
         produce(acl_broker.plaintext, case.input, events(3, "after"))
