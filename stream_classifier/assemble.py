@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 from stream_classifier.config import PYTHON_SWITCH_INTERVAL_MS, ServiceConfig, load_config
 from stream_classifier.engine.base import Engine
+from stream_classifier.engine.capabilities import Capabilities, OomReporting, Primed
 from stream_classifier.metrics import Metrics
 from stream_classifier.service import Observer, Service
 
@@ -29,17 +30,16 @@ def load_ready_engine(config: ServiceConfig, metrics: Metrics) -> Engine:
     engine = load_engine(config.engine, config.processing.max_batch_tokens)
     log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
     engine.warmup()
-    if hasattr(engine, "prime"):  # embed each topic's label hypotheses once, now
+    if isinstance(engine, Primed):  # embed each topic's label hypotheses once, now
         for topic in config.topics:
             engine.prime(topic.labels, topic.hypothesis_template)
-    if hasattr(engine, "on_out_of_memory"):
+    if isinstance(engine, OomReporting):
         engine.on_out_of_memory = lambda rows: metrics.oom_splits.inc()
     return engine
 
 
 def on_gpu(engine: Engine) -> bool:
-    device = getattr(engine, "device", None)
-    return getattr(device, "type", None) == "cuda"
+    return Capabilities.of(engine).cuda
 
 
 def for_device(config: ServiceConfig, gpu: bool) -> ServiceConfig:
@@ -59,14 +59,16 @@ def build_service(
     from stream_classifier.preparing import make_preparer
     from stream_classifier.scoring import make_scorer
 
-    gpu = on_gpu(engine)
+    capabilities = Capabilities.of(engine)
+    log.info("engine %s can: %s", engine.model_id, capabilities.describe())
+    gpu = capabilities.cuda
     config = for_device(config, gpu)
     metrics = metrics or Metrics()
     processing = config.processing
     switch_ms = processing.switch_interval_ms or PYTHON_SWITCH_INTERVAL_MS
     sys.setswitchinterval(switch_ms / 1000.0)
-    preparer = make_preparer(engine, processing.prepare_workers or 0)
-    scorer = make_scorer(engine, metrics, gpu)
+    preparer = make_preparer(engine, processing.prepare_workers or 0, capabilities)
+    scorer = make_scorer(engine, metrics, capabilities)
     log.info(
         "micro-batches of up to %d messages; engine stage %s; prepare stage %s; "
         "interpreter switch interval %g ms",

@@ -39,6 +39,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from stream_classifier.engine.base import Engine, EngineError, Prepared, PrepareTask
+from stream_classifier.engine.capabilities import Capabilities, ProcessPreparing
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +128,15 @@ class ThreadPreparer:
         self._executor.shutdown(wait=True, cancel_futures=True)
 
 
-def make_preparer(engine: Engine, workers: int) -> Preparer:
+def make_preparer(engine: Engine, workers: int, capabilities: Capabilities) -> Preparer:
     """A :class:`ProcessPreparer` of ``workers`` processes, or inline for 0 (or for an
     engine that cannot rebuild its tokenizer side elsewhere)."""
-    factory = getattr(engine, "preparer_factory", None)
     if workers <= 0:
         return InlinePreparer(engine)
-    if not callable(factory):
+    if not isinstance(engine, ProcessPreparing) or not capabilities.process_preparing:
         log.info("engine %s tokenizes inline: it has no preparer_factory", engine.model_id)
         return InlinePreparer(engine)
+    factory = engine.preparer_factory
     return ProcessPreparer(factory(), workers)
 
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from stream_classifier.engine.base import Engine, EngineError, Prepared, Scores
+from stream_classifier.engine.capabilities import Capabilities
 from stream_classifier.messages import ClassifyRequest
 from stream_classifier.metrics import Metrics
 
@@ -111,11 +112,11 @@ class AsyncEngine(Engine, Protocol):
     def flush(self) -> None: ...
 
 
-def make_scorer(engine: Engine, metrics: Metrics, gpu: bool) -> Scorer:
-    """A :class:`PipelinedScorer` for an engine on a GPU with ``classify_async``, else a
+def make_scorer(engine: Engine, metrics: Metrics, capabilities: Capabilities) -> Scorer:
+    """A :class:`PipelinedScorer` for a pipelined engine on a GPU, else a
     :class:`ThreadScorer`. On a CPU ``classify_async`` computes everything before it
     returns, so there is nothing to overlap: the CPU keeps the one-batch-at-a-time stage."""
-    if gpu and callable(getattr(engine, "classify_async", None)):
+    if capabilities.cuda and capabilities.pipelined:
         return PipelinedScorer(cast(AsyncEngine, engine), metrics)
     return ThreadScorer(engine, metrics)
 

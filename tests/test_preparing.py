@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 
 from stream_classifier.engine.base import EngineError, Prepared
+from stream_classifier.engine.capabilities import Capabilities
 from stream_classifier.preparing import (
     InlinePreparer,
     PreparerCrashed,
@@ -80,7 +81,7 @@ def test_process_preparer_prepares_exactly_like_the_engine_inline(tiny_model: Pa
         (long_text, ["物流", "服务", "价格", "质量"], "{}", False),
         ("价格有点贵", ["只有一个标签"], "关于{}", False),
     ] * 5
-    preparer = make_preparer(engine, workers=2)
+    preparer = make_preparer(engine, 2, Capabilities.of(engine))
     assert isinstance(preparer, ProcessPreparer)
     try:
         via_workers = [preparer.submit(*case).result(WAIT_S) for case in cases]
@@ -157,8 +158,10 @@ def test_make_preparer_is_inline_without_workers_or_a_factory() -> None:
         ) -> Prepared:
             return FakeSide().prepare(text, labels, template, multi_label)
 
-    assert isinstance(make_preparer(NoFactory(), 0), InlinePreparer)
-    assert isinstance(make_preparer(NoFactory(), 2), InlinePreparer)
+    capabilities = Capabilities.of(NoFactory())
+    assert not capabilities.process_preparing
+    assert isinstance(make_preparer(NoFactory(), 0, capabilities), InlinePreparer)
+    assert isinstance(make_preparer(NoFactory(), 2, capabilities), InlinePreparer)
 
 
 class ChunkSide(FakeSide):

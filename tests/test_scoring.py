@@ -7,12 +7,15 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import CancelledError, Future
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from stream_classifier.config import EngineConfig, TopicConfig
 from stream_classifier.engine.base import EngineError, Prepared, Scores
+from stream_classifier.engine.capabilities import Capabilities
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.messages import ClassifyRequest, Envelope, SourceRef
 from stream_classifier.metrics import Metrics
@@ -278,9 +281,14 @@ def test_make_scorer_pipelines_engines_with_classify_async_on_a_gpu(engine: Fake
         def warmup(self) -> None:
             return None
 
-    pipelined = make_scorer(engine, Metrics(), gpu=True)
-    scorers = [pipelined, make_scorer(Plain(), Metrics(), gpu=True)]
-    scorers.append(make_scorer(engine, Metrics(), gpu=False))  # nothing to overlap on a CPU
+    def on_gpu(engine: Any, cuda: bool = True) -> Capabilities:
+        return replace(Capabilities.of(engine), cuda=cuda)
+
+    assert Capabilities.of(engine).pipelined and not Capabilities.of(Plain()).pipelined
+    pipelined = make_scorer(engine, Metrics(), on_gpu(engine))
+    scorers = [pipelined, make_scorer(Plain(), Metrics(), on_gpu(Plain()))]
+    # Nothing to overlap on a CPU:
+    scorers.append(make_scorer(engine, Metrics(), on_gpu(engine, cuda=False)))
     try:
         assert isinstance(pipelined, PipelinedScorer)
         assert all(isinstance(s, ThreadScorer) for s in scorers[1:])
