@@ -1,0 +1,201 @@
+"""The checkpoint alone, with fake ports: what it commits, replays and writes instead.
+
+Fast feedback for the one owner of commits; the simulation and the broker tests prove
+the same behaviour inside the whole loop.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+from stream_classifier.checkpoint import AtLeastOnce, ExactlyOnce
+from stream_classifier.kafka_errors import Verdict
+from stream_classifier.messages import Envelope, SourceRef
+from stream_classifier.offsets import TopicPartition
+from stream_classifier.records import smaller
+from stream_classifier.sink import DeliveryFailure, Record, SinkError, TransactionFailed
+
+TP = ("in", 0)
+TOO_LARGE = DeliveryFailure("Broker: Message size too large", Verdict.DEAD_LETTER, 10)
+TIMED_OUT = DeliveryFailure("Local: Message timed out", Verdict.RIDE_OUT, -192)
+DENIED = DeliveryFailure("Broker: Topic authorization failed", Verdict.FATAL, 29)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@dataclass
+class FakeSource:
+    commits: list[dict[TopicPartition, int]] = field(default_factory=list)
+
+    def commit(self, offsets: dict[TopicPartition, int]) -> bool:
+        self.commits.append(dict(offsets))
+        return True
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> dict:  # type: ignore[type-arg]
+        return {}
+
+    def group_metadata(self) -> object:
+        return ("member", 1)
+
+
+@dataclass
+class FakeSink:
+    """Queues records; ``refuse`` decides which are refused on ``produce`` itself."""
+
+    refuse: dict[str, DeliveryFailure] = field(default_factory=dict)
+    produced: list[Record] = field(default_factory=list)
+    committed: list[list[Record]] = field(default_factory=list)
+    open: list[Record] | None = None
+
+    def start(self) -> None: ...
+    def restart(self) -> None: ...
+    def poll(self, timeout: float) -> None: ...
+    def flush(self, timeout: float) -> int:
+        return 0
+
+    def produce(self, record: Record) -> DeliveryFailure | None:
+        failure = self.refuse.get(record.topic)
+        if failure is not None:
+            return failure
+        self.produced.append(record)
+        if self.open is not None:
+            self.open.append(record)
+        return None
+
+    def begin(self) -> None:
+        self.open = []
+
+    def commit(self, offsets: dict[TopicPartition, int], group_metadata: object) -> None:
+        assert self.open is not None
+        self.committed.append(self.open)
+        self.open = None
+
+    def abort(self) -> None:
+        self.open = None
+
+    def close(self, timeout: float) -> int:
+        return 0
+
+
+def record(offset: int, topic: str = "out", value: bytes = b"v", kind: str = "output") -> Record:
+    source = SourceRef(topic="in", partition=0, offset=offset, timestamp=1)
+    envelope = Envelope(source, b"key", b"input-" + str(offset).encode(), [("h", b"1")], 0.0)
+    return Record(topic, b"key", value, [("h", b"1")], 1, source, kind, None, envelope, "dlq")
+
+
+def at_least_once(sink: FakeSink, source: FakeSource, given_up: list[Record]) -> AtLeastOnce:
+    return AtLeastOnce(
+        source,  # type: ignore[arg-type]
+        sink,  # type: ignore[arg-type]
+        commit_interval_s=0.0,
+        clock=Clock(),
+        replace=lambda r, f: smaller(r, f, 1_000_000),
+        give_up=lambda r, f: given_up.append(r),
+    )
+
+
+def test_a_failed_record_replays_its_partition_from_the_acknowledged_prefix() -> None:
+    sink, source, given_up = FakeSink(), FakeSource(), []
+    checkpoint = at_least_once(sink, source, given_up)
+    for offset in range(4):
+        checkpoint.consumed(TP, offset)
+    records = [record(offset) for offset in range(4)]
+    checkpoint.write(records, {TP: 4})
+    checkpoint.on_delivery(records[0], None)
+    checkpoint.turn()
+    assert source.commits[-1] == {TP: 1}
+    checkpoint.on_delivery(records[2], TIMED_OUT)  # 1 is still out, 3 gets through later
+    checkpoint.on_delivery(records[3], None)
+    assert checkpoint.replays() == {TP: 1}, "read again from the first unfinished event"
+    assert checkpoint.replays() == {}, "handed over once"
+    checkpoint.on_delivery(records[1], None)  # a late report of a forgotten record
+    checkpoint.turn()
+    assert all(c[TP] <= 1 for c in source.commits), "never past the failed event"
+
+
+def test_a_record_refused_for_good_becomes_smaller_dead_letters_then_is_given_up() -> None:
+    sink, source, given_up = FakeSink(), FakeSource(), []
+    checkpoint = at_least_once(sink, source, given_up)
+    checkpoint.consumed(TP, 0)
+    checkpoint.consumed(TP, 1)
+    first, second = record(0), record(1)
+    checkpoint.write([first, second], {TP: 2})
+    checkpoint.on_delivery(second, None)
+    checkpoint.on_delivery(first, TOO_LARGE)  # the broker refuses the output
+    letter = sink.produced[-1]
+    assert (letter.topic, letter.stage, letter.code) == ("dlq", 1, "output_too_large")
+    assert letter.value == b"input-0"
+    checkpoint.on_delivery(letter, TOO_LARGE)  # and the dead letter
+    assert sink.produced[-1].stage == 2 and sink.produced[-1].value is None
+    checkpoint.on_delivery(sink.produced[-1], TOO_LARGE)
+    last = sink.produced[-1]
+    assert last.stage == 3 and last.key is None and last.timestamp == 0
+    checkpoint.on_delivery(last, TOO_LARGE)
+    assert given_up and given_up[0].stage == 3
+    checkpoint.turn()
+    assert source.commits[-1] == {TP: 2}, "the given-up event's offset advances"
+    assert checkpoint.replays() == {}
+
+
+def test_a_fatal_delivery_error_stops_at_least_once() -> None:
+    sink, source = FakeSink(), FakeSource()
+    checkpoint = at_least_once(sink, source, [])
+    checkpoint.consumed(TP, 0)
+    only = record(0)
+    checkpoint.write([only], {TP: 1})
+    checkpoint.on_delivery(only, DENIED)
+    with pytest.raises(SinkError, match="authorization"):
+        checkpoint.turn()
+
+
+def exactly_once(sink: FakeSink, given_up: list[Record]) -> ExactlyOnce:
+    return ExactlyOnce(
+        FakeSource(),  # type: ignore[arg-type]
+        sink,  # type: ignore[arg-type]
+        Clock(),
+        replace=lambda r, f: smaller(r, f, 1_000_000),
+        give_up=lambda r, f: given_up.append(r),
+    )
+
+
+def test_exactly_once_writes_the_smaller_form_in_the_same_transaction() -> None:
+    sink = FakeSink(refuse={"out": TOO_LARGE})  # produce() itself refuses (producer limit)
+    checkpoint = exactly_once(sink, [])
+    assert checkpoint.write([record(0)], {TP: 1})
+    assert [r.topic for r in sink.committed[0]] == ["dlq"]
+
+
+def test_exactly_once_redoes_a_transaction_refused_by_the_broker_with_the_smaller_form() -> None:
+    sink = FakeSink()
+    checkpoint = exactly_once(sink, [])
+    original = record(0)
+
+    def refuse_at_commit(offsets: dict[TopicPartition, int], metadata: object) -> None:
+        checkpoint.on_delivery(original, TOO_LARGE)  # the report arrives during commit
+        raise TransactionFailed("commit_transaction: 1 message(s) failed", abortable=True)
+
+    sink.commit = refuse_at_commit  # type: ignore[method-assign]
+    assert not checkpoint.write([original], {TP: 1})
+    del sink.commit  # the redo commits
+    redo = record(0)  # the batch is rebuilt after the rewind
+    assert checkpoint.write([redo], {TP: 1})
+    assert [(r.topic, r.code) for r in sink.committed[0]] == [("dlq", "output_too_large")]
+
+
+def test_exactly_once_pins_where_a_new_partition_began_under_latest() -> None:
+    source = FakeSource()
+    checkpoint = ExactlyOnce(source, FakeSink(), Clock(), earliest=False)  # type: ignore[arg-type]
+    checkpoint.consumed(TP, 40)
+    checkpoint.consumed(TP, 41)
+    checkpoint.turn()
+    assert source.commits == [{TP: 40}]
+    checkpoint.turn()
+    assert source.commits == [{TP: 40}], "pinned once"
