@@ -10,9 +10,9 @@ unguarded would stop the stream on a record anybody can publish.
 confluent-kafka converts them: the message object keeps librdkafka's header list in a
 field whose place is checked against the object's own topic, value and key pointers on
 every call (a confluent-kafka with another layout is detected and the slower guarded path
-is used instead). Names that are not UTF-8 are written on as their backslash-escaped text
-(confluent-kafka's producer only takes text names) and counted in one added header;
-values pass through byte for byte.
+is used instead). Names that are not UTF-8, or hold a NUL byte, are written on as their
+backslash-escaped text (confluent-kafka's producer only takes text names, and cuts them at
+the first NUL) and counted in one added header; values pass through byte for byte.
 """
 
 from __future__ import annotations
@@ -70,8 +70,26 @@ class _Librdkafka:
             ):
                 break
             data = None if value.value is None else ctypes.string_at(value.value, size.value)
-            out.append((name.value or b"", data))
+            out.append((_whole_name(name, value, size), data))
         return out
+
+
+def _whole_name(name: ctypes.c_char_p, value: ctypes.c_void_p, size: ctypes.c_size_t) -> bytes:
+    """The name with any NUL bytes it holds: rd_kafka_header_get_all hands out a C string.
+
+    librdkafka keeps the name at the end of its header struct, after the name's length and
+    the value pointer: ``{ser_size, value_size, name_size, value, name[]}``. Where the words
+    before the name match the value and size it returned, the stored length is read; else
+    the name is taken up to its first NUL.
+    """
+    address = ctypes.cast(name, _POINTER).value
+    if not address:
+        return b""
+    words = (ctypes.c_size_t * 4).from_address(address - 4 * _WORD)
+    stored_value, value_size, name_size = words[3], words[1], words[2]
+    if stored_value == (value.value or 0) and value_size == size.value:
+        return ctypes.string_at(address, name_size)
+    return name.value or b""
 
 
 def librdkafka_path() -> str:
@@ -113,9 +131,9 @@ def _raw_headers(message: Any, rdkafka: _Librdkafka) -> list[tuple[bytes, bytes 
         return _POINTER.from_address(address + offset).value or 0
 
     if (word(_TOPIC), word(_VALUE), word(_KEY)) != (
-        id(message.topic()),
-        id(message.value()),
-        id(message.key()),
+        _address(message.topic()),
+        _address(message.value()),
+        _address(message.key()),
     ):
         return None
     if word(_PY_HEADERS):
@@ -124,14 +142,21 @@ def _raw_headers(message: Any, rdkafka: _Librdkafka) -> list[tuple[bytes, bytes 
     return rdkafka.headers(c_headers) if c_headers else []
 
 
+def _address(field: object) -> int:
+    """Where the message keeps this field: an absent key or value is a NULL pointer."""
+    return 0 if field is None else id(field)
+
+
 def _decoded(raw: list[tuple[bytes, bytes | None]]) -> Headers:
     headers: Headers = []
     escaped = 0
     for name, value in raw:
         try:
             text = name.decode("utf-8")
+            if "\x00" in text:
+                raise UnicodeDecodeError("utf-8", name, 0, 1, "NUL in a header name")
         except UnicodeDecodeError:
-            text = name.decode("utf-8", "backslashreplace")
+            text = name.decode("utf-8", "backslashreplace").replace("\x00", "\\x00")
             escaped += 1
         headers.append((text, value))
     if escaped:

@@ -298,13 +298,17 @@ def run_cli(tmp_path: Path, broker: AclBroker, case: Case, guarantee: str) -> su
 def test_the_check_names_the_transactional_id_the_service_uses() -> None:
     """The start-up check must probe the very id the producer will use, default or set."""
     case = Case.new()
-    default = service_config("127.0.0.1:1", [case.topic_config()])
+    default = service_config(
+        "127.0.0.1:1", [case.topic_config()], processing={"guarantee": "exactly_once"}
+    )
     assert transactional_id(default) == producer_config(default, 1)["transactional.id"]
     assert transactional_id(default).startswith(f"{default.kafka.group_id}-")  # the ACL prefix
     chosen = service_config(
-        "127.0.0.1:1", [case.topic_config()], processing={"transactional_id": "pod-7"}
+        "127.0.0.1:1",
+        [case.topic_config()],
+        processing={"guarantee": "exactly_once", "transactional_id": "pod-7"},
     )
-    assert transactional_id(chosen) == "pod-7"
+    assert transactional_id(chosen) == producer_config(chosen, 1)["transactional.id"] == "pod-7"
 
 
 def test_the_documented_kafka_acls_commands_grant_what_the_check_requires() -> None:

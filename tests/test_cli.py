@@ -120,7 +120,7 @@ def test_a_reload_naming_a_missing_route_topic_is_rejected_with_its_name(
     fail its first write and stop the service, so the reload is refused instead."""
     from kafka_helpers import create_topics, unique
 
-    from stream_classifier.cli import reload_config
+    from stream_classifier.assemble import reload_config
     from stream_classifier.preflight import PreflightError
 
     names = {"input": unique("in"), "output": unique("out"), "dead_letter": unique("dlq")}
@@ -136,8 +136,8 @@ def test_a_reload_naming_a_missing_route_topic_is_rejected_with_its_name(
         path.write_text(yaml.safe_dump(config), encoding="utf-8")
 
     write(routed)
-    assert reload_config(str(path), on_gpu=False).topics[0].route_topics == [routed]
+    assert reload_config(str(path), gpu=False).topics[0].route_topics == [routed]
     missing = unique("nowhere")
     write(missing)
     with pytest.raises(PreflightError, match=missing):
-        reload_config(str(path), on_gpu=False)
+        reload_config(str(path), gpu=False)

@@ -147,6 +147,7 @@ def test_header_names_in_any_bytes_pass_through_and_never_stop_the_stream(
         (b"trace", b"abc"),
         (b"", b"empty name"),
         (b"no-value", None),
+        (b"nul\x00name", b"v"),
     ]
     c_api_produce(bootstrap, topics["input"], event(0), headers, key=b"k")
     c_api_produce(bootstrap, topics["input"], b"{malformed", headers)
@@ -163,7 +164,8 @@ def test_header_names_in_any_bytes_pass_through_and_never_stop_the_stream(
         assert record.headers["trace"] == b"abc"
         assert record.headers[""] == b"empty name"
         assert record.headers["no-value"] is None
-        assert record.headers[ESCAPED_NAMES_HEADER] == b"1"
+        assert record.headers["nul\\x00name"] == b"v"
+        assert record.headers[ESCAPED_NAMES_HEADER] == b"2"
     assert outputs[0].key == b"k"
     assert letters[0].headers[CODE] == b"not_json"
 

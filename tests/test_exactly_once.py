@@ -19,9 +19,9 @@ from kafka_helpers import (
     wait_until,
 )
 
+from stream_classifier.assemble import build_service
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.nli import NliEngine
-from stream_classifier.service import Service
 from stream_classifier.sink import TransactionFailed
 
 pytestmark = pytest.mark.kafka
@@ -84,7 +84,7 @@ def test_exactly_once_every_event_once_and_offsets_in_the_transaction(
     config = eos_setup(bootstrap)
     n = 200
     produce(bootstrap, config.topics[0].input, mixed(n), keys=[str(i).encode() for i in range(n)])
-    service = Service(config, engine)
+    service = build_service(config, engine)
     with RunningService(service):
         wait_drained(bootstrap, config.kafka.group_id, config.topics[0].input, 2)
     assert_exactly_once(bootstrap, config, n)
@@ -103,7 +103,7 @@ def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
     )
     n = 120
     produce(bootstrap, config.topics[0].input, mixed(n), keys=[str(i).encode() for i in range(n)])
-    service = Service(config, engine)
+    service = build_service(config, engine)
     real_commit = service.sink.commit
     aborts = []
 
@@ -134,7 +134,7 @@ def test_exactly_once_outputs_invisible_to_read_committed_until_commit(
 ) -> None:
     config = eos_setup(bootstrap, partitions=1)
     produce(bootstrap, config.topics[0].input, mixed(10))
-    service = Service(config, engine)
+    service = build_service(config, engine)
     service.sink.commit = lambda offsets, metadata: (_ for _ in ()).throw(  # type: ignore[method-assign]
         RuntimeError("crash before commit")
     )
@@ -159,7 +159,7 @@ def test_exactly_once_failing_output_is_unhealthy_commits_nothing_and_recovers(
         }
     )
     produce(bootstrap, topic.input, mixed(30))
-    service = Service(config, engine)
+    service = build_service(config, engine)
     with RunningService(service):
         wait_until(lambda: not service.healthy()[0], 120, "repeated aborts to show")
         wait_until(
