@@ -195,11 +195,17 @@ class AtLeastOnce(_Rewinds):
         self._sink.start()
 
     def released(self, partitions: Iterable[TopicPartition]) -> None:
+        """Partitions gone to another member. Their records still queued would be written
+        after the new owner's (one that timed out, then the later ones): the producer is
+        replaced and the partitions kept with records outstanding are replayed."""
         gone = set(partitions)
+        outstanding = self._outstanding()
         self.assigned(gone)
         self._forget(gone)
         for tp in gone:
             self._replays.pop(tp, None)
+        if gone & outstanding:
+            self._restart({tp: self._tracker.first_pending(tp, 0) for tp in outstanding - gone})
 
     def _forget(self, gone: set[TopicPartition]) -> None:
         self._tracker.forget(list(gone))
@@ -218,6 +224,8 @@ class AtLeastOnce(_Rewinds):
         for record in records:
             self._track(record, _event(record))
         for record in records:
+            if _event(record)[0] in self._replays:
+                continue  # refused to queue just now: the replay writes it, in order
             self._produce(record)
         return True
 
@@ -226,7 +234,9 @@ class AtLeastOnce(_Rewinds):
         self._left[event] = self._left.get(event, 0) + 1
 
     def _produce(self, record: Record) -> None:
-        failure = self._sink.produce(record)
+        # While produce() waits for room it serves delivery reports; one of them may put
+        # the record's own partition in replay, and then the replay writes it, in order.
+        failure = self._sink.produce(record, abandoned=lambda: id(record) not in self._records)
         if failure is not None:
             self.on_delivery(record, failure)
 
@@ -271,14 +281,31 @@ class AtLeastOnce(_Rewinds):
         self._produce(smaller)
 
     def _replay(self, event: tuple[TopicPartition, int], failure: DeliveryFailure) -> None:
-        """Read the partition again from the end of its acknowledged prefix, in order."""
-        tp = event[0]
+        """Read the partition again from the end of its acknowledged prefix, in order.
+
+        Records queued behind a timed-out one would still be written, before the replay
+        (the idempotent producer bumps its epoch and goes on): per-key order would break.
+        So the producer is replaced, its queue purged, and every partition with records
+        outstanding is replayed too (Kafka Streams closes the whole task dirty likewise).
+        """
         self._outage.failed(failure.reason)
+        tp = event[0]
         if tp in self._replays:
             return
-        self._replays[tp] = self._tracker.first_pending(tp, default=event[1])
-        self._forget({tp})
+        replays = {other: self._tracker.first_pending(other, 0) for other in self._outstanding()}
+        replays[tp] = self._tracker.first_pending(tp, default=event[1])
+        self._restart(replays)
         self._backoff.failed()
+
+    def _outstanding(self) -> set[TopicPartition]:
+        """Partitions with records produced and not yet acknowledged."""
+        return {event[0] for event, _ in self._records.values()}
+
+    def _restart(self, replays: dict[TopicPartition, int]) -> None:
+        """A new producer (the old one's queue purged); these partitions read again."""
+        self._replays.update(replays)
+        self._forget(set(replays))
+        self._sink.restart()
 
     def replays(self) -> dict[TopicPartition, int]:
         """Partitions to read again and from where; asking hands them to the caller."""

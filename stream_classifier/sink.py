@@ -95,7 +95,9 @@ class Sink(Protocol):
 
     def start(self) -> None: ...
     def restart(self) -> None: ...
-    def produce(self, record: Record) -> DeliveryFailure | None: ...
+    def produce(
+        self, record: Record, abandoned: Callable[[], bool] = lambda: False
+    ) -> DeliveryFailure | None: ...
     def poll(self, timeout: float) -> None: ...
     def flush(self, timeout: float) -> int: ...
     def begin(self) -> None: ...
@@ -169,8 +171,15 @@ class KafkaSink:
 
     # -- records ---------------------------------------------------------------------------
 
-    def produce(self, record: Record) -> DeliveryFailure | None:
-        """Queue one record; a failure to queue it is returned (fatal ones raise)."""
+    def produce(
+        self, record: Record, abandoned: Callable[[], bool] = lambda: False
+    ) -> DeliveryFailure | None:
+        """Queue one record; a failure to queue it is returned (fatal ones raise).
+
+        While the queue is full, delivery reports are served to make room; once
+        ``abandoned()`` says the record is no longer wanted (a report put its partition
+        in replay), it is given back instead of queued behind the replay.
+        """
         callback = self._callback(record, self._epoch)
         deadline = time.monotonic() + QUEUE_FULL_S
         while True:
@@ -190,6 +199,8 @@ class KafkaSink:
                         f"producer queue full for {QUEUE_FULL_S:.0f}s", Verdict.RIDE_OUT
                     )
                 self.producer.poll(0.1)  # serve delivery reports to make room
+                if abandoned():
+                    return DeliveryFailure("its partition is replayed", Verdict.RIDE_OUT)
             except KafkaException as exc:
                 failure = DeliveryFailure.of(exc.args[0])
                 if failure.verdict is Verdict.FATAL:

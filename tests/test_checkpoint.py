@@ -6,6 +6,7 @@ the same behaviour inside the whole loop.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -55,13 +56,19 @@ class FakeSink:
     committed: list[list[Record]] = field(default_factory=list)
     open: list[Record] | None = None
 
+    restarts: int = 0
+
     def start(self) -> None: ...
-    def restart(self) -> None: ...
+    def restart(self) -> None:
+        self.restarts += 1
+
     def poll(self, timeout: float) -> None: ...
     def flush(self, timeout: float) -> int:
         return 0
 
-    def produce(self, record: Record) -> DeliveryFailure | None:
+    def produce(
+        self, record: Record, abandoned: Callable[[], bool] = lambda: False
+    ) -> DeliveryFailure | None:
         failure = self.refuse.get(record.topic)
         if failure is not None:
             return failure
@@ -85,8 +92,10 @@ class FakeSink:
         return 0
 
 
-def record(offset: int, topic: str = "out", value: bytes = b"v", kind: str = "output") -> Record:
-    source = SourceRef(topic="in", partition=0, offset=offset, timestamp=1)
+def record(
+    offset: int, topic: str = "out", value: bytes = b"v", kind: str = "output", partition: int = 0
+) -> Record:
+    source = SourceRef(topic="in", partition=partition, offset=offset, timestamp=1)
     envelope = Envelope(source, b"key", b"input-" + str(offset).encode(), [("h", b"1")], 0.0)
     return Record(topic, b"key", value, [("h", b"1")], 1, source, kind, None, envelope, "dlq")
 
@@ -119,6 +128,50 @@ def test_a_failed_record_replays_its_partition_from_the_acknowledged_prefix() ->
     checkpoint.on_delivery(records[1], None)  # a late report of a forgotten record
     checkpoint.turn()
     assert all(c[TP] <= 1 for c in source.commits), "never past the failed event"
+
+
+def written(checkpoint: AtLeastOnce, partitions: int, offsets: int) -> list[list[Record]]:
+    """Records of ``offsets`` events on each input partition, produced, none acknowledged."""
+    records = []
+    for partition in range(partitions):
+        tp = ("in", partition)
+        for offset in range(offsets):
+            checkpoint.consumed(tp, offset)
+        mine = [record(offset, partition=partition) for offset in range(offsets)]
+        checkpoint.write(mine, {tp: offsets})
+        records.append(mine)
+    return records
+
+
+def test_a_time_out_replaces_the_producer_and_replays_every_partition_with_records_out() -> None:
+    """Records queued behind a timed-out one would be written before the replay."""
+    sink, source = FakeSink(), FakeSource()
+    checkpoint = at_least_once(sink, source, [])
+    first, second, third = written(checkpoint, 3, 2)
+    checkpoint.on_delivery(third[0], None)
+    checkpoint.on_delivery(third[1], None)  # partition 2 is all acknowledged
+    checkpoint.on_delivery(second[0], None)
+    checkpoint.on_delivery(first[1], TIMED_OUT)
+    assert sink.restarts == 1, "the producer's queue is purged"
+    assert checkpoint.replays() == {("in", 0): 0, ("in", 1): 1}
+    checkpoint.on_delivery(first[0], None)  # late reports of the old producer change nothing
+    checkpoint.on_delivery(second[1], TIMED_OUT)
+    assert sink.restarts == 1 and checkpoint.replays() == {}
+    checkpoint.turn()
+    assert source.commits[-1] == {("in", 2): 2}, "the replayed ones commit after their replay"
+
+
+def test_a_partition_released_with_records_out_replaces_the_producer() -> None:
+    """Its queued records would land after the new owner's."""
+    sink, source = FakeSink(), FakeSource()
+    checkpoint = at_least_once(sink, source, [])
+    first, second = written(checkpoint, 2, 2)
+    checkpoint.released([("in", 1)])
+    assert sink.restarts == 1
+    assert checkpoint.replays() == {("in", 0): 0}
+    checkpoint.on_delivery(first[0], None)
+    checkpoint.released([("in", 0)])
+    assert sink.restarts == 1, "nothing of it was still out"
 
 
 def test_a_record_refused_for_good_becomes_smaller_dead_letters_then_is_given_up() -> None:
