@@ -17,7 +17,7 @@ export KAFKA_PORT ?= 9092
 IMAGE ?= stream-classifier:latest
 TEST_IMAGE ?= stream-classifier:test
 
-.PHONY: env demo-env tools test lint typecheck pytest demo broker-start broker-stop schemas \
+.PHONY: env demo-env tools test unit lint typecheck pytest demo broker-start broker-stop schemas \
 	fixtures clean-env image test-image
 
 env: $(VENV)/.complete
@@ -66,6 +66,10 @@ pytest: env tools
 	  $(BIN)/pytest --ignore=tests/test_image.py $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+# Fast feedback: no broker, no GPU; the simulation at 500 seeds (SIM_SEEDS to change).
+unit: env
+	SIM_SEEDS=$${SIM_SEEDS:-500} $(BIN)/pytest -q -m "not kafka and not gpu" $(PYTEST_ARGS)
 
 broker-start:
 	$(KAFKA_LOCAL) start

@@ -15,7 +15,8 @@ from stream_classifier.config import PYTHON_SWITCH_INTERVAL_MS, ServiceConfig, l
 from stream_classifier.engine.base import Engine
 from stream_classifier.engine.capabilities import Capabilities, OomReporting, Primed
 from stream_classifier.metrics import Metrics
-from stream_classifier.service import Observer, Service
+from stream_classifier.outputs import Observer
+from stream_classifier.service import Service
 
 log = logging.getLogger(__name__)
 

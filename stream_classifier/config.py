@@ -167,8 +167,8 @@ def _secret(value: SecretStr | None, path: str | None, what: str) -> str | None:
         raise ConfigError(f"cannot read the {what} secret file {path}: {exc.strerror}") from exc
 
 
-#: The interpreter's switch interval when the engine runs on a GPU (measured on an H100,
-#: docs/PERFORMANCE.md), and Python's own (kept on a CPU).
+#: The interpreter's switch interval when the engine runs on a GPU (docs/PERFORMANCE.md
+#: has the measurement), and Python's own (kept on a CPU).
 GPU_SWITCH_INTERVAL_MS = 0.5
 PYTHON_SWITCH_INTERVAL_MS = 5.0
 
@@ -211,11 +211,11 @@ class ProcessingConfig(_Section):
     def for_device(self, gpu: bool) -> ProcessingConfig:
         """These settings with what was left unset resolved for the engine's device.
 
-        On a GPU: ``max_batch_messages`` 1024 (measured on an H200: 256 left the service at
-        73% of the engine's rate, 1024 at 82%, 2048 no better). ``prepare_workers`` stays 0
-        everywhere: on an H100 (docs/PERFORMANCE.md, 2026-11-26) two tokenizer processes
-        took the service from 1,480 to 1,024 msgs/s and its p50 latency at half load from
-        71 ms to 929 ms. Settings given in the file or the environment are kept as they are.
+        On a GPU: ``max_batch_messages`` 1024 (smaller batches leave the device waiting
+        for the Kafka thread; larger ones gain nothing). ``prepare_workers`` stays 0
+        everywhere: tokenizer processes cost the service throughput and latency on the
+        GPU machines measured. docs/PERFORMANCE.md has the numbers behind both. Settings
+        given in the file or the environment are kept as they are.
         """
         update: dict[str, float] = {}
         if gpu and "max_batch_messages" not in self.model_fields_set:

@@ -8,8 +8,9 @@ and partitions are assigned. Each metric is recorded where its decision is made.
 from __future__ import annotations
 
 import contextlib
+import json
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 from prometheus_client import (
@@ -140,6 +141,15 @@ class Metrics:
         """Drop a released partition's series, so lag alerts don't fire on what moved away."""
         with contextlib.suppress(KeyError):
             self.consumer_lag.remove(topic, str(partition))
+
+    def record_lag(self, stats_json: str, assigned: Collection[tuple[str, int]]) -> None:
+        """Consumer lag per assigned partition, from librdkafka's statistics."""
+        stats = json.loads(stats_json)
+        for topic, topic_stats in stats.get("topics", {}).items():
+            for partition, p in topic_stats.get("partitions", {}).items():
+                lag = p.get("consumer_lag", -1)
+                if (topic, int(partition)) in assigned and lag >= 0:
+                    self.consumer_lag.labels(topic, partition).set(lag)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -12,8 +12,13 @@ topic that does not exist (a new route) is rejected before it gets here
 from __future__ import annotations
 
 import hashlib
+import logging
+from collections.abc import Callable
 
 from stream_classifier.config import ServiceConfig, TopicConfig
+from stream_classifier.metrics import Metrics
+
+log = logging.getLogger(__name__)
 
 #: The topic fields that name Kafka topics the service was started (and checked) with.
 _TOPIC_PLUMBING = ("input", "output", "dead_letter")
@@ -40,3 +45,25 @@ def restart_needed(running: ServiceConfig, new: ServiceConfig) -> str | None:
             if getattr(topic, field) != getattr(old_topics[name], field):
                 return f"topic {name}: {field} changed"
     return None
+
+
+def reloaded(
+    running: ServiceConfig, load: Callable[[], ServiceConfig], metrics: Metrics
+) -> ServiceConfig | None:
+    """The configuration ``load`` reads, if it may replace ``running`` now; else None,
+    with the reason logged and counted (the running settings stay)."""
+    try:
+        new = load()
+    except Exception as exc:  # noqa: BLE001 - any invalid file: keep the running settings
+        log.error("configuration reload rejected, keeping the running settings: %s", exc)
+        metrics.reloads.labels("invalid").inc()
+        return None
+    problem = restart_needed(running, new)
+    if problem is not None:
+        log.error("configuration reload refused (%s needs a restart)", problem)
+        metrics.reloads.labels("refused").inc()
+        return None
+    versions = ", ".join(f"{topic.input} {settings_version(topic)}" for topic in new.topics)
+    log.info("configuration reloaded: %s", versions)
+    metrics.reloads.labels("applied").inc()
+    return new

@@ -2,13 +2,14 @@
 
 Two threads. The Kafka thread (the caller of :meth:`Service.run`) owns the consumer and
 the producer: each turn it applies what the rebalance callbacks recorded, consumes once,
-decodes, batches, writes finished batches through the :mod:`~stream_classifier.checkpoint`
-(which alone decides what is committed), and never waits on the model, so the group
-membership survives a slow engine. The engine thread scores one batch at a time, in
-submission order. At most ``max_pending_batches`` batches wait for it, and at most
-:attr:`Service.max_in_flight` events wait for their acknowledgements; beyond either, the
-partitions are paused (the loop keeps polling), which bounds memory for any input rate and
-any outage length.
+hands events to the :mod:`~stream_classifier.intake` (decoded, tokenizing, batched),
+submits due batches to the engine (:mod:`~stream_classifier.pending`), writes finished
+ones through the :mod:`~stream_classifier.checkpoint` (which alone decides what is
+committed), and never waits on the model, so the group membership survives a slow
+engine. The engine thread scores one batch at a time, in submission order. At most
+``max_pending_batches`` batches wait for it, and at most :attr:`Service.max_in_flight`
+events wait for their acknowledgements; beyond either, the partitions are paused (the
+loop keeps polling), which bounds memory for any input rate and any outage length.
 
 Any exception about one event's content (decoding, tokenizing, scoring, serialising)
 turns that event into a dead letter; only failures of the service itself stop it.
@@ -16,37 +17,28 @@ turns that event into a dead letter; only failures of the service itself stop it
 
 from __future__ import annotations
 
-import contextlib
-import json
 import logging
 import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass, field
-from typing import Any, Protocol
 
-from stream_classifier.batcher import Batch, Item, MicroBatcher, topic_partition
-from stream_classifier.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce
-from stream_classifier.config import ServiceConfig, TopicConfig
-from stream_classifier.engine.base import Engine, Prepared
-from stream_classifier.messages import (
-    ClassifyRequest,
-    Envelope,
-    KafkaMessage,
-    Rejection,
-    decode_event,
-)
+from stream_classifier.batcher import Batch
+from stream_classifier.checkpoint import Checkpoint, ExactlyOnce
+from stream_classifier.config import ServiceConfig
+from stream_classifier.engine.base import Engine
+from stream_classifier.intake import Intake
+from stream_classifier.messages import Envelope, KafkaMessage
 from stream_classifier.metrics import Metrics
 from stream_classifier.offsets import TopicPartition
+from stream_classifier.outputs import Observer, Outputs, make_checkpoint
 from stream_classifier.partitions import Partitions
+from stream_classifier.pending import PendingBatches, Submitted
 from stream_classifier.preparing import InlinePreparer, Preparer
-from stream_classifier.records import records_for, smaller
-from stream_classifier.reload import restart_needed, settings_version
+from stream_classifier.reload import reloaded
 from stream_classifier.scoring import Outcome, Scorer, ThreadScorer
 from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink, producer_config
-from stream_classifier.source import KafkaSource, Source, consumer_config
+from stream_classifier.source import KafkaSource, Source, service_consumer_config
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +48,6 @@ POLL_SLICE_S = 0.1
 STALL_S = 60.0
 #: How long a revoke callback may wait for acknowledgements before committing.
 REVOKE_FLUSH_S = 5.0
-#: librdkafka statistics (consumer lag) interval when metrics are on.
-STATS_INTERVAL_MS = 5000
 #: librdkafka's default ``message.max.bytes`` (the producer's record size limit).
 MESSAGE_MAX_BYTES = 1_000_000
 
@@ -73,38 +63,8 @@ def written_topics(config: ServiceConfig) -> list[str]:
     )
 
 
-class Observer(Protocol):
-    """Told of every record once it is durably written (benchmarks count them)."""
-
-    def written(self, record: Record) -> None: ...
-
-
 class ServiceError(Exception):
     """The service stopped because it could not go on without losing events."""
-
-
-@dataclass
-class Scoring:
-    """A batch handed to the engine.
-
-    ``generation`` discards it after a rewind; ``epochs`` (each partition's assignment
-    epoch at submission) discards the events of a partition released meanwhile, even
-    if it was assigned again since: those are read again from the committed offset.
-    """
-
-    batch: Batch
-    future: Future[list[Outcome]]
-    generation: int
-    epochs: dict[TopicPartition, int]
-    submitted_at: float = 0.0
-
-
-@dataclass
-class Waiting:
-    """A consumed event in the backlog; ``prepared`` until its tokenizing is done."""
-
-    item: Item
-    prepared: Future[Prepared] | None = None
 
 
 @dataclass
@@ -132,90 +92,33 @@ class Service:
         self.config = config
         self.engine = engine
         self.metrics = metrics or Metrics()
-        self.exactly_once = config.processing.guarantee == "exactly_once"
         self._clock = clock
         processing = config.processing
-        self.batcher = MicroBatcher(
-            processing.max_batch_messages, processing.max_batch_wait_ms, clock
-        )
         #: Events written and not yet acknowledged, at most (beyond: pause).
         self.max_in_flight = processing.max_batch_messages * (processing.max_pending_batches + 2)
-        self._topics: dict[str, TopicConfig] = {}
-        self._versions: dict[str, str] = {}
-        self._use_topics(config)
+        self.intake = Intake(config, preparer or InlinePreparer(engine), clock)
+        self.pending = PendingBatches(
+            scorer or ThreadScorer(engine, self.metrics), processing.max_pending_batches, clock
+        )
+        on_stats = self._on_stats if config.metrics.enabled else None
+        topics = [topic.input for topic in config.topics]
+        self.source: Source = source or KafkaSource(
+            service_consumer_config(config, on_stats), topics
+        )
+        settings = producer_config(config, self.max_in_flight)
+        self.sink: Sink = sink or KafkaSink(settings, self._on_delivery, written_topics(config))
+        self.outputs = Outputs(self.metrics, engine.model_id, observers)
+        max_bytes = int(settings.get("message.max.bytes", MESSAGE_MAX_BYTES))
+        self.checkpoint: Checkpoint = make_checkpoint(
+            config, self.source, self.sink, clock, self.outputs, max_bytes
+        )
+        self.partitions = Partitions()
         #: A reload asked for (SIGHUP): how to read the new configuration.
         self._reload: Callable[[], ServiceConfig] | None = None
-        self.source: Source = source or KafkaSource(self._consumer_config(), list(self._topics))
-        self.sink: Sink = sink or KafkaSink(
-            self._producer_config(), self._on_delivery, written_topics(config)
-        )
-        self.checkpoint: Checkpoint = self._make_checkpoint()
-        self.scorer: Scorer = scorer or ThreadScorer(engine, self.metrics)
-        self.preparer: Preparer = preparer or InlinePreparer(engine)
-        self._scoring: deque[Scoring] = deque()
-        self._backlog: deque[Waiting] = deque()
-        self._generation = 0
-        self.partitions = Partitions()
-        #: When the engine last returned a batch (its liveness, see healthy()).
-        self._engine_returned_at = clock()
         self._rebalance = Rebalance()
         self._last_turn = clock()
         self._started = False
         self.closing = False
-        self._observers = tuple(observers)
-
-    def _use_topics(self, config: ServiceConfig) -> None:
-        self._topics = {topic.input: topic for topic in config.topics}
-        self._versions = {topic.input: settings_version(topic) for topic in config.topics}
-
-    def _make_checkpoint(self) -> Checkpoint:
-        earliest = self.config.kafka.auto_offset_reset == "earliest"
-        max_bytes = int(self._producer_config().get("message.max.bytes", MESSAGE_MAX_BYTES))
-
-        def replace(record: Record, failure: DeliveryFailure) -> Record | None:
-            replacement = smaller(record, failure, max_bytes)
-            if replacement is not None and replacement.stage == 1:
-                source = record.source.topic
-                self.metrics.dead_letters.labels(source, replacement.code or "").inc()
-            return replacement
-
-        if self.exactly_once:
-            return ExactlyOnce(
-                self.source,
-                self.sink,
-                self._clock,
-                earliest,
-                self._on_committed,
-                replace,
-                self._on_given_up,
-            )
-        interval = self.config.processing.commit_interval_ms / 1000.0
-        return AtLeastOnce(
-            self.source,
-            self.sink,
-            interval,
-            self._clock,
-            earliest,
-            self._on_written,
-            lambda ok: self.metrics.commits.labels("ok" if ok else "failed").inc(),
-            replace,
-            self._on_given_up,
-        )
-
-    # -- client settings -----------------------------------------------------------------
-
-    def _consumer_config(self) -> dict[str, Any]:
-        kafka = self.config.kafka
-        config = consumer_config(
-            kafka.consumer_client_config(), kafka.group_id, kafka.auto_offset_reset
-        )
-        if self.config.metrics.enabled:
-            config["statistics.interval.ms"] = STATS_INTERVAL_MS
-            config["stats_cb"] = self._on_stats
-        return config
-
-    def _producer_config(self) -> dict[str, Any]:
-        return producer_config(self.config, self.max_in_flight)
 
     # -- health --------------------------------------------------------------------------
 
@@ -232,15 +135,8 @@ class Service:
         return True, "ok"
 
     def engine_stalled_s(self) -> float:
-        """How long work has waited on the engine with nothing coming back (0: idle).
-
-        A hung kernel or a wedged driver keeps the loop turning (every partition paused),
-        so the loop's own liveness cannot see it: this can.
-        """
-        waiting = [s.submitted_at for s in list(self._scoring) if not s.future.done()]
-        if not waiting:
-            return 0.0
-        return max(0.0, self._clock() - max(waiting[0], self._engine_returned_at))
+        """How long work has waited on the engine with nothing coming back (0: idle)."""
+        return self.pending.stalled_s()
 
     @property
     def assigned_partitions(self) -> frozenset[TopicPartition]:
@@ -277,18 +173,18 @@ class Service:
         self._take_replays()
         self._rewind_due()
         self._apply_pause()
-        timeout = max(0.0, min(POLL_SLICE_S, self.batcher.time_left()))
-        if self._scoring or self._backlog:
+        timeout = max(0.0, min(POLL_SLICE_S, self.intake.batcher.time_left()))
+        if self.pending or self.intake:
             timeout = min(timeout, 0.005)
         if self._waiting_on_engine():
             timeout = 0.0  # waited on the engine instead: consume() only serves callbacks
-        messages = self.source.consume(self._room(), timeout)
+        messages = self.source.consume(self.intake.room(), timeout)
         self._apply_rebalance()  # callbacks served inside consume() come first
         self._take_replays()  # a revoke's flush inside consume() may have asked for some
         received_at = time.monotonic()
         for message in messages:
             self._take(message, received_at)
-        self.preparer.flush()  # tokenize what this consume() returned, as one chunk
+        self.intake.preparer.flush()  # tokenize what this consume() returned, as one chunk
         self._fill_batches()
         self._write_scored(wait=False)
         self.checkpoint.turn()
@@ -298,24 +194,9 @@ class Service:
         """When every partition is paused because the engine stage is full, nothing can
         arrive and nothing can move until the oldest batch is scored: wait for that (up to
         ``POLL_SLICE_S``) rather than turning every 5 ms. Each turn takes the interpreter
-        lock back from the engine thread, which then waits for it at its next op (on an
-        H100 this wait took the device from 82% to 88% busy, docs/PERFORMANCE.md)."""
-        processing = self.config.processing
-        if len(self._scoring) < processing.max_pending_batches:
-            return False
-        if not self.partitions.holding_all():
-            return False
-        head = self._scoring[0].future
-        if head.done():
-            return False
-        with contextlib.suppress(TimeoutError, CancelledError):
-            head.exception(timeout=POLL_SLICE_S)
-        return True
-
-    def _room(self) -> int:
-        """How many events to fetch now (at least 1: consume() also serves the group)."""
-        queued = len(self._backlog) + len(self.batcher)
-        return max(1, self.config.processing.max_batch_messages - queued)
+        lock back from the engine thread, which then waits for it at its next op
+        (docs/PERFORMANCE.md)."""
+        return self.partitions.holding_all() and self.pending.wait_for_head(POLL_SLICE_S)
 
     def _take(self, message: KafkaMessage, received_at: float) -> None:
         tp = (message.topic() or "", message.partition() or 0)
@@ -325,80 +206,30 @@ class Service:
             return
         self.checkpoint.consumed(tp, offset)
         self.metrics.consumed.labels(tp[0]).inc()
-        self._backlog.append(self._accept(Envelope.of(message, received_at)))
+        self.intake.accept(Envelope.of(message, received_at))
 
-    def _accept(self, envelope: Envelope) -> Waiting:
-        """Decode one event and start tokenizing it; any failure about its content rejects it."""
-        topic = self._topics[envelope.source.topic]
-        try:
-            decoded = decode_event(envelope, topic)
-            if isinstance(decoded, Rejection):
-                return Waiting(decoded)
-            decoded.settings_version = self._versions[topic.input]
-            prepared = self.preparer.submit(
-                decoded.text, decoded.labels, topic.hypothesis_template, topic.multi_label
-            )
-        except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
-            return Waiting(Rejection(envelope, "prepare_failed", f"{type(exc).__name__}: {exc}"))
-        return Waiting(decoded, prepared)
-
-    def _ready(self, waiting: Waiting, timeout: float | None = 0.0) -> Item | None:
-        """The event once tokenized (None while not yet, within ``timeout``)."""
-        future = waiting.prepared
-        if future is None:
-            return waiting.item
-        try:
-            prepared = future.result(timeout)
-        except TimeoutError:
-            return None
-        except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
-            reason = f"{type(exc).__name__}: {exc}"
-            waiting.item = Rejection(waiting.item.envelope, "prepare_failed", reason)
-        else:
-            assert isinstance(waiting.item, ClassifyRequest)
-            waiting.item.prepared = prepared
-        waiting.prepared = None
-        return waiting.item
-
-    def _fill_batches(self, timeout: float | None = 0.0) -> None:
-        """Move tokenized events into the open batch; hand it to the engine, while the
-        engine has room, once it is due (full, or waited ``max_batch_wait_ms``) or the
-        engine has nothing to do (``timeout``: how long to wait for a tokenizing to finish,
-        None for ever)."""
+    def _fill_batches(self) -> None:
+        """Hand the open batch to the engine, while it has room, once the batch is due or
+        the engine has nothing to do."""
         while True:
-            while self._backlog and not self.batcher.is_full():
-                item = self._ready(self._backlog[0], timeout)
-                if item is None:
-                    break
-                self.batcher.add(item)
-                self._backlog.popleft()
-            if len(self._scoring) >= self.config.processing.max_pending_batches:
+            self.intake.fill()
+            if not self.pending.has_room():
                 return
-            idle = not self._scoring and len(self.batcher) > 0
-            if not (idle or self.batcher.is_due()):
+            batch = self.intake.take_due(engine_idle=not self.pending)
+            if batch is None:
                 return
-            self._submit(self.batcher.take())
+            self._submit(batch)
 
     def _submit(self, batch: Batch) -> None:
         if batch.items:
-            future = self.scorer.submit(batch.requests)
-            future.add_done_callback(self._engine_returned)
             epochs = {tp: self.partitions.epoch(tp) for tp in batch.next_offsets()}
-            scoring = Scoring(batch, future, self._generation, epochs, self._clock())
-            self._scoring.append(scoring)
-
-    def _engine_returned(self, _future: Future[list[Outcome]]) -> None:
-        self._engine_returned_at = self._clock()  # on the engine thread: one assignment
+            self.pending.submit(batch, epochs)
 
     # -- backpressure --------------------------------------------------------------------
 
     def _apply_pause(self) -> None:
         """Pause what must not be fetched now, resume the rest; settle new partitions."""
-        processing = self.config.processing
-        engine_full = (
-            len(self._scoring) >= processing.max_pending_batches
-            and len(self._backlog) + len(self.batcher) >= processing.max_batch_messages
-        )
+        engine_full = not self.pending.has_room() and self.intake.holds_a_batch()
         hold = (
             engine_full
             or self.checkpoint.in_flight() >= self.max_in_flight
@@ -417,76 +248,26 @@ class Service:
 
     def _write_scored(self, wait: bool, deadline: float | None = None) -> None:
         """Write finished batches, oldest first (all of them if ``wait``, until deadline)."""
-        while self._scoring:
-            head = self._scoring[0]
-            if not head.future.done():
-                if not wait:
-                    return
-                left = None if deadline is None else max(0.0, deadline - self._clock())
-                head.future.exception(timeout=left)  # raises TimeoutError at the deadline
-            if head.generation == self._generation and not self.checkpoint.can_write():
+        while True:
+            finished = self.pending.take_finished(wait, self.checkpoint.can_write, deadline)
+            if finished is None:
                 return
-            self._scoring.popleft()
-            outcomes = head.future.result()  # an EngineError propagates from here
-            if head.generation == self._generation:
-                self._write(head, outcomes)
+            self._write(*finished)
 
-    def _write(self, scoring: Scoring, outcomes: list[Outcome]) -> None:
-        batch = scoring.batch
-        owned = batch.without(
-            tp for tp, epoch in scoring.epochs.items() if not self.partitions.current(tp, epoch)
-        )
+    def _write(self, submitted: Submitted, outcomes: list[Outcome]) -> None:
+        released = [
+            tp for tp, epoch in submitted.epochs.items() if not self.partitions.current(tp, epoch)
+        ]
+        owned = submitted.batch.without(released)
         if not owned.items:
             return
-        by_request = dict(zip((id(r) for r in batch.requests), outcomes, strict=True))
-        records: list[Record] = []
-        for item in owned.items:
-            topic = self._topics[item.envelope.source.topic]
-            built = records_for(item, by_request.get(id(item)), topic, self.engine.model_id)
-            for record in built:
-                if record.kind == "dead_letter":
-                    self.metrics.dead_letters.labels(topic.input, record.code or "").inc()
-            records += built
+        by_request = dict(zip((id(r) for r in submitted.batch.requests), outcomes, strict=True))
+        records = self.outputs.build(owned, by_request, self.intake.topic)
         if not self.checkpoint.write(records, owned.next_offsets()):
             self._start_rewind()
 
-    # -- acknowledgements (delivery reports, committed transactions) ----------------------
-
     def _on_delivery(self, record: Record, failure: DeliveryFailure | None) -> None:
         self.checkpoint.on_delivery(record, failure)
-
-    def _on_written(self, record: Record) -> None:
-        """A record is durably written (at-least-once: acknowledged). Counted here, not
-        when built: a batch redone after an aborted transaction is built twice."""
-        if record.kind == "output":
-            self.metrics.produced.labels(record.source.topic).inc()
-            if record.decision is not None:
-                self.metrics.decisions.labels(record.source.topic, record.decision).inc()
-        if record.source.timestamp:
-            age = time.time() - record.source.timestamp / 1e3
-            self.metrics.end_to_end_seconds.observe(max(0.0, age))
-        for observer in self._observers:
-            observer.written(record)
-
-    def _on_given_up(self, record: Record, failure: DeliveryFailure) -> None:
-        """Not even the smallest dead letter could be written: the event is given up."""
-        source = record.source
-        log.error(
-            "gave up %s[%d]@%d: no form of its %s record could be written to %s (%s)",
-            source.topic,
-            source.partition,
-            source.offset,
-            (record.first or record).kind,
-            record.topic,
-            failure.reason,
-        )
-        self.metrics.undeliverable.labels(source.topic).inc()
-
-    def _on_committed(self, records: list[Record]) -> None:
-        """exactly_once: a transaction committed; its records are now visible."""
-        self.metrics.transactions.labels("committed").inc()
-        for record in records:
-            self._on_written(record)
 
     # -- reloads (SIGHUP) ----------------------------------------------------------------
 
@@ -501,31 +282,18 @@ class Service:
         load, self._reload = self._reload, None
         if load is None:
             return
-        try:
-            new = load()
-        except Exception as exc:  # noqa: BLE001 - any invalid file: keep the running settings
-            log.error("configuration reload rejected, keeping the running settings: %s", exc)
-            self.metrics.reloads.labels("invalid").inc()
-            return
-        problem = restart_needed(self.config, new)
-        if problem is not None:
-            log.error("configuration reload refused (%s needs a restart)", problem)
-            self.metrics.reloads.labels("refused").inc()
-            return
-        self.config = new
-        self._use_topics(new)
-        versions = ", ".join(f"{name} {version}" for name, version in self._versions.items())
-        log.info("configuration reloaded: %s", versions)
-        self.metrics.reloads.labels("applied").inc()
+        new = reloaded(self.config, load, self.metrics)
+        if new is not None:
+            self.config = new
+            self.intake.use(new)
 
     # -- rewinds -------------------------------------------------------------------------
 
     def _start_rewind(self) -> None:
         """Forget everything not committed; read it again from the committed offsets."""
         self.metrics.transactions.labels("aborted").inc()
-        self._generation += 1
-        self._backlog.clear()
-        self.batcher.take()
+        self.pending.discard()
+        self.intake.clear()
         self.partitions.rewind(self.partitions.assigned)
 
     def _take_replays(self) -> None:
@@ -559,23 +327,16 @@ class Service:
     def drain(self) -> None:
         """SIGTERM: stop fetching, finish what was read, commit it, all within the deadline."""
         deadline = self._clock() + self.config.processing.shutdown_timeout_s
-        queued = len(self._backlog) + len(self.batcher)
-        log.info("stopping: finishing %d queued events and %d batches", queued, len(self._scoring))
+        log.info(
+            "stopping: finishing %d queued events and %d batches",
+            len(self.intake),
+            len(self.pending),
+        )
         self.source.pause(sorted(self.partitions.assigned))
-        self.preparer.flush()
-        while self._backlog or len(self.batcher):
-            left = max(0.0, deadline - self._clock())
-            for waiting in self._backlog:
-                if self._ready(waiting, left) is None:
-                    break
-            while self._backlog and self._backlog[0].prepared is None:
-                if self.batcher.is_full():
-                    break
-                self.batcher.add(self._backlog.popleft().item)
-            if not len(self.batcher):
-                log.warning("shutdown deadline reached with events not tokenized")
-                break
-            self._submit(self.batcher.take())
+        for batch in self.intake.remaining(lambda: max(0.0, deadline - self._clock())):
+            self._submit(batch)
+        if self.intake:
+            log.warning("shutdown deadline reached with events not tokenized")
         try:
             self._write_scored(wait=True, deadline=deadline)
         except TimeoutError:
@@ -585,8 +346,8 @@ class Service:
 
     def close(self) -> None:
         self.closing = True  # close() revokes the assignment: nothing left to finish
-        self.scorer.shutdown()
-        self.preparer.shutdown()
+        self.pending.scorer.shutdown()
+        self.intake.preparer.shutdown()
         self.source.close()  # both are no-ops for a client that never started
         left = self.sink.close(timeout=5.0)
         if left:
@@ -648,11 +409,8 @@ class Service:
 
     def _drop_queued(self, partitions: set[TopicPartition]) -> int:
         """Forget every event of these partitions not yet written; a new epoch discards
-        those already with the engine (see :class:`Scoring`)."""
-        dropped = self.batcher.drop(partitions)
-        kept = [w for w in self._backlog if topic_partition(w.item) not in partitions]
-        dropped += len(self._backlog) - len(kept)
-        self._backlog = deque(kept)
+        those already with the engine (see :class:`~stream_classifier.pending.Submitted`)."""
+        dropped = self.intake.drop(partitions)
         for tp in partitions:
             self.partitions.new_epoch(tp)
         return dropped
@@ -660,15 +418,9 @@ class Service:
     # -- gauges and statistics -----------------------------------------------------------
 
     def _update_gauges(self) -> None:
-        scoring = sum(len(s.batch) for s in self._scoring if s.generation == self._generation)
-        queued = len(self._backlog) + len(self.batcher) + scoring
+        queued = len(self.intake) + self.pending.events()
         self.metrics.in_flight.set(queued + self.checkpoint.in_flight())
         self.metrics.engine_stalled_seconds.set(self.engine_stalled_s())
 
     def _on_stats(self, stats_json: str) -> None:
-        stats = json.loads(stats_json)
-        for topic, topic_stats in stats.get("topics", {}).items():
-            for partition, p in topic_stats.get("partitions", {}).items():
-                lag = p.get("consumer_lag", -1)
-                if (topic, int(partition)) in self.partitions.assigned and lag >= 0:
-                    self.metrics.consumer_lag.labels(topic, partition).set(lag)
+        self.metrics.record_lag(stats_json, self.partitions.assigned)

@@ -12,14 +12,19 @@ against an in-memory model of Kafka.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from confluent_kafka import Consumer, KafkaError, KafkaException, TopicPartition
 
+from stream_classifier.config import ServiceConfig
 from stream_classifier.kafka_errors import FATAL_CODES
 from stream_classifier.messages import KafkaMessage
 from stream_classifier.offsets import TopicPartition as TP
+from stream_classifier.sink import RECONNECT_BACKOFF_MAX_MS
+
+#: librdkafka statistics (consumer lag) interval when metrics are on.
+STATS_INTERVAL_MS = 5000
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +187,9 @@ def consumer_config(
     client: dict[str, Any], group_id: str, auto_offset_reset: str
 ) -> dict[str, Any]:
     return {
+        # The group coordinator's new address is tried within a second of the cluster
+        # naming it (librdkafka backs off up to 10 s by default): see sink.py.
+        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
         **client,
         "group.id": group_id,
         # The service decides what is finished; librdkafka must never commit on its own.
@@ -192,6 +200,21 @@ def consumer_config(
         # Input written by transactional producers: only read what they committed.
         "isolation.level": "read_committed",
     }
+
+
+def service_consumer_config(
+    config: ServiceConfig, on_stats: Callable[[str], None] | None
+) -> dict[str, Any]:
+    """The service's consumer settings; ``on_stats`` hears librdkafka's statistics
+    (consumer lag) every ``STATS_INTERVAL_MS`` when given."""
+    kafka = config.kafka
+    settings = consumer_config(
+        kafka.consumer_client_config(), kafka.group_id, kafka.auto_offset_reset
+    )
+    if on_stats is not None:
+        settings["statistics.interval.ms"] = STATS_INTERVAL_MS
+        settings["stats_cb"] = on_stats
+    return settings
 
 
 def _describe(error: KafkaError) -> str:

@@ -22,6 +22,14 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--long", action="store_true", help="fault suite at full size (20,000)")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """A test that uses the broker is a ``kafka`` test, marked or not: ``make unit``
+    (``-m "not kafka"``) then runs without one."""
+    for item in items:
+        if "bootstrap" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.kafka)
+
+
 @pytest.fixture(scope="session")
 def bootstrap() -> str:
     """The broker's address: $KAFKA_BOOTSTRAP, or a kafka-local broker started here."""

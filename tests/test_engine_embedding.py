@@ -13,8 +13,8 @@ import torch
 from stream_classifier.config import DEFAULT_MODELS, EngineConfig, ServiceConfig, load_config
 from stream_classifier.engine import EngineError, embedding, load_engine
 from stream_classifier.engine.embedding import (
+    Calibration,
     EmbeddingEngine,
-    Scoring,
     packaged_model_dir,
     pool,
     read_layout,
@@ -47,7 +47,7 @@ def fresh(engine: EmbeddingEngine) -> EmbeddingEngine:
         engine.max_batch_tokens,
         engine.max_length,
         engine.pooling,
-        engine.scoring,
+        engine.calibration,
     )
 
 
@@ -160,13 +160,13 @@ def test_multi_label_scores_are_independent_sigmoids(engine: EmbeddingEngine) ->
 
 def test_scoring_math() -> None:
     cosines = np.array([0.1, 0.3])
-    single = score(("a", "b"), cosines, False, Scoring(temperature=0.1))
+    single = score(("a", "b"), cosines, False, Calibration(temperature=0.1))
     assert single.labels == ("b", "a")
     assert single.scores[0] == pytest.approx(np.exp(3) / (np.exp(1) + np.exp(3)))
-    multi = score(("a", "b"), cosines, True, Scoring(scale=10.0, bias=-2.0))
+    multi = score(("a", "b"), cosines, True, Calibration(scale=10.0, bias=-2.0))
     assert multi.labels == ("b", "a")
     assert multi.scores == pytest.approx((1 / (1 + np.exp(-1)), 1 / (1 + np.exp(1))))
-    one = score(("a",), np.array([0.3]), False, Scoring(scale=10.0, bias=-3.0))
+    one = score(("a",), np.array([0.3]), False, Calibration(scale=10.0, bias=-3.0))
     assert one.scores == (0.5,)  # one label: the independent probability, as NLI does
 
 

@@ -51,7 +51,7 @@ class TextRequest:
 
 
 @dataclass(frozen=True)
-class Scoring:
+class Calibration:
     """How cosines become probabilities."""
 
     temperature: float = 0.05
@@ -59,7 +59,7 @@ class Scoring:
     bias: float = -6.0
 
     @classmethod
-    def of(cls, config: EngineConfig) -> Scoring:
+    def of(cls, config: EngineConfig) -> Calibration:
         return cls(config.temperature, config.multi_label_scale, config.multi_label_bias)
 
 
@@ -74,7 +74,7 @@ class EmbeddingEngine:
         max_batch_tokens: int,
         max_length: int,
         pooling: str = "mean",
-        scoring: Scoring | None = None,
+        calibration: Calibration | None = None,
     ) -> None:
         if pooling not in POOLING_MODES:
             raise EngineError(f"unsupported pooling {pooling!r}; known: {POOLING_MODES}")
@@ -84,7 +84,7 @@ class EmbeddingEngine:
         self.max_batch_tokens = max_batch_tokens
         self.max_length = max_length
         self.pooling = pooling
-        self.scoring = scoring or Scoring()
+        self.calibration = calibration or Calibration()
         self.device: torch.device = next(model.parameters()).device
         self.pad_id = int(tokenizer.pad_token_id or 0)
         #: Called with the number of rows whenever a batch ran out of memory and was split.
@@ -119,7 +119,7 @@ class EmbeddingEngine:
             max_batch_tokens,
             max_length,
             layout.pooling,
-            Scoring.of(config),
+            Calibration.of(config),
         )
 
     # -- CPU side --------------------------------------------------------------------------
@@ -154,7 +154,7 @@ class EmbeddingEngine:
         for row, (item, request) in enumerate(zip(batch, requests, strict=True)):
             cosines = self._label_matrix(request.hypotheses) @ texts[row]
             results.append(
-                score(item.labels, cosines.cpu().numpy(), item.multi_label, self.scoring)
+                score(item.labels, cosines.cpu().numpy(), item.multi_label, self.calibration)
             )
         return results
 
@@ -266,14 +266,14 @@ def _text_request(item: Prepared) -> TextRequest:
 
 
 def score(
-    labels: tuple[str, ...], cosines: np.ndarray, multi_label: bool, scoring: Scoring
+    labels: tuple[str, ...], cosines: np.ndarray, multi_label: bool, calibration: Calibration
 ) -> Scores:
     """Probabilities from cosine similarities, in float64, labels sorted by score."""
     values = cosines.astype(np.float64)
     if multi_label or len(labels) == 1:
-        probabilities = 1.0 / (1.0 + np.exp(-(scoring.scale * values + scoring.bias)))
+        probabilities = 1.0 / (1.0 + np.exp(-(calibration.scale * values + calibration.bias)))
     else:
-        logits = values / scoring.temperature
+        logits = values / calibration.temperature
         exp = np.exp(logits - logits.max())
         probabilities = exp / exp.sum()
     order = sorted(range(len(labels)), key=lambda i: -probabilities[i])

@@ -25,13 +25,14 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from confluent_kafka import Consumer, Producer
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
 
 from stream_classifier.assemble import build_service
 from stream_classifier.config import ServiceConfig
 from stream_classifier.engine.base import Prepared, Scores
+from stream_classifier.outputs import Observer
 from stream_classifier.service import Service
 from stream_classifier.sink import Record
+from stream_classifier.tools.kafka_io import create_topics, fill, produce_at_rate
 
 TEXTS = [
     "Your invoice shows a charge I never authorised, please refund it",
@@ -117,26 +118,16 @@ def report_json(report: PipelineReport) -> str:
 def _topics(bootstrap: str, partitions: int = 3) -> tuple[str, str, str]:
     run = uuid.uuid4().hex[:8]
     names = (f"bench-{run}.in", f"bench-{run}.out", f"bench-{run}.dlq")
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(n, num_partitions=partitions) for n in names])
-    for future in futures.values():
-        future.result(30)
+    create_topics(bootstrap, names, partitions)
     return names
 
 
+def _payloads(events: int) -> list[bytes]:
+    return [json.dumps({"id": i, "text": TEXTS[i % len(TEXTS)]}).encode() for i in range(events)]
+
+
 def _fill(bootstrap: str, topic: str, events: int) -> None:
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000}
-    )
-    for i in range(events):
-        value = json.dumps({"id": i, "text": TEXTS[i % len(TEXTS)]}).encode()
-        while True:
-            try:
-                producer.produce(topic, value=value, key=str(i).encode())
-                break
-            except BufferError:
-                producer.poll(0.05)
-    producer.flush(60)
+    fill(bootstrap, topic, _payloads(events))
 
 
 def _ceiling(bootstrap: str, events: int) -> float:
@@ -212,7 +203,7 @@ def _service_throughput(bootstrap: str, events: int) -> float:
     return events / elapsed
 
 
-class _Counter:
+class _Counter(Observer):
     def __init__(self) -> None:
         self.n = 0
 
@@ -220,7 +211,7 @@ class _Counter:
         self.n += 1
 
 
-class _Latencies:
+class _Latencies(Observer):
     def __init__(self) -> None:
         self.ms: list[float] = []
 
@@ -251,16 +242,7 @@ def _service_latency(bootstrap: str, rate: int, seconds: float) -> tuple[float, 
 def _produce_at_rate(bootstrap: str, topic: str, rate: int, total: int) -> None:
     if hasattr(os, "sched_setaffinity"):
         os.sched_setaffinity(0, range(os.cpu_count() or 1))
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
-    started = time.perf_counter()
-    for i in range(total):
-        ahead = i / rate - (time.perf_counter() - started)
-        if ahead > 0:
-            time.sleep(ahead)
-        producer.poll(0)
-        value = json.dumps({"id": i, "text": TEXTS[i % len(TEXTS)]}).encode()
-        producer.produce(topic, value=value, key=str(i).encode())
-    producer.flush(60)
+    produce_at_rate(bootstrap, topic, _payloads(total), rate)
 
 
 def _wait(condition: Any, timeout: float) -> None:

@@ -50,10 +50,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
+from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
 
 from stream_classifier.tools import bench
+from stream_classifier.tools.kafka_io import create_topics, fill, produce_at_rate
 
 #: How often the first consume (the service's /metrics) and the commits are polled.
 POLL_S = 0.05
@@ -176,49 +176,11 @@ def _engine_in_child(
 # -- Kafka helpers -----------------------------------------------------------------------------
 
 
-def _create_topics(bootstrap: str, names: Sequence[str], partitions: int) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics([NewTopic(n, num_partitions=partitions) for n in names])
-    for future in futures.values():
-        future.result(60)
-
-
 def _payloads(texts: Sequence[str], first_id: int) -> list[bytes]:
     return [
         json.dumps({"id": first_id + i, "text": text}, ensure_ascii=False).encode()
         for i, text in enumerate(texts)
     ]
-
-
-def _fill(bootstrap: str, topic: str, payloads: Sequence[bytes]) -> None:
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000}
-    )
-    for i, value in enumerate(payloads):
-        while True:
-            try:
-                producer.produce(topic, value=value, key=str(i).encode())
-                break
-            except BufferError:
-                producer.poll(0.05)
-    if producer.flush(120) != 0:
-        raise RuntimeError(f"could not pre-fill {topic}")
-
-
-def produce_at_rate(bootstrap: str, topic: str, payloads: list[bytes], rate: float) -> float:
-    """Produce at a steady rate (a child process, off the bench's interpreter lock);
-    returns the seconds it took."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
-    started = time.perf_counter()
-    for i, value in enumerate(payloads):
-        ahead = i / rate - (time.perf_counter() - started)
-        if ahead > 0:
-            time.sleep(ahead)
-        producer.poll(0)
-        producer.produce(topic, value=value, key=str(i).encode())
-    seconds = time.perf_counter() - started
-    producer.flush(120)
-    return seconds
 
 
 class OutputReader:
@@ -485,10 +447,10 @@ def run_service(
     events = bench.make_events(options.events, labels, options.seed + labels)
     run = uuid.uuid4().hex[:8]
     topics = _Topics(f"svc-{run}.in", f"svc-{run}.out", f"svc-{run}.dlq")
-    _create_topics(
+    create_topics(
         options.bootstrap, [topics.input, topics.output, topics.dead_letter], options.partitions
     )
-    _fill(options.bootstrap, topics.input, _payloads([e.text for e in events], 0))
+    fill(options.bootstrap, topics.input, _payloads([e.text for e in events], 0))
     group = f"bench-service-{run}"
     config = _service_config(options, model_dir, topics, events[0].labels, guarantee, group)
     reader = OutputReader(options.bootstrap, topics.output, options.partitions)

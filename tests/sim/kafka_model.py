@@ -1007,22 +1007,22 @@ class SimSink:
             cluster.stats["transaction failed: a record failed delivery"] += 1
             raise TxnFailed("commit_transaction: a record failed delivery", abortable=True)
         fault = cluster.fail_next_txn.pop(self.txn_id or "", None)
-        if cluster.outage or fault == "unknown":
-            if (
-                cluster.rng.random() < 0.5
-                and not cluster.outage
-                and txn.txn_id in cluster.open_txns
-            ):
-                txn.offsets.update(offsets)
-                cluster.end_txn(txn, commit=True)  # it did commit; the caller can't know
+        if cluster.outage:
             raise TxnFailed("commit_transaction: timed out", abortable=False)
         if txn.txn_id not in cluster.open_txns:
             raise TxnFailed("transaction timed out on the broker", abortable=True)
+        # send_offsets_to_transaction comes before commit_transaction: the group
+        # coordinator refuses offsets of a member that is not the partition's owner now.
         member_id, generation = cast(tuple[str, int], group_metadata)
         if member_id not in cluster.members or generation != cluster.generation:
             raise TxnFailed("send_offsets_to_transaction: ILLEGAL_GENERATION", abortable=True)
         if not all(cluster.exists(tp[0]) for tp in offsets):
             raise TxnFailed("send_offsets_to_transaction: UNKNOWN_TOPIC_OR_PART", abortable=True)
+        if fault == "unknown":
+            if cluster.rng.random() < 0.5:
+                txn.offsets.update(offsets)
+                cluster.end_txn(txn, commit=True)  # it did commit; the caller can't know
+            raise TxnFailed("commit_transaction: timed out", abortable=False)
         if fault == "abortable":
             raise TxnFailed("commit_transaction: injected abortable error", abortable=True)
         if self.txn_id in cluster.kill_in_commit:

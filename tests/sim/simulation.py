@@ -66,11 +66,12 @@ from stream_classifier.config import ServiceConfig  # noqa: E402
 from stream_classifier.engine.base import Prepared, Scores  # noqa: E402
 from stream_classifier.headers import ESCAPED_NAMES_HEADER  # noqa: E402
 from stream_classifier.metrics import Metrics  # noqa: E402
+from stream_classifier.outputs import Observer  # noqa: E402
 from stream_classifier.records import LAST_STAGE  # noqa: E402
 from stream_classifier.reload import settings_version  # noqa: E402
 from stream_classifier.scoring import ThreadScorer  # noqa: E402
 from stream_classifier.service import Service, written_topics  # noqa: E402
-from stream_classifier.sink import DeliveryFailure, Record  # noqa: E402
+from stream_classifier.sink import Record, producer_config  # noqa: E402
 
 INPUT, OUTPUT, DLQ, ROUTED = "in", "out", "dlq", "blocked"
 MAX_BATCH = 4
@@ -312,14 +313,11 @@ def event_number(record: Record) -> int:
     return (record.source.timestamp or 0) - TS0
 
 
-class SimService(Service):
-    """The real service; the simulation also hears which events it gave up."""
+class GaveUp(Observer):
+    """The simulation hears which events the service gave up."""
 
-    gave_up: Callable[[Record], None] = staticmethod(lambda record: None)
-
-    def _on_given_up(self, record: Record, failure: DeliveryFailure) -> None:
-        super()._on_given_up(record, failure)
-        self.gave_up(record)
+    def __init__(self, hear: Callable[[Record], None]) -> None:
+        self.given_up = hear  # type: ignore[method-assign]
 
 
 class ModelTime:
@@ -356,7 +354,7 @@ class Instance:
         )
         self.executor = SimExecutor(lambda: sim.now, sim.sleep)
         engine, metrics = FakeEngine(), sim.metrics or Metrics()
-        self.service = SimService(
+        self.service = Service(
             config or sim.config,
             engine,
             metrics,
@@ -364,9 +362,11 @@ class Instance:
             source=self.source,
             sink=self.sink,
             scorer=ThreadScorer(engine, metrics, self.executor),
+            observers=[GaveUp(sim.gave_up)],
         )
-        self.service.gave_up = sim.gave_up
-        self.sink.configure(self.service._producer_config(), written_topics(self.service.config))
+        service = self.service
+        settings = producer_config(service.config, service.max_in_flight)
+        self.sink.configure(settings, written_topics(service.config))
         holder.append(self.service)
 
 
@@ -707,8 +707,8 @@ class Simulation:
         held = (MAX_PENDING + 3) * MAX_BATCH
         for instance in self.live.values():
             service = instance.service
-            queued = len(service._backlog) + len(service.batcher)
-            if queued > 3 * MAX_BATCH or len(service._scoring) > MAX_PENDING:
+            queued = len(service.intake)
+            if queued > 3 * MAX_BATCH or len(service.pending) > MAX_PENDING:
                 self.violations.append(f"{instance.name} holds {queued} queued events")
             in_flight = service.checkpoint.in_flight()
             if in_flight > service.max_in_flight + held:

@@ -27,7 +27,6 @@ from sim.simulation import (
     OUTPUT,
     RELOADS,
     SHARED_METRICS,
-    FakeEngine,
     Instance,
     Simulation,
     config,
@@ -37,13 +36,12 @@ from sim.simulation import (
 from stream_classifier.config import MetricsConfig
 from stream_classifier.headers import ESCAPED_NAMES_HEADER, HEADER_PREFIX, UNREADABLE_HEADER
 from stream_classifier.reload import restart_needed, settings_version
-from stream_classifier.service import Service
-from stream_classifier.sink import SinkError
+from stream_classifier.sink import SinkError, producer_config
 
 #: Schedules per guarantee: 5,000 in `make test`, 50,000 with --long; SIM_SEEDS=N runs N.
 SEEDS, LONG_SEEDS = 5_000, 50_000
 #: Seeds per test item (pytest-timeout's 600 s holds one on a loaded machine).
-CHUNK = 5_000
+CHUNK = 2_500
 #: What the schedules must have made happen, in a chunk of at least COVERAGE_SEEDS seeds
 #: (a change that stops a fault from coming up fails here, not silently).
 COVERAGE_SEEDS = 2_000
@@ -303,7 +301,7 @@ def test_shutdown_timeout_bounds_the_whole_drain() -> None:
     for _ in range(4):  # batches handed to an engine that never answers
         sim.step(faults=True)
         sim.turn(0)
-    assert instance.service._scoring
+    assert instance.service.pending
     started = time.monotonic()
     instance.service.drain()
     assert time.monotonic() - started < 2.0
@@ -314,7 +312,7 @@ def test_default_transactional_ids_differ_for_two_processes_on_one_host() -> Non
         config = CONFIGS["exactly_once"].model_copy(
             update={"metrics": MetricsConfig(enabled=True, port=port)}
         )
-        return str(Service(config, FakeEngine())._producer_config()["transactional.id"])
+        return str(producer_config(config, 1)["transactional.id"])
 
     assert txn_id(9108) != txn_id(9109)
     assert txn_id(9108) == txn_id(9108)  # stable across restarts: it fences the old one
