@@ -257,6 +257,19 @@ DEFAULT_MODELS = {
 }
 
 
+#: Other names for the engine's dtypes, as people type them.
+DTYPE_ALIASES = {
+    "fp16": "float16",
+    "half": "float16",
+    "f16": "float16",
+    "bf16": "bfloat16",
+    "fp32": "float32",
+    "f32": "float32",
+    "float": "float32",
+    "single": "float32",
+}
+
+
 class EngineConfig(_Section):
     kind: Literal["nli", "embedding"] = "nli"
     #: A local directory or a model id; when unset, the kind's entry of DEFAULT_MODELS.
@@ -295,6 +308,14 @@ class EngineConfig(_Section):
             if kind in DEFAULT_MODELS:
                 return {**data, "model": DEFAULT_MODELS[kind]}
         return data
+
+    @field_validator("dtype", mode="before")
+    @classmethod
+    def _dtype_names(cls, value: Any) -> Any:
+        """The names people type too: fp16, half, bf16, fp32, float (any case)."""
+        if isinstance(value, str):
+            return DTYPE_ALIASES.get(value.strip().lower(), value.strip().lower())
+        return value
 
     @field_validator("device")
     @classmethod

@@ -3,15 +3,17 @@ from __future__ import annotations
 import logging
 import subprocess
 import sys
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 from pydantic import ValidationError
 
-from stream_classifier.config import ConfigError, KafkaConfig, load_config
+from stream_classifier.config import ConfigError, EngineConfig, KafkaConfig, load_config
 
-VALID = {
+VALID: dict[str, Any] = {
     "kafka": {"bootstrap_servers": "127.0.0.1:9092"},
     "engine": {"kind": "nli", "model": "/models/structbert"},
     "topics": [
@@ -25,13 +27,13 @@ VALID = {
 }
 
 
-def write(tmp_path: Path, data: dict) -> Path:
+def write(tmp_path: Path, data: dict[str, Any]) -> Path:
     path = tmp_path / "config.yaml"
     path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
     return path
 
 
-def with_topic(**changes: object) -> dict:
+def with_topic(**changes: object) -> dict[str, Any]:
     return {**VALID, "topics": [{**VALID["topics"][0], **changes}]}
 
 
@@ -58,7 +60,7 @@ def test_load_config_valid_file_gives_defaults(tmp_path: Path) -> None:
     ],
 )
 def test_load_config_bad_field_names_field_and_reason(
-    tmp_path: Path, data: dict, field: str, reason: str
+    tmp_path: Path, data: dict[str, Any], field: str, reason: str
 ) -> None:
     with pytest.raises(ConfigError) as caught:
         load_config(write(tmp_path, data))
@@ -134,7 +136,7 @@ class _LibrdkafkaLog(logging.Logger):
         self.lines.append(str(msg) % args if args else str(msg))
 
 
-def _confwarns(client: type, settings: dict[str, object]) -> list[str]:
+def _confwarns(client: type, settings: Mapping[str, object]) -> list[str]:
     log = _LibrdkafkaLog()
     instance = client({**settings, "logger": log})
     instance.poll(0)
@@ -184,3 +186,25 @@ def test_kafka_consumer_and_producer_settings_reach_only_their_client() -> None:
 def test_kafka_extra_settings_refuse_secrets(field: str) -> None:
     with pytest.raises(ValidationError, match="secrets don't go in extra"):
         KafkaConfig(**{field: {"sasl.password": "hunter2"}})
+
+
+@pytest.mark.parametrize(
+    ("typed", "meant"),
+    [
+        ("fp16", "float16"),
+        ("FP16", "float16"),
+        ("half", "float16"),
+        ("bf16", "bfloat16"),
+        ("fp32", "float32"),
+        ("float", "float32"),
+        ("Float16", "float16"),
+        ("auto", "auto"),
+    ],
+)
+def test_dtype_takes_the_names_people_type(typed: str, meant: str) -> None:
+    assert EngineConfig(dtype=typed).dtype == meant  # type: ignore[arg-type]
+
+
+def test_an_unknown_dtype_is_refused_with_the_field() -> None:
+    with pytest.raises(ValidationError, match="dtype"):
+        EngineConfig(dtype="int8")  # type: ignore[arg-type]
