@@ -75,6 +75,9 @@ class BatchedThreadPreparer:
             self._cond.notify()
         return future
 
+    def flush(self) -> None:
+        pass  # each event started when submitted
+
     def _run(self) -> None:
         while True:
             with self._cond:
@@ -131,6 +134,7 @@ def prepare_all(preparer: Preparer, events: list[bench.Event]) -> dict[str, floa
     cpu = time.thread_time()
     start = time.perf_counter()
     futures = [preparer.submit(e.text, e.labels, bench.TEMPLATE, False) for e in events]
+    preparer.flush()  # InlinePreparer prepares only here
     for future in futures:
         future.result()
     seconds = time.perf_counter() - start

@@ -3,19 +3,21 @@
 from __future__ import annotations
 
 import ctypes
+import json
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any, cast
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
-from confluent_kafka.admin import (
-    AdminClient,
-    AlterConfigOpType,
-    ConfigEntry,
-    ConfigResource,
-    NewTopic,
-)
+from confluent_kafka.admin import AdminClient
+
+# Public in confluent_kafka.admin, which re-exports them without an __all__ (so mypy's
+# strict no-implicit-reexport refuses them there); stream_classifier/sink.py does the same.
+from confluent_kafka.admin._config import AlterConfigOpType, ConfigEntry, ConfigResource
+
+from stream_classifier.tools import kafka_io
 
 
 def unique(prefix: str) -> str:
@@ -23,16 +25,7 @@ def unique(prefix: str) -> str:
 
 
 def create_topics(bootstrap: str, names: Iterable[str], partitions: int = 1) -> None:
-    admin = AdminClient({"bootstrap.servers": bootstrap})
-    futures = admin.create_topics(
-        [NewTopic(name, num_partitions=partitions, replication_factor=1) for name in names]
-    )
-    for future in futures.values():
-        future.result(timeout=30)
-    # Created is not yet listed: a process started now (its start-up check lists topics)
-    # could still find them missing on a loaded machine.
-    wanted = set(futures)
-    wait_until(lambda: wanted <= set(admin.list_topics(timeout=10).topics), 30, f"{wanted} listed")
+    kafka_io.create_topics(bootstrap, names, partitions)
 
 
 @dataclass(frozen=True)
@@ -45,13 +38,24 @@ class Record:
     headers: dict[str, bytes | None]
     timestamp: int
 
+    def json_value(self) -> Any:
+        """The value parsed as JSON; a record without a value fails the test."""
+        assert self.value is not None, f"{self.topic}[{self.partition}]@{self.offset}: no value"
+        return json.loads(self.value)
+
+    def header(self, name: str) -> bytes:
+        """The value of header ``name``; a missing or null one fails the test."""
+        value = self.headers[name]
+        assert value is not None, f"{self.topic}[{self.partition}]@{self.offset}: {name} null"
+        return value
+
 
 def produce(
     bootstrap: str,
     topic: str,
     values: Iterable[bytes | None],
     keys: Iterable[bytes | None] | None = None,
-    headers: list[tuple[str, bytes]] | None = None,
+    headers: list[tuple[str, str | bytes | None]] | None = None,
     partition: int | None = None,
 ) -> None:
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
@@ -64,8 +68,14 @@ def produce(
             errors.append(str(err))
 
     for key, value in zip(key_list, values, strict=True):
-        kwargs = {"partition": partition} if partition is not None else {}
-        producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report, **kwargs)
+        producer.produce(
+            topic,
+            value=value,
+            key=key,
+            partition=-1 if partition is None else partition,  # -1: librdkafka's partitioner
+            headers=headers,
+            on_delivery=report,
+        )
         producer.poll(0)
     assert producer.flush(30) == 0
     assert not errors, errors
@@ -96,14 +106,18 @@ class TopicReader:
         for message in self._consumer.consume(num_messages=5000, timeout=timeout):
             if message.error():
                 continue
+            topic, partition, offset = message.topic(), message.partition(), message.offset()
+            assert topic is not None and partition is not None and offset is not None
+            # A consumed message's headers are a list of (name, bytes or None).
+            headers = cast("list[tuple[str, bytes | None]]", message.headers() or [])
             self.records.append(
                 Record(
-                    topic=message.topic(),
-                    partition=message.partition(),
-                    offset=message.offset(),
+                    topic=topic,
+                    partition=partition,
+                    offset=offset,
                     key=message.key(),
                     value=message.value(),
-                    headers=dict(message.headers() or []),
+                    headers=dict(headers),
                     timestamp=message.timestamp()[1],
                 )
             )

@@ -37,15 +37,17 @@ from typing import Any
 import pytest
 import yaml
 from confluent_kafka import Producer
-from confluent_kafka.admin import (
+from confluent_kafka.admin import AdminClient
+
+# Public in confluent_kafka.admin, which re-exports them without an __all__ (so mypy's
+# strict no-implicit-reexport refuses them there); stream_classifier/sink.py does the same.
+from confluent_kafka.admin._acl import (
     AclBinding,
     AclBindingFilter,
     AclOperation,
     AclPermissionType,
-    AdminClient,
-    ResourcePatternType,
-    ResourceType,
 )
+from confluent_kafka.admin._resource import ResourcePatternType, ResourceType
 from conftest import KAFKA_LOCAL, ROOT, TINY_MODEL, RunningService, service_config
 from kafka_helpers import create_topics, produce, read_all, unique, wait_drained, wait_until
 
@@ -205,12 +207,13 @@ def named(case: Case, config: ServiceConfig) -> dict[str, str]:
 
 def user_acls(admin: AdminClient) -> set[AclBinding]:
     """The service user's ACLs as the broker's authorizer holds them."""
+    # None matches any name and any host in a filter; the stubs type both as str.
     wanted = AclBindingFilter(
         ResourceType.ANY,
-        None,
+        None,  # type: ignore[arg-type]
         ResourcePatternType.ANY,
         f"User:{USER}",
-        None,
+        None,  # type: ignore[arg-type]
         AclOperation.ANY,
         AclPermissionType.ANY,
     )

@@ -83,7 +83,7 @@ def test_slow_engine_pauses_partitions_without_rebalance_or_loss(
     service = WatchedService(config, SlowEngine(engine))
     with RunningService(service):
         outputs = read_all(bootstrap, topics["output"], n, timeout=120)
-    offsets = sorted(json.loads(r.value)["source"]["offset"] for r in outputs)
+    offsets = sorted(r.json_value()["source"]["offset"] for r in outputs)
     assert offsets == list(range(n))
     assert service.max_paused >= 1, "partitions were never paused"
     assert service.revocations == [], "the group rebalanced"

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_classifier.engine.nli import NliEngine
+from stream_classifier.engine.nli import Backend, NliEngine
 from stream_classifier.tools import bench
 
 
@@ -30,7 +30,7 @@ def test_flops_are_the_reference_count() -> None:
 
 
 @pytest.mark.parametrize("backend", ["padded", "packed"])
-def test_cpu_bench_scores_equal_hf_pipeline(tmp_path: Path, backend: bench.Backend) -> None:
+def test_cpu_bench_scores_equal_hf_pipeline(tmp_path: Path, backend: Backend) -> None:
     options = bench.BenchOptions(
         shape="tiny", messages=12, labels=(4,), device="cpu", backend=backend, batch_messages=5
     )

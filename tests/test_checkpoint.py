@@ -40,7 +40,9 @@ class FakeSource:
         self.commits.append(dict(offsets))
         return True
 
-    def committed(self, partitions: list[TopicPartition], timeout: float) -> dict:  # type: ignore[type-arg]
+    def committed(
+        self, partitions: list[TopicPartition], timeout: float
+    ) -> dict[TopicPartition, int | None]:
         return {}
 
     def group_metadata(self) -> object:
@@ -103,7 +105,7 @@ def record(
 def at_least_once(sink: FakeSink, source: FakeSource, given_up: list[Record]) -> AtLeastOnce:
     return AtLeastOnce(
         source,  # type: ignore[arg-type]
-        sink,  # type: ignore[arg-type]
+        sink,
         commit_interval_s=0.0,
         clock=Clock(),
         replace=lambda r, f: smaller(r, f, 1_000_000),
@@ -112,7 +114,8 @@ def at_least_once(sink: FakeSink, source: FakeSource, given_up: list[Record]) ->
 
 
 def test_a_failed_record_replays_its_partition_from_the_acknowledged_prefix() -> None:
-    sink, source, given_up = FakeSink(), FakeSource(), []
+    sink, source = FakeSink(), FakeSource()
+    given_up: list[Record] = []
     checkpoint = at_least_once(sink, source, given_up)
     for offset in range(4):
         checkpoint.consumed(TP, offset)
@@ -175,7 +178,8 @@ def test_a_partition_released_with_records_out_replaces_the_producer() -> None:
 
 
 def test_a_record_refused_for_good_becomes_smaller_dead_letters_then_is_given_up() -> None:
-    sink, source, given_up = FakeSink(), FakeSource(), []
+    sink, source = FakeSink(), FakeSource()
+    given_up: list[Record] = []
     checkpoint = at_least_once(sink, source, given_up)
     checkpoint.consumed(TP, 0)
     checkpoint.consumed(TP, 1)
@@ -212,7 +216,7 @@ def test_a_fatal_delivery_error_stops_at_least_once() -> None:
 def exactly_once(sink: FakeSink, given_up: list[Record]) -> ExactlyOnce:
     return ExactlyOnce(
         FakeSource(),  # type: ignore[arg-type]
-        sink,  # type: ignore[arg-type]
+        sink,
         Clock(),
         replace=lambda r, f: smaller(r, f, 1_000_000),
         give_up=lambda r, f: given_up.append(r),
@@ -231,7 +235,7 @@ def test_exactly_once_redoes_a_transaction_refused_by_the_broker_with_the_smalle
     checkpoint = exactly_once(sink, [])
     original = record(0)
 
-    def refuse_at_commit(offsets: dict[TopicPartition, int], metadata: object) -> None:
+    def refuse_at_commit(offsets: dict[TopicPartition, int], group_metadata: object) -> None:
         checkpoint.on_delivery(original, TOO_LARGE)  # the report arrives during commit
         raise TransactionFailed("commit_transaction: 1 message(s) failed", abortable=True)
 

@@ -202,9 +202,9 @@ def test_kafka_extra_settings_refuse_secrets(field: str) -> None:
     ],
 )
 def test_dtype_takes_the_names_people_type(typed: str, meant: str) -> None:
-    assert EngineConfig(dtype=typed).dtype == meant  # type: ignore[arg-type]
+    assert EngineConfig(dtype=typed).dtype == meant
 
 
 def test_an_unknown_dtype_is_refused_with_the_field() -> None:
     with pytest.raises(ValidationError, match="dtype"):
-        EngineConfig(dtype="int8")  # type: ignore[arg-type]
+        EngineConfig(dtype="int8")

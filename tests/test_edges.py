@@ -267,7 +267,7 @@ def test_a_hung_engine_turns_healthz_red_and_recovers(bootstrap: str, engine: Nl
     topics = make_topics(bootstrap)
     config = service_config(bootstrap, [topics], processing={"engine_timeout_s": 2})
     hanging = HangingEngine(engine)
-    service = build_service(config, hanging)  # type: ignore[arg-type]
+    service = build_service(config, hanging)
     produce(bootstrap, topics["input"], [event(0)])
     with RunningService(service):
         wait_until(lambda: not service.healthy()[0], 60, "/healthz to report the hung engine")
@@ -344,7 +344,7 @@ def test_latest_partition_changing_hands_before_its_first_commit_loses_nothing(
         processing={"shutdown_timeout_s": 1},
     )
     hanging = HangingEngine(engine)
-    first = build_service(config, hanging)  # type: ignore[arg-type]
+    first = build_service(config, hanging)
     produced = [0]
 
     def consumed() -> float:

@@ -17,9 +17,9 @@ import torch
 from test_engine_nli import GOLDEN
 
 from stream_classifier.config import EngineConfig
-from stream_classifier.engine.base import Prepared
+from stream_classifier.engine.base import Prepared, Scores
 from stream_classifier.engine.batches import TokenBatch, packed_batches
-from stream_classifier.engine.nli import NliEngine
+from stream_classifier.engine.nli import NliEngine, pair_set
 
 BUDGET = 512
 LABELS = ("体育", "财经", "科技")
@@ -55,7 +55,7 @@ def micro_batches(engine: NliEngine, count: int, size: int) -> list[list[Prepare
     return batches
 
 
-def scores_of(results: list[list]) -> list[tuple[float, ...]]:
+def scores_of(results: list[list[Scores]]) -> list[tuple[float, ...]]:
     return [s.scores for batch in results for s in batch]
 
 
@@ -70,7 +70,7 @@ def test_held_passes_are_full_and_the_scores_do_not_change(engine: NliEngine) ->
     engine.flush()
     held = [p.result() for p in pending]
     # as many passes as one stream of all the pairs needs: each full but the last
-    lengths = np.concatenate([item.payload.lengths for batch in batches for item in batch])
+    lengths = np.concatenate([pair_set(item).lengths for batch in batches for item in batch])
     assert len(passes.tokens) == len(packed_batches(lengths, BUDGET)) < passes_alone
     assert [s.labels for b in held for s in b] == [s.labels for b in alone for s in b]
     np.testing.assert_allclose(scores_of(held), scores_of(alone), rtol=0, atol=1e-5)
@@ -123,7 +123,12 @@ def test_a_held_batch_is_ready_once_the_pass_with_its_last_pairs_is_queued(
     def forward(batch: TokenBatch) -> torch.Tensor:
         if len(ready_during_pass) == 1:  # the next launch's second pass
             came = threading.Event()
-            threading.Thread(target=lambda: (pending.result(), came.set()), daemon=True).start()
+
+            def wait_for_result() -> None:
+                pending.result()
+                came.set()
+
+            threading.Thread(target=wait_for_result, daemon=True).start()
             ready_during_pass.append(came.wait(10))
         else:
             ready_during_pass.append(False)

@@ -70,10 +70,16 @@ def arch_of(case: dict[str, Any]) -> str:
     return str(case["name"].split("/")[0])
 
 
-def prepare(engine: HfNliEngine, case: dict[str, Any]) -> Any:
+def prepare(engine: HfNliEngine, case: dict[str, Any]) -> Prepared:
     return engine.prepare(
         case["text"], case["labels"], case["hypothesis_template"], case["multi_label"]
     )
+
+
+def pairs_of(item: Prepared) -> Pairs:
+    """The sentence pairs an HfNliEngine prepared."""
+    assert isinstance(item.payload, Pairs)
+    return item.payload
 
 
 def assert_same_ranking(result: Scores, expected: dict[str, list[Any]]) -> None:
@@ -95,7 +101,7 @@ def test_classify_one_message_matches_transformers_pipeline(
 ) -> None:
     engine = engines[arch_of(case)]
     prepared = prepare(engine, case)
-    assert [int(n) for n in prepared.payload.lengths] == case["pair_lengths"]
+    assert [int(n) for n in pairs_of(prepared).lengths] == case["pair_lengths"]
     assert_same_ranking(engine.classify([prepared])[0], case["expected"])
 
 
@@ -114,7 +120,7 @@ def test_classify_all_messages_in_small_batches_matches_transformers_pipeline(
     prepared = [item for item in chunk if isinstance(item, Prepared)]
     assert len(prepared) == len(cases)
     for case, item in zip(cases, prepared, strict=True):
-        assert [int(n) for n in item.payload.lengths] == case["pair_lengths"]  # type: ignore[attr-defined]
+        assert [int(n) for n in pairs_of(item).lengths] == case["pair_lengths"]
     results = engine.classify(prepared)
     for case, result in zip(cases, results, strict=True):
         assert_same_ranking(result, case["expected"])
@@ -182,7 +188,7 @@ def test_prepare_pairs_equal_the_pipeline_tokenization(
             with pytest.raises(EngineError, match="positions"):
                 engine.prepare(text, [label], "It is {}.", False)
             continue
-        pairs = engine.prepare(text, [label], "It is {}.", False).payload
+        pairs = pairs_of(engine.prepare(text, [label], "It is {}.", False))
         assert pairs.input_ids == [expected_ids]
         if expected_types is not None:
             assert pairs.token_type_ids == [expected_types]
@@ -198,7 +204,7 @@ def test_truncation_side_left_keeps_the_end_of_the_text(checkpoints: dict[str, P
     engine = HfNliEngine(base.model, left, "test", 2048)
     text = "price " * 80 + "the box was damaged"
     text_ids = left(text, add_special_tokens=False)["input_ids"]
-    ids = engine.prepare(text, ["logistics"], "{}", False).payload.input_ids[0]
+    ids = pairs_of(engine.prepare(text, ["logistics"], "{}", False)).input_ids[0]
     kept = MAX_LENGTH - 3 - len(left("logistics", add_special_tokens=False)["input_ids"])
     assert len(ids) == MAX_LENGTH  # [CLS] text [SEP] hypothesis [SEP]
     assert ids[1 : 1 + kept] == text_ids[-kept:]
@@ -229,7 +235,7 @@ def test_tokenizer_without_max_length_cuts_to_the_model_positions(tmp_path: Path
     assert isinstance(engine, HfNliEngine)
     assert engine.max_length == engine.capacity == 128
     long_text = " ".join(BUILDER.CORPUS)
-    assert engine.prepare(long_text, ["price"], "{}", False).payload.lengths.tolist() == [128]
+    assert pairs_of(engine.prepare(long_text, ["price"], "{}", False)).lengths.tolist() == [128]
     # where the pipeline cut nothing, the scores are still the pipeline's
     for case in GOLDEN["architectures"]["bert"]["cases"]:
         if max(case["pair_lengths"]) < MAX_LENGTH:
@@ -308,11 +314,11 @@ def test_contradiction_by_id2label_where_the_pipeline_would_take_it_by_position(
     assert (engine.entailment, engine.contradiction) == (1, 2)
     assert "by position" in caplog.text
     prepared = engine.prepare("the box was damaged", ["price", "sports"], "{}", True)
-    logits = engine.logits(prepared.payload)
+    logits = engine.logits(pairs_of(prepared))
     with torch.inference_mode():
         full = engine.model(
-            input_ids=torch.tensor(prepared.payload.input_ids[:1]),
-            token_type_ids=torch.tensor(prepared.payload.token_type_ids[:1]),
+            input_ids=torch.tensor(pairs_of(prepared).input_ids[:1]),
+            token_type_ids=torch.tensor(pairs_of(prepared).token_type_ids[:1]),
         ).logits[0]
     assert logits[0] == pytest.approx([float(full[1]), float(full[2])], abs=1e-5)
 

@@ -18,7 +18,7 @@ import torch
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import EngineError, Scores, load_engine, nli
-from stream_classifier.engine.nli import NliEngine, truncate_longest_first
+from stream_classifier.engine.nli import NliEngine, pair_set, truncate_longest_first
 from stream_classifier.engine.nli import score as nli_score
 from stream_classifier.messages import parse_labels
 
@@ -109,7 +109,7 @@ def test_truncation_keeps_odd_token_on_the_text_like_the_reference() -> None:
 def test_prepare_pair_ids_equal_the_tokenizer_pair_encoding(engine: NliEngine) -> None:
     text = "The delivery was late, 快递三天还没到！" * 40
     prepared = engine.prepare(text, ["物流配送", "price"], "这篇文章的标题是{}", False)
-    for ids, label in zip(prepared.payload.input_ids, ["物流配送", "price"], strict=True):
+    for ids, label in zip(pair_set(prepared).input_ids, ["物流配送", "price"], strict=True):
         expected = engine.tokenizer(
             text, f"这篇文章的标题是{label}", truncation=True, max_length=512
         )
@@ -241,7 +241,7 @@ def test_a_checkpoint_with_128_positions_truncates_pairs_to_128_tokens(
             [text] * len(labels), labels, truncation=True, max_length=128, return_tensors="pt"
         )
         assert encoded["input_ids"].shape[1] == 128
-        assert prepared.payload.input_ids == encoded["input_ids"].tolist()
+        assert pair_set(prepared).input_ids == encoded["input_ids"].tolist()
         with torch.inference_mode():
             logits = engine.model(**encoded).logits.numpy()
         expected_labels, expected_scores = reference_postprocess(logits, labels, multi_label)
@@ -274,7 +274,7 @@ def test_hypothesis_cache_keeps_truncated_ids_within_its_byte_budget(
     assert retained < 2 * budget, f"{retained / 2**20:.1f} MiB retained"
     # a hypothesis longer than a pair can hold is still cut like the tokenizer cuts it
     text, label = "The delivery was late.", long_label(0)
-    (ids,) = engine.prepare(text, [label], "{}", False).payload.input_ids
+    (ids,) = pair_set(engine.prepare(text, [label], "{}", False)).input_ids
     assert ids == engine.tokenizer(text, label, truncation=True, max_length=512)["input_ids"]
 
 

@@ -37,7 +37,7 @@ def head_in_float64(tiny_model: Path, cls_hidden: torch.Tensor) -> np.ndarray:
     hidden = cls_hidden.double().numpy()
     pooler_w, pooler_b = weights("bert.pooler.dense")
     classifier_w, classifier_b = weights("classifier")
-    logits = np.tanh(hidden @ pooler_w.T + pooler_b) @ classifier_w.T + classifier_b
+    logits: np.ndarray = np.tanh(hidden @ pooler_w.T + pooler_b) @ classifier_w.T + classifier_b
     return logits[:, [0, 2]]
 
 

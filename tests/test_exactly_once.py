@@ -22,6 +22,7 @@ from kafka_helpers import (
 from stream_classifier.assemble import build_service
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.nli import NliEngine
+from stream_classifier.offsets import TopicPartition
 from stream_classifier.sink import TransactionFailed
 
 pytestmark = pytest.mark.kafka
@@ -105,13 +106,13 @@ def test_exactly_once_aborted_transaction_is_redone_without_duplicates(
     produce(bootstrap, config.topics[0].input, mixed(n), keys=[str(i).encode() for i in range(n)])
     service = build_service(config, engine)
     real_commit = service.sink.commit
-    aborts = []
+    aborts: list[dict[TopicPartition, int]] = []
 
-    def commit_failing_twice(offsets: Any, metadata: Any) -> None:
+    def commit_failing_twice(offsets: dict[TopicPartition, int], group_metadata: object) -> None:
         if len(aborts) < 2:
             aborts.append(offsets)
             raise TransactionFailed("simulated", abortable=abortable)
-        real_commit(offsets, metadata)
+        real_commit(offsets, group_metadata)
 
     service.sink.commit = commit_failing_twice  # type: ignore[method-assign]
     with RunningService(service):
@@ -135,7 +136,7 @@ def test_exactly_once_outputs_invisible_to_read_committed_until_commit(
     config = eos_setup(bootstrap, partitions=1)
     produce(bootstrap, config.topics[0].input, mixed(10))
     service = build_service(config, engine)
-    service.sink.commit = lambda offsets, metadata: (_ for _ in ()).throw(  # type: ignore[method-assign]
+    service.sink.commit = lambda offsets, group_metadata: (_ for _ in ()).throw(  # type: ignore[method-assign]
         RuntimeError("crash before commit")
     )
     runner = RunningService(service)

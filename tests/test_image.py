@@ -162,7 +162,7 @@ def test_image_runs_drains_on_stop_and_writes_only_its_volume(
         assert sorted(scored["labels"]) == sorted(["价格问题", "服务态度", "物流配送"])
         assert abs(sum(scored["scores"]) - 1.0) < 1e-4
         assert record.key == f"k{scored['id'][1:]}".encode()
-    assert sorted(r.headers["stream-classifier.error.code"] for r in dead) == [
+    assert sorted(r.header("stream-classifier.error.code") for r in dead) == [
         b"not_json",
         b"not_utf8",
         b"text_missing",

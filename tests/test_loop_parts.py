@@ -193,7 +193,7 @@ class ManualScorer:
 
 def test_results_come_out_in_submission_order_and_discarded_ones_never() -> None:
     clock, scorer = Clock(), ManualScorer()
-    pending = PendingBatches(scorer, 3, clock)  # type: ignore[arg-type]
+    pending = PendingBatches(scorer, 3, clock)
     for _ in range(3):
         pending.submit(Batch(), {})
     assert not pending.has_room()
@@ -210,7 +210,7 @@ def test_results_come_out_in_submission_order_and_discarded_ones_never() -> None
 
 def test_the_engine_counts_as_stalled_only_while_work_waits_with_nothing_back() -> None:
     clock, scorer = Clock(), ManualScorer()
-    pending = PendingBatches(scorer, 2, clock)  # type: ignore[arg-type]
+    pending = PendingBatches(scorer, 2, clock)
     clock.now = 100.0
     assert pending.stalled_s() == 0.0, "idle is not stalled"
     pending.submit(Batch(), {})
@@ -222,7 +222,7 @@ def test_the_engine_counts_as_stalled_only_while_work_waits_with_nothing_back() 
 
 def test_a_full_engine_is_waited_for_up_to_the_timeout() -> None:
     clock, scorer = Clock(), ManualScorer()
-    pending = PendingBatches(scorer, 1, clock)  # type: ignore[arg-type]
+    pending = PendingBatches(scorer, 1, clock)
     assert not pending.wait_for_head(0.01), "room left: no wait"
     pending.submit(Batch(), {})
     threading.Timer(0.05, lambda: scorer.futures[0].set_result([])).start()

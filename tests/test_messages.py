@@ -5,8 +5,8 @@ import json
 import pytest
 
 from stream_classifier.config import TopicConfig
+from stream_classifier.headers import HEADER_PREFIX
 from stream_classifier.messages import (
-    HEADER_PREFIX,
     ClassifyRequest,
     Envelope,
     Rejection,

@@ -11,11 +11,12 @@ from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 
-from stream_classifier.engine.base import EngineError, Prepared
+from stream_classifier.engine.base import EngineError, Prepared, Scores
 from stream_classifier.engine.capabilities import Capabilities
 from stream_classifier.preparing import (
     InlinePreparer,
@@ -47,6 +48,24 @@ class FakeSide:
         if text == "crash":
             os._exit(3)  # the worker dies, as under the OOM killer
         return Prepared(tuple(labels), multi_label, len(text), (os.getpid(), text))
+
+
+def payload(prepared: Prepared) -> tuple[Any, str]:
+    """A fake's payload: (what prepared it: a pid or a thread name, text)."""
+    assert isinstance(prepared.payload, tuple)
+    return prepared.payload
+
+
+class PreparesOnly:
+    """The rest of the Engine protocol, for fakes the tests only prepare with."""
+
+    model_id = "fake"
+
+    def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
+        raise NotImplementedError
+
+    def warmup(self) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -109,12 +128,12 @@ def test_a_failing_prepare_is_that_events_exception_and_the_rest_are_prepared() 
         outcomes = results([preparer.submit(t, ["a"], "{}", False) for t in texts])
     finally:
         preparer.shutdown()
-    assert [o.payload[1] for o in outcomes if isinstance(o, Prepared)] == ["one", "two", "three"]
+    assert [payload(o)[1] for o in outcomes if isinstance(o, Prepared)] == ["one", "two", "three"]
     bad, odd = outcomes[1], outcomes[3]
     assert isinstance(bad, ValueError) and str(bad) == "bad text"
     # an exception that does not survive pickling still says what it was
     assert isinstance(odd, RuntimeError) and str(odd) == "Unpicklable: odd text"
-    assert all(o.payload[0] != os.getpid() for o in outcomes if isinstance(o, Prepared))
+    assert all(payload(o)[0] != os.getpid() for o in outcomes if isinstance(o, Prepared))
 
 
 def test_a_worker_that_dies_is_replaced_and_only_its_event_fails() -> None:
@@ -127,15 +146,15 @@ def test_a_worker_that_dies_is_replaced_and_only_its_event_fails() -> None:
         preparer.shutdown()
     assert isinstance(outcomes[1], PreparerCrashed)
     prepared = [o for i, o in enumerate(outcomes) if i != 1]
-    assert [o.payload[1] for o in prepared if isinstance(o, Prepared)] == texts[:1] + texts[2:]
-    assert after.payload[1] == "after"
+    assert [payload(o)[1] for o in prepared if isinstance(o, Prepared)] == texts[:1] + texts[2:]
+    assert payload(after)[1] == "after"
     assert preparer.restarts >= 1
 
 
 def test_shutdown_stops_the_workers_and_refuses_new_events() -> None:
     preparer = ProcessPreparer(FakeFactory(), workers=2)
     futures = [preparer.submit(f"text {i}", ["a"], "{}", False) for i in range(40)]
-    pids = {future.result(WAIT_S).payload[0] for future in futures}
+    pids = {payload(future.result(WAIT_S))[0] for future in futures}
     preparer.shutdown()
     for pid in pids:
         with pytest.raises(ProcessLookupError):
@@ -150,7 +169,7 @@ def test_a_factory_that_fails_in_the_workers_fails_at_start() -> None:
 
 
 def test_make_preparer_is_inline_without_workers_or_a_factory() -> None:
-    class NoFactory:
+    class NoFactory(PreparesOnly):
         model_id = "no-factory"
 
         def prepare(
@@ -164,7 +183,7 @@ def test_make_preparer_is_inline_without_workers_or_a_factory() -> None:
     assert isinstance(make_preparer(NoFactory(), 2, capabilities), InlinePreparer)
 
 
-class ChunkSide(FakeSide):
+class ChunkSide(FakeSide, PreparesOnly):
     """Records each ``prepare_many`` chunk; a chunk holding "boom" fails as a whole."""
 
     def __init__(self) -> None:
@@ -187,8 +206,7 @@ class ChunkSide(FakeSide):
 
 def test_inline_preparer_tokenizes_one_chunk_per_flush_and_isolates_failures() -> None:
     side = ChunkSide()
-    side.model_id = "fake"  # type: ignore[attr-defined]
-    preparer = InlinePreparer(side)  # type: ignore[arg-type]
+    preparer = InlinePreparer(side)
     first = [preparer.submit(t, ["a"], "{}", False) for t in ("one", "bad", "two")]
     assert not any(future.done() for future in first)  # nothing runs before the flush
     preparer.flush()
@@ -198,14 +216,14 @@ def test_inline_preparer_tokenizes_one_chunk_per_flush_and_isolates_failures() -
     outcomes = results(first + second)
     assert isinstance(outcomes[1], ValueError)
     # the chunk that failed as a whole was prepared again event by event
-    prepared = [o.payload[1] for o in outcomes if isinstance(o, Prepared)]
+    prepared = [payload(o)[1] for o in outcomes if isinstance(o, Prepared)]
     assert prepared == ["one", "two", "boom", "three"]
 
 
 def test_nli_chunk_tokenizing_equals_the_tokenizer_call(tiny_model: Path) -> None:
     """One ``encode_batch`` per chunk gives each text the ids ``tokenizer(text)`` gives."""
     from stream_classifier.config import EngineConfig
-    from stream_classifier.engine.nli import NliEngine, tokenize_many
+    from stream_classifier.engine.nli import NliEngine, pair_set, tokenize_many
 
     engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cpu"), 4096)
     texts = [
@@ -225,7 +243,7 @@ def test_nli_chunk_tokenizing_equals_the_tokenizer_call(tiny_model: Path) -> Non
         assert isinstance(ours, Prepared)
         alone = engine.prepare(*task)
         assert ours.tokens == alone.tokens
-        assert np.array_equal(ours.payload.ids, alone.payload.ids)  # type: ignore[attr-defined]
+        assert np.array_equal(pair_set(ours).ids, pair_set(alone).ids)
 
 
 def test_thread_preparer_prepares_off_the_calling_thread() -> None:
@@ -235,11 +253,11 @@ def test_thread_preparer_prepares_off_the_calling_thread() -> None:
         bad = preparer.submit("bad", ["a"], "{}", False).exception(WAIT_S)
     finally:
         preparer.shutdown()
-    assert good.payload[0].startswith("prepare")
+    assert payload(good)[0].startswith("prepare")
     assert isinstance(bad, ValueError)
 
 
-class FakeThreadEngine:
+class FakeThreadEngine(PreparesOnly):
     model_id = "fake"
 
     def prepare(

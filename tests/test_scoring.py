@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import CancelledError, Future
 from dataclasses import replace
 from pathlib import Path
@@ -132,9 +132,9 @@ def engine() -> FakeEngine:
 
 
 @pytest.fixture
-def scorer(engine: FakeEngine) -> PipelinedScorer:
+def scorer(engine: FakeEngine) -> Iterator[PipelinedScorer]:
     scorer = PipelinedScorer(engine, Metrics())
-    yield scorer  # type: ignore[misc]
+    yield scorer
     for gate in engine.gates.values():
         gate.set()
     scorer.shutdown()
@@ -329,8 +329,8 @@ def test_service_with_both_gpu_stages_scores_every_event_once_and_commits(
     from conftest import RunningService, service_config
     from kafka_helpers import create_topics, produce, read_all, unique, wait_drained
 
-    config = EngineConfig(model=str(tiny_model), device="cpu")
-    engine = NliEngine.load(config, 256, backend="packed")
+    engine_config = EngineConfig(model=str(tiny_model), device="cpu")
+    engine = NliEngine.load(engine_config, 256, backend="packed")
     labels = ["物流", "服务", "价格"]
     names = {"input": unique("in"), "output": unique("out"), "dead_letter": unique("dlq")}
     create_topics(bootstrap, names.values(), partitions=3)
@@ -356,7 +356,7 @@ def test_service_with_both_gpu_stages_scores_every_event_once_and_commits(
     with RunningService(service):
         outputs = read_all(bootstrap, names["output"], len(texts))
         wait_drained(bootstrap, config.kafka.group_id, names["input"], partitions=3)
-    bodies = [json.loads(record.value) for record in outputs]
+    bodies = [record.json_value() for record in outputs]
     assert sorted(body["id"] for body in bodies) == list(range(len(texts)))
     for body in bodies:
         alone = engine.classify([engine.prepare(texts[body["id"]], labels, "{}", False)])[0]
@@ -369,7 +369,12 @@ def test_engine_idle_time_counts_only_time_with_nothing_on_the_device(
     engine: FakeEngine,
 ) -> None:
     metrics = Metrics()
-    idle = lambda: metrics.registry.get_sample_value("stream_classifier_engine_idle_seconds_total")  # noqa: E731
+
+    def idle() -> float:
+        value = metrics.registry.get_sample_value("stream_classifier_engine_idle_seconds_total")
+        assert value is not None
+        return value
+
     created = time.monotonic()
     scorer = PipelinedScorer(engine, metrics)
     try:

@@ -14,7 +14,7 @@ from kafka_helpers import committed, create_topics, produce, read_all, unique
 from stream_classifier.assemble import build_service
 from stream_classifier.config import EngineConfig, ServiceConfig
 from stream_classifier.engine.nli import NliEngine
-from stream_classifier.messages import HEADER_PREFIX
+from stream_classifier.headers import HEADER_PREFIX
 
 pytestmark = pytest.mark.kafka
 
@@ -68,7 +68,7 @@ def test_every_event_gets_one_output_with_key_source_and_headers(
     assert len(outputs) == n
     seen = set()
     for record in outputs:
-        body = json.loads(record.value)
+        body = record.json_value()
         source = body["source"]
         original = inputs[(source["partition"], source["offset"])]
         seen.add((source["partition"], source["offset"]))
@@ -78,7 +78,7 @@ def test_every_event_gets_one_output_with_key_source_and_headers(
         assert record.timestamp == original.timestamp == source["timestamp"]
         assert record.headers["trace"] == b"abc"
         assert record.headers[HEADER_PREFIX + "model"] == engine.model_id.encode()
-        assert body["id"] == json.loads(original.value)["id"]
+        assert body["id"] == original.json_value()["id"]
         assert sorted(body["labels"]) == sorted(LABELS)
         assert body["scores"] == sorted(body["scores"], reverse=True)
         assert sum(body["scores"]) == pytest.approx(1.0, abs=1e-6)
@@ -95,7 +95,7 @@ def test_outputs_equal_the_engine_scoring_each_text_alone(
     produce(bootstrap, topic.input, [json.dumps({"text": t}).encode() for t in texts])
     with RunningService(build_service(config, engine)):
         outputs = read_all(bootstrap, topic.output, len(texts))
-    by_offset = {json.loads(r.value)["source"]["offset"]: json.loads(r.value) for r in outputs}
+    by_offset = {r.json_value()["source"]["offset"]: r.json_value() for r in outputs}
     for offset, text in enumerate(texts):
         alone = engine.classify([engine.prepare(text, LABELS, "{}", True)])[0]
         assert by_offset[offset]["labels"] == list(alone.labels)
@@ -125,10 +125,10 @@ def test_malformed_events_go_to_dead_letter_with_reason_and_offsets_advance(
 
     assert len(outputs) == 3
     assert {
-        record.value: record.headers[HEADER_PREFIX + "error.code"].decode() for record in dead
+        record.value: record.header(HEADER_PREFIX + "error.code").decode() for record in dead
     } == bad
     for record in dead:
-        offset = int(record.headers[HEADER_PREFIX + "source.offset"])
+        offset = int(record.header(HEADER_PREFIX + "source.offset"))
         assert record.key == f"k{offset}".encode()
         assert record.headers[HEADER_PREFIX + "source.topic"] == topic.input.encode()
         assert record.headers[HEADER_PREFIX + "error.message"]
@@ -149,7 +149,7 @@ def test_restarted_service_resumes_at_committed_offset_without_gap(
         outputs = read_all(bootstrap, topic.output, 35)
         wait_drained(bootstrap, config)
 
-    offsets = sorted(json.loads(r.value)["source"]["offset"] for r in outputs)
+    offsets = sorted(r.json_value()["source"]["offset"] for r in outputs)
     assert offsets == list(range(35))  # nothing skipped, nothing scored twice
     assert committed(bootstrap, config.kafka.group_id, topic.input) == {0: 35}
 
@@ -165,7 +165,7 @@ def test_lone_event_is_flushed_by_the_time_bound(bootstrap: str, engine: NliEngi
         produce(bootstrap, topic.input, events(1))
         outputs = read_all(bootstrap, topic.output, 1, timeout=30)
     assert len(outputs) == 1
-    assert json.loads(outputs[0].value)["latency_ms"] < 30_000
+    assert outputs[0].json_value()["latency_ms"] < 30_000
 
 
 def test_undeliverable_output_holds_the_commit_and_recovers_when_the_topic_appears(

@@ -317,7 +317,10 @@ class GaveUp(Observer):
     """The simulation hears which events the service gave up."""
 
     def __init__(self, hear: Callable[[Record], None]) -> None:
-        self.given_up = hear  # type: ignore[method-assign]
+        self._hear = hear
+
+    def given_up(self, record: Record) -> None:
+        self._hear(record)
 
 
 class ModelTime:
