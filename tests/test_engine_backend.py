@@ -14,7 +14,8 @@ from typing import Any
 
 import pytest
 import torch
-from test_engine_nli import GOLDEN, assert_same_ranking, prepare
+from ranking import assert_same_ranking
+from test_engine_nli import GOLDEN, prepare
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import packed

@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from ranking import assert_same_ranking
 
 from stream_classifier.config import EngineConfig
-from stream_classifier.engine import EngineError, Scores, load_engine
+from stream_classifier.engine import EngineError, load_engine
 from stream_classifier.engine.base import Prepared
 from stream_classifier.engine.hf_nli import HfNliEngine, Pairs, nli_columns
 from stream_classifier.engine.nli import NliEngine
@@ -80,19 +81,6 @@ def pairs_of(item: Prepared) -> Pairs:
     """The sentence pairs an HfNliEngine prepared."""
     assert isinstance(item.payload, Pairs)
     return item.payload
-
-
-def assert_same_ranking(result: Scores, expected: dict[str, list[Any]]) -> None:
-    """Same scores within 1e-5, same order except among ties closer than 1e-6."""
-    assert dict(zip(result.labels, result.scores, strict=True)) == pytest.approx(
-        dict(zip(expected["labels"], expected["scores"], strict=True)), abs=1e-5
-    )
-    for ours, theirs, score in zip(
-        result.labels, expected["labels"], expected["scores"], strict=True
-    ):
-        if ours != theirs:
-            tied = expected["scores"][expected["labels"].index(ours)]
-            assert abs(tied - score) < 1e-6, (result.labels, expected["labels"])
 
 
 @pytest.mark.parametrize("case", CASES, ids=[case["name"] for case in CASES])

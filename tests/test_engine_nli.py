@@ -15,9 +15,10 @@ from typing import Any, Literal
 import numpy as np
 import pytest
 import torch
+from ranking import assert_same_ranking
 
 from stream_classifier.config import EngineConfig
-from stream_classifier.engine import EngineError, Scores, load_engine, nli
+from stream_classifier.engine import EngineError, load_engine, nli
 from stream_classifier.engine.nli import NliEngine, pair_set, truncate_longest_first
 from stream_classifier.engine.nli import score as nli_score
 from stream_classifier.messages import parse_labels
@@ -35,20 +36,6 @@ def prepare(engine: NliEngine, case: dict[str, Any]) -> Any:
     if isinstance(labels, str):  # the pipeline's "a，b, c" form, parsed as it parses it
         labels = parse_labels(labels)
     return engine.prepare(case["text"], labels, case["hypothesis_template"], case["multi_label"])
-
-
-def assert_same_ranking(result: Scores, expected: dict[str, list[Any]]) -> None:
-    """Same scores within 1e-5, same order except among exact ties (the reference's own
-    order of tied labels depends on float32 noise in its batch rows)."""
-    assert dict(zip(result.labels, result.scores, strict=True)) == pytest.approx(
-        dict(zip(expected["labels"], expected["scores"], strict=True)), abs=1e-5
-    )
-    for ours, theirs, score in zip(
-        result.labels, expected["labels"], expected["scores"], strict=True
-    ):
-        if ours != theirs:
-            tied = expected["scores"][expected["labels"].index(ours)]
-            assert abs(tied - score) < 1e-6, (result.labels, expected["labels"])
 
 
 @pytest.mark.parametrize("case", GOLDEN, ids=[case["name"] for case in GOLDEN])
