@@ -20,11 +20,10 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 
 from stream_classifier.batcher import Batch
-from stream_classifier.checkpoint import Checkpoint, ExactlyOnce
+from stream_classifier.checkpoint import Checkpoint
 from stream_classifier.config import ServiceConfig
 from stream_classifier.engine.base import Engine
 from stream_classifier.intake import Intake
@@ -35,6 +34,7 @@ from stream_classifier.outputs import Observer, Outputs, make_checkpoint
 from stream_classifier.partitions import Partitions
 from stream_classifier.pending import PendingBatches, Submitted
 from stream_classifier.preparing import InlinePreparer, Preparer
+from stream_classifier.rebalances import Rebalances
 from stream_classifier.reload import reloaded
 from stream_classifier.scoring import Outcome, Scorer, ThreadScorer
 from stream_classifier.sink import DeliveryFailure, KafkaSink, Record, Sink, producer_config
@@ -46,8 +46,6 @@ log = logging.getLogger(__name__)
 POLL_SLICE_S = 0.1
 #: The loop counts as stalled (unhealthy) when a turn has not started for this long.
 STALL_S = 60.0
-#: How long a revoke callback may wait for acknowledgements before committing.
-REVOKE_FLUSH_S = 5.0
 #: librdkafka's default ``message.max.bytes`` (the producer's record size limit).
 MESSAGE_MAX_BYTES = 1_000_000
 
@@ -65,15 +63,6 @@ def written_topics(config: ServiceConfig) -> list[str]:
 
 class ServiceError(Exception):
     """The service stopped because it could not go on without losing events."""
-
-
-@dataclass
-class Rebalance:
-    """What the callbacks saw during one consume(), applied by the loop afterwards."""
-
-    assigned: list[TopicPartition] = field(default_factory=list)
-    released: list[TopicPartition] = field(default_factory=list)
-    lost: bool = False
 
 
 class Service:
@@ -115,7 +104,9 @@ class Service:
         self.partitions = Partitions()
         #: A reload asked for (SIGHUP): how to read the new configuration.
         self._reload: Callable[[], ServiceConfig] | None = None
-        self._rebalance = Rebalance()
+        self.rebalances = Rebalances(
+            self.partitions, self.checkpoint, self.intake, self.metrics, lambda: self.closing
+        )
         self._last_turn = clock()
         self._started = False
         self.closing = False
@@ -163,7 +154,7 @@ class Service:
 
     def start(self) -> None:
         self.checkpoint.start()
-        self.source.start(self)
+        self.source.start(self.rebalances)
         self._started = True
 
     def turn(self) -> None:
@@ -179,7 +170,7 @@ class Service:
         if self._waiting_on_engine():
             timeout = 0.0  # waited on the engine instead: consume() only serves callbacks
         messages = self.source.consume(self.intake.room(), timeout)
-        self._apply_rebalance()  # callbacks served inside consume() come first
+        self.rebalances.apply()  # callbacks served inside consume() come first
         self._take_replays()  # a revoke's flush inside consume() may have asked for some
         received_at = time.monotonic()
         for message in messages:
@@ -302,7 +293,7 @@ class Service:
         replays = self.checkpoint.replays()
         if not replays:
             return
-        self._drop_queued(set(replays))
+        self.rebalances.drop_queued(set(replays))
         for tp, offset in replays.items():
             self.partitions.rewind([tp], offset)
         log.debug("replaying %s", replays)
@@ -352,68 +343,6 @@ class Service:
         left = self.sink.close(timeout=5.0)
         if left:
             log.warning("%d records left undelivered at close", left)
-
-    # -- rebalances: the callbacks record, the loop acts ---------------------------------
-
-    def assigned(self, partitions: list[TopicPartition]) -> None:
-        log.info("assigned %s", partitions)
-        self.partitions.assign(partitions)
-        self._rebalance.assigned += partitions
-
-    def revoked(self, partitions: list[TopicPartition]) -> None:
-        """The one thing that must happen inside the callback: commit what is finished."""
-        log.info("revoked %s", partitions)
-        if not self.closing:
-            self.checkpoint.commit_revoked(partitions, REVOKE_FLUSH_S)
-        self._forget(partitions)
-
-    def lost(self, partitions: list[TopicPartition]) -> None:
-        log.warning(
-            "lost %s: their unfinished events will be read again by their owner", partitions
-        )
-        self._forget(partitions)
-        self._rebalance.lost = True
-
-    def _forget(self, partitions: list[TopicPartition]) -> None:
-        self.partitions.unassign(partitions)
-        self._rebalance.released += partitions
-
-    def _apply_rebalance(self) -> None:
-        change = self._rebalance
-        if not (change.assigned or change.released or change.lost):
-            return  # no callback ran (most turns)
-        self._rebalance = Rebalance()
-        if change.released:
-            self._release(change.released)
-            # Revoked and assigned again within one consume(): what it returned for such a
-            # partition may predate either callback, so drop it and read again.
-            self.partitions.rewind(change.released)
-        if change.assigned:
-            self.checkpoint.assigned(change.assigned)
-            self.partitions.settle(change.assigned)
-        if change.lost and isinstance(self.checkpoint, ExactlyOnce):
-            # Losing the group means the cluster was unreachable: start the transactional
-            # producer afresh rather than trust its cached coordinators (librdkafka #5456).
-            self.checkpoint.replace_producer()
-        self.metrics.assigned_partitions.set(len(self.partitions.assigned))
-
-    def _release(self, partitions: Iterable[TopicPartition]) -> None:
-        gone = set(partitions)
-        dropped = self._drop_queued(gone)
-        self.checkpoint.released(gone)
-        self.partitions.release(gone)
-        for topic, partition in gone:
-            self.metrics.forget_partition(topic, partition)
-        if dropped:
-            log.info("dropped %d queued events of released partitions", dropped)
-
-    def _drop_queued(self, partitions: set[TopicPartition]) -> int:
-        """Forget every event of these partitions not yet written; a new epoch discards
-        those already with the engine (see :class:`~stream_classifier.pending.Submitted`)."""
-        dropped = self.intake.drop(partitions)
-        for tp in partitions:
-            self.partitions.new_epoch(tp)
-        return dropped
 
     # -- gauges and statistics -----------------------------------------------------------
 

@@ -41,19 +41,26 @@ class SlowEngine:
 
 
 class WatchedService(Service):
+    """Notes every revocation and loss, and the most partitions paused at once."""
+
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.revocations: list[list[TopicPartition]] = []
         self.max_paused = 0.0
+        listener = self.rebalances
+        revoked, lost = listener.revoked, listener.lost
 
-    def revoked(self, partitions: list[TopicPartition]) -> None:
-        if not self.closing:
+        def on_revoke(partitions: list[TopicPartition]) -> None:
+            if not self.closing:
+                self.revocations.append(partitions)
+            revoked(partitions)
+
+        def on_lost(partitions: list[TopicPartition]) -> None:
             self.revocations.append(partitions)
-        super().revoked(partitions)
+            lost(partitions)
 
-    def lost(self, partitions: list[TopicPartition]) -> None:
-        self.revocations.append(partitions)
-        super().lost(partitions)
+        listener.revoked = on_revoke  # type: ignore[method-assign]
+        listener.lost = on_lost  # type: ignore[method-assign]
 
     def _apply_pause(self) -> None:
         super()._apply_pause()

@@ -212,7 +212,7 @@ def test_losing_the_group_replaces_the_producer_from_the_loop_not_the_callback()
     real_start = instance.sink.start
 
     def counting_start() -> None:
-        starts.append("in callback" if instance.service._rebalance.lost else "in loop")
+        starts.append("in callback" if instance.service.rebalances.change.lost else "in loop")
         real_start()
 
     instance.sink.start = counting_start  # type: ignore[method-assign]
@@ -268,8 +268,8 @@ def test_consumer_lag_series_go_with_their_partition() -> None:
     service = sim.live[0].service
     stats = {"topics": {"in": {"partitions": {"0": {"consumer_lag": 5}, "1": {"consumer_lag": 7}}}}}
     service._on_stats(json.dumps(stats))
-    service.revoked([("in", 1)])
-    service._apply_rebalance()
+    service.rebalances.revoked([("in", 1)])
+    service.rebalances.apply()
     service._on_stats(json.dumps(stats))  # a late report still names the revoked partition
     series = {
         s.labels["partition"] for m in service.metrics.consumer_lag.collect() for s in m.samples
