@@ -82,7 +82,9 @@ def _parser() -> argparse.ArgumentParser:
     classify.add_argument("--template", default="{}", help="hypothesis template with {}")
     classify.add_argument("--multi-label", action="store_true")
     classify.add_argument("--device", help="auto, cpu, cuda, cuda:N (default: auto)")
-    classify.add_argument("--dtype", help="auto, float16, bfloat16, float32 (default: auto)")
+    classify.add_argument(
+        "--dtype", help="auto, float16 (fp16), bfloat16 (bf16), float32 (fp32); default auto"
+    )
     classify.add_argument("texts", nargs="+", metavar="TEXT")
     classify.set_defaults(handler=cmd_classify)
 
@@ -105,13 +107,22 @@ def _parser() -> argparse.ArgumentParser:
         help="random model: StructBERT (ModelScope engine) or DeBERTa-v3 (HF NLI engine)",
     )
     bench.add_argument("--messages", type=int, default=2000)
-    bench.add_argument("--baseline-messages", type=int, help="HF pipeline on the first N")
+    bench.add_argument(
+        "--baseline-messages",
+        type=int,
+        help="HF pipeline timed on the first N after a warm-up (default 8000, at most --messages)",
+    )
     bench.add_argument("--labels", default="4,10", help="comma-separated label counts")
     bench.add_argument("--device", default="auto")
     bench.add_argument("--max-batch-tokens", type=int, default=65536)
     bench.add_argument("--batch-messages", type=int, default=1024, help="micro-batch size")
     bench.add_argument("--multi-label", action="store_true")
-    bench.add_argument("--backend", choices=["auto", "packed", "padded"], default="auto")
+    bench.add_argument(
+        "--backend",
+        choices=["auto", "flash", "efficient", "packed", "padded"],
+        default="auto",
+        help="force one (flash/efficient: packed with that attention kernel, else an error)",
+    )
     bench.add_argument(
         "--no-cuda-graphs",
         dest="cuda_graphs",
@@ -170,7 +181,7 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--template", default="{}", help="hypothesis template (without --config)")
     parser.add_argument("--multi-label", action="store_true", help="(without --config)")
     parser.add_argument("--device", help="auto, cpu, cuda, cuda:N")
-    parser.add_argument("--dtype", help="auto, float16, bfloat16, float32")
+    parser.add_argument("--dtype", help="auto, float16 (fp16), bfloat16 (bf16), float32 (fp32)")
     parser.add_argument(
         "--compare-template",
         action="append",

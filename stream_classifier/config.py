@@ -290,8 +290,9 @@ class EngineConfig(_Section):
     #: id2label ("entail...", "contradict...", or a two-class head's other class).
     entailment_index: int | None = Field(None, ge=0)
     contradiction_index: int | None = Field(None, ge=0)
-    #: nli on a GPU with flash attention: replay each forward pass from a CUDA graph of its
-    #: shape (one launch, not hundreds; docs/PERFORMANCE.md). Off: launch eagerly.
+    #: nli on a GPU with a packed attention kernel (flash or memory-efficient): replay each
+    #: forward pass from a CUDA graph of its shape (one launch, not hundreds;
+    #: docs/PERFORMANCE.md). Off: launch eagerly.
     cuda_graphs: bool = True
 
     @model_validator(mode="after")

@@ -58,9 +58,11 @@ def test_batched_equals_one_message_at_a_time_on_cuda(engine: NliEngine) -> None
 
 
 def test_the_backend_follows_the_gpu_capability(engine: NliEngine) -> None:
-    """Ampere and newer run packed flash attention; older GPUs (T4, V100) padded SDPA."""
+    """Ampere and newer run packed flash attention; older GPUs (T4, V100) packed
+    memory-efficient attention, both replayed from CUDA graphs."""
     major, _ = torch.cuda.get_device_capability()
-    assert engine.backend == ("packed-flash-graphs" if major >= 8 else "padded-sdpa")
+    expected = "packed-flash-graphs" if major >= 8 else "packed-efficient-graphs"
+    assert engine.backend == expected
 
 
 def random_pairs(seed: int, rows: int) -> TokenBatch:
@@ -95,14 +97,15 @@ def no_kernel_image(*args: Any) -> torch.Tensor:
     raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
 
 
-@pytest.mark.parametrize("how", ["asked", "flash_fails"])
+@pytest.mark.parametrize("how", ["asked", "packed_kernels_fail"])
 def test_padded_fp16_sdpa_matches_the_reference_within_the_fp16_bar(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch, how: str
 ) -> None:
-    """What a GPU without flash attention runs: asked for, or after the probe failed."""
+    """What a GPU without either packed kernel runs: asked for, or after the probes failed."""
     config = EngineConfig(model=str(tiny_model), device="cuda")
-    if how == "flash_fails":
+    if how == "packed_kernels_fail":
         monkeypatch.setattr(packed, "flash_varlen", no_kernel_image)
+        monkeypatch.setattr(packed, "efficient_varlen", no_kernel_image)
         padded = NliEngine.load(config, 65536)
     else:
         padded = NliEngine.load(config, 65536, backend="padded")

@@ -19,7 +19,13 @@ A graph has fixed shapes, so a pass is fitted into a bucket (:class:`Shape`):
   the reference workload's texts (docs/PERFORMANCE.md) the shape that the engine's
   warm-up captures); the extra sequences are empty;
 - its longest sequence, rounded up to 128 (flash attention's block of queries, so the
-  kernels get the same grid as the eager pass).
+  kernels get the same grid as the eager pass; a multiple of the memory-efficient kernel's
+  block of 32 or 64 queries too, whose extra blocks find no query and return at once).
+
+Both packed attention kernels (:data:`.packed.VARLEN_KERNELS`) take the fixed shapes the
+same way: ``cu_seqlens`` on the device, the longest length as a number fixed at capture,
+no host synchronisation. The padded SDPA inside the packed layout is not graphed: it
+builds its grid from per-pass index tensors that a fixed shape does not have.
 
 The rows of extra tokens and sequences hold garbage (attention never reads them into a
 real sequence) and only the real sequences' logits are returned.
@@ -55,7 +61,8 @@ log = logging.getLogger(__name__)
 
 #: Buckets are this much short of a multiple of 64 tokens (see the module docstring).
 OFF_64 = 8
-#: Flash attention's block of queries: the longest sequence is rounded up to it.
+#: Flash attention's block of queries (a multiple of the memory-efficient kernel's): the
+#: longest sequence is rounded up to it.
 LENGTH_STEP = 128
 #: Fewest tokens and sequences of a bucket (also keeps sizes 0 and 1, which the compiler
 #: specialises, out of the captured shapes).
@@ -139,8 +146,8 @@ class GraphedForward:
     """
 
     def __init__(self, packed: PackedBert, max_tokens: int, capture: bool = True) -> None:
-        if not packed.flash:
-            raise ValueError("graphed passes need the packed flash forward")
+        if not packed.varlen:
+            raise ValueError("graphed passes need a packed varlen kernel (flash or efficient)")
         self.packed = packed
         self.max_tokens = max_tokens
         self.capture = capture

@@ -14,12 +14,16 @@ Speed comes from doing the reference's work once and only the real tokens:
 - all pairs of a micro-batch are cut into batches bounded by a token budget (the memory
   bound), their tensors built with numpy in one go and copied from pinned memory;
 - on a GPU in fp16/bf16 the encoder runs padding-free (:mod:`.packed`): the linear layers
-  see only real tokens, attention is variable-length flash attention, and the last layer
-  runs only the [CLS] rows. Elsewhere (a CPU, a GPU or a PyTorch build without flash
-  attention, or one whose flash call fails its probe at load) the Hugging Face encoder runs
-  on length-sorted, padded batches with SDPA attention; ``engine.backend`` says which;
-- with flash on a GPU each pass is replayed from a CUDA graph of its shape (:mod:`.graphs`):
-  one launch instead of hundreds, so other Python threads cannot starve the GPU;
+  see only real tokens, attention runs over the packed sequences, and the last layer runs
+  only the [CLS] rows. The attention kernel is variable-length flash attention where the
+  GPU has it (Ampere and newer), else PyTorch's variable-length memory-efficient attention
+  (a T4 or V100 too); each is taken only after a probe call at load passes. Where neither
+  works (a CPU, a GPU older than sm_50, both probes failing) the Hugging Face encoder runs
+  on length-sorted, padded batches with SDPA attention; ``engine.backend`` says which, and
+  the start-up log why the faster ones were not taken;
+- with a packed kernel on a GPU each pass is replayed from a CUDA graph of its shape
+  (:mod:`.graphs`): one launch instead of hundreds, so other Python threads cannot starve
+  the GPU;
 - batches are queued without synchronising; the logits come back in one copy.
 """
 
@@ -69,10 +73,19 @@ WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 #: Memory for tokenized hypotheses (ids cut to what a pair can hold, and their keys).
 HYPOTHESIS_CACHE_BYTES = 64 << 20
 
-#: What to run: "packed" (padding-free; flash attention where it works, else padded SDPA
-#: inside the packed layout), "padded" (the Hugging Face encoder, padded batches, SDPA) or
-#: "auto" (packed with flash where the device has it and a probe call passes, else padded).
-Backend = Literal["auto", "packed", "padded"]
+#: What to run:
+#: "auto": the fastest that works here: packed with flash attention, else packed with
+#: memory-efficient attention, else padded (each packed kernel only where the device should
+#: have it and a probe call at load passes);
+#: "flash", "efficient": packed with that kernel, an EngineError where it cannot run (so a
+#: benchmark that asks for one measures that one);
+#: "packed": padding-free with the fastest kernel that works, else padded SDPA inside the
+#: packed layout;
+#: "padded": the Hugging Face encoder on length-sorted, padded batches, SDPA attention.
+Backend = Literal["auto", "flash", "efficient", "packed", "padded"]
+BACKENDS: tuple[Backend, ...] = ("auto", "flash", "efficient", "packed", "padded")
+#: How the start-up log names each attention kernel.
+KERNEL_NAMES = {"flash": "flash attention", "efficient": "memory-efficient attention"}
 
 
 class Forward(Protocol):
@@ -236,8 +249,12 @@ class NliEngine:
         #: The CPU side (``prepare``), which a worker process can rebuild without the model.
         self.pairs = PairTokenizer(tokenizer, self.max_length)
         self.dtype = next(model.parameters()).dtype
+        #: Why each faster backend was not taken ("flash attention: ..."), for the log.
+        self.backend_notes: list[str] = []
         forward, chosen = self._make_forward(backend)
-        #: What runs: "packed-flash", "packed-sdpa" or "padded-sdpa", "cpu-" first on a CPU.
+        #: What runs: "packed-flash", "packed-efficient" (each with "-graphs" where its passes
+        #: are replayed from CUDA graphs), "packed-sdpa" or "padded-sdpa"; "cpu-" first on a
+        #: CPU.
         self.backend: str = chosen
         self._packed = chosen.removeprefix("cpu-").startswith("packed")
         #: Most tokens in one forward pass: the budget, or just under it for CUDA graphs.
@@ -276,9 +293,10 @@ class NliEngine:
             cuda_graphs=config.cuda_graphs,
         )
         log.info(
-            "NLI model %s: backend %s, %s on %s, pairs of up to %d tokens",
+            "NLI model %s: backend %s%s, %s on %s, pairs of up to %d tokens",
             model_dir,
             engine.backend,
+            f" (not taken: {'; '.join(engine.backend_notes)})" if engine.backend_notes else "",
             str(dtype).removeprefix("torch."),
             device,
             engine.max_length,
@@ -288,9 +306,10 @@ class NliEngine:
     def _make_forward(self, backend: Backend) -> tuple[Forward, str]:
         """The forward pass to run and its name (see ``backend``).
 
-        Packed with flash attention is taken only where the device should have it and one
-        small probe batch runs through it at load; a GPU without it (a T4 or V100, sm_75 or
-        sm_70, or a build without the kernels) gets padded SDPA in the model's dtype.
+        Each packed kernel is tried in turn (flash, then memory-efficient): taken where the
+        device should have it (:func:`.packed.unavailable`) and one small probe batch runs
+        through it at load. Why one was passed over goes to ``backend_notes`` (and the log:
+        a warning for a failed probe, which should not happen on a supported GPU).
         """
         where = "cpu-" if self.device.type == "cpu" else ""
         padded = functools.partial(padded_forward, self.model, self.head, self.pad_id)
@@ -298,39 +317,58 @@ class NliEngine:
             return padded, where + "padded-sdpa"
         from stream_classifier.engine import packed
 
-        instead = "padded SDPA" if backend == "auto" else "packed SDPA"
-        problem = packed.flash_unavailable(self.device, self.dtype)
+        kernels: tuple[packed.Attention, ...] = packed.VARLEN_KERNELS
+        if backend == "flash" or backend == "efficient":
+            kernels = (backend,)
+        last = "padded SDPA" if backend == "auto" else "packed SDPA"
         forward: packed.PackedBert | None = None
-        if problem is None:
-            forward = packed.PackedBert(
-                self.model, self.head, compile_layers=self.compile_layers, flash=True
-            )
-            problem = self._probe(forward)
+        for index, kernel in enumerate(kernels):
+            name = KERNEL_NAMES[kernel]
+            following = [KERNEL_NAMES[k] for k in kernels[index + 1 :]]
+            instead = following[0] if following else last
+            problem = packed.unavailable(kernel, self.device, self.dtype)
             if problem is None:
-                return self._graphed(forward)
-            log.warning("flash attention failed its probe at load (%s); using %s", problem, instead)
-        elif self.device.type == "cuda" and self.dtype != torch.float32:
-            log.warning("no flash attention (%s); using %s", problem, instead)
+                if forward is None:
+                    forward = packed.PackedBert(
+                        self.model, self.head, compile_layers=self.compile_layers, attention=kernel
+                    )
+                else:
+                    forward.use(kernel)
+                problem = self._probe(forward)
+                if problem is None:
+                    return self._graphed(forward)
+                self.backend_notes.append(f"{name} failed its probe at load ({problem})")
+                log.warning("%s failed its probe at load (%s); using %s", name, problem, instead)
+            else:
+                self.backend_notes.append(f"no {name}: {problem}")
+                if self.device.type == "cuda" and self.dtype != torch.float32:
+                    log.info("no %s (%s); using %s", name, problem, instead)
+        if backend in ("flash", "efficient"):
+            raise EngineError(f"backend {backend!r} asked for, but {self.backend_notes[-1]}")
         if backend == "auto":
+            if self.device.type == "cuda" and self.dtype != torch.float32:
+                log.warning(
+                    "no packed attention kernel works here (%s); using padded SDPA",
+                    "; ".join(self.backend_notes),
+                )
             return padded, where + "padded-sdpa"
         if forward is None:
             forward = packed.PackedBert(
-                self.model, self.head, compile_layers=self.compile_layers, flash=False
+                self.model, self.head, compile_layers=self.compile_layers, attention="sdpa"
             )
-        forward.disable_flash()
+        else:
+            forward.use("sdpa")
         return forward, where + "packed-sdpa"
 
     def _graphed(self, forward: PackedBert) -> tuple[Forward, str]:
-        """The flash forward, replayed from CUDA graphs where the engine may use them."""
-        where = "cpu-" if self.device.type == "cpu" else ""
+        """A packed varlen forward, replayed from CUDA graphs where the engine may use them."""
+        name = ("cpu-" if self.device.type == "cpu" else "") + f"packed-{forward.attention}"
         if not self.cuda_graphs:
-            return forward, where + "packed-flash"
+            return forward, name
         from stream_classifier.engine.graphs import GraphedForward
 
         capture = self.device.type == "cuda"
-        return GraphedForward(
-            forward, self.max_batch_tokens, capture
-        ), where + "packed-flash-graphs"
+        return GraphedForward(forward, self.max_batch_tokens, capture), name + "-graphs"
 
     def _probe(self, forward: Forward) -> str | None:
         """Run two short pairs of different lengths; why that failed, or None."""

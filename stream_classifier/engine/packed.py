@@ -6,9 +6,14 @@ Same weights and the same arithmetic as ``transformers.BertForSequenceClassifica
 - the tokens of all pairs sit in one ``[tokens, hidden]`` matrix, so every linear layer
   runs on real tokens only (no padding rows);
 - query, key and value are one matrix product (weights concatenated at load);
-- attention is variable-length flash attention over ``cu_seqlens`` where the GPU and the
-  PyTorch build have it (:func:`flash_unavailable` says why not), else a padded
-  scaled-dot-product attention inside the same packed layout (used by the CPU tests);
+- attention runs over the packed sequences (``cu_seqlens``) with one of two kernels:
+  PyTorch's variable-length flash attention where the GPU and the build have it (Ampere and
+  newer, :func:`flash_unavailable`), else its memory-efficient attention (the CUTLASS
+  kernel, which takes the same ``cu_seqlens`` and runs on sm_50 and newer, so a T4 or V100
+  keeps the packed layout; :func:`efficient_unavailable`). Where neither runs, a padded
+  scaled-dot-product attention inside the same packed layout (the CPU tests use it; it
+  pads every sequence of a pass to the longest, so the engine prefers its padded backend,
+  which sorts pairs by length first);
 - the classifier reads only [CLS], so the last layer runs its attention queries, output
   projection and feed-forward on the [CLS] rows alone, and the head (:mod:`.head`) runs in
   fp32 on those rows.
@@ -20,7 +25,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -33,10 +38,22 @@ from stream_classifier.engine.head import ClassifierHead
 log = logging.getLogger(__name__)
 
 LayerFn = Callable[[torch.Tensor, "LayerWeights", "Layout"], torch.Tensor]
+#: The attention kernel of a pass: variable-length flash, variable-length memory-efficient,
+#: or padded SDPA inside the packed layout.
+Attention = Literal["flash", "efficient", "sdpa"]
+#: The kernels that take packed sequences (``cu_seqlens``), fastest first.
+VARLEN_KERNELS: tuple[Attention, ...] = ("flash", "efficient")
 #: PyTorch's flash attention kernels are built for Ampere (sm_80) and newer only: a T4
 #: (sm_75) or V100 (sm_70) has none.
 FLASH_MIN_CAPABILITY = (8, 0)
 FLASH_DTYPES = (torch.float16, torch.bfloat16)
+#: PyTorch's memory-efficient attention (from xformers' CUTLASS kernels) is built for
+#: Maxwell (sm_50) and newer; bf16 only from sm_80, where it has bf16 tensor cores.
+EFFICIENT_MIN_CAPABILITY = (5, 0)
+EFFICIENT_BF16_CAPABILITY = (8, 0)
+#: Half precision only, like flash: the engine runs fp32 only on a CPU (or when asked for),
+#: and an fp32 GPU pass through this kernel has not been measured here.
+EFFICIENT_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def flash_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
@@ -57,6 +74,37 @@ def flash_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
             f"the GPU has compute capability {major}.{minor}, flash attention needs "
             f"{FLASH_MIN_CAPABILITY[0]}.{FLASH_MIN_CAPABILITY[1]} or newer"
         )
+    return None
+
+
+def efficient_unavailable(device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why variable-length memory-efficient attention cannot run here, or None where it
+    should. As for flash, the engine also probes it at load before relying on it (a build
+    may lack the kernel: there is no availability query for it)."""
+    if device.type != "cuda":
+        return f"the device is {device.type}, not CUDA"
+    if dtype not in EFFICIENT_DTYPES:
+        name = str(dtype).removeprefix("torch.")
+        return (
+            f"the model is {name}, the engine runs memory-efficient attention in float16/bfloat16"
+        )
+    major, minor = torch.cuda.get_device_capability(device)
+    need = EFFICIENT_BF16_CAPABILITY if dtype == torch.bfloat16 else EFFICIENT_MIN_CAPABILITY
+    if (major, minor) < need:
+        what = "in bfloat16 " if dtype == torch.bfloat16 else ""
+        return (
+            f"the GPU has compute capability {major}.{minor}, memory-efficient attention "
+            f"{what}needs {need[0]}.{need[1]} or newer"
+        )
+    return None
+
+
+def unavailable(kernel: Attention, device: torch.device, dtype: torch.dtype) -> str | None:
+    """Why ``kernel`` cannot run here, or None (padded SDPA runs everywhere)."""
+    if kernel == "flash":
+        return flash_unavailable(device, dtype)
+    if kernel == "efficient":
+        return efficient_unavailable(device, dtype)
     return None
 
 
@@ -87,6 +135,35 @@ def flash_varlen(
     return cast(torch.Tensor, result[0])
 
 
+def efficient_varlen(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    cu_queries: torch.Tensor,
+    cu_keys: torch.Tensor,
+    max_queries: int,
+    max_keys: int,
+    scale: float,
+) -> torch.Tensor:
+    """PyTorch's memory-efficient attention forward over packed sequences, ``[T, H, D]`` in
+    and out (the kernel wants a batch of one: ``[1, T, H, D]``; no bias, dropout or mask)."""
+    result = torch.ops.aten._efficient_attention_forward(
+        query.unsqueeze(0),
+        key.unsqueeze(0),
+        value.unsqueeze(0),
+        None,
+        cu_queries,
+        cu_keys,
+        max_queries,
+        max_keys,
+        0.0,
+        0,
+        False,
+        scale=scale,
+    )
+    return cast(torch.Tensor, result[0][0])
+
+
 @dataclass(frozen=True)
 class LayerWeights:
     qkv_weight: torch.Tensor
@@ -106,7 +183,7 @@ class Layout:
     """Where each sequence's tokens are: ``cu`` (int32 offsets) and the longest length.
 
     ``rows``/``columns`` place the packed tokens in a padded ``[sequences, max_len]`` grid
-    (only the CPU fallback uses them).
+    (only the padded SDPA attention uses them).
     """
 
     cu: torch.Tensor
@@ -157,10 +234,10 @@ class PackedBert:
         model: BertForSequenceClassification,
         head: ClassifierHead | None = None,
         compile_layers: bool = True,
-        flash: bool | None = None,
+        attention: Attention | None = None,
     ) -> None:
-        """``flash``: use variable-length flash attention; by default where
-        :func:`flash_unavailable` finds nothing against it."""
+        """``attention``: the kernel; by default the first of :data:`VARLEN_KERNELS` that
+        :func:`unavailable` finds nothing against, else padded SDPA."""
         config = model.config
         if getattr(config, "position_embedding_type", "absolute") != "absolute":
             raise ValueError("packed forward supports absolute position embeddings only")
@@ -180,18 +257,34 @@ class PackedBert:
             self.layers = [_layer_weights(layer) for layer in model.bert.encoder.layer]
         self.head = head if head is not None else ClassifierHead.of(model)
         dtype = embeddings.word_embeddings.weight.dtype
-        self.flash = flash_unavailable(self.device, dtype) is None if flash is None else flash
-        #: One encoder layer; with flash on a GPU compiled once (dynamic shapes) for all 24
-        #: layers, which fuses bias+GELU and residual+LayerNorm into single kernels.
+        if attention is None:
+            usable = [k for k in VARLEN_KERNELS if unavailable(k, self.device, dtype) is None]
+            attention = usable[0] if usable else "sdpa"
+        self.compile_layers = compile_layers
+        #: One encoder layer; with a varlen kernel on a GPU compiled once (dynamic shapes)
+        #: for all 24 layers, which fuses bias+GELU and residual+LayerNorm into single
+        #: kernels.
         self.layer: LayerFn = self._layer
-        self._compiled = compile_layers and self.flash and self.device.type == "cuda"
-        if self._compiled:
-            self.layer = torch.compile(self._layer, dynamic=True)
+        self._compiled = False
+        self.attention: Attention = attention
+        self.use(attention)
 
-    def disable_flash(self) -> None:
-        """Attend with padded SDPA from now on (uncompiled), for a GPU whose flash failed."""
-        self.flash = False
-        self.layer, self._compiled = self._layer, False
+    @property
+    def flash(self) -> bool:
+        return self.attention == "flash"
+
+    @property
+    def varlen(self) -> bool:
+        """Attention over the packed sequences themselves (what CUDA graphs need)."""
+        return self.attention in VARLEN_KERNELS
+
+    def use(self, attention: Attention) -> None:
+        """Attend with ``attention`` from now on: the engine moves to the next kernel when
+        one fails its probe at load. Padded SDPA runs uncompiled (its grid scatter is what
+        the CPU tests check, and it is the last resort, not a fast path)."""
+        self.attention = attention
+        self._compiled = self.compile_layers and self.varlen and self.device.type == "cuda"
+        self.layer = torch.compile(self._layer, dynamic=True) if self._compiled else self._layer
 
     def __call__(self, batch: TokenBatch) -> torch.Tensor:
         tokens, layout = self._upload(batch)
@@ -228,7 +321,7 @@ class PackedBert:
         return tokens, Layout(cu, batch.max_length, rows, columns)
 
     def _grid(self, batch: TokenBatch, offsets: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.flash:
+        if self.varlen:
             empty = torch.empty(0, dtype=torch.long, device=self.device)
             return empty, empty
         rows = np.repeat(np.arange(batch.rows), batch.lengths)
@@ -305,11 +398,13 @@ class PackedBert:
         keys: Layout,
     ) -> torch.Tensor:
         """Attention of each query sequence over its own key sequence, ``[tokens, H, D]``."""
-        if self.flash:
-            return flash_varlen(
-                query, key, value, queries.cu, keys.cu, queries.max_len, keys.max_len, self.scale
-            )
-        return self._padded_attention(query, key, value, queries, keys)
+        if self.attention == "sdpa":
+            return self._padded_attention(query, key, value, queries, keys)
+        # module globals looked up per call: the CPU tests stand in for the kernels
+        kernel = flash_varlen if self.attention == "flash" else efficient_varlen
+        return kernel(
+            query, key, value, queries.cu, keys.cu, queries.max_len, keys.max_len, self.scale
+        )
 
     def _padded_attention(
         self,
