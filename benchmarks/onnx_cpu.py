@@ -23,7 +23,8 @@ import torch
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.batches import TokenBatch
-from stream_classifier.engine.nli import NliEngine, round_up
+from stream_classifier.engine.nli import NliEngine
+from stream_classifier.engine.shared import round_up
 from stream_classifier.tools import bench
 
 

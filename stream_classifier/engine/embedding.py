@@ -31,7 +31,7 @@ import torch
 from stream_classifier.config import DEFAULT_MODELS, EngineConfig
 from stream_classifier.engine.base import EngineError, Prepared, Scores
 from stream_classifier.engine.cache import ByteBoundedCache
-from stream_classifier.engine.nli import pick_device, pick_dtype, round_up
+from stream_classifier.engine.shared import pick_device, pick_dtype, round_up
 
 log = logging.getLogger(__name__)
 

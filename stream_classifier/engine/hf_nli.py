@@ -62,11 +62,12 @@ from stream_classifier.engine.base import (
 )
 from stream_classifier.engine.batches import padded_batches
 from stream_classifier.engine.cache import ByteBoundedCache
-from stream_classifier.engine.nli import (
+from stream_classifier.engine.shared import (
     CPU_BATCH_TOKENS,
     HYPOTHESIS_CACHE_BYTES,
     PAD_MULTIPLE,
     PendingLogits,
+    PendingScores,
     pick_device,
     pick_dtype,
     round_up,
@@ -525,16 +526,16 @@ class HfNliEngine:
     def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
         return self.classify_async(batch).result()
 
-    def classify_async(self, batch: Sequence[Prepared], hold_tail: bool = False) -> PendingHfScores:
+    def classify_async(self, batch: Sequence[Prepared], hold_tail: bool = False) -> PendingScores:
         """Queue every batch on the device and return at once; ``result()`` waits.
 
         Padded batches are sorted by length, so no pass is held back (``hold_tail`` is
         accepted and has no effect; :meth:`flush` has nothing to do)."""
         items = tuple(batch)
         if not items:
-            return PendingHfScores(items, None)
+            return PendingScores(items, None, pipeline_score)
         everything = Pairs.concatenate([_pairs(item) for item in items])
-        return PendingHfScores(items, self._launch(everything))
+        return PendingScores(items, self._launch(everything), pipeline_score)
 
     def flush(self) -> None:
         return None
@@ -583,26 +584,6 @@ class HfNliEngine:
                     np.full(count, len(ids), dtype=np.int32),
                 )
             )
-
-
-class PendingHfScores:
-    """The scores of a queued micro-batch; ``result()`` blocks until they are ready."""
-
-    def __init__(self, items: tuple[Prepared, ...], logits: PendingLogits | None) -> None:
-        self._items = items
-        self._logits = logits
-
-    def result(self) -> list[Scores]:
-        if self._logits is None:
-            return []
-        logits = self._logits.wait()
-        results: list[Scores] = []
-        start = 0
-        for item in self._items:
-            stop = start + len(item.labels)
-            results.append(pipeline_score(item.labels, logits[start:stop], item.multi_label))
-            start = stop
-        return results
 
 
 def pipeline_score(labels: tuple[str, ...], logits: np.ndarray, multi_label: bool) -> Scores:

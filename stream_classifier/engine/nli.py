@@ -33,12 +33,11 @@ import functools
 import json
 import logging
 import os
-import threading
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, Self, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -55,6 +54,18 @@ from stream_classifier.engine.base import (
 from stream_classifier.engine.batches import TokenBatch, packed_batches, padded_batches
 from stream_classifier.engine.cache import ByteBoundedCache
 from stream_classifier.engine.head import ClassifierHead
+from stream_classifier.engine.shared import (
+    CPU_BATCH_TOKENS,
+    HYPOTHESIS_CACHE_BYTES,
+    PAD_MULTIPLE,
+    PendingLogits,
+    PendingScores,
+    pick_device,
+    pick_dtype,
+    round_up,
+    run_halving_on_oom,
+    to_device,
+)
 
 if TYPE_CHECKING:
     from stream_classifier.engine.packed import PackedBert
@@ -65,13 +76,7 @@ ENTAILMENT = 0
 CONTRADICTION = 2
 #: Saved by the StructBERT checkpoints, not kept by transformers' BertModel.
 UNUSED_CHECKPOINT_KEYS = ("bert.embeddings.position_ids",)
-PAD_MULTIPLE = 8
-#: Token budget per batch on a CPU: larger batches stop fitting the caches (measured 2x
-#: slower at 65,536 than at 8,192 tokens on the tiny shape; docs/PERFORMANCE.md).
-CPU_BATCH_TOKENS = 8192
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
-#: Memory for tokenized hypotheses (ids cut to what a pair can hold, and their keys).
-HYPOTHESIS_CACHE_BYTES = 64 << 20
 
 #: What to run:
 #: "auto": the fastest that works here: packed with flash attention, else packed with
@@ -132,10 +137,6 @@ def truncate_longest_first(len_a: int, len_b: int, budget: int) -> tuple[int, in
     if len_a > len_b:
         return len_a - first - second // 2, len_b - (second - second // 2)
     return len_a - second // 2, len_b - (first + second - second // 2)
-
-
-def round_up(length: int, multiple: int = PAD_MULTIPLE) -> int:
-    return -(-length // multiple) * multiple
 
 
 class PairTokenizer:
@@ -432,9 +433,9 @@ class NliEngine:
         """
         items = tuple(batch)
         if not items:
-            return PendingScores(items, None)
+            return PendingScores(items, None, score)
         everything = TokenBatch.concatenate([pair_set(item) for item in items])
-        return PendingScores(items, self._launch(everything, hold_tail))
+        return PendingScores(items, self._launch(everything, hold_tail), score)
 
     def flush(self) -> None:
         """Queue the pass held back by ``classify_async(..., hold_tail=True)``, if any."""
@@ -531,98 +532,6 @@ class NliEngine:
             torch.cuda.empty_cache()
 
 
-class Halvable(Protocol):
-    """A batch of sentence pairs that can be cut in two (TokenBatch, hf_nli's Pairs)."""
-
-    @property
-    def rows(self) -> int: ...
-    def halves(self) -> tuple[Self, Self]: ...
-
-
-H = TypeVar("H", bound=Halvable)
-
-
-def run_halving_on_oom(
-    batch: H,
-    forward: Callable[[H], torch.Tensor],
-    outputs: list[torch.Tensor],
-    device: torch.device,
-    on_out_of_memory: Callable[[int], None],
-) -> None:
-    """Queue one batch's forward pass; on out-of-memory split it in two and retry each."""
-    try:
-        with torch.inference_mode():
-            outputs.append(forward(batch))
-        return
-    except torch.OutOfMemoryError as exc:
-        if batch.rows == 1:
-            raise EngineError("out of memory on a single sentence pair") from exc
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    on_out_of_memory(batch.rows)
-    log.warning("out of memory on %d pairs, splitting the batch in two", batch.rows)
-    first, second = batch.halves()
-    run_halving_on_oom(first, forward, outputs, device, on_out_of_memory)
-    run_halving_on_oom(second, forward, outputs, device, on_out_of_memory)
-
-
-class PendingLogits:
-    """Logits still on their way back: one non-blocking copy into pinned memory, started
-    once every pass with the batch's pairs is queued (:meth:`queued`; for a batch whose
-    last pass was held back, at the engine's next launch)."""
-
-    def __init__(self, order: np.ndarray) -> None:
-        self._order = order
-        self._parts: list[torch.Tensor] = []
-        self._event: torch.cuda.Event | None = None
-        self._host: torch.Tensor | None = None
-        self._error: BaseException | None = None
-        self._ready = threading.Event()
-
-    @classmethod
-    def of(cls, on_device: torch.Tensor, order: np.ndarray) -> PendingLogits:
-        """A batch queued whole: ``on_device`` holds every row (in ``order``)."""
-        pending = cls(order)
-        pending.queued([on_device])
-        return pending
-
-    def add(self, rows: Sequence[torch.Tensor]) -> None:
-        """The logits of the batch's next rows (on the device, maybe not computed yet)."""
-        self._parts += rows
-
-    def queued(self, rows: Sequence[torch.Tensor] = ()) -> None:
-        """With its last ``rows``, every row is queued: start the copy back (on the
-        current stream)."""
-        parts, self._parts = [*self._parts, *rows], []
-        on_device = parts[0] if len(parts) == 1 else torch.cat(parts)
-        if on_device.device.type == "cuda":
-            self._host = torch.empty(on_device.shape, dtype=on_device.dtype, pin_memory=True)
-            self._host.copy_(on_device, non_blocking=True)
-            self._event = torch.cuda.Event()  # type: ignore[no-untyped-call]
-            self._event.record()
-        else:
-            self._host = on_device
-        self._ready.set()
-
-    def fail(self, error: BaseException) -> None:
-        """A pass with some of its rows failed: ``wait()`` raises ``error``."""
-        self._error = error
-        self._ready.set()
-
-    def wait(self) -> np.ndarray:
-        """The logits in input order (blocks until the device is done)."""
-        self._ready.wait()
-        if self._error is not None:
-            raise self._error
-        if self._event is not None:
-            self._event.synchronize()
-        assert self._host is not None
-        gathered = self._host.numpy()
-        result = np.empty_like(gathered)
-        result[self._order] = gathered
-        return result
-
-
 #: One batch's pairs in a launch (or the pass it held back), and whose logits they are.
 _Segment = tuple[PendingLogits, TokenBatch]
 
@@ -647,26 +556,6 @@ class _LaunchedRows:
             if low < high:
                 views.append(output[low - first : high - first])
         return views
-
-
-class PendingScores:
-    """The scores of a queued micro-batch; ``result()`` blocks until they are ready."""
-
-    def __init__(self, items: tuple[Prepared, ...], logits: PendingLogits | None) -> None:
-        self._items = items
-        self._logits = logits
-
-    def result(self) -> list[Scores]:
-        if self._logits is None:
-            return []
-        logits = self._logits.wait()
-        results: list[Scores] = []
-        start = 0
-        for item in self._items:
-            stop = start + len(item.labels)
-            results.append(score(item.labels, logits[start:stop], item.multi_label))
-            start = stop
-        return results
 
 
 def tokenize_many(tokenizer: BertTokenizer, texts: Sequence[str]) -> list[list[int]]:
@@ -698,14 +587,6 @@ def padded_forward(
         input_ids=stacked[0], token_type_ids=stacked[1], attention_mask=stacked[2]
     )[0]
     return head(hidden[:, 0])
-
-
-def to_device(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    """One host-to-device copy, from pinned memory and without waiting, on a GPU."""
-    tensor = torch.from_numpy(array)
-    if device.type == "cuda":
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor
 
 
 def pair_set(item: Prepared) -> PairSet:
@@ -769,21 +650,6 @@ def _snapshot_download(model_id: str, cache_dir: str | None) -> Path:
             "engine.model (env STREAM_CLASSIFIER_ENGINE__MODEL) to the absolute path of a "
             "directory holding config.json, vocab.txt and pytorch_model.bin"
         ) from exc
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise EngineError(f"engine.device={name} but no CUDA device is available")
-    return device
-
-
-def pick_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        return torch.float16 if device.type == "cuda" else torch.float32
-    return {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}[name]
 
 
 def load_classifier(
