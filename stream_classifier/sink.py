@@ -107,9 +107,22 @@ class Sink(Protocol):
 
 
 #: Each transactional call's own timeout, and how long past it a call may block before
-#: the producer is given up as hung (librdkafka #5456, #5511).
+#: the producer is given up as hung.
 TXN_TIMEOUT_S = 30.0
 HANG_MARGIN_S = 15.0
+#: ``send_offsets_to_transaction``'s whole bound, timeout and hang together. librdkafka
+#: ignores that call's timeout (#5456) and blocks until some broker changes state when
+#: the group coordinator it cached was killed and left the metadata (#5511): until the
+#: killed broker is back, minutes on a slow restart. Past this bound the producer is
+#: replaced; the new one looks the coordinators up afresh. A call that was merely slow
+#: (the group coordinator moving) costs a producer replacement, which waits on the same
+#: move: the bound sits a little under the cluster's own stall after a hard kill
+#: (``broker.session.timeout.ms``, 9 s by default), so that a hang ends about when the
+#: cluster is writable again (docs/RELIABILITY.md, "A replicated cluster").
+OFFSETS_BOUND_S = 8.0
+#: librdkafka's longest wait between connection attempts to a broker (its default
+#: 10,000 ms); both clients, user settings win.
+RECONNECT_BACKOFF_MAX_MS = 1000
 #: How long ``produce()`` waits for room in a full queue before giving the record back.
 QUEUE_FULL_S = 5.0
 
@@ -119,6 +132,10 @@ def producer_config(config: ServiceConfig, max_in_flight: int) -> dict[str, Any]
     processing = config.processing
     settings: dict[str, Any] = {
         "linger.ms": 5,
+        # A killed coordinator's new address is tried within a second of the cluster
+        # naming it, not after librdkafka's back-off of up to 10 s (the Java client's
+        # default is 1 s): docs/RELIABILITY.md, "A replicated cluster".
+        "reconnect.backoff.max.ms": RECONNECT_BACKOFF_MAX_MS,
         **config.kafka.producer_client_config(),
         "acks": "all",
         # No duplicates or reordering from the producer's own retries.
@@ -236,8 +253,11 @@ class KafkaSink:
         if offsets:
             parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
             self._call(
-                lambda: producer.send_offsets_to_transaction(parts, group_metadata, TXN_TIMEOUT_S),
+                lambda: producer.send_offsets_to_transaction(
+                    parts, group_metadata, OFFSETS_BOUND_S
+                ),
                 "send_offsets_to_transaction",
+                bound=OFFSETS_BOUND_S,
             )
         self._call(lambda: producer.commit_transaction(TXN_TIMEOUT_S), "commit_transaction")
 
@@ -245,10 +265,15 @@ class KafkaSink:
         producer = self.producer
         self._call(lambda: producer.abort_transaction(TXN_TIMEOUT_S), "abort_transaction")
 
-    def _call(self, operation: Callable[[], object], name: str) -> None:
+    def _call(
+        self,
+        operation: Callable[[], object],
+        name: str,
+        bound: float = TXN_TIMEOUT_S + HANG_MARGIN_S,
+    ) -> None:
         """One transactional call, bounded in time, its failure classified."""
         try:
-            _within_deadline(operation, name, TXN_TIMEOUT_S + HANG_MARGIN_S)
+            _within_deadline(operation, name, bound)
         except KafkaException as exc:
             error: KafkaError = exc.args[0]
             if verdict_of(error) is Verdict.FATAL:

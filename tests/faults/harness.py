@@ -12,15 +12,21 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 from conftest import TINY_MODEL
 from kafka_helpers import (
+    Record,
     TopicReader,
     committed,
     create_topics,
@@ -73,9 +79,15 @@ class FaultRun:
         partitions: int = 3,
         create_output: bool = True,
         routed: bool = False,
+        replicas: int = 1,
+        kafka: dict[str, Any] | None = None,
         **processing: Any,
     ) -> None:
+        """``replicas``: the topics' replication factor (3 on the replicated cluster);
+        ``kafka``: settings merged into the config's ``kafka`` section (its ``extra``,
+        ``consumer_extra`` and ``producer_extra`` dicts key by key; None removes a key)."""
         self.bootstrap = bootstrap
+        self._kafka = kafka or {}
         self.mode = mode
         self.partitions = partitions
         self.tmp_path = tmp_path
@@ -85,7 +97,10 @@ class FaultRun:
         #: With ``routed``, the topic's one (default) lane routes every scored event here.
         self.routed = unique("routed") if routed else None
         topics += [self.routed] if self.routed else []
-        create_topics(bootstrap, topics, partitions)
+        if replicas == 1:
+            create_topics(bootstrap, topics, partitions)
+        else:
+            create_replicated_topics(bootstrap, topics, partitions, replicas)
         self.values: list[bytes] = []
         self._output_reader: TopicReader | None = None
         self.processes: list[subprocess.Popen[bytes]] = []
@@ -104,14 +119,21 @@ class FaultRun:
         self._write_config(self._processing)
 
     def _write_config(self, processing: dict[str, Any]) -> None:
+        kafka: dict[str, Any] = {
+            "bootstrap_servers": self.bootstrap,
+            "group_id": self.group,
+            "extra": {"allow.auto.create.topics": False},
+            # A killed member's partitions move after 6 s, not librdkafka's 45 s.
+            "consumer_extra": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
+        }
+        for key, value in self._kafka.items():
+            if isinstance(value, dict) and isinstance(kafka.get(key), dict):
+                merged = {**kafka[key], **value}
+                kafka[key] = {name: v for name, v in merged.items() if v is not None}
+            else:
+                kafka[key] = value
         config = {
-            "kafka": {
-                "bootstrap_servers": self.bootstrap,
-                "group_id": self.group,
-                "extra": {"allow.auto.create.topics": False},
-                # A killed member's partitions move after 6 s, not librdkafka's 45 s.
-                "consumer_extra": {"session.timeout.ms": 6000, "heartbeat.interval.ms": 1000},
-            },
+            "kafka": kafka,
             "processing": {
                 "guarantee": self.mode,
                 "max_batch_messages": 64,
@@ -240,15 +262,20 @@ class FaultRun:
         try:
             inputs = committed(self.bootstrap, self.group, self.input, self.partitions)
         except KafkaException as exc:  # offsets in that open transaction: unstable till then
-            if exc.args[0].code() != KafkaError._TIMED_OUT:
+            if exc.args[0].code() not in _LEADER_MOVING:  # or the group coordinator moving
                 raise
             return False
-        return inputs == end_offsets(self.bootstrap, self.input, self.partitions) and all(
-            end_offsets(self.bootstrap, topic, self.partitions)
-            == end_offsets(self.bootstrap, topic, self.partitions, "read_uncommitted")
-            for topic in (self.output, self.dead_letter, self.routed)
-            if topic is not None
-        )
+        try:
+            return inputs == end_offsets(self.bootstrap, self.input, self.partitions) and all(
+                end_offsets(self.bootstrap, topic, self.partitions)
+                == end_offsets(self.bootstrap, topic, self.partitions, "read_uncommitted")
+                for topic in (self.output, self.dead_letter, self.routed)
+                if topic is not None
+            )
+        except KafkaException as exc:  # a leader moving (replicated cluster): not yet
+            if exc.args[0].code() not in _LEADER_MOVING:
+                raise
+            return False
 
     def wait_drained(self, timeout: float | None = None) -> None:
         timeout = max(timeout or 180, len(self.values) / 20)
@@ -263,17 +290,19 @@ class FaultRun:
         outputs = read_to_end(self.bootstrap, self.output)
         dead = read_to_end(self.bootstrap, self.dead_letter)
         scored = Counter(
-            (json.loads(r.value)["source"]["partition"], json.loads(r.value)["source"]["offset"])
+            (r.json_value()["source"]["partition"], r.json_value()["source"]["offset"])
             for r in outputs
         )
         rejected = Counter(
             (
-                int(r.headers["stream-classifier.source.partition"]),
-                int(r.headers["stream-classifier.source.offset"]),
+                int(r.header("stream-classifier.source.partition")),
+                int(r.header("stream-classifier.source.offset")),
             )
             for r in dead
         )
-        expected_bad = {(r.partition, r.offset) for r in inputs if dead_letter_expected(r.value)}
+        expected_bad = {
+            (r.partition, r.offset) for r in inputs if dead_letter_expected(r.value or b"")
+        }
         expected_good = {(r.partition, r.offset) for r in inputs} - expected_bad
         missing = sorted((expected_good - set(scored)) | (expected_bad - set(rejected)))
         self.missing = missing
@@ -301,6 +330,326 @@ class FaultRun:
             assert counts.duplicated == 0, f"{counts}\n{self.logs()}"
 
 
+#: What a watermark or committed-offsets query meets while a partition's leader (or the
+#: group coordinator, the leader of an offsets-topic partition) moves: "not yet".
+_LEADER_MOVING = {
+    KafkaError.NOT_LEADER_FOR_PARTITION,
+    KafkaError.LEADER_NOT_AVAILABLE,
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+}
+
+
 def _source(value: bytes | None) -> tuple[int, int]:
     source = json.loads(value or b"{}")["source"]
     return int(source["partition"]), int(source["offset"])
+
+
+# -- a replicated cluster (tests/faults/test_replicated.py) ------------------------------
+
+KAFKA_CLUSTER = Path(__file__).resolve().parents[2] / "deploy" / "kafka" / "kafka-cluster"
+#: The cluster's node ids (deploy/kafka/kafka-cluster).
+NODES = (1, 2, 3)
+
+
+def create_replicated_topics(
+    bootstrap: str, names: list[str], partitions: int, replicas: int
+) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    futures = admin.create_topics(
+        [NewTopic(name, num_partitions=partitions, replication_factor=replicas) for name in names]
+    )
+    for future in futures.values():
+        future.result(timeout=60)
+
+    def ready() -> bool:  # listed, every partition with a leader and its full ISR
+        topics = admin.list_topics(timeout=10).topics
+        return all(
+            name in topics
+            and len(topics[name].partitions) == partitions
+            and all(
+                p.leader >= 0 and len(p.isrs) == replicas for p in topics[name].partitions.values()
+            )
+            for name in names
+        )
+
+    wait_until(ready, 60, f"{names} listed with {replicas} replicas in sync")
+
+
+class Cluster:
+    """The three KRaft nodes of ``deploy/kafka/kafka-cluster`` and their bounces."""
+
+    def __init__(self, env: dict[str, str]) -> None:
+        self.env = env
+        self.bootstrap = self.cli("bootstrap").strip()
+        self._admin = AdminClient({"bootstrap.servers": self.bootstrap})
+
+    def cli(self, *args: str) -> str:
+        done = subprocess.run(
+            [str(KAFKA_CLUSTER), *args], env=self.env, capture_output=True, text=True
+        )
+        assert done.returncode == 0, f"kafka-cluster {' '.join(args)}: {done.stderr[-3000:]}"
+        return done.stdout
+
+    def kill(self, node: int) -> None:
+        self.cli("kill", str(node))
+
+    def term(self, node: int) -> None:
+        self.cli("term", str(node))
+
+    def start(self, node: int) -> None:
+        self.cli("start", str(node))
+
+    def unhealthy(self) -> str | None:
+        """Why the cluster is not whole now: a broker missing (down or fenced), or a
+        partition without a leader or with a replica out of sync. None when whole."""
+        try:
+            metadata = self._admin.list_topics(timeout=10)
+        except KafkaException as exc:
+            return f"metadata: {exc}"
+        if sorted(metadata.brokers) != list(NODES):
+            return f"brokers {sorted(metadata.brokers)}"
+        short = [
+            f"{name}[{p.id}] isr {p.isrs} of {p.replicas}"
+            for name, topic in metadata.topics.items()
+            for p in topic.partitions.values()
+            if p.leader < 0 or len(p.isrs) < len(p.replicas)
+        ]
+        if short:
+            return f"under-replicated: {short[:5]}"
+        # Leaders back on their preferred replicas (kafka-cluster checks every 5 s), so
+        # that no leader moves after the bouncing stops.
+        moved = [
+            f"{name}[{p.id}] led by {p.leader}, not {p.replicas[0]}"
+            for name, topic in metadata.topics.items()
+            for p in topic.partitions.values()
+            if p.replicas and p.leader != p.replicas[0]
+        ]
+        return f"leaders not yet preferred: {moved[:5]}" if moved else None
+
+    def ensure_whole(self) -> None:
+        """Start whatever node is down (a test that failed mid-bounce), wait until whole."""
+        if self.unhealthy() is not None:
+            self.cli("start")
+            self.wait_healthy()
+
+    def wait_healthy(self, timeout: float = 180) -> None:
+        try:
+            wait_until(lambda: self.unhealthy() is None, timeout, "a whole cluster")
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}: {self.unhealthy()}") from None
+
+
+@dataclass
+class BounceEvent:
+    at: float  # time.time()
+    node: int
+    what: str  # "SIGKILL" | "SIGTERM" | "serving" | "whole"
+
+
+class Bouncer(threading.Thread):
+    """Bounces the brokers one at a time, in rotation, until stopped: SIGKILL (hard) or
+    SIGTERM (clean, a controlled shutdown), restart at once, wait until every partition
+    is fully replicated again, then ``pause_s`` before the next node. As Kafka's own
+    transactions system test bounces them (tests/kafkatest/tests/core/transactions_test.py),
+    but for the whole run and without waiting out the broker session after a kill."""
+
+    def __init__(self, cluster: Cluster, hard: bool, pause_s: float = 10.0) -> None:
+        super().__init__(name="bouncer", daemon=True)
+        self.cluster = cluster
+        self.hard = hard
+        self.pause_s = pause_s
+        self.events: list[BounceEvent] = []
+        self.bounces = 0
+        self.error: BaseException | None = None
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        try:
+            node = 0
+            while not self._halt.wait(self.pause_s):
+                target = NODES[node % len(NODES)]
+                node += 1
+                self._note(target, "SIGKILL" if self.hard else "SIGTERM")
+                (self.cluster.kill if self.hard else self.cluster.term)(target)
+                self.cluster.start(target)
+                self._note(target, "serving")
+                self.cluster.wait_healthy()
+                self._note(target, "whole")
+                self.bounces += 1
+        except BaseException as exc:  # noqa: BLE001 - raised in the test by finish()
+            self.error = exc
+
+    def _note(self, node: int, what: str) -> None:
+        self.events.append(BounceEvent(time.time(), node, what))
+
+    def stop(self, timeout: float = 300) -> None:
+        """Stop after the bounce in progress (the cluster is whole again when it returns)."""
+        self._halt.set()
+        if self.ident is not None:
+            self.join(timeout)
+
+    def finish(self, timeout: float = 300) -> None:
+        """:meth:`stop`, and raise what went wrong with a bounce."""
+        self.stop(timeout)
+        assert not self.is_alive(), "the bouncer did not finish its last bounce"
+        if self.error is not None:
+            raise self.error
+
+
+class PacedInput(threading.Thread):
+    """Produces ``run``'s next events at ``rate`` a second (one malformed in ten), at least
+    ``n`` of them and on until ``until()`` is true (the bounces done: the input flows for
+    the whole run, however slowly the brokers restart), keyed over ``keys`` keys so that
+    each key has many events in order, with an idempotent producer that rides out the
+    bounces. Each event is added to ``run.values`` as it is produced."""
+
+    def __init__(
+        self,
+        run: FaultRun,
+        n: int,
+        rate: float,
+        until: Callable[[], bool] = lambda: True,
+        keys: int = 60,
+    ) -> None:
+        super().__init__(name="paced-input", daemon=True)
+        self.values = run.values
+        self.topic = run.input
+        self.bootstrap = run.bootstrap
+        self.n = n
+        self.rate = rate
+        self.until = until
+        self.keys = keys
+        self.errors: list[str] = []
+        #: (time.time() acknowledged, (partition, offset)) of each event.
+        self.acked: list[tuple[float, tuple[int, int]]] = []
+        self.left = -1
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        producer = Producer(
+            {"bootstrap.servers": self.bootstrap, "enable.idempotence": True, "linger.ms": 5}
+        )
+
+        def report(err: object, msg: Any) -> None:
+            if err is not None:
+                self.errors.append(str(err))
+            else:
+                self.acked.append((time.time(), (msg.partition(), msg.offset())))
+
+        began = time.monotonic()
+        sent = 0
+        while not self._halt.is_set() and (sent < self.n or not self.until()):
+            # Paced by the clock: a stalled produce() is caught up, not drifted.
+            self._halt.wait(max(0.0, began + sent / self.rate - time.monotonic()))
+            i = len(self.values)
+            value = (
+                BAD_EVENT
+                if i % 10 == 5
+                else json.dumps({"id": i, "text": f"event {i}: cheap pills"}).encode()
+            )
+            self.values.append(value)
+            producer.produce(
+                self.topic, value=value, key=f"key-{i % self.keys}".encode(), on_delivery=report
+            )
+            producer.poll(0)
+            sent += 1
+        self.left = producer.flush(300)
+
+    def finish(self, timeout: float) -> None:
+        """Wait for the input to end by itself; past ``timeout`` it is stopped, and fails."""
+        self.join(timeout)
+        late = self.is_alive()
+        self.stop()
+        assert not late, f"input still flowing after {timeout:.0f}s"
+        assert self.left == 0 and not self.errors, (self.left, self.errors[:5])
+
+    def stop(self) -> None:
+        """Stop producing (what was produced is still flushed) and wait for the flush."""
+        self._halt.set()
+        if self.ident is not None:
+            self.join(330)
+
+
+class OutputClock(threading.Thread):
+    """Reads the output topic (read_committed) while the run goes on and notes when each
+    event's first output became visible: the gaps users see between outputs. (With
+    ``key_of=input_key`` it watches the input topic the same way.)"""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        key_of: Callable[[Record], tuple[int, int]] | None = None,
+    ) -> None:
+        super().__init__(name=f"clock-{topic}", daemon=True)
+        self._reader = TopicReader(bootstrap, topic)
+        self._key_of = key_of or output_source
+        #: (time.time() it was seen, (partition, offset) of its input), first copies only.
+        self.seen: list[tuple[float, tuple[int, int]]] = []
+        self._sources: set[tuple[int, int]] = set()
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            before = len(self._reader.records)
+            self._reader.poll(0.1)
+            now = time.time()
+            for record in self._reader.records[before:]:
+                source = self._key_of(record)
+                if source not in self._sources:
+                    self._sources.add(source)
+                    self.seen.append((now, source))
+
+    def finish(self) -> None:
+        self._halt.set()
+        self.join(30)
+        self._reader.close()
+
+    def gaps(self, top: int = 5, partition: int | None = None) -> list[tuple[float, float]]:
+        """The ``top`` longest waits between new outputs (of one partition of their input,
+        if given): (seconds, time.time() it began)."""
+        return longest_waits(self.seen, top, partition)
+
+
+def longest_waits(
+    seen: list[tuple[float, tuple[int, int]]], top: int, partition: int | None = None
+) -> list[tuple[float, float]]:
+    times = [t for t, (p, _) in seen if partition is None or p == partition]
+    waits = sorted(((b - a, a) for a, b in zip(times, times[1:], strict=False)), reverse=True)
+    return waits[:top]
+
+
+def key_order_held(records: list[Record], source_of: Callable[[Record], tuple[int, int]]) -> bool:
+    """Per key, the first copies of the records come in the order of their inputs (a
+    duplicate, allowed under at_least_once, repeats an earlier one and is skipped)."""
+    last: dict[bytes | None, int] = {}
+    seen: set[tuple[int, int]] = set()
+    for record in records:  # one key is on one partition, read in offset order
+        source = source_of(record)
+        if source in seen:
+            continue
+        seen.add(source)
+        if source[1] <= last.get(record.key, -1):
+            return False
+        last[record.key] = source[1]
+    return True
+
+
+def dead_letter_source(record: Record) -> tuple[int, int]:
+    headers = record.headers
+    return (
+        int(headers["stream-classifier.source.partition"] or b"-1"),
+        int(headers["stream-classifier.source.offset"] or b"-1"),
+    )
+
+
+def output_source(record: Record) -> tuple[int, int]:
+    return _source(record.value)
+
+
+def input_key(record: Record) -> tuple[int, int]:
+    return record.partition, record.offset

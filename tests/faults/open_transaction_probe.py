@@ -20,8 +20,9 @@ from pathlib import Path
 sys.path[:0] = [str(Path(__file__).parents[1]), str(Path(__file__).parent)]
 
 from confluent_kafka import KafkaException  # noqa: E402
-from harness import FaultRun  # noqa: E402
 from kafka_helpers import committed, end_offsets, wait_until  # noqa: E402
+
+from faults.harness import FaultRun  # noqa: E402
 
 BOOTSTRAP = os.environ.get("KAFKA_BOOTSTRAP", "127.0.0.1:9092")
 EVENTS = 1500

@@ -6,7 +6,6 @@ fault, and counts what an independent read_committed consumer sees.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -88,8 +87,14 @@ def test_scale_out_to_three_then_one_killed(
 def scale_out_run(bootstrap: str, mode: str, tmp_path: Path) -> FaultRun:
     """The killed instance's id is not started again, so its open transaction (if it was
     killed inside one) lasts until its timeout: 15 s here, not the default 60 s."""
-    timeouts = {"transaction_timeout_ms": 15_000, "delivery_timeout_ms": 10_000}
-    return FaultRun(bootstrap, mode, tmp_path, partitions=6, **timeouts)
+    return FaultRun(
+        bootstrap,
+        mode,
+        tmp_path,
+        partitions=6,
+        transaction_timeout_ms=15_000,
+        delivery_timeout_ms=10_000,
+    )
 
 
 def scale_out_then_kill(run: FaultRun, events: int, note: str) -> None:
@@ -275,7 +280,7 @@ def test_sighup_reload_mid_stream_with_every_event_routed(
     assert run.terminate_all() == [0]
     run.assert_guarantee(run.count("SIGHUP reload mid-stream, every event routed"))
     run.assert_routed()
-    outputs = [json.loads(r.value) for r in read_to_end(bootstrap, run.output)]
+    outputs = [r.json_value() for r in read_to_end(bootstrap, run.output)]
     by_version = Counter(o["settings_version"] for o in outputs)
     assert len(by_version) == 2, by_version  # before and after the reload
     assert {len(o["labels"]) for o in outputs} == {4, 3}
