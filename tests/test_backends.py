@@ -420,27 +420,6 @@ def test_the_backends_agree_on_cuda(tiny_model: Path) -> None:
 
 
 @pytest.mark.gpu
-def test_efficient_passes_replayed_from_cuda_graphs_equal_the_eager_passes(
-    tiny_model: Path,
-) -> None:
-    """As ``tests/test_engine_gpu.py`` checks for flash: many shapes, twice."""
-    graphed = cuda_engine(tiny_model, "efficient")
-    config = EngineConfig(model=str(tiny_model), device="cuda", cuda_graphs=False)
-    eager = NliEngine.load(config, 16384, backend="efficient")
-    assert (graphed.backend, eager.backend) == ("packed-efficient-graphs", "packed-efficient")
-    graphed.warmup()
-    forward = graphed.forward
-    assert isinstance(forward, GraphedForward)
-    for _ in range(2):  # a shape is captured on its second pass
-        for seed, rows in [(0, 700), (1, 333), (2, 41)]:
-            batch = random_pairs(seed, rows)
-            np.testing.assert_allclose(
-                graphed.logits(batch), eager.logits(batch), rtol=0, atol=FP16_TOLERANCE
-            )
-    assert forward.captured >= 3 and forward.failed == 0
-
-
-@pytest.mark.gpu
 def test_without_flash_auto_takes_the_efficient_kernel_on_cuda(
     tiny_model: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

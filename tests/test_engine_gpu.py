@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import pytest
@@ -74,12 +74,16 @@ def random_pairs(seed: int, rows: int) -> TokenBatch:
     )
 
 
-def test_passes_replayed_from_cuda_graphs_equal_the_eager_passes(tiny_model: Path) -> None:
-    """Many passes of many shapes (the last of each call short of the budget), twice."""
+@pytest.mark.parametrize("kernel", ["flash", "efficient"])
+def test_passes_replayed_from_cuda_graphs_equal_the_eager_passes(
+    tiny_model: Path, kernel: Literal["flash", "efficient"]
+) -> None:
+    """Many passes of many shapes (the last of each call short of the budget), twice,
+    with either packed attention kernel."""
     config = EngineConfig(model=str(tiny_model), device="cuda")
-    graphed = NliEngine.load(config, 16384)
-    eager = NliEngine.load(config.model_copy(update={"cuda_graphs": False}), 16384)
-    assert (graphed.backend, eager.backend) == ("packed-flash-graphs", "packed-flash")
+    graphed = NliEngine.load(config, 16384, backend=kernel)
+    eager = NliEngine.load(config.model_copy(update={"cuda_graphs": False}), 16384, backend=kernel)
+    assert (graphed.backend, eager.backend) == (f"packed-{kernel}-graphs", f"packed-{kernel}")
     graphed.warmup()
     forward = graphed.forward
     assert isinstance(forward, GraphedForward)

@@ -15,7 +15,8 @@ import sys
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -653,3 +654,15 @@ def output_source(record: Record) -> tuple[int, int]:
 
 def input_key(record: Record) -> tuple[int, int]:
     return record.partition, record.offset
+
+
+@contextmanager
+def busy_loops(count: int = 2) -> Iterator[None]:
+    """Processes spinning on the CPU beside a test, as on a loaded CI node."""
+    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for spinner in spinners:
+            spinner.kill()
+            spinner.wait()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -19,7 +18,7 @@ import pytest
 from conftest import KAFKA_LOCAL
 from kafka_helpers import committed, create_topics, read_to_end
 
-from faults.harness import POISONED_SERVICE, FaultRun, free_port
+from faults.harness import POISONED_SERVICE, FaultRun, busy_loops, free_port
 
 pytestmark = pytest.mark.kafka
 
@@ -105,15 +104,10 @@ def scale_out_then_kill(run: FaultRun, events: int, note: str) -> None:
 
 
 @pytest.fixture
-def busy_loops() -> Iterator[None]:
-    """Two processes spinning on the CPU beside the test, as on a loaded CI node."""
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    try:
+def loaded() -> Iterator[None]:
+    """Two busy loops beside the test."""
+    with busy_loops():
         yield
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
 
 
 def test_scale_out_with_a_kill_while_two_busy_loops_load_the_cpu(
@@ -121,7 +115,7 @@ def test_scale_out_with_a_kill_while_two_busy_loops_load_the_cpu(
     mode: str,
     events: int,
     tmp_path: Path,
-    busy_loops: None,
+    loaded: None,
     request: pytest.FixtureRequest,
 ) -> None:
     repeats = 10 if request.config.getoption("--long") else 1

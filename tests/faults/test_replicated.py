@@ -22,8 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -39,6 +37,7 @@ from faults.harness import (
     FaultRun,
     OutputClock,
     PacedInput,
+    busy_loops,
     dead_letter_source,
     input_key,
     key_order_held,
@@ -200,13 +199,8 @@ def load(request: pytest.FixtureRequest) -> Iterator[None]:
     if not request.config.getoption("--long"):
         yield
         return
-    spinners = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(2)]
-    try:
+    with busy_loops():
         yield
-    finally:
-        for spinner in spinners:
-            spinner.kill()
-            spinner.wait()
 
 
 def test_brokers_bounced_in_rotation(
