@@ -359,9 +359,13 @@ NODES = (1, 2, 3)
 def create_replicated_topics(
     bootstrap: str, names: list[str], partitions: int, replicas: int
 ) -> None:
+    """Every topic with the same replicas per partition (partition p led by node p mod 3
+    first): the input's own stalls then measure the cluster's stalls on the very replica
+    sets the outputs of the same keys are written to (same key, same partition)."""
     admin = AdminClient({"bootstrap.servers": bootstrap})
+    layout = [[NODES[(p + i) % len(NODES)] for i in range(replicas)] for p in range(partitions)]
     futures = admin.create_topics(
-        [NewTopic(name, num_partitions=partitions, replication_factor=replicas) for name in names]
+        [NewTopic(name, num_partitions=partitions, replica_assignment=layout) for name in names]
     )
     for future in futures.values():
         future.result(timeout=60)

@@ -68,13 +68,14 @@ BATCH, PENDING = 64, 2
 IN_FLIGHT_BOUND = 2 * BATCH * (PENDING + 2)
 #: The longest wait between two new outputs a run may see (issue 18): 15 s, or the input's
 #: own longest wait (``input_stall_s``) plus the service's share where the cluster itself
-#: stalled longer. A hard-killed broker holds every acks=all write of this cluster (the
-#: upstream producer's too) until the controller fences it (``broker.session.timeout.ms``,
-#: 9 s; 8-14 s measured here), and an exactly_once transaction that touched one of its
-#: partitions ends only after that, then is redone: the share. Under two busy loops
-#: (``--long``) an output partition's writes stalled up to 20 s while the input's stalled
-#: 12 s, hence the larger share there. A hung transactional call (45 s before issue 18)
-#: fails either. docs/RELIABILITY.md, "A replicated cluster".
+#: stalled longer. Input and outputs share their replicas partition by partition
+#: (``create_replicated_topics``), so the input's wait is the cluster's wait on the replica
+#: sets the outputs are written to. A hard-killed broker holds every acks=all write to its
+#: partitions (the upstream producer's too) until the controller fences it
+#: (``broker.session.timeout.ms``, 9 s; 8-14 s measured here), and an exactly_once
+#: transaction that touched one of them ends only after that, then is redone: the share,
+#: larger under two busy loops (``--long``). A hung transactional call (45 s before issue
+#: 18) fails either. docs/RELIABILITY.md, "A replicated cluster".
 GAP_LIMIT_S = 15.0
 SERVICE_SHARE_S = 8.0
 LOADED_SHARE_S = 12.0
