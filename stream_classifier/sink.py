@@ -113,13 +113,13 @@ HANG_MARGIN_S = 15.0
 #: ``send_offsets_to_transaction``'s whole bound, timeout and hang together. librdkafka
 #: ignores that call's timeout (#5456) and blocks until some broker changes state when
 #: the group coordinator it cached was killed and left the metadata (#5511): until the
-#: killed broker is back, minutes on a slow restart. Past this bound the producer is
-#: replaced; the new one looks the coordinators up afresh. A call that was merely slow
-#: (the group coordinator moving) costs a producer replacement, which waits on the same
-#: move: the bound sits a little under the cluster's own stall after a hard kill
-#: (``broker.session.timeout.ms``, 9 s by default), so that a hang ends about when the
-#: cluster is writable again (docs/RELIABILITY.md, "A replicated cluster").
-OFFSETS_BOUND_S = 8.0
+#: killed broker is back, minutes on a slow restart. The hang also catches calls made
+#: after the cluster has recovered, so the bound is short: past it the producer is
+#: replaced, and the new one looks the coordinators up afresh. Cutting a call that was
+#: only slow (a coordinator moving) costs little, since the new producer's
+#: ``init_transactions`` waits on the same move; a healthy call takes milliseconds
+#: (docs/RELIABILITY.md, "A replicated cluster").
+OFFSETS_BOUND_S = 3.0
 #: librdkafka's longest wait between connection attempts to a broker (its default
 #: 10,000 ms); both clients, user settings win.
 RECONNECT_BACKOFF_MAX_MS = 1000
