@@ -166,6 +166,12 @@ def _parser() -> argparse.ArgumentParser:
         "'py-spy record -f raw -o spy-{guarantee}.txt --' ({guarantee} is filled in)",
     )
     bench.set_defaults(handler=cmd_bench)
+
+    plan = commands.add_parser(
+        "plan", help="GPU replicas for a target event rate, from a sample of events"
+    )
+    _add_plan_arguments(plan)
+    plan.set_defaults(handler=cmd_plan)
     return parser
 
 
@@ -224,6 +230,45 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="progress bar on stderr (auto: on a terminal, for long samples)",
     )
+
+
+def _add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """``plan``'s arguments, here so that building the parser does not import
+    :mod:`stream_classifier.tools.plan`; the tool checks them."""
+    parser.add_argument(
+        "sample",
+        nargs="?",
+        type=Path,
+        metavar="SAMPLE",
+        help="events, one a line: JSON objects (their text field) or plain text",
+    )
+    parser.add_argument(
+        "--reference-workload",
+        action="store_true",
+        help="instead of a sample: the events the H200 calibration ran (bench's workload)",
+    )
+    parser.add_argument(
+        "--labels", required=True, help="a label count, or the comma-separated labels"
+    )
+    parser.add_argument("--template", default="{}", help="hypothesis template with {}")
+    parser.add_argument(
+        "--label-tokens",
+        type=int,
+        help="tokens of each label where --labels is a count (default 3)",
+    )
+    parser.add_argument("--rate", type=float, required=True, help="target events/s")
+    parser.add_argument("--gpu", help="one GPU of the table, e.g. T4 or H100 (default: all)")
+    parser.add_argument(
+        "--model",
+        help="a model directory: its config.json and tokenizer (default: the StructBERT-large "
+        "shape, tokens estimated)",
+    )
+    parser.add_argument(
+        "--text-field",
+        help="the JSON field (dotted) holding the text, or $value for plain lines "
+        "(default: text where the first line is a JSON object, else $value)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
 def cmd_validate_config(args: argparse.Namespace) -> int:
@@ -378,6 +423,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if missing:
         print(f"eval: no such file: {', '.join(missing)}", file=sys.stderr)
         return EXIT_CONFIG
+    return command(args)
+
+
+def cmd_plan(args: argparse.Namespace) -> int:
+    from stream_classifier.tools.plan import command
+
     return command(args)
 
 
