@@ -14,6 +14,8 @@ from faults.harness import KAFKA_CLUSTER, REPORT, STARTED, Cluster
 
 #: --long: 20,000 events a fault and ten loaded scale-outs outlast pytest-timeout's 600 s.
 LONG_TIMEOUT_S = 7200
+#: How long a node's start may take (test_replicated's BOUNCE_LIMIT_S for a whole bounce).
+BOUNCE_START_S = 240
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -37,8 +39,10 @@ def no_process_left() -> Iterator[None]:
 @pytest.fixture(scope="session")
 def cluster() -> Iterator[Cluster]:
     """The three-node cluster of deploy/kafka/kafka-cluster (KAFKA_CLUSTER_PORT, default
-    9492): started here when it is not running, and then stopped at the end."""
-    env = dict(os.environ)
+    9492): started here when it is not running, and then stopped at the end. A node
+    restarted under load may take minutes to load its logs: its start waits as long as
+    a bounce may take (the script's own default is 120 s)."""
+    env = {"KAFKA_START_TIMEOUT": str(BOUNCE_START_S), **os.environ}
     running = subprocess.run(
         [str(KAFKA_CLUSTER), "status"], env=env, capture_output=True, check=False
     )
@@ -66,7 +70,7 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     header = ["fault", "mode", "events_in", "outputs", "dead_letters", "lost", "duplicated"]
     # The replicated-cluster runs (test_replicated.py) also record these.
-    extra = ("order_held", "longest_gap_s", "input_stall_s")
+    extra = ("order_held", "longest_gap_s", "input_stall_s", "transaction_stall_s")
     header += [key for key in extra if any(key in r for r in REPORT)]
     terminalreporter.section("fault suite counts")
     terminalreporter.write_line(" | ".join(header))

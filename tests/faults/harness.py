@@ -620,6 +620,93 @@ class OutputClock(threading.Thread):
         return longest_waits(self.seen, top, partition)
 
 
+#: Partitions of the replicated cluster's internal topics (``deploy/kafka/kafka-cluster``:
+#: ``transaction.state.log.num.partitions``), which decide each id's coordinator.
+COORDINATOR_PARTITIONS = 3
+
+
+def java_string_hash(text: str) -> int:
+    """Java's ``String.hashCode()`` (over UTF-16 code units, in 32-bit arithmetic)."""
+    value = 0
+    units = text.encode("utf-16-be")
+    for i in range(0, len(units), 2):
+        value = (31 * value + int.from_bytes(units[i : i + 2], "big")) & 0xFFFFFFFF
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+def coordinator_partition(key: str, partitions: int = COORDINATOR_PARTITIONS) -> int:
+    """The internal-topic partition whose leader coordinates ``key`` (a transactional or
+    group id): Kafka's ``Utils.abs(key.hashCode()) % partitions``."""
+    hashed = java_string_hash(key)
+    return (0 if hashed == -(1 << 31) else abs(hashed)) % partitions
+
+
+class TransactionProbe(threading.Thread):
+    """Commits a small transaction every ``interval`` (one record to each partition of
+    ``topic``) under a transactional id that has the same coordinator as ``like``, and
+    notes when each commit ended: the cluster's own stall for transactions. The input
+    producer is not transactional, so it does not see a transaction coordinator moving
+    (loading its log on a restarted node), which holds every transaction there."""
+
+    def __init__(
+        self, bootstrap: str, topic: str, partitions: int, like: str, interval: float = 0.1
+    ) -> None:
+        super().__init__(name="transaction-probe", daemon=True)
+        wanted = coordinator_partition(like)
+        self.transactional_id = next(
+            f"{like}-probe-{n}"
+            for n in range(1000)
+            if coordinator_partition(f"{like}-probe-{n}") == wanted
+        )
+        self._servers = bootstrap
+        self._topic = topic
+        self._partitions = partitions
+        self._interval = interval
+        #: (time.time() it committed, (0, n)): the shape :func:`longest_waits` reads.
+        self.committed: list[tuple[float, tuple[int, int]]] = []
+        self._halt = threading.Event()
+
+    def _producer(self) -> Producer:
+        producer = Producer(
+            {
+                "bootstrap.servers": self._servers,
+                "transactional.id": self.transactional_id,
+                "reconnect.backoff.max.ms": 1000,
+            }
+        )
+        producer.init_transactions(30)
+        return producer
+
+    def run(self) -> None:
+        producer: Producer | None = None
+        while not self._halt.is_set():
+            try:
+                producer = producer or self._producer()
+                producer.begin_transaction()
+                for partition in range(self._partitions):
+                    producer.produce(self._topic, value=b"probe", partition=partition)
+                producer.commit_transaction(30)
+                self.committed.append((time.time(), (0, len(self.committed))))
+            except KafkaException as exc:
+                error: KafkaError = exc.args[0]
+                if producer is not None and error.txn_requires_abort():
+                    try:
+                        producer.abort_transaction(30)
+                    except KafkaException:
+                        producer = None
+                elif not error.retriable():
+                    producer = None  # fenced, fatal or unknown state: start afresh
+            self._halt.wait(self._interval)
+
+    def finish(self) -> None:
+        self._halt.set()
+        self.join(60)
+
+    def gaps(self, top: int = 5) -> list[tuple[float, float]]:
+        """The ``top`` longest waits between commits: (seconds, time.time() it began)."""
+        return longest_waits(self.committed, top)
+
+
 def longest_waits(
     seen: list[tuple[float, tuple[int, int]]], top: int, partition: int | None = None
 ) -> list[tuple[float, float]]:

@@ -37,9 +37,13 @@ from faults.harness import (
     FaultRun,
     OutputClock,
     PacedInput,
+    TransactionProbe,
     busy_loops,
+    coordinator_partition,
+    create_replicated_topics,
     dead_letter_source,
     input_key,
+    java_string_hash,
     key_order_held,
     longest_waits,
     output_source,
@@ -66,11 +70,15 @@ BATCH, PENDING = 64, 2
 #: yet acknowledged (at most ``max_batch_messages x (max_pending_batches + 2)`` before
 #: the service pauses) plus those queued or being scored (as many again).
 IN_FLIGHT_BOUND = 2 * BATCH * (PENDING + 2)
-#: The longest wait between two new outputs a run may see (issue 18): 15 s, or the input's
-#: own longest wait (``input_stall_s``) plus the service's share where the cluster itself
-#: stalled longer. Input and outputs share their replicas partition by partition
-#: (``create_replicated_topics``), so the input's wait is the cluster's wait on the replica
-#: sets the outputs are written to. A hard-killed broker holds every acks=all write to its
+#: The longest wait between two new outputs a run may see (issue 18): 15 s, or the
+#: cluster's own longest wait plus the service's share where the cluster itself stalled
+#: longer. The cluster's wait is the input's (``input_stall_s``), and under exactly_once
+#: also that of a probe committing transactions at the service's transaction coordinator
+#: (``transaction_stall_s``: a coordinator moving back to a restarted node and loading its
+#: log holds every transaction there, which the non-transactional input does not see).
+#: Input, outputs and probe share their replicas partition by partition
+#: (``create_replicated_topics``), so these are the cluster's waits on the replica sets the
+#: outputs are written to. A hard-killed broker holds every acks=all write to its
 #: partitions (the upstream producer's too) until the controller fences it
 #: (``broker.session.timeout.ms``, 9 s; 8-14 s measured here), and an exactly_once
 #: transaction that touched one of them ends only after that, then is redone: the share,
@@ -106,6 +114,8 @@ def bounced_run(
     # The input's own waits, to tell a stalled service from a stalled cluster.
     input_clock = OutputClock(cluster.bootstrap, run.input, key_of=input_key)
     input_clock.start()
+    # exactly_once: the cluster's own wait for transactions at the service's coordinator.
+    probe = transaction_probe(cluster, run) if mode == "exactly_once" else None
     bouncer = Bouncer(cluster, hard)
     # The input flows until every node was bounced (or the bouncer failed).
     paced = PacedInput(
@@ -124,12 +134,15 @@ def bounced_run(
         bouncer.stop()
         clock.finish()
         input_clock.finish()
+        if probe is not None:
+            probe.finish()
         (tmp_path / "timeline.json").write_text(
             json.dumps(
                 {
                     "bounces": [asdict(event) for event in bouncer.events],
                     "gaps": clock.gaps(10),
                     "input_gaps": input_clock.gaps(10),
+                    "transaction_gaps": probe.gaps(10) if probe else [],
                     "by_partition": {
                         p: {
                             "acked": longest_waits(paced.acked, 3, p),
@@ -155,12 +168,15 @@ def bounced_run(
     outputs = read_to_end(run.bootstrap, run.output)
     dead = read_to_end(run.bootstrap, run.dead_letter)
     order = key_order_held(outputs, output_source) and key_order_held(dead, dead_letter_source)
-    longest, stall = ((c.gaps(1) or [(0.0, 0.0)])[0][0] for c in (clock, input_clock))
+    longest, input_stall = ((c.gaps(1) or [(0.0, 0.0)])[0][0] for c in (clock, input_clock))
+    transaction_stall = (probe.gaps(1) or [(0.0, 0.0)])[0][0] if probe else 0.0
+    stall = max(input_stall, transaction_stall)
     row = {
         **asdict(counts),
         "order_held": order,
         "longest_gap_s": round(longest, 1),
-        "input_stall_s": round(stall, 1),
+        "input_stall_s": round(input_stall, 1),
+        **({"transaction_stall_s": round(transaction_stall, 1)} if probe else {}),
         "bounces": bouncer.bounces,
         "input_duplicated": input_duplicated,
     }
@@ -171,6 +187,16 @@ def bounced_run(
     limit = max(GAP_LIMIT_S, stall + (LOADED_SHARE_S if loaded else SERVICE_SHARE_S))
     assert longest <= limit, f"{row}: over {limit:.1f}s, see {tmp_path}/timeline.json"
     return row
+
+
+def transaction_probe(cluster: Cluster, run: FaultRun) -> TransactionProbe:
+    """A probe committing transactions at the coordinator of the service's transactional
+    id (``FaultRun.start``'s slot 0) to a topic with the outputs' replicas, started."""
+    topic = f"{run.output}-probe"
+    create_replicated_topics(cluster.bootstrap, [topic], run.partitions, replicas=3)
+    probe = TransactionProbe(cluster.bootstrap, topic, run.partitions, like=f"{run.group}-0")
+    probe.start()
+    return probe
 
 
 #: --long: each bounce kind this many times per guarantee, two busy loops beside each run.
@@ -228,3 +254,13 @@ def debug_settings() -> dict[str, Any]:
     ``REPLICATED_DEBUG`` (e.g. ``cgrp,eos``): what a gap is read from in the logs."""
     contexts = os.environ.get("REPLICATED_DEBUG")
     return {**PRODUCT_DEFAULTS, "extra": {"debug": contexts}} if contexts else PRODUCT_DEFAULTS
+
+
+def test_coordinator_partition_is_kafkas() -> None:
+    """The probe's coordinator is the service's only if the hash is Java's: known values
+    of ``String.hashCode()`` (one is Integer.MIN_VALUE, which Kafka's abs maps to 0)."""
+    assert java_string_hash("hello") == 99162322
+    assert java_string_hash("中文") == 646394
+    assert java_string_hash("polygenelubricants") == -(2**31)
+    assert coordinator_partition("polygenelubricants") == 0
+    assert coordinator_partition("hello", 50) == 99162322 % 50
