@@ -352,8 +352,11 @@ class Tally:
     latencies: list[float] = field(default_factory=list)
     #: Per configured input topic, per decision lane: how many scored events took it.
     decisions: dict[str, Counter[str]] = field(default_factory=dict)
+    #: Per configured input topic: the lanes taken by the events whose expected label some
+    #: lane names (harmful ones: right when not the default lane).
+    flagged: dict[str, Counter[str]] = field(default_factory=dict)
     #: Per configured input topic: the lanes taken by the events whose expected label no lane
-    #: names (harmless ones), and those labels.
+    #: names (harmless ones: right in the default lane), and those labels.
     unflagged: dict[str, Counter[str]] = field(default_factory=dict)
     unflagged_labels: dict[str, set[str]] = field(default_factory=dict)
     #: Per configured route topic: the ids whose decision routes there, and the ids of the
@@ -363,6 +366,31 @@ class Tally:
 
     def copies_complete(self) -> bool:
         return all(sorted(ids) == sorted(self.copies.get(r, [])) for r, ids in self.routed.items())
+
+    def acted_on(self, topic: str, default: str) -> tuple[int, int]:
+        """(harmful events acted on: any lane but the default, harmful events decided)."""
+        lanes = self.flagged.get(topic, Counter())
+        return sum(lanes.values()) - lanes[default], sum(lanes.values())
+
+    def allowed(self, topic: str, default: str) -> tuple[int, int]:
+        """(harmless events in the default lane, harmless events decided)."""
+        lanes = self.unflagged.get(topic, Counter())
+        return lanes[default], sum(lanes.values())
+
+    def decisions_right(self, config: dict[str, Any]) -> tuple[int, int]:
+        """(decisions right, decisions with an expectation) over the topics with lanes: a
+        harmful event acted on, a harmless one left to the default lane."""
+        right = total = 0
+        for topic in config["topics"]:
+            default = default_lane(topic)
+            if default is None:
+                continue
+            for good, count in (
+                self.acted_on(topic["input"], default),
+                self.allowed(topic["input"], default),
+            ):
+                right, total = right + good, total + count
+        return right, total
 
 
 def show_results(
@@ -408,13 +436,31 @@ def record_row(message: Any, table: Table, config: dict[str, Any], tally: Tally)
         name = table.run.configured_name(output["source"]["topic"])
         topic = next(t for t in config["topics"] if t["input"] == name)
         tally.decisions.setdefault(name, Counter())[decision] += 1
-        if event is not None and event.expected not in lane_labels(topic):
+        if event is not None and event.expected in lane_labels(topic):
+            tally.flagged.setdefault(name, Counter())[decision] += 1
+        elif event is not None:
             tally.unflagged.setdefault(name, Counter())[decision] += 1
             tally.unflagged_labels.setdefault(name, set()).add(str(event.expected))
         route = routes(topic).get(decision)
         if route is not None:
             tally.routed.setdefault(route, set()).add(str(output["id"]))
     print(table.scored(output), flush=True)
+
+
+def decision_line(tally: Tally, topic: dict[str, Any]) -> str:
+    """A topic's lanes taken, and how many harmful events were acted on, harmless allowed."""
+    name = topic["input"]
+    lanes = [lane["name"] for lane in topic["lanes"]]
+    counts = ", ".join(f"{tally.decisions[name][lane]} {lane}" for lane in lanes)
+    default = default_lane(topic) or ""
+    acting = "/".join(lane for lane in lanes if lane != default)
+    acted, harmful = tally.acted_on(name, default)
+    allowed, harmless = tally.allowed(name, default)
+    labels = ", ".join(sorted(tally.unflagged_labels.get(name, set()))) or "none"
+    return (
+        f"decisions on {name}: {counts}; expected a label some lane names: {acted}/{harmful} "
+        f"{acting}; expected {labels} (no lane names it): {allowed}/{harmless} {default}"
+    )
 
 
 def record_copy(message: Any, table: Table, tally: Tally) -> None:
@@ -467,24 +513,15 @@ def summary(
 ) -> int:
     latencies = sorted(tally.latencies or [0.0])
     median = latencies[len(latencies) // 2]
+    right, decided = tally.decisions_right(config)
     print(
         f"\n{tally.scored}/{total} events scored in {elapsed:.1f}s; median latency "
         f"{median:.0f} ms; {tally.matched}/{total} top labels match examples/events.jsonl's "
-        f"'expected'; service exit code {running.exit_code}"
+        f"'expected', {right}/{decided} decisions right; service exit code {running.exit_code}"
     )
     for topic in config["topics"]:
-        name = topic["input"]
-        if name not in tally.decisions:
-            continue
-        lanes = [lane["name"] for lane in topic["lanes"]]
-        counts = ", ".join(f"{tally.decisions[name][lane]} {lane}" for lane in lanes)
-        unflagged = tally.unflagged.get(name, Counter())
-        default = default_lane(topic) or ""
-        harmless = ", ".join(sorted(tally.unflagged_labels.get(name, set()))) or "none"
-        print(
-            f"decisions on {name}: {counts}; expected {harmless} (no lane names it): "
-            f"{unflagged[default]}/{sum(unflagged.values())} {default}"
-        )
+        if topic["input"] in tally.decisions:
+            print(decision_line(tally, topic))
     for route in sorted({r for t in config["topics"] for r in routes(t).values()}):
         ids = tally.routed.get(route, set())
         copies = tally.copies.get(route, [])

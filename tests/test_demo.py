@@ -90,6 +90,12 @@ def test_demo_with_the_embedding_engine(bootstrap: str) -> None:
     assert len(harmless) == 4
     assert {i: decision(rows[i]) for i in harmless} == dict.fromkeys(harmless, "allow")
     assert "expected friendly chat (no lane names it): 4/4 allow" in result.stdout
+    # ... every harmful one (11) goes to review or block, and the demo says so ...
+    harmful = [i for i in rows if i.startswith("cmt-") and i not in harmless]
+    assert len(harmful) == 11
+    assert {decision(rows[i]) for i in harmful} <= {"block", "review"}
+    assert "expected a label some lane names: 11/11 block/review" in result.stdout
+    assert "'expected', 15/15 decisions right;" in result.stdout
     # ... and the texts the demo's policy is sure about are blocked and copied.
     assert decision(rows["cmt-2012"]) == "block"  # spam, 0.82 on the packaged model
     assert_routed_copies(result.stdout, rows)

@@ -235,6 +235,43 @@ def test_embedding_engine_on_a_tiny_sample(
     assert "accuracy 1.000   macro-F1 1.000" in out
 
 
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def test_the_demo_samples_are_the_demo_events() -> None:
+    """examples/eval/events/<topic>.jsonl: examples/events.jsonl, as eval reads it."""
+    events = [json.loads(line) for line in (EXAMPLES / "events.jsonl").read_text().splitlines()]
+    for topic in ("moderation", "support"):
+        sample = (EXAMPLES / "eval" / "events" / f"{topic}.jsonl").read_text().splitlines()
+        assert [json.loads(line) for line in sample] == [
+            {"id": e["id"], "text": e["text"], "label": e["expected"]}
+            for e in events
+            if e["topic"] == topic
+        ]
+
+
+@pytest.mark.parametrize(
+    ("sample", "harmful", "harmless"),
+    [("eval/moderation.jsonl", 32, 8), ("eval/events/moderation.jsonl", 11, 4)],
+)
+def test_the_demo_policy_acts_on_every_harmful_text_and_allows_every_harmless_one(
+    capsys: pytest.CaptureFixture[str], sample: str, harmful: int, harmless: int
+) -> None:
+    """examples/demo.yaml on the packaged model: every text whose label a lane names goes
+    to review or block, every friendly chat text is allowed (tuned on eval/moderation.jsonl,
+    the demo's own events held out; docs/DEMO.md)."""
+    config, path = str(EXAMPLES / "demo.yaml"), str(EXAMPLES / sample)
+    code, out, _ = run_cli(capsys, "--config", config, "--device", "cpu", "--json", path)
+    assert code == 0
+    decisions = json.loads(out)["results"][0]["decisions"]
+    assert decisions["action_accuracy"] == 1.0
+    confusion = decisions["confusion"]
+    assert sum(confusion["block"].values()) + sum(confusion["review"].values()) == harmful
+    assert sum(confusion["allow"].values()) == confusion["allow"]["allow"] == harmless
+    assert confusion["block"]["allow"] == confusion["review"]["allow"] == 0
+    assert confusion["review"]["block"] == 0  # no self-harm disclosure is blocked
+
+
 # -- decision policies -----------------------------------------------------------------------
 
 
@@ -351,6 +388,12 @@ def test_eval_reports_the_decision_lanes(
     assert table["review"] == ["0.500", "1.000", "0.667", "2", "4"]
     assert table["allow"] == ["0.500", "0.500", "0.500", "2", "2"]
     assert report.splitlines()[5].split() == ["any", "action", "0.800", "0.800", "0.800", "5", "5"]
+    # 4 of 7 in the expected lane; acted on where expected (4/5) and allowed (1/2): 5 of 7
+    assert report.splitlines()[6] == (
+        "decision accuracy 0.571 (4/7 in the expected lane); acted on as expected 0.714 "
+        "(4/5 expecting a lane other than 'allow' got one, 1/2 expecting it got it)"
+    )
+    assert "   decision accuracy 0.571   acted on as expected 0.714" in out.split("decisions: ")[0]
     # the mismatches, by sample line, with their highest scores
     assert "     2: block -> review; hate 0.600, spam 0.000, chat 0.000" in report
     assert "     5: allow -> review; chat 0.600, spam 0.550, hate 0.000" in report
@@ -368,6 +411,8 @@ def test_multi_label_predictions_use_the_topic_thresholds_unless_given(
     assert result["confusion"]["spam"] == {"tp": 1, "fp": 1, "fn": 0, "tn": 5}
     decisions = result["decisions"]
     assert decisions["any_action"]["precision"] == pytest.approx(0.8)
+    assert decisions["accuracy"] == pytest.approx(4 / 7)
+    assert decisions["action_accuracy"] == pytest.approx(5 / 7)
     assert [m["line"] for m in decisions["mismatches"]] == [2, 5, 7]
     code, out, _ = run_cli(
         capsys, "--config", str(config), str(sample), "--json", "--threshold", "0.65"

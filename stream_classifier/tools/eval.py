@@ -18,10 +18,12 @@ exact-set match rate; macro-F1 averages every label's F1.
 Decisions. For a configured topic with decision lanes, each example is also decided as the
 service would (:func:`stream_classifier.decisions.decide`) and compared with its expected
 lane: the line's ``"expected_decision"`` when it has one, else the first lane whose
-``labels`` name one of the line's gold labels, else the default (last) lane. Per lane:
-precision, recall and F1; "any action": every lane but the default one against the
-default. ``--sweep LANE`` re-decides the same scores with that lane's cut-off at other
-values, to tune it before deploying.
+``labels`` name one of the line's gold labels, else the default (last) lane. Decision
+accuracy: the share decided into the expected lane; "acted on as expected": the share acted
+on (any lane but the default) where some action is expected and left to the default where
+that is expected. Per lane: precision, recall and F1; "any action": every lane but the
+default one against the default. ``--sweep LANE`` re-decides the same scores with that
+lane's cut-off at other values, to tune it before deploying.
 """
 
 from __future__ import annotations
@@ -146,6 +148,11 @@ class DecisionResult:
     #: confusion[expected][decided]
     confusion: dict[str, dict[str, int]]
     mismatches: tuple[Mismatch, ...]
+    #: Examples decided into their expected lane, and decided right as far as acting goes
+    #: (acted on, any lane but the default, where a lane other than the default is expected;
+    #: the default lane where it is expected).
+    right: int = 0
+    acted_right: int = 0
     #: The lane whose cut-off was swept (None: no sweep) and the rows.
     sweep_lane: str | None = None
     sweep: tuple[SweepRow, ...] = ()
@@ -154,11 +161,36 @@ class DecisionResult:
     def default(self) -> str:
         return self.lanes[-1]
 
+    @property
+    def examples(self) -> int:
+        return sum(sum(row.values()) for row in self.confusion.values())
+
+    @property
+    def accuracy(self) -> float:
+        """Decision accuracy: the share of examples decided into their expected lane."""
+        return self.right / self.examples if self.examples else 0.0
+
+    @property
+    def action_accuracy(self) -> float:
+        """The share acted on when they should be and left to the default when they should."""
+        return self.acted_right / self.examples if self.examples else 0.0
+
+    def acted_counts(self) -> tuple[int, int, int, int]:
+        """(acted on, expecting action; left to the default, expecting the default)."""
+        lanes, default = self.lanes, self.default
+        acting = [lane for lane in lanes if lane != default]
+        harmful = sum(self.confusion[e][d] for e in acting for d in lanes)
+        acted = sum(self.confusion[e][d] for e in acting for d in acting)
+        harmless = sum(self.confusion[default].values())
+        return acted, harmful, self.confusion[default][default], harmless
+
     def as_dict(self) -> dict[str, Any]:
         return {
             "lanes": list(self.lanes),
             "default": self.default,
             "stated": self.stated,
+            "accuracy": self.accuracy,
+            "action_accuracy": self.action_accuracy,
             "per_lane": {k: vars(v) for k, v in self.per_lane.items()},
             "any_action": vars(self.any_action),
             "confusion": self.confusion,
@@ -538,6 +570,7 @@ def evaluate_decisions(
             swept = _decide_all(with_cut_off(policy, sweep.lane, value), scores)
             lane_stats, acted, _ = decision_metrics(lanes, expected, swept)
             rows.append(SweepRow(value, lane_stats, acted))
+    default = lanes[-1]
     return DecisionResult(
         lanes=lanes,
         stated=sum(example.expected_decision is not None for example in task.examples),
@@ -545,6 +578,10 @@ def evaluate_decisions(
         any_action=any_action,
         confusion=confusion,
         mismatches=mismatches,
+        right=sum(e == d for e, d in zip(expected, decided, strict=True)),
+        acted_right=sum(
+            (e == default) == (d == default) for e, d in zip(expected, decided, strict=True)
+        ),
         sweep_lane=None if sweep is None else sweep.lane,
         sweep=tuple(rows),
     )
@@ -624,7 +661,7 @@ def format_result(result: Result) -> str:
     lines = [
         f"== {result.topic}: {result.examples} examples, {len(result.labels)} labels, {mode}, "
         f"variant {result.variant!r} (template {result.template!r})",
-        f"accuracy {result.accuracy:.3f}   macro-F1 {result.macro_f1:.3f}",
+        f"accuracy {result.accuracy:.3f}   macro-F1 {result.macro_f1:.3f}" + _decided(result),
         "",
         *_per_label_table(result),
         "",
@@ -633,6 +670,14 @@ def format_result(result: Result) -> str:
     if result.decisions is not None:
         lines += ["", *format_decisions(result.decisions)]
     return "\n".join(lines)
+
+
+def _decided(result: Result) -> str:
+    """The headline's decision accuracy, beside the label accuracy (where there are lanes)."""
+    if result.decisions is None:
+        return ""
+    d = result.decisions
+    return f"   decision accuracy {d.accuracy:.3f}   acted on as expected {d.action_accuracy:.3f}"
 
 
 #: How many mismatched examples the text report lists (``--json`` has them all).
@@ -662,6 +707,7 @@ def format_decisions(decisions: DecisionResult) -> list[str]:
             f"{lane:<{width}}{stats.precision:9.3f} {stats.recall:7.3f} {stats.f1:6.3f} "
             f"{stats.support:9d} {decided:8d}"
         )
+    lines.append(_accuracy_line(decisions))
     cell = max(7, *(len(lane) + 2 for lane in lanes))
     lines += ["", "decision confusion (rows: expected, columns: decided)"]
     lines.append(f"{'':<{width}}" + "".join(f"{lane:>{cell}}" for lane in lanes))
@@ -679,6 +725,17 @@ def format_decisions(decisions: DecisionResult) -> list[str]:
     if decisions.sweep:
         lines += ["", *_sweep_table(decisions)]
     return lines
+
+
+def _accuracy_line(decisions: DecisionResult) -> str:
+    """Decision accuracy, exact and as far as acting goes (was a harmful text acted on?)."""
+    acted, harmful, allowed, harmless = decisions.acted_counts()
+    return (
+        f"decision accuracy {decisions.accuracy:.3f} ({decisions.right}/{decisions.examples} "
+        f"in the expected lane); acted on as expected {decisions.action_accuracy:.3f} "
+        f"({acted}/{harmful} expecting a lane other than {decisions.default!r} got one, "
+        f"{allowed}/{harmless} expecting it got it)"
+    )
 
 
 def _sweep_table(decisions: DecisionResult) -> list[str]:
