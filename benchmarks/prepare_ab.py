@@ -44,6 +44,7 @@ from typing import Any
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.base import Prepared, PrepareTask
 from stream_classifier.engine.nli import NliEngine, PairTokenizer
+from stream_classifier.engine.windows import Windowing
 from stream_classifier.preparing import (
     InlinePreparer,
     Preparer,
@@ -67,8 +68,15 @@ class BatchedThreadPreparer:
         self._thread.start()
 
     def submit(
-        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+        self,
+        text: str,
+        labels: Sequence[str],
+        template: str,
+        multi_label: bool,
+        windowing: Windowing | None = None,
     ) -> Future[Prepared]:
+        if windowing is not None:
+            raise ValueError("this benchmark's preparer reads texts whole (no windows)")
         future: Future[Prepared] = Future()
         with self._cond:
             self._queue.append((future, (text, labels, template, multi_label)))

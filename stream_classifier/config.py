@@ -364,8 +364,24 @@ class TopicConfig(_Section):
     #: Longest per-event label (characters, after stripping); a longer one is dead-lettered
     #: (``label_too_long``): every distinct hypothesis is tokenized and cached by the engine.
     max_label_chars: int = Field(200, ge=1)
+    #: Longest text read, in characters: a longer one is cut to it (``truncate`` and
+    #: ``windows``) or dead-lettered (``reject``). Raise it for ``windows`` topics.
     max_text_chars: int = Field(2000, ge=1)
-    on_too_long: Literal["truncate", "reject"] = "truncate"
+    #: ``truncate``: the text is cut at max_text_chars, then by the engine at the model's
+    #: pair length; ``reject``: a text over max_text_chars is dead-lettered (text_too_long);
+    #: ``windows``: cut at max_text_chars, then read whole in overlapping token windows
+    #: (``window_tokens``, ``window_stride``, ``max_windows``), each label's highest score
+    #: in any window kept (stream_classifier/engine/windows.py).
+    on_too_long: Literal["truncate", "reject", "windows"] = "truncate"
+    #: Tokens of text per window; None: all the model leaves beside the topic's longest
+    #: hypothesis (checked against the model at start where set).
+    window_tokens: int | None = Field(None, ge=8)
+    #: Tokens from one window's start to the next's (at most window_tokens); None: three
+    #: quarters of a window, so that a quarter of each window is read again by the next.
+    window_stride: int | None = Field(None, ge=1)
+    #: Most windows read of one text; text past them is left unread, and its output says
+    #: so (``windows_truncated``, and the text-truncated header).
+    max_windows: int = Field(8, ge=1, le=256)
     #: A label is flagged when its score is at or over its threshold: its entry here, else
     #: ``default_threshold`` (None: labels without an entry are never flagged). With
     #: neither set, scored events carry no ``flagged`` list.
@@ -416,7 +432,18 @@ class TopicConfig(_Section):
                 f"{len(self.labels)} labels configured but max_labels is {self.max_labels}"
             )
         self._check_decisions()
+        self._check_windows()
         return self
+
+    def _check_windows(self) -> None:
+        """What can be checked without the model (the window size against the model's
+        budget is checked at start, by :func:`stream_classifier.engine.windows.window_problems`)."""
+        size, stride = self.window_tokens, self.window_stride
+        if size is not None and stride is not None and stride > size:
+            raise ValueError(
+                f"window_stride={stride} is over window_tokens={size}: the text between "
+                "windows would never be read"
+            )
 
     def _check_decisions(self) -> None:
         known = set(self.labels)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from stream_classifier.batcher import Batch, Item, MicroBatcher, topic_partition
 from stream_classifier.config import ServiceConfig, TopicConfig
 from stream_classifier.engine.base import Prepared
+from stream_classifier.engine.windows import Windowing
 from stream_classifier.messages import ClassifyRequest, Envelope, Rejection, decode_event
 from stream_classifier.offsets import TopicPartition
 from stream_classifier.preparing import Preparer
@@ -77,7 +78,11 @@ class Intake:
                 return
             decoded.settings_version = self.versions[topic.input]
             prepared = self.preparer.submit(
-                decoded.text, decoded.labels, topic.hypothesis_template, topic.multi_label
+                decoded.text,
+                decoded.labels,
+                topic.hypothesis_template,
+                topic.multi_label,
+                Windowing.of(topic),
             )
         except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
             reason = f"{type(exc).__name__}: {exc}"

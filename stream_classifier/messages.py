@@ -74,7 +74,9 @@ class ScoredEvent(BaseModel):
     scores: list[float] = Field(description="One score per label, same order as labels.")
     top_label: str
     multi_label: bool = Field(
-        description="False: scores sum to 1. True: each is an independent entailment probability."
+        description="False: scores sum to 1 (for a text read in several windows, each is "
+        "the label's highest share in any window). True: each is an independent entailment "
+        "probability (for a text read in windows, its highest in any window)."
     )
     model: str
     latency_ms: float = Field(description="From the service receiving the event to its score.")
@@ -92,6 +94,17 @@ class ScoredEvent(BaseModel):
         None,
         description="Which version of the topic's settings (labels, template, thresholds, "
         "lanes...) scored the event: a digest of them, changed by a reload.",
+    )
+    windows: int | None = Field(
+        None,
+        description="How many token windows of the text were scored, on a topic with "
+        "on_too_long: windows (1: the text fits one window and scored as it is); null on "
+        "other topics.",
+    )
+    windows_truncated: bool | None = Field(
+        None,
+        description="On a topic with on_too_long: windows, whether text was left unread "
+        "because it needed more than max_windows windows; null on other topics.",
     )
 
 

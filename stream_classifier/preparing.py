@@ -40,6 +40,7 @@ from typing import Protocol
 
 from stream_classifier.engine.base import Engine, EngineError, Prepared, PrepareTask
 from stream_classifier.engine.capabilities import Capabilities, ProcessPreparing
+from stream_classifier.engine.windows import Windowing, prepare_windowed
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +54,16 @@ START_TIMEOUT_S = 300.0
 
 class Preparer(Protocol):
     def submit(
-        self, text: str, labels: Sequence[str], template: str, multi_label: bool
-    ) -> Future[Prepared]: ...
+        self,
+        text: str,
+        labels: Sequence[str],
+        template: str,
+        multi_label: bool,
+        windowing: Windowing | None = None,
+    ) -> Future[Prepared]:
+        """Start preparing one event (``windowing``: read its text in token windows)."""
+        ...
+
     def flush(self) -> None:
         """Start on everything submitted so far (the submitter is done for now)."""
         ...
@@ -84,26 +93,33 @@ class InlinePreparer:
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._submitted: list[tuple[PrepareTask, Future[Prepared]]] = []
+        self._submitted: list[tuple[PrepareTask, Windowing | None, Future[Prepared]]] = []
 
     def submit(
-        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+        self,
+        text: str,
+        labels: Sequence[str],
+        template: str,
+        multi_label: bool,
+        windowing: Windowing | None = None,
     ) -> Future[Prepared]:
         future: Future[Prepared] = Future()
-        self._submitted.append(((text, tuple(labels), template, multi_label), future))
+        task = (text, tuple(labels), template, multi_label)
+        self._submitted.append((task, windowing, future))
         return future
 
     def flush(self) -> None:
         submitted, self._submitted = self._submitted, []
-        results = prepare_all(self.engine, [task for task, _ in submitted])
-        for (_, future), result in zip(submitted, results, strict=True):
+        tasks = [task for task, _, _ in submitted]
+        results = prepare_all(self.engine, tasks, [windowing for _, windowing, _ in submitted])
+        for (_, _, future), result in zip(submitted, results, strict=True):
             if isinstance(result, BaseException):
                 future.set_exception(result)
             else:
                 future.set_result(result)
 
     def shutdown(self) -> None:
-        for _, future in self._submitted:
+        for _, _, future in self._submitted:
             future.cancel()
         self._submitted = []
 
@@ -117,9 +133,17 @@ class ThreadPreparer:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="prepare")
 
     def submit(
-        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+        self,
+        text: str,
+        labels: Sequence[str],
+        template: str,
+        multi_label: bool,
+        windowing: Windowing | None = None,
     ) -> Future[Prepared]:
-        return self._executor.submit(self.engine.prepare, text, labels, template, multi_label)
+        if windowing is None:
+            return self._executor.submit(self.engine.prepare, text, labels, template, multi_label)
+        task = (text, tuple(labels), template, multi_label)
+        return self._executor.submit(_prepare_one, self.engine, task, windowing)
 
     def flush(self) -> None:
         pass  # each event started when submitted
@@ -158,10 +182,12 @@ def _ready() -> int:
     return os.getpid()
 
 
-def _prepare_chunk(tasks: list[PrepareTask]) -> list[Prepared | BaseException]:
+def _prepare_chunk(
+    tasks: list[PrepareTask], windowings: list[Windowing | None] | None = None
+) -> list[Prepared | BaseException]:
     """In a worker: prepare each event; a failure is returned in its place."""
     assert _side is not None
-    results = prepare_all(_side, tasks)
+    results = prepare_all(_side, tasks, windowings)
     return [_picklable(r) if isinstance(r, Exception) else r for r in results]
 
 
@@ -178,6 +204,7 @@ def _picklable(exc: Exception) -> BaseException:
 class _Event:
     future: Future[Prepared]
     task: PrepareTask
+    windowing: Windowing | None = None
     crashes: int = 0
 
 
@@ -232,13 +259,19 @@ class ProcessPreparer:
         return pool
 
     def submit(
-        self, text: str, labels: Sequence[str], template: str, multi_label: bool
+        self,
+        text: str,
+        labels: Sequence[str],
+        template: str,
+        multi_label: bool,
+        windowing: Windowing | None = None,
     ) -> Future[Prepared]:
         future: Future[Prepared] = Future()
+        task = (text, tuple(labels), template, multi_label)
         with self._cond:
             if self._closed:
                 raise RuntimeError("cannot prepare after shutdown")
-            self._queued.append(_Event(future, (text, tuple(labels), template, multi_label)))
+            self._queued.append(_Event(future, task, windowing))
             self._cond.notify()
         return future
 
@@ -294,13 +327,14 @@ class ProcessPreparer:
     def _send(self, chunk: list[_Event]) -> None:
         chunk = [event for event in chunk if not event.future.cancelled()]
         pool = self._pool
+        tasks = [event.task for event in chunk]
+        windowings = [event.windowing for event in chunk]
         if pool is None:
             assert self._local is not None
-            tasks = [event.task for event in chunk]
-            self._settle(chunk, [_prepare_with(self._local, task) for task in tasks])
+            self._settle(chunk, list(prepare_all(self._local, tasks, windowings)))
             return
         try:
-            done = pool.submit(_prepare_chunk, [event.task for event in chunk])
+            done = pool.submit(_prepare_chunk, tasks, windowings)
         except BrokenProcessPool as exc:
             self._pool_broke(pool, chunk, exc)
             return
@@ -355,9 +389,28 @@ class ProcessPreparer:
             self._cond.notify()
 
 
-def prepare_all(side: PrepareSide, tasks: Sequence[PrepareTask]) -> list[Prepared | Exception]:
+def prepare_all(
+    side: PrepareSide,
+    tasks: Sequence[PrepareTask],
+    windowings: Sequence[Windowing | None] | None = None,
+) -> list[Prepared | Exception]:
     """Prepare every task, a failure in its place: in one ``prepare_many`` call where the
-    engine has one (if that call itself fails, event by event, to find whose it is)."""
+    engine has one (if that call itself fails, event by event, to find whose it is). A
+    task with a windowing is prepared as its text's token windows (engine/windows.py)."""
+    if windowings is not None and any(w is not None for w in windowings):
+        return prepare_windowed(side, tasks, windowings, _prepare_plain)
+    return _prepare_plain(side, tasks)
+
+
+def _prepare_one(side: PrepareSide, task: PrepareTask, windowing: Windowing) -> Prepared:
+    """One event in its windows (the thread preparer's), raising its failure."""
+    result = prepare_all(side, [task], [windowing])[0]
+    if isinstance(result, Exception):
+        raise result
+    return result
+
+
+def _prepare_plain(side: PrepareSide, tasks: Sequence[PrepareTask]) -> list[Prepared | Exception]:
     many = getattr(side, "prepare_many", None)
     if callable(many) and tasks:
         try:

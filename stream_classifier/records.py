@@ -22,10 +22,12 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import Any
 
 from stream_classifier.config import TopicConfig
 from stream_classifier.decisions import Decision, decide
 from stream_classifier.engine.base import Scores
+from stream_classifier.engine.windows import window_count, windows_truncated
 from stream_classifier.headers import HEADER_PREFIX, Headers
 from stream_classifier.kafka_errors import Verdict
 from stream_classifier.messages import ClassifyRequest, Envelope, Rejection, ScoredEvent
@@ -64,7 +66,8 @@ def records_for(
     except Exception as exc:  # noqa: BLE001 - e.g. an id no JSON encoder accepts
         reason = f"{type(exc).__name__}: {exc}"
         return [dead_letter(Rejection(item.envelope, "output_failed", reason), topic)]
-    headers = item.envelope.headers + our_headers(model, item.text_truncated)
+    truncated = item.text_truncated or windows_truncated(item.prepared)
+    headers = item.envelope.headers + our_headers(model, truncated)
     envelope = item.envelope
 
     def record(to: str, kind: str, lane: str | None = None) -> Record:
@@ -106,7 +109,18 @@ def scored_event(
         flagged=None if decision.flagged is None else list(decision.flagged),
         decision=decision.decision,
         settings_version=request.settings_version,
+        **window_fields(request),
     )
+
+
+def window_fields(request: ClassifyRequest) -> dict[str, Any]:
+    """``windows`` and ``windows_truncated`` on a topic that reads texts in windows."""
+    if request.topic.on_too_long != "windows":
+        return {}
+    return {
+        "windows": window_count(request.prepared),
+        "windows_truncated": windows_truncated(request.prepared),
+    }
 
 
 def _record(

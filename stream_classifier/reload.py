@@ -48,10 +48,15 @@ def restart_needed(running: ServiceConfig, new: ServiceConfig) -> str | None:
 
 
 def reloaded(
-    running: ServiceConfig, load: Callable[[], ServiceConfig], metrics: Metrics
+    running: ServiceConfig,
+    load: Callable[[], ServiceConfig],
+    metrics: Metrics,
+    problems: Callable[[ServiceConfig], list[str]] = lambda _: [],
 ) -> ServiceConfig | None:
     """The configuration ``load`` reads, if it may replace ``running`` now; else None,
-    with the reason logged and counted (the running settings stay)."""
+    with the reason logged and counted (the running settings stay). ``problems`` names
+    what the running engine cannot do with the new settings (windows that do not fit the
+    model), which the file alone cannot tell."""
     try:
         new = load()
     except Exception as exc:  # noqa: BLE001 - any invalid file: keep the running settings
@@ -62,6 +67,13 @@ def reloaded(
     if problem is not None:
         log.error("configuration reload refused (%s needs a restart)", problem)
         metrics.reloads.labels("refused").inc()
+        return None
+    unfit = problems(new)
+    if unfit:
+        log.error(
+            "configuration reload rejected, keeping the running settings: %s", "; ".join(unfit)
+        )
+        metrics.reloads.labels("invalid").inc()
         return None
     versions = ", ".join(f"{topic.input} {settings_version(topic)}" for topic in new.topics)
     log.info("configuration reloaded: %s", versions)

@@ -27,6 +27,7 @@ from typing import Protocol, cast
 
 from stream_classifier.engine.base import Engine, EngineError, Prepared, Scores
 from stream_classifier.engine.capabilities import Capabilities
+from stream_classifier.engine.windows import GatheredResult, expand, gather, window_count
 from stream_classifier.messages import ClassifyRequest
 from stream_classifier.metrics import Metrics
 
@@ -42,9 +43,11 @@ class Scorer(Protocol):
 
 
 def score_isolating(engine: Engine, requests: list[ClassifyRequest]) -> list[Outcome]:
-    """Score; when the engine raises, split down to the requests it raises on."""
+    """Score; when the engine raises, split down to the requests it raises on. A request
+    read in windows is scored as its windows, their scores aggregated (engine/windows.py)."""
+    batch = [request.prepared for request in requests]
     try:
-        return list(engine.classify([request.prepared for request in requests]))
+        return list(gather(batch, engine.classify(expand(batch))))
     except EngineError:
         raise
     except Exception as exc:  # noqa: BLE001 - isolated below, reported per event
@@ -57,7 +60,7 @@ def score_isolating(engine: Engine, requests: list[ClassifyRequest]) -> list[Out
 def record_batch(metrics: Metrics, requests: list[ClassifyRequest], seconds: float) -> None:
     """The batch metrics of one scored micro-batch."""
     metrics.batch_messages.observe(len(requests))
-    metrics.batch_pairs.observe(sum(len(r.labels) for r in requests))
+    metrics.batch_pairs.observe(sum(len(r.labels) * window_count(r.prepared) for r in requests))
     metrics.batch_tokens.observe(sum(r.prepared.tokens for r in requests))
     metrics.engine_seconds.observe(seconds)
 
@@ -259,8 +262,9 @@ class PipelinedScorer:
             job.outcomes, job.done = [], True
             return False
         try:
-            prepared = [request.prepared for request in job.requests]
-            pending = self.engine.classify_async(prepared, hold_tail)
+            prepared = tuple(request.prepared for request in job.requests)
+            launched = self.engine.classify_async(expand(prepared), hold_tail)
+            pending = GatheredResult(prepared, launched)
         except EngineError as exc:
             job.error, job.done = exc, True
             return False

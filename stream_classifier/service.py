@@ -26,6 +26,7 @@ from stream_classifier.batcher import Batch
 from stream_classifier.checkpoint import Checkpoint
 from stream_classifier.config import ServiceConfig
 from stream_classifier.engine.base import Engine
+from stream_classifier.engine.windows import window_problems
 from stream_classifier.intake import Intake
 from stream_classifier.messages import Envelope, KafkaMessage
 from stream_classifier.metrics import Metrics
@@ -273,7 +274,9 @@ class Service:
         load, self._reload = self._reload, None
         if load is None:
             return
-        new = reloaded(self.config, load, self.metrics)
+        new = reloaded(
+            self.config, load, self.metrics, lambda c: window_problems(c.topics, self.engine)
+        )
         if new is not None:
             self.config = new
             self.intake.use(new)

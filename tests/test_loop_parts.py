@@ -96,7 +96,9 @@ class Preparing(InlinePreparer):
     def __init__(self) -> None:
         self.futures: list[Future[Prepared]] = []
 
-    def submit(self, text: str, labels: Any, template: str, multi_label: bool) -> Any:
+    def submit(
+        self, text: str, labels: Any, template: str, multi_label: bool, windowing: Any = None
+    ) -> Any:
         future: Future[Prepared] = Future()
         if "boom" in text:
             future.set_exception(ValueError("cannot tokenize"))
