@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from stream_classifier.config import PYTHON_SWITCH_INTERVAL_MS, ServiceConfig, load_config
 from stream_classifier.engine.base import Engine
@@ -17,6 +18,8 @@ from stream_classifier.engine.capabilities import Capabilities, OomReporting, Pr
 from stream_classifier.metrics import Metrics
 from stream_classifier.outputs import Observer
 from stream_classifier.service import Service
+from stream_classifier.sink import Record
+from stream_classifier.startup import StartupClock
 
 log = logging.getLogger(__name__)
 
@@ -24,19 +27,80 @@ log = logging.getLogger(__name__)
 RELOAD_CHECK_S = 5.0
 
 
-def load_ready_engine(config: ServiceConfig, metrics: Metrics) -> Engine:
-    """Load, warm up at the largest batch, and prepare each topic's labels once."""
-    from stream_classifier.engine import load_engine
+def load_ready_engine(
+    config: ServiceConfig, metrics: Metrics, clock: StartupClock | None = None
+) -> Engine:
+    """Load, warm up at the largest batch, and prepare each topic's labels once; each step
+    timed on ``clock`` (the engine's loaders report theirs to it while it is active)."""
+    clock = clock or StartupClock()
+    with clock.active():
+        with clock.step("imports"):
+            _import_engine_libraries()
+        from stream_classifier.engine import load_engine
 
-    engine = load_engine(config.engine, config.processing.max_batch_tokens)
-    log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
-    engine.warmup()
+        log.info("loading %s", describe_model(config))
+        with clock.step("model_setup"):
+            engine = load_engine(config.engine, config.processing.max_batch_tokens)
+            check_windows(config, engine)
+        log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
+        with clock.step("warmup"):
+            engine.warmup()
     if isinstance(engine, Primed):  # embed each topic's label hypotheses once, now
-        for topic in config.topics:
-            engine.prime(topic.labels, topic.hypothesis_template)
+        with clock.step("labels"):
+            for topic in config.topics:
+                engine.prime(topic.labels, topic.hypothesis_template)
     if isinstance(engine, OomReporting):
         engine.on_out_of_memory = lambda rows: metrics.oom_splits.inc()
     return engine
+
+
+def _import_engine_libraries() -> None:
+    """torch, and transformers' model base (most of its import time), so that the
+    start-up clock tells the imports apart from the load."""
+    import torch  # noqa: F401
+    from transformers import PreTrainedModel  # noqa: F401
+
+
+def describe_model(config: ServiceConfig) -> str:
+    """``nli model X from PATH on DEVICE``: what the load is about to read, from where, and
+    the device it resolves to, said before the load (which may take a while)."""
+    from stream_classifier.engine.shared import pick_device
+
+    engine = config.engine
+    path = Path(engine.model).expanduser()
+    where = str(path.resolve()) if path.is_dir() else "the hub (its cache, else a download)"
+    if not path.is_dir() and engine.cache_dir:
+        where += f", cache {engine.cache_dir}"
+    try:
+        device = str(pick_device(engine.device))
+    except Exception as exc:  # noqa: BLE001 - the load reports it properly; this only logs
+        device = f"{engine.device} ({exc})"
+    return f"{engine.kind} model {engine.model} from {where} on {device}"
+
+
+class FirstOutput(Observer):
+    """Closes the start-up clock at the first record written: its summary line, and the
+    total in ``stream_classifier_startup_seconds{step="total"}``."""
+
+    def __init__(self, clock: StartupClock, metrics: Metrics) -> None:
+        self.clock = clock
+        self.metrics = metrics
+
+    def written(self, record: Record) -> None:
+        if self.clock.total is None and self.clock.finish() is not None:
+            self.metrics.startup_seconds.labels(step="total").set(self.clock.total or 0.0)
+
+
+def check_windows(config: ServiceConfig, engine: Engine) -> None:
+    """Topics that read texts in windows: do their windows fit this model? An EngineError
+    naming each field and why, before anything is consumed (the size depends on the
+    model's tokenizer, so the configuration alone cannot tell)."""
+    from stream_classifier.engine.base import EngineError
+    from stream_classifier.engine.windows import window_problems
+
+    problems = window_problems(config.topics, engine)
+    if problems:
+        raise EngineError("; ".join(problems))
 
 
 def on_gpu(engine: Engine) -> bool:

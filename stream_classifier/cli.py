@@ -11,6 +11,7 @@ import argparse
 import faulthandler
 import json
 import logging
+import os
 import shlex
 import signal
 import sys
@@ -29,6 +30,7 @@ from stream_classifier.config import (
     ServiceConfig,
     load_config,
 )
+from stream_classifier.startup import StartupClock
 
 if TYPE_CHECKING:  # the run command's modules import confluent_kafka; load them lazily
     from stream_classifier.metrics import HealthServer, Metrics
@@ -282,30 +284,50 @@ def cmd_validate_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    clock = StartupClock.from_process_start()
+    log.info(
+        "stream-classifier %s starting: config %s, pid %d",
+        _version(),
+        args.config or os.environ.get("STREAM_CLASSIFIER_CONFIG", "(environment only)"),
+        os.getpid(),
+    )
+    clock.milestone("python")  # the interpreter and the imports before main
     config = load_config(args.config)
     stop = threading.Event()
     _stop_on_signals(stop)  # first: a SIGTERM while the model loads still exits cleanly
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints every thread's stack
-    from stream_classifier.assemble import build_service, load_ready_engine, on_gpu, reload_config
-    from stream_classifier.engine import EngineError
-    from stream_classifier.gpu import start_gpu_sampler
-    from stream_classifier.metrics import Metrics
-    from stream_classifier.preflight import PreflightError, check_kafka, check_model_hub
-    from stream_classifier.service import ServiceError
-    from stream_classifier.sink import SinkError
-    from stream_classifier.source import SourceError
+    with clock.step("imports"):
+        from stream_classifier.assemble import (
+            FirstOutput,
+            build_service,
+            load_ready_engine,
+            on_gpu,
+            reload_config,
+        )
+        from stream_classifier.engine import EngineError
+        from stream_classifier.gpu import start_gpu_sampler
+        from stream_classifier.metrics import Metrics
+        from stream_classifier.preflight import PreflightError, check_kafka, check_model_hub
+        from stream_classifier.service import ServiceError
+        from stream_classifier.sink import SinkError
+        from stream_classifier.source import SourceError
 
     try:
-        check_kafka(config)
+        with clock.step("kafka_check"):
+            check_kafka(config)
     except PreflightError as exc:
         print(f"kafka: {exc}", file=sys.stderr)
         return EXIT_KAFKA
     metrics = Metrics()
+    clock.watch(lambda step, seconds: metrics.startup_seconds.labels(step=step).set(seconds))
     try:
-        check_model_hub(config.engine)
-        engine = load_ready_engine(config, metrics)
+        with clock.step("hub_check"):
+            check_model_hub(config.engine)
+        engine = load_ready_engine(config, metrics, clock)
         # Settings left to the device (batch size, tokenizer processes), also on reloads.
-        service = build_service(config, engine, metrics)
+        with clock.step("service_build"):
+            service = build_service(config, engine, metrics, [FirstOutput(clock, metrics)])
+        service.rebalances.on_assigned = lambda _partitions: clock.milestone("group_join")
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)
         return EXIT_ENGINE
@@ -329,6 +351,15 @@ def cmd_run(args: argparse.Namespace) -> int:
             sampler.stop()
     log.info("stopped cleanly")
     return 0
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("stream-classifier")
+    except PackageNotFoundError:
+        return "(not installed)"
 
 
 def _start_health_server(
@@ -445,7 +476,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         return cmd_bench_pipeline(args)
     if args.service:
         return cmd_bench_service(args)
-    from stream_classifier.tools import bench
+    clock = StartupClock.from_process_start()
+    clock.milestone("python")
+    with clock.step("imports"):  # torch and transformers, with the tool
+        from stream_classifier.tools import bench
 
     options = bench.BenchOptions(
         shape=args.shape,
@@ -462,7 +496,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         reference_messages=args.reference_messages,
         seed=args.seed,
     )
-    return bench.main(options, args.json)
+    return bench.main(options, args.json, clock)
 
 
 def cmd_bench_pipeline(args: argparse.Namespace) -> int:

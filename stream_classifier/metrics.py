@@ -71,6 +71,13 @@ class Metrics:
             " returns batches or has none); over processing.engine_timeout_s /healthz fails",
             registry=r,
         )
+        self.startup_seconds = Gauge(
+            PREFIX + "startup_seconds",
+            "Seconds each start-up step took, steps inside another taken out of it (they"
+            ' add up); step="total": from the process start to the first output written',
+            ["step"],
+            registry=r,
+        )
         self.undeliverable = Counter(
             PREFIX + "undeliverable",
             "Events given up: not even their smallest dead letter could be written",

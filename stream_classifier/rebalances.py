@@ -46,6 +46,8 @@ class Rebalances:
         self._closing = closing
         #: Recorded by the callbacks since the loop last applied them.
         self.change = Change()
+        #: Told of each assignment in its callback (``run``'s start-up clock: group joined).
+        self.on_assigned: Callable[[list[TopicPartition]], object] = lambda partitions: None
 
     # -- the callbacks ---------------------------------------------------------------------
 
@@ -53,6 +55,7 @@ class Rebalances:
         log.info("assigned %s", partitions)
         self.partitions.assign(partitions)
         self.change.assigned += partitions
+        self.on_assigned(partitions)
 
     def revoked(self, partitions: list[TopicPartition]) -> None:
         """The one thing that must happen inside the callback: commit what is finished."""

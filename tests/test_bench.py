@@ -42,6 +42,11 @@ def test_cpu_bench_scores_equal_hf_pipeline(tmp_path: Path, backend: Backend) ->
     assert model_only["msgs_per_s"] > 0
     table = bench.format_table(report)
     assert "stream-classifier" in table and "HF pipeline" in table
+    # the engine's start-up steps, in the report and its table
+    assert {"random_model", "model_setup", "weights_read", "to_device", "warmup"} <= set(
+        report["startup"]
+    )
+    assert "start-up (seconds): python+imports " in table and "warm-up " in table
     json.dumps(report)  # the --json output
 
 

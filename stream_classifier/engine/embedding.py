@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from stream_classifier import startup
 from stream_classifier.config import DEFAULT_MODELS, EngineConfig
 from stream_classifier.engine.base import EngineError, Prepared, Scores
 from stream_classifier.engine.cache import ByteBoundedCache
@@ -139,6 +140,19 @@ class EmbeddingEngine:
         return Prepared(
             tuple(labels), multi_label, round_up(len(ids)), TextRequest(ids, hypotheses)
         )
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of the text's tokens, for cutting windows (engine/windows.py)."""
+        with self._tokenizer_lock:
+            encoded = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        return [(int(start), int(end)) for start, end in encoded["offset_mapping"]]
+
+    def text_budget(self, hypotheses: Sequence[str]) -> int | None:
+        """The text is embedded alone: its budget is the model's length less the special
+        tokens, whatever the hypotheses."""
+        with self._tokenizer_lock:
+            special = int(self.tokenizer.num_special_tokens_to_add(pair=False))
+        return max(1, self.max_length - special)
 
     def prime(self, labels: Sequence[str], template: str) -> None:
         """Embed a topic's label hypotheses now (at start-up) rather than on first use."""
@@ -374,13 +388,16 @@ def load_encoder(model_dir: Path, device: torch.device, dtype: torch.dtype) -> t
     if not (model_dir / "config.json").is_file():
         raise EngineError(f"{model_dir} has no config.json (not a Hugging Face model directory)")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        model = AutoModel.from_pretrained(
-            str(model_dir), local_files_only=True, attn_implementation="sdpa"
-        )
+        with startup.step("tokenizer"):
+            tokenizer = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        with startup.step("weights_read"):
+            model = AutoModel.from_pretrained(
+                str(model_dir), local_files_only=True, attn_implementation="sdpa"
+            )
     except (OSError, ValueError) as exc:
         raise EngineError(f"cannot load an encoder from {model_dir}: {exc}") from exc
-    model.to(device=device, dtype=dtype)
+    with startup.step("to_device"):
+        model.to(device=device, dtype=dtype)
     model.train(False)
     return model, tokenizer
 

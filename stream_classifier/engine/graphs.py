@@ -54,6 +54,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from stream_classifier import startup
 from stream_classifier.engine.batches import TokenBatch
 from stream_classifier.engine.packed import Layout, PackedBert
 
@@ -197,7 +198,9 @@ class GraphedForward:
             log.warning("no CUDA graph for passes of %s (%s); running them eagerly", shape, exc)
             return None
         finally:
-            self.capture_s += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.capture_s += seconds
+            startup.record("graphs", seconds)  # the warm-up's captures, in start-up's clock
         self.captured += 1
         return graph
 

@@ -52,6 +52,7 @@ from typing import Any, Protocol
 import numpy as np
 import torch
 
+from stream_classifier import startup
 from stream_classifier.config import MAX_PAIR_TOKENS, EngineConfig
 from stream_classifier.engine.base import (
     EngineError,
@@ -421,7 +422,8 @@ class HfNliEngine:
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)
         model = load_hf_classifier(model_dir, device, dtype)
-        tokenizer = load_hf_tokenizer(model_dir)
+        with startup.step("tokenizer"):
+            tokenizer = load_hf_tokenizer(model_dir)
         return cls(
             model,
             tokenizer,
@@ -465,6 +467,19 @@ class HfNliEngine:
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
     ) -> Prepared:
         return self._prepared(_encode(self._backend, text), labels, template, multi_label)
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of the text's tokens, for cutting windows (engine/windows.py)."""
+        encoded = self._backend.encode(text, add_special_tokens=False)
+        return [(int(start), int(end)) for start, end in encoded.offsets]
+
+    def text_budget(self, hypotheses: Sequence[str]) -> int | None:
+        """Text tokens a pair keeps uncut beside the longest of ``hypotheses`` (only the
+        text is ever cut); None where nothing is cut (no length limit at all)."""
+        if self.max_length is None:
+            return None
+        longest = max((len(self._hypothesis_ids(h)) for h in hypotheses), default=0)
+        return max(1, self.max_length - self.layout.special_tokens - longest)
 
     def prepare_many(self, tasks: Sequence[PrepareTask]) -> list[Prepared | Exception]:
         """Every (text, labels, template, multi_label): the texts tokenized in one Rust
@@ -707,16 +722,18 @@ def load_hf_classifier(model_dir: Path, device: torch.device, dtype: torch.dtype
 
     transformers_logging.disable_progress_bar()  # type: ignore[no-untyped-call]
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            str(model_dir), dtype=dtype, local_files_only=True
-        )
+        with startup.step("weights_read"):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(model_dir), dtype=dtype, local_files_only=True
+            )
     except Exception as exc:  # noqa: BLE001 - any load failure means the same thing here
         raise EngineError(
             f"{model_dir}: cannot load a transformers sequence classifier "
             f"({type(exc).__name__}: {str(exc)[:300]})"
         ) from exc
     module: torch.nn.Module = model
-    module.to(device=device)
+    with startup.step("to_device"):
+        module.to(device=device)
     module.train(False)
     return model
 

@@ -43,6 +43,7 @@ import numpy as np
 import torch
 from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
+from stream_classifier import startup
 from stream_classifier.config import MAX_PAIR_TOKENS, EngineConfig
 from stream_classifier.engine.base import (
     EngineError,
@@ -172,6 +173,17 @@ class PairTokenizer:
             raise result
         return result
 
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        """Character offsets of the text's tokens, for cutting windows (engine/windows.py)."""
+        encoded = self.tokenizer.backend_tokenizer.encode(text, add_special_tokens=False)
+        return [(int(start), int(end)) for start, end in encoded.offsets]
+
+    def text_budget(self, hypotheses: Sequence[str]) -> int | None:
+        """Text tokens a pair keeps uncut beside the longest of ``hypotheses``: longest-first
+        truncation cuts nothing while both fit ``max_length`` with the 3 special tokens."""
+        longest = max((len(self._hypothesis_ids(h)) for h in hypotheses), default=0)
+        return max(1, self.max_length - 3 - longest)
+
     def prepare_many(self, tasks: Sequence[PrepareTask]) -> list[Prepared | Exception]:
         """Every (text, labels, template, multi_label): the texts tokenized in one call
         that releases the interpreter lock, then each event's pairs assembled; a failure
@@ -283,7 +295,8 @@ class NliEngine:
         device = pick_device(config.device)
         dtype = pick_dtype(config.dtype, device)
         model, head = load_classifier_and_head(model_dir, device, dtype)
-        tokenizer = load_tokenizer(model_dir)
+        with startup.step("tokenizer"):
+            tokenizer = load_tokenizer(model_dir)
         engine = cls(
             model,
             tokenizer,
@@ -410,6 +423,12 @@ class NliEngine:
 
     def prepare_many(self, tasks: Sequence[PrepareTask]) -> list[Prepared | Exception]:
         return self.pairs.prepare_many(tasks)
+
+    def token_spans(self, text: str) -> list[tuple[int, int]]:
+        return self.pairs.token_spans(text)
+
+    def text_budget(self, hypotheses: Sequence[str]) -> int | None:
+        return self.pairs.text_budget(hypotheses)
 
     def preparer_factory(self) -> PairTokenizerFactory:
         """A picklable callable that builds this engine's ``prepare`` side (no model) in
@@ -674,7 +693,8 @@ def load_classifier_and_head(
         raise EngineError(
             f"{model_dir}: an NLI model needs 3 output labels, config has {config.num_labels}"
         )
-    state = _load_state_dict(model_dir)
+    with startup.step("weights_read"):
+        state = _load_state_dict(model_dir)
     for key in UNUSED_CHECKPOINT_KEYS:
         state.pop(key, None)
     with torch.device("meta"):
@@ -696,7 +716,8 @@ def load_classifier_and_head(
         )
     head = ClassifierHead.of(model, device)  # before the cast: the checkpoint's precision
     module: torch.nn.Module = model
-    module.to(device=device, dtype=dtype)
+    with startup.step("to_device"):
+        module.to(device=device, dtype=dtype)
     module.train(False)
     return model, head
 

@@ -48,6 +48,7 @@ from typing import Any, Literal, Protocol, cast
 import numpy as np
 import torch
 
+from stream_classifier import startup
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import load_engine
 from stream_classifier.engine.base import Engine, Prepared, Scores
@@ -59,6 +60,7 @@ from stream_classifier.engine.nli import (
     load_tokenizer,
 )
 from stream_classifier.preparing import prepare_all
+from stream_classifier.startup import StartupClock, engine_summary
 
 TEMPLATE = "这篇文章的标题是{}"
 VOCAB_SIZE = 21128
@@ -660,45 +662,66 @@ def _dtype_name(engine: BenchEngine) -> str:
     return str(next(engine.model.parameters()).dtype).removeprefix("torch.")
 
 
-def prepare_context(options: BenchOptions, directory: Path) -> Context:
+def prepare_context(
+    options: BenchOptions, directory: Path, clock: StartupClock | None = None
+) -> Context:
+    """The model built and loaded, then warmed up, as ``run`` does: each step timed on
+    ``clock`` (the engine's loaders report their own steps to it)."""
+    clock = clock or StartupClock()
+    with clock.active():
+        with clock.step("model_setup"):
+            shape, model_dir, engine = _load(options, directory)
+        device = engine.device
+        start = time.perf_counter()
+        with clock.step("warmup"):
+            engine.warmup()
+            synchronize(device)
+        warmup_s = time.perf_counter() - start
+    peak = matmul_peak(device)
+    return Context(options, shape, model_dir, device, peak, engine, warmup_s)
+
+
+def _load(options: BenchOptions, directory: Path) -> tuple[Shape, Path, BenchEngine]:
+    """The random model written to ``directory`` and loaded as the service loads it."""
     shape = shape_of(options)
     engine: BenchEngine
     if options.arch == "deberta-v3":
         if options.backend not in ("auto", "padded"):
             raise ValueError("the DeBERTa engine (engine/hf_nli.py) has only padded batches")
         vocab = None if options.shape == "tiny" else DEBERTA_VOCAB_SIZE
-        model_dir = build_deberta_dir(
-            shape, directory / f"deberta-v3-{options.shape}", options.seed, vocab
-        )
+        with startup.step("random_model"):  # bench's own: written before it is loaded
+            model_dir = build_deberta_dir(
+                shape, directory / f"deberta-v3-{options.shape}", options.seed, vocab
+            )
         config = EngineConfig(model=str(model_dir), device=options.device)
         loaded = load_engine(config, options.max_batch_tokens)  # what the service runs
         if not isinstance(loaded, HfNliEngine):
             raise TypeError(f"load_engine gave {type(loaded).__name__}, not HfNliEngine")
         engine = loaded
     else:
-        model_dir = build_model_dir(shape, directory / f"structbert-{options.shape}", options.seed)
+        with startup.step("random_model"):
+            model_dir = build_model_dir(
+                shape, directory / f"structbert-{options.shape}", options.seed
+            )
         config = EngineConfig(
             model=str(model_dir), device=options.device, cuda_graphs=options.cuda_graphs
         )
         engine = NliEngine.load(config, options.max_batch_tokens, backend=options.backend)
-    device = engine.device
-    start = time.perf_counter()
-    engine.warmup()
-    synchronize(device)
-    warmup_s = time.perf_counter() - start
-    peak = matmul_peak(device)
-    return Context(options, shape, model_dir, device, peak, engine, warmup_s)
+    return shape, model_dir, engine
 
 
-def run_bench(options: BenchOptions) -> dict[str, Any]:
-    """Run every label count; the report as a JSON-ready dict."""
+def run_bench(options: BenchOptions, clock: StartupClock | None = None) -> dict[str, Any]:
+    """Run every label count; the report as a JSON-ready dict, with the start-up steps
+    (``startup``: seconds per step, those inside another taken out of it)."""
+    clock = clock or StartupClock()
     with tempfile.TemporaryDirectory(prefix="stream-classifier-bench-") as tmp:
-        context = prepare_context(options, Path(tmp))
+        context = prepare_context(options, Path(tmp), clock)
         results = [row for n in options.labels for row in bench_labels(context, n)]
     return {
         "options": asdict(options),
         "environment": environment(context.device),
         "peak_tflops": context.peak_flops / 1e12,
+        "startup": dict(clock.steps),
         "results": [asdict(row) for row in results],
     }
 
@@ -752,11 +775,13 @@ def format_table(report: dict[str, Any]) -> str:
             f"* the HF pipeline ran on {', '.join(f'{n:,}' for n in sorted(small))} messages, "
             f"fewer than {MIN_BASELINE_MESSAGES:,} and fewer than ours: do not quote that ratio"
         )
+    if "startup" in report:
+        lines.append(f"start-up (seconds): {engine_summary(report['startup'])}")
     return "\n".join(lines)
 
 
-def main(options: BenchOptions, json_path: str | None) -> int:
-    report = run_bench(options)
+def main(options: BenchOptions, json_path: str | None, clock: StartupClock | None = None) -> int:
+    report = run_bench(options, clock)
     print(format_table(report))
     if json_path:
         Path(json_path).write_text(json.dumps(report, indent=1), encoding="utf-8")
