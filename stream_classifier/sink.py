@@ -164,6 +164,8 @@ class KafkaSink:
         self._topics = topics or []
         self._producer: Producer | None = None
         self._epoch = 0
+        #: The current producer's init_transactions has not completed yet.
+        self._initializing = False
 
     @property
     def producer(self) -> Producer:
@@ -175,16 +177,39 @@ class KafkaSink:
         """A producer; a transactional one fences its predecessors and settles their work."""
         self._epoch += 1
         self._producer = Producer(batch_within_topic_limits(self._config, self._topics))
-        if "transactional.id" in self._config:
-            producer = self._producer
-            self._call(lambda: producer.init_transactions(TXN_TIMEOUT_S), "init_transactions")
+        self._initializing = "transactional.id" in self._config
+        self._init_transactions()
 
     def restart(self) -> None:
-        """Retire the current producer (its late reports are ignored) and start another."""
+        """Retire the current producer (its late reports are ignored) and start another.
+
+        A producer whose ``init_transactions`` has not completed is resumed instead (the
+        call again, on the same producer, as librdkafka asks after a time-out): its
+        request for a producer id goes on in the background, and completing after a new
+        producer's would fence that one, which then fails for good (``_FENCED``).
+        """
+        if self._producer is not None and self._initializing:
+            self._init_transactions()
+            return
         old, self._producer = self._producer, None
         if old is not None:
             _retire(old)
         self.start()
+
+    def _init_transactions(self) -> None:
+        if not self._initializing:
+            return
+        producer = self.producer
+        try:
+            self._call(lambda: producer.init_transactions(TXN_TIMEOUT_S), "init_transactions")
+        except TransactionFailed as exc:
+            # A time-out (or a call still blocked) is resumed on this producer; any other
+            # failure gets a new producer at the next attempt.
+            cause = exc.__cause__
+            if isinstance(cause, KafkaException) and not cause.args[0].retriable():
+                self._initializing = False
+            raise
+        self._initializing = False
 
     # -- records ---------------------------------------------------------------------------
 
