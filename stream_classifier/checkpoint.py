@@ -8,10 +8,11 @@ to write with the offsets after the batch; the checkpoint decides when offsets m
   acknowledged. When a record fails in a way a later attempt may cure (an outage of any
   length), its partition is replayed in order from that prefix's end, as Kafka Streams
   does: a late re-send of one record would land after newer records of its key.
-- :class:`ExactlyOnce`: each batch is one transaction holding its records and its
-  consumed offsets. When a transaction does not commit, the checkpoint aborts it (or
-  replaces the producer, which settles a transaction of unknown outcome) and asks the
-  loop to rewind to the group's committed offsets, which it reads here and never guesses.
+- :class:`~stream_classifier.exactly_once.ExactlyOnce` (its own module): each batch is
+  one transaction holding its records and its consumed offsets. When a transaction does
+  not commit, the checkpoint aborts it (or replaces the producer, which settles a
+  transaction of unknown outcome) and asks the loop to rewind to the group's committed
+  offsets, which it reads here and never guesses.
 
 In both, a record the cluster refuses for good is replaced by a smaller dead letter
 (:func:`stream_classifier.records.smaller`), and a fatal error (authorization,
@@ -34,7 +35,7 @@ from confluent_kafka import OFFSET_BEGINNING
 
 from stream_classifier.kafka_errors import Verdict
 from stream_classifier.offsets import OffsetTracker, TopicPartition
-from stream_classifier.sink import DeliveryFailure, Record, Sink, SinkError, TransactionFailed
+from stream_classifier.sink import DeliveryFailure, Record, Sink, SinkError
 from stream_classifier.source import OffsetsUnavailable, Source
 
 log = logging.getLogger(__name__)
@@ -72,7 +73,7 @@ class Checkpoint(Protocol):
     def on_delivery(self, record: Record, failure: DeliveryFailure | None) -> None: ...
 
 
-class _Backoff:
+class Backoff:
     """Failures in a row, and when the next attempt may run."""
 
     def __init__(self, clock: Clock) -> None:
@@ -92,7 +93,7 @@ class _Backoff:
         return self._clock() >= self._retry_at
 
 
-class _Outage:
+class OutageLog:
     """Logs an outage of the output once when it starts and once when it ends."""
 
     def __init__(self, clock: Clock) -> None:
@@ -117,7 +118,7 @@ class _Outage:
         self._failures = 0
 
 
-class _Rewinds:
+class Rewinds:
     """Where a partition must be read again from: the group's committed offset, never a guess.
 
     While the group has no committed offset for a partition: its beginning under
@@ -156,7 +157,7 @@ class _Rewinds:
         return targets
 
 
-class AtLeastOnce(_Rewinds):
+class AtLeastOnce(Rewinds):
     """Commit each partition up to the last event whose every record was acknowledged."""
 
     def __init__(
@@ -186,8 +187,8 @@ class AtLeastOnce(_Rewinds):
         self._left: dict[tuple[TopicPartition, int], int] = {}
         #: Partitions to read again from these offsets (their records failed).
         self._replays: dict[TopicPartition, int] = {}
-        self._backoff = _Backoff(clock)
-        self._outage = _Outage(clock)
+        self._backoff = Backoff(clock)
+        self._outage = OutageLog(clock)
         self._last_commit = clock()
         self._failure: SinkError | None = None
 
@@ -356,189 +357,3 @@ class AtLeastOnce(_Rewinds):
 def _event(record: Record) -> tuple[TopicPartition, int]:
     source = record.source
     return (source.topic, source.partition), source.offset
-
-
-class ExactlyOnce(_Rewinds):
-    """One transaction per batch: records and consumed offsets commit together or not at all."""
-
-    def __init__(
-        self,
-        source: Source,
-        sink: Sink,
-        clock: Clock,
-        earliest: bool = True,
-        on_committed: Callable[[list[Record]], None] = lambda records: None,
-        replace: Replace = lambda record, failure: None,
-        give_up: GiveUp = lambda record, failure: None,
-    ) -> None:
-        super().__init__(source, earliest)
-        self._sink = sink
-        self._clock = clock
-        self._earliest = earliest
-        self._on_committed = on_committed
-        self._replace = replace
-        self._give_up = give_up
-        self._backoff = _Backoff(clock)
-        self._outage = _Outage(clock)
-        #: The producer must be replaced (a transaction of unknown outcome, a lost group).
-        self._broken = False
-        #: Delivery failures reported for the open transaction's records.
-        self._failed: list[tuple[Record, DeliveryFailure]] = []
-        #: Records refused for good, by event and destination: the form to write instead
-        #: when their batch is redone (the refusal failed its transaction).
-        self._refused: dict[tuple[str, int, int, str, str], tuple[int, DeliveryFailure]] = {}
-        #: Under ``latest``: each new partition's first consumed offset, committed before
-        #: the first transaction so that the next owner starts there, not at the end.
-        self._pins: dict[TopicPartition, int] = {}
-
-    def start(self) -> None:
-        """Start the producer; if the cluster is unreachable, retry from the loop."""
-        try:
-            self._sink.start()
-        except TransactionFailed as exc:
-            log.warning("transactional producer not ready (%s): retrying", exc)
-            self._broken = True
-            self._backoff.failed()
-
-    def consumed(self, tp: TopicPartition, offset: int) -> None:
-        if not self._earliest and tp not in self._first:
-            self._pins[tp] = offset
-        super().consumed(tp, offset)
-
-    def released(self, partitions: Iterable[TopicPartition]) -> None:
-        self.assigned(partitions)
-        for tp in partitions:
-            self._pins.pop(tp, None)
-
-    def replace_producer(self) -> None:
-        """Start a fresh producer before the next transaction (after losing the group)."""
-        self._broken = True
-
-    def can_write(self) -> bool:
-        if not self._backoff.due():
-            return False
-        if self._broken:
-            try:
-                self._sink.restart()
-            except TransactionFailed as exc:
-                log.warning("new transactional producer failed (%s): retrying", exc)
-                self._backoff.failed()
-                return False
-            self._broken = False
-        return True
-
-    def write(self, records: list[Record], offsets: dict[TopicPartition, int]) -> bool:
-        """Commit one batch's transaction; False if it did not commit (rewind and redo)."""
-        self._failed = []
-        try:
-            self._sink.begin()
-            written = [w for r in records if (w := self._produce(self._instead(r))) is not None]
-            if self._failed:
-                raise TransactionFailed(self._failed[0][1].reason, abortable=True)
-            self._sink.commit(offsets, self._source.group_metadata())
-        except TransactionFailed as exc:
-            self._failed_transaction(exc)
-            return False
-        self._backoff.succeeded()
-        self._outage.succeeded()
-        for tp in offsets:
-            self._pins.pop(tp, None)
-        for record in records:
-            self._refused.pop(_refusal_key(record), None)
-        self._on_committed(written)
-        return True
-
-    def _instead(self, record: Record) -> Record | None:
-        """What to write for a record: a smaller form where an earlier attempt was refused."""
-        refused = self._refused.get(_refusal_key(record))
-        if refused is None:
-            return record
-        stage, failure = refused
-        current: Record | None = record
-        while current is not None and current.stage < stage:
-            last = current
-            current = self._replace(current, failure)
-            if current is None:
-                self._give_up(last, failure)
-        return current
-
-    def _produce(self, record: Record | None) -> Record | None:
-        """Queue a record in the open transaction, smaller forms where it is refused."""
-        while record is not None:
-            failure = self._sink.produce(record)
-            if failure is None:
-                return record
-            if failure.verdict is not Verdict.DEAD_LETTER:
-                self._failed.append((record, failure))
-                return None
-            smaller = self._replace(record, failure)
-            if smaller is None:
-                self._give_up(record, failure)
-            record = smaller
-        return None
-
-    def _failed_transaction(self, exc: TransactionFailed) -> None:
-        failures, self._failed = self._failed, []
-        fatal = [f for _, f in failures if f.verdict is Verdict.FATAL]
-        if fatal:
-            raise SinkError(f"a record of the transaction was refused: {fatal[0].reason}")
-        for record, failure in failures:
-            if failure.verdict is Verdict.DEAD_LETTER:
-                self._refused[_refusal_key(record)] = (record.stage + 1, failure)
-        refused = any(f.verdict is Verdict.DEAD_LETTER for _, f in failures)
-        if not refused:
-            self._outage.failed(str(exc))
-        log.debug("transaction failed (%s): rewinding to the committed offsets", exc)
-        self._end_failed(exc.abortable)
-        if not refused:
-            self._backoff.failed()
-
-    def _end_failed(self, abortable: bool) -> None:
-        if abortable:
-            try:
-                self._sink.abort()
-                return
-            except TransactionFailed as exc:
-                log.warning("abort failed (%s): replacing the producer", exc)
-        self._broken = True
-
-    def on_delivery(self, record: Record, failure: DeliveryFailure | None) -> None:
-        """A failed record fails its transaction's commit; why it failed decides the redo."""
-        if failure is not None:
-            self._failed.append((record, failure))
-
-    def replays(self) -> dict[TopicPartition, int]:
-        return {}  # a failed transaction rewinds every partition (write returns False)
-
-    def turn(self) -> None:
-        self._sink.poll(0)
-        if self._pins:
-            self._commit_pins(set(self._pins))
-
-    def _commit_pins(self, partitions: set[TopicPartition]) -> None:
-        pins = {tp: off for tp, off in self._pins.items() if tp in partitions}
-        if pins and self._source.commit(pins):
-            for tp in pins:
-                self._pins.pop(tp, None)
-
-    def commit_revoked(self, partitions: list[TopicPartition], timeout: float) -> None:
-        """Nothing is open between transactions; unwritten events are redone. A new
-        partition's starting point is committed so that the next owner starts there."""
-        self._commit_pins(set(partitions))
-
-    def finish(self, timeout: float) -> bool:
-        return True  # every written batch committed in its own transaction
-
-    def in_flight(self) -> int:
-        return 0
-
-    def health(self) -> tuple[bool, str]:
-        if self._backoff.failures >= UNHEALTHY_FAILURES:
-            return False, f"{self._backoff.failures} transactions failed in a row"
-        return True, "ok"
-
-
-def _refusal_key(record: Record) -> tuple[str, int, int, str, str]:
-    first = record.first or record
-    source = record.source
-    return source.topic, source.partition, source.offset, first.topic, first.kind

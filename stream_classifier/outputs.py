@@ -9,8 +9,9 @@ import time
 from collections.abc import Callable, Sequence
 
 from stream_classifier.batcher import Batch
-from stream_classifier.checkpoint import AtLeastOnce, Checkpoint, ExactlyOnce
+from stream_classifier.checkpoint import AtLeastOnce, Checkpoint
 from stream_classifier.config import ServiceConfig, TopicConfig
+from stream_classifier.exactly_once import ExactlyOnce
 from stream_classifier.metrics import Metrics
 from stream_classifier.records import records_for, smaller
 from stream_classifier.scoring import Outcome

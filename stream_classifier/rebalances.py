@@ -7,7 +7,8 @@ import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
-from stream_classifier.checkpoint import Checkpoint, ExactlyOnce
+from stream_classifier.checkpoint import Checkpoint
+from stream_classifier.exactly_once import ExactlyOnce
 from stream_classifier.intake import Intake
 from stream_classifier.metrics import Metrics
 from stream_classifier.offsets import TopicPartition

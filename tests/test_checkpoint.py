@@ -11,7 +11,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from stream_classifier.checkpoint import AtLeastOnce, ExactlyOnce
+from stream_classifier.checkpoint import AtLeastOnce
+from stream_classifier.exactly_once import ExactlyOnce
 from stream_classifier.kafka_errors import Verdict
 from stream_classifier.messages import Envelope, SourceRef
 from stream_classifier.offsets import TopicPartition
