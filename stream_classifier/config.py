@@ -207,6 +207,19 @@ class ProcessingConfig(_Section):
     #: Kafka thread runs Python. Unset: 0.5 ms when the engine runs on a GPU (see
     #: ``for_device``), Python's own 5 ms on a CPU.
     switch_interval_ms: float | None = Field(None, gt=0, le=100)
+    #: With topics of more than one ``priority``: the least share of every micro-batch that
+    #: each lower level with events ready gets, so that no level starves behind a busier one.
+    priority_min_share: float = Field(0.1, ge=0.0, le=0.5)
+    #: With topics of more than one ``priority``: the most events of lower levels in one
+    #: micro-batch while a higher level is live (read from in the last second). It bounds
+    #: how long a live event waits behind bulk work. Unset: an eighth of max_batch_messages.
+    priority_batch_messages: int | None = Field(None, ge=1, le=100_000)
+
+    def lower_priority_batch(self) -> int:
+        """``priority_batch_messages``, resolved."""
+        if self.priority_batch_messages is not None:
+            return self.priority_batch_messages
+        return max(1, self.max_batch_messages // 8)
 
     def for_device(self, gpu: bool) -> ProcessingConfig:
         """These settings with what was left unset resolved for the engine's device.
@@ -382,6 +395,11 @@ class TopicConfig(_Section):
     #: Most windows read of one text; text past them is left unread, and its output says
     #: so (``windows_truncated``, and the text-truncated header).
     max_windows: int = Field(8, ge=1, le=256)
+    #: Which topics are read first: 0 to 9, higher first. With one level (the default, 0
+    #: everywhere) events are batched in the order they were read; with several, a live
+    #: topic's events go ahead of a bulk topic's backlog (docs/OPERATIONS.md, "Priority
+    #: topics"). Changing it needs a restart.
+    priority: int = Field(0, ge=0, le=9)
     #: A label is flagged when its score is at or over its threshold: its entry here, else
     #: ``default_threshold`` (None: labels without an entry are never flagged). With
     #: neither set, scored events carry no ``flagged`` list.

@@ -2,36 +2,28 @@
 
 An event read from Kafka is decoded at once (a rejection becomes a dead letter in the
 same batch, keeping its place in the partition's order) and handed to the prepare stage;
-it joins the open micro-batch once its tokenizing is done, oldest first.
+it joins a micro-batch once its tokenizing is done, oldest first. With topics of more
+than one priority, each level has its own queue and batches are composed from them when
+the engine has room (:mod:`~stream_classifier.priorities`).
 """
 
 from __future__ import annotations
 
-from collections import deque
+import math
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future
-from dataclasses import dataclass
 
-from stream_classifier.batcher import Batch, Item, MicroBatcher, topic_partition
+from stream_classifier.batcher import Batch, Item, MicroBatcher
 from stream_classifier.config import ServiceConfig, TopicConfig
-from stream_classifier.engine.base import Prepared
 from stream_classifier.engine.windows import Windowing
-from stream_classifier.messages import ClassifyRequest, Envelope, Rejection, decode_event
+from stream_classifier.messages import Envelope, Rejection, decode_event
 from stream_classifier.offsets import TopicPartition
 from stream_classifier.preparing import Preparer
+from stream_classifier.priorities import Level, Waiting, allocate, held_levels, live_level, ready
 from stream_classifier.reload import settings_version
 
 
-@dataclass
-class Waiting:
-    """A consumed event in the backlog; ``prepared`` until its tokenizing is done."""
-
-    item: Item
-    prepared: Future[Prepared] | None = None
-
-
 class Intake:
-    """The backlog of events being tokenized and the open micro-batch after it."""
+    """The events being tokenized, per priority level, and the batches made of them."""
 
     def __init__(
         self, config: ServiceConfig, preparer: Preparer, clock: Callable[[], float]
@@ -41,12 +33,22 @@ class Intake:
             processing.max_batch_messages, processing.max_batch_wait_ms, clock
         )
         self.preparer = preparer
+        self._clock = clock
         self._batch_messages = processing.max_batch_messages
-        self._backlog: deque[Waiting] = deque()
+        self._max_wait_s = processing.max_batch_wait_ms / 1000.0
+        self._lower_batch = processing.lower_priority_batch()
+        self._min_share = processing.priority_min_share
+        #: Highest first. Priorities need a restart to change, so the levels stay.
+        self.levels = [Level(p) for p in sorted({t.priority for t in config.topics}, reverse=True)]
+        self._level_of: dict[int, Level] = {level.priority: level for level in self.levels}
         self._topics: dict[str, TopicConfig] = {}
         #: Each input topic's settings version, written into its outputs.
         self.versions: dict[str, str] = {}
         self.use(config)
+
+    @property
+    def prioritised(self) -> bool:
+        return len(self.levels) > 1
 
     def use(self, config: ServiceConfig) -> None:
         """The topic settings for events read from now on (a reload)."""
@@ -56,25 +58,48 @@ class Intake:
     def topic(self, name: str) -> TopicConfig:
         return self._topics[name]
 
+    def priority(self, topic: str) -> int:
+        return self._topics[topic].priority
+
     def __len__(self) -> int:
-        return len(self._backlog) + len(self.batcher)
+        return sum(len(level) for level in self.levels) + len(self.batcher)
 
     def room(self) -> int:
-        """How many events to fetch now (at least 1: consume() also serves the group)."""
-        return max(1, self._batch_messages - len(self))
+        """How many events to fetch now (at least 1: consume() also serves the group).
+        With levels: room for the live level (lower ones are paused once they hold a
+        batch)."""
+        if not self.prioritised:
+            return max(1, self._batch_messages - len(self))
+        live = live_level(self.levels) or self.levels[0]
+        return max(1, self._batch_messages - len(live))
 
-    def holds_a_batch(self) -> bool:
-        """A whole micro-batch is waiting (with the engine full: stop fetching)."""
-        return len(self) >= self._batch_messages
+    def own(self, topics: set[str]) -> None:
+        """The input topics this instance owns partitions of now (after a rebalance)."""
+        if not self.prioritised:
+            return
+        owned = {self._topics[name].priority for name in topics}
+        for level in self.levels:
+            level.owned = level.priority in owned
+
+    def held(self, engine_full: bool) -> set[int]:
+        """The priority levels whose partitions to pause (``engine_full``: the engine
+        stage has no room for another batch)."""
+        if not self.prioritised:
+            level = self.levels[0]
+            return {level.priority} if engine_full and len(self) >= self._batch_messages else set()
+        live = live_level(self.levels)
+        return held_levels(self.levels, live, self._batch_messages, engine_full)
 
     def accept(self, envelope: Envelope) -> None:
         """Decode one event and start tokenizing it; any failure about its content
         rejects it."""
         topic = self._topics[envelope.source.topic]
+        level = self._level_of[topic.priority]
+        arrived = self._clock()
         try:
             decoded = decode_event(envelope, topic)
             if isinstance(decoded, Rejection):
-                self._backlog.append(Waiting(decoded))
+                level.add(Waiting(decoded, None, arrived))
                 return
             decoded.settings_version = self.versions[topic.input]
             prepared = self.preparer.submit(
@@ -86,70 +111,97 @@ class Intake:
             )
         except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
             reason = f"{type(exc).__name__}: {exc}"
-            self._backlog.append(Waiting(Rejection(envelope, "prepare_failed", reason)))
+            level.add(Waiting(Rejection(envelope, "prepare_failed", reason), None, arrived))
             return
-        self._backlog.append(Waiting(decoded, prepared))
+        level.add(Waiting(decoded, prepared, arrived))
 
     def fill(self, timeout: float | None = 0.0) -> None:
-        """Move tokenized events into the open batch, in order, until it is full
-        (``timeout``: how long to wait for one tokenizing, None for ever)."""
-        while self._backlog and not self.batcher.is_full():
-            item = _ready(self._backlog[0], timeout)
+        """One level: move tokenized events into the open batch, in order, until it is
+        full (``timeout``: how long to wait for one tokenizing, None for ever). Several
+        levels: nothing, batches are composed when taken."""
+        if self.prioritised:
+            return
+        level = self.levels[0]
+        while level.queue and not self.batcher.is_full():
+            item = ready(level.queue[0], timeout)
             if item is None:
                 return
             self.batcher.add(item)
-            self._backlog.popleft()
+            level.queue.popleft()
 
-    def take_due(self, engine_idle: bool) -> Batch | None:
-        """The open batch once due (full, or waited ``max_batch_wait_ms``), or at once
-        when the engine has nothing to do."""
-        if self.batcher.is_due() or (engine_idle and len(self.batcher) > 0):
-            return self.batcher.take()
-        return None
+    def time_left(self) -> float:
+        """Seconds until a batch is due by time (inf when nothing is waiting)."""
+        if not self.prioritised:
+            return self.batcher.time_left()
+        heads = [level.queue[0].arrived for level in self.levels if level.queue]
+        if not heads:
+            return math.inf
+        return min(heads) + self._max_wait_s - self._clock()
+
+    def take_due(self, engine_idle: bool, unfinished: int = 0) -> Batch | None:
+        """The next batch once due (full, or waited ``max_batch_wait_ms``), or at once
+        when the engine has nothing to do; ``unfinished``: batches the engine has not
+        returned yet (with levels, a batch of lower levels alone waits for at most one)."""
+        if not self.prioritised:
+            if self.batcher.is_due() or (engine_idle and len(self.batcher) > 0):
+                return self.batcher.take()
+            return None
+        return self._compose(engine_idle, unfinished)
+
+    def _compose(self, engine_idle: bool, unfinished: int) -> Batch | None:
+        now = self._clock()
+        live = live_level(self.levels)
+        if live is None:
+            return None
+        counts = {level.priority: level.advance() for level in self.levels}
+        take = allocate(
+            counts, live.priority, self._batch_messages, self._lower_batch, self._min_share
+        )
+        taken = sum(take.values())
+        if not taken:
+            return None
+        has_live = take[live.priority] > 0
+        if not has_live and unfinished > 1:
+            return None  # a live event must not queue behind more than this one
+        full = self._batch_messages if has_live else self._lower_batch
+        oldest = min(level.queue[0].arrived for level in self.levels if take[level.priority])
+        due = (
+            taken >= full
+            or engine_idle
+            or now - oldest >= self._max_wait_s
+            or (has_live and unfinished <= 1)
+        )
+        if not due:
+            return None
+        items: list[Item] = []
+        for level in self.levels:
+            items += level.pop(take[level.priority])
+        return Batch(items)
 
     def remaining(self, deadline: Callable[[], float]) -> Iterator[Batch]:
-        """Shutdown: every queued event in batches, each tokenizing waited for up to the
-        time ``deadline()`` leaves; stops early at the deadline."""
+        """Shutdown: every queued event in batches, highest level first, each tokenizing
+        waited for up to the time ``deadline()`` leaves; stops early at the deadline."""
         self.preparer.flush()
         while len(self):
-            for waiting in self._backlog:
-                if _ready(waiting, deadline()) is None:
-                    break
-            while self._backlog and self._backlog[0].prepared is None:
-                if self.batcher.is_full():
-                    break
-                self.batcher.add(self._backlog.popleft().item)
+            for level in self.levels:
+                for waiting in level.queue:
+                    if ready(waiting, deadline()) is None:
+                        break
+            for level in self.levels:
+                while level.queue and level.queue[0].prepared is None:
+                    if self.batcher.is_full():
+                        break
+                    self.batcher.add(level.queue.popleft().item)
+                level.ready = 0
             if not len(self.batcher):
                 return
             yield self.batcher.take()
 
     def drop(self, partitions: set[TopicPartition]) -> int:
         """Forget the events of these partitions; how many there were."""
-        dropped = self.batcher.drop(partitions)
-        kept = [w for w in self._backlog if topic_partition(w.item) not in partitions]
-        dropped += len(self._backlog) - len(kept)
-        self._backlog = deque(kept)
-        return dropped
+        return self.batcher.drop(partitions) + sum(level.drop(partitions) for level in self.levels)
 
     def clear(self) -> None:
-        self._backlog.clear()
+        for level in self.levels:
+            level.clear()
         self.batcher.take()
-
-
-def _ready(waiting: Waiting, timeout: float | None = 0.0) -> Item | None:
-    """The event once tokenized (None while not yet, within ``timeout``)."""
-    future = waiting.prepared
-    if future is None:
-        return waiting.item
-    try:
-        prepared = future.result(timeout)
-    except TimeoutError:
-        return None
-    except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
-        reason = f"{type(exc).__name__}: {exc}"
-        waiting.item = Rejection(waiting.item.envelope, "prepare_failed", reason)
-    else:
-        assert isinstance(waiting.item, ClassifyRequest)
-        waiting.item.prepared = prepared
-    waiting.prepared = None
-    return waiting.item

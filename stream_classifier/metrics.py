@@ -92,7 +92,8 @@ class Metrics:
         )
         self.end_to_end_seconds = Histogram(
             PREFIX + "end_to_end_latency_seconds",
-            "Input timestamp to output acknowledged",
+            "Input timestamp to output acknowledged, by the input topic's priority",
+            ["priority"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -113,6 +114,12 @@ class Metrics:
             PREFIX + "consumer_lag",
             "Messages between the committed offset and the partition end (librdkafka stats)",
             ["topic", "partition"],
+            registry=r,
+        )
+        self.priority_lag = Gauge(
+            PREFIX + "priority_lag",
+            "Consumer lag summed over the assigned partitions of each priority level",
+            ["priority"],
             registry=r,
         )
         self.transactions = Counter(
@@ -149,14 +156,22 @@ class Metrics:
         with contextlib.suppress(KeyError):
             self.consumer_lag.remove(topic, str(partition))
 
-    def record_lag(self, stats_json: str, assigned: Collection[tuple[str, int]]) -> None:
-        """Consumer lag per assigned partition, from librdkafka's statistics."""
+    def record_lag(
+        self, stats_json: str, assigned: Collection[tuple[str, int]], priorities: dict[str, int]
+    ) -> None:
+        """Consumer lag per assigned partition, from librdkafka's statistics, and its sum
+        per priority level (``priorities``: each input topic's)."""
         stats = json.loads(stats_json)
+        per_level = dict.fromkeys(priorities.values(), 0)
         for topic, topic_stats in stats.get("topics", {}).items():
             for partition, p in topic_stats.get("partitions", {}).items():
                 lag = p.get("consumer_lag", -1)
                 if (topic, int(partition)) in assigned and lag >= 0:
                     self.consumer_lag.labels(topic, partition).set(lag)
+                    if topic in priorities:
+                        per_level[priorities[topic]] += lag
+        for level, lag in per_level.items():
+            self.priority_lag.labels(str(level)).set(lag)
 
     def render(self) -> bytes:
         return bytes(generate_latest(self.registry))

@@ -35,10 +35,18 @@ class Observer:
 class Outputs:
     """Records of scored batches, and their metrics once the cluster has them."""
 
-    def __init__(self, metrics: Metrics, model_id: str, observers: Sequence[Observer]) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        model_id: str,
+        observers: Sequence[Observer],
+        priorities: dict[str, int] | None = None,
+    ) -> None:
         self.metrics = metrics
         self.model_id = model_id
         self.observers = tuple(observers)
+        #: Each input topic's priority level, the label of its latency.
+        self.priorities = priorities or {}
 
     def build(
         self,
@@ -72,7 +80,8 @@ class Outputs:
                 self.metrics.decisions.labels(record.source.topic, record.decision).inc()
         if record.source.timestamp:
             age = time.time() - record.source.timestamp / 1e3
-            self.metrics.end_to_end_seconds.observe(max(0.0, age))
+            level = str(self.priorities.get(record.source.topic, 0))
+            self.metrics.end_to_end_seconds.labels(level).observe(max(0.0, age))
         for observer in self.observers:
             observer.written(record)
 

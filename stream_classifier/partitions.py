@@ -105,10 +105,10 @@ class Partitions:
     def holding_all(self) -> bool:
         return bool(self.assigned) and self.paused == self.assigned
 
-    def pause_change(self, hold: bool) -> PauseChange | None:
-        """What to pause and resume so that exactly the held partitions are paused (all of
-        them when ``hold``, else those read again); None when nothing changes."""
-        want = set(self.assigned) if hold else set(self.rewinding)
+    def pause_change(self, held: set[TopicPartition]) -> PauseChange | None:
+        """What to pause and resume so that exactly the ``held`` partitions and those read
+        again are paused; None when nothing changes."""
+        want = (held & self.assigned) | set(self.rewinding)
         if want == self.paused and not self._unsettled:
             return None  # most turns
         pause = sorted((want - self.paused) | (want & self._unsettled))

@@ -47,6 +47,10 @@ class PendingBatches:
     def has_room(self) -> bool:
         return len(self._queue) < self._limit
 
+    def unfinished(self) -> int:
+        """Batches the engine has not returned yet."""
+        return sum(1 for s in self._queue if not s.future.done())
+
     def submit(self, batch: Batch, epochs: dict[TopicPartition, int]) -> None:
         future = self.scorer.submit(batch.requests)
         future.add_done_callback(self._engine_returned)

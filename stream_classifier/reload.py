@@ -2,9 +2,9 @@
 
 Labels, template, multi-label, thresholds, lanes and routes, and the input limits of a
 topic may change while the service runs; events already read keep the settings they were
-read with. Anything else (Kafka, processing, engine, metrics, which topics exist and
-where their outputs and dead letters go) needs a restart: a reload that changes it is
-refused, with the reason, and the running settings stay. A reload whose file names a
+read with. Anything else (Kafka, processing, engine, metrics, which topics exist, where
+their outputs and dead letters go, and their priority) needs a restart: a reload that
+changes it is refused, with the reason, and the running settings stay. A reload whose file names a
 topic that does not exist (a new route) is rejected before it gets here
 (:func:`stream_classifier.assemble.reload_config`).
 """
@@ -20,8 +20,9 @@ from stream_classifier.metrics import Metrics
 
 log = logging.getLogger(__name__)
 
-#: The topic fields that name Kafka topics the service was started (and checked) with.
-_TOPIC_PLUMBING = ("input", "output", "dead_letter")
+#: The topic fields that need a restart: the Kafka topics the service was started (and
+#: checked) with, and the priority level whose queue holds the topic's events in hand.
+_TOPIC_PLUMBING = ("input", "output", "dead_letter", "priority")
 
 
 def settings_version(topic: TopicConfig) -> str:

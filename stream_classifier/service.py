@@ -97,7 +97,8 @@ class Service:
         )
         settings = producer_config(config, self.max_in_flight)
         self.sink: Sink = sink or KafkaSink(settings, self._on_delivery, written_topics(config))
-        self.outputs = Outputs(self.metrics, engine.model_id, observers)
+        priorities = {topic.input: topic.priority for topic in config.topics}
+        self.outputs = Outputs(self.metrics, engine.model_id, observers, priorities)
         max_bytes = int(settings.get("message.max.bytes", MESSAGE_MAX_BYTES))
         self.checkpoint: Checkpoint = make_checkpoint(
             config, self.source, self.sink, clock, self.outputs, max_bytes
@@ -165,13 +166,14 @@ class Service:
         self._take_replays()
         self._rewind_due()
         self._apply_pause()
-        timeout = max(0.0, min(POLL_SLICE_S, self.intake.batcher.time_left()))
+        timeout = max(0.0, min(POLL_SLICE_S, self.intake.time_left()))
         if self.pending or self.intake:
             timeout = min(timeout, 0.005)
         if self._waiting_on_engine():
             timeout = 0.0  # waited on the engine instead: consume() only serves callbacks
         messages = self.source.consume(self.intake.room(), timeout)
         self.rebalances.apply()  # callbacks served inside consume() come first
+        self.intake.own({topic for topic, _ in self.partitions.assigned})
         self._take_replays()  # a revoke's flush inside consume() may have asked for some
         received_at = time.monotonic()
         for message in messages:
@@ -207,7 +209,7 @@ class Service:
             self.intake.fill()
             if not self.pending.has_room():
                 return
-            batch = self.intake.take_due(engine_idle=not self.pending)
+            batch = self.intake.take_due(not self.pending, self.pending.unfinished())
             if batch is None:
                 return
             self._submit(batch)
@@ -220,14 +222,16 @@ class Service:
     # -- backpressure --------------------------------------------------------------------
 
     def _apply_pause(self) -> None:
-        """Pause what must not be fetched now, resume the rest; settle new partitions."""
-        engine_full = not self.pending.has_room() and self.intake.holds_a_batch()
-        hold = (
-            engine_full
-            or self.checkpoint.in_flight() >= self.max_in_flight
-            or not self.checkpoint.can_write()
-        )
-        change = self.partitions.pause_change(hold)
+        """Pause what must not be fetched now, resume the rest; settle new partitions.
+        Everything while the output cannot take more; else what the intake holds enough
+        of (with one priority level: everything, once the engine is full as well)."""
+        assigned = self.partitions.assigned
+        if self.checkpoint.in_flight() >= self.max_in_flight or not self.checkpoint.can_write():
+            held = set(assigned)
+        else:
+            levels = self.intake.held(engine_full=not self.pending.has_room())
+            held = {tp for tp in assigned if self.intake.priority(tp[0]) in levels}
+        change = self.partitions.pause_change(held)
         if change is None:
             return  # nothing to change (most turns)
         # At saturation this is every batch: not logged. An outage of the output is logged
@@ -355,4 +359,4 @@ class Service:
         self.metrics.engine_stalled_seconds.set(self.engine_stalled_s())
 
     def _on_stats(self, stats_json: str) -> None:
-        self.metrics.record_lag(stats_json, self.partitions.assigned)
+        self.metrics.record_lag(stats_json, self.partitions.assigned, self.outputs.priorities)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -36,10 +37,14 @@ class KeywordEngine:
 
     model_id = "keyword-stub"
 
-    def __init__(self, read_tokens: int = READ_TOKENS) -> None:
+    def __init__(self, read_tokens: int = READ_TOKENS, seconds_per_event: float = 0.0) -> None:
         self.read_tokens = read_tokens
+        #: How long scoring takes per event: a capacity, for tests of what goes first.
+        self.seconds_per_event = seconds_per_event
         #: Every text this engine was asked to read, in order (windows included).
         self.texts: list[str] = []
+        #: The first word of every text scored, in the order scored.
+        self.scored: list[str] = []
 
     def token_spans(self, text: str) -> list[tuple[int, int]]:
         return [match.span() for match in WORD.finditer(text)]
@@ -57,6 +62,11 @@ class KeywordEngine:
         return Prepared(tuple(labels), multi_label, len(kept), Read(kept))
 
     def classify(self, batch: Sequence[Prepared]) -> list[Scores]:
+        if self.seconds_per_event:
+            time.sleep(self.seconds_per_event * len(batch))
+        for item in batch:
+            assert isinstance(item.payload, Read)
+            self.scored.append(item.payload.words[0] if item.payload.words else "")
         return [self._score(item) for item in batch]
 
     def _score(self, item: Prepared) -> Scores:

@@ -62,25 +62,25 @@ def test_a_partition_read_again_is_held_and_takes_nothing_until_rewound() -> Non
     partitions = Partitions()
     partitions.assign([TP, ("in", 1)])
     partitions.settle([TP, ("in", 1)])
-    first = partitions.pause_change(hold=False)
+    first = partitions.pause_change(set())
     assert first is not None and first.resume == [TP, ("in", 1)], "new ones set explicitly"
     partitions.take(TP, 5)
     partitions.rewind([TP], 2)
     assert not partitions.take(TP, 6)
-    change = partitions.pause_change(hold=False)
+    change = partitions.pause_change(set())
     assert change is not None and change.pause == [TP] and change.resume == []
     partitions.rewound(TP)
     assert partitions.take(TP, 2), "read from the rewind target"
-    change = partitions.pause_change(hold=True)
+    change = partitions.pause_change(set(partitions.assigned))
     assert change is not None and change.pause == [("in", 1)] and partitions.holding_all()
-    assert partitions.pause_change(hold=True) is None, "nothing to change"
+    assert partitions.pause_change(set(partitions.assigned)) is None, "nothing to change"
 
 
 def test_released_partitions_keep_no_pause_or_rewind_state() -> None:
     partitions = Partitions()
     partitions.assign([TP])
     partitions.rewind([TP])
-    partitions.pause_change(hold=True)
+    partitions.pause_change(set(partitions.assigned))
     partitions.unassign([TP])
     partitions.release([TP])
     assert not partitions.paused and not partitions.rewinding
