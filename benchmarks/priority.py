@@ -1,0 +1,290 @@
+"""Priority topics through a real broker: a live topic's latency beside a bulk backlog.
+
+The service runs as users run it (``stream-classifier run`` in its own process) on
+``bench``'s random-weight StructBERT (``--shape``) and workload, 4 labels. Four phases,
+each on fresh topics, each a fresh service process:
+
+1. **saturated**: the bulk topic alone (one priority level, the defaults), pre-filled
+   with ``--backlog`` events; its rate over ``--seconds`` once outputs flow;
+2. **live alone**: the live topic (priority 1) beside an empty bulk topic (priority 0),
+   events produced at ``--live-share`` of the saturated rate; end-to-end latency per
+   event (its input timestamp to its output being read), p50 and p99;
+3. **live + backlog, priorities**: the same, with the bulk topic pre-filled with
+   ``--backlog`` events: the live topic's latency, and the total rate of both;
+4. **live + backlog, first come first served**: both topics at priority 0.
+
+The issue's targets: in phase 3 the live p99 within 2x of phase 2's, and the total rate
+at least 90% of phase 1's. Writes JSON (``--json``) and prints a table.
+
+    python benchmarks/priority.py --bootstrap 127.0.0.1:9092 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+import uuid
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from stream_classifier.tools import bench
+from stream_classifier.tools.bench_service import OutputReader, ServiceProcess
+from stream_classifier.tools.kafka_io import create_topics, fill, produce_at_rate
+
+LABELS = 4
+LIVE_FIRST_ID = 10_000_000
+POLL_S = 0.1
+
+
+@dataclass
+class Phase:
+    name: str
+    seconds: float
+    live_produced: int = 0
+    live_p50_ms: float | None = None
+    live_p99_ms: float | None = None
+    bulk_msgs_per_s: float = 0.0
+    live_msgs_per_s: float = 0.0
+    total_msgs_per_s: float = 0.0
+    exit_code: int | None = None
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def metric(port: int, name: str) -> float:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as reply:
+            text = reply.read().decode()
+    except OSError:
+        return 0.0
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith(name + "{") or line.startswith(name + " ")
+    )
+
+
+def payloads(texts: list[str], first_id: int) -> list[bytes]:
+    return [
+        json.dumps({"id": first_id + i, "text": text}, ensure_ascii=False).encode()
+        for i, text in enumerate(texts)
+    ]
+
+
+def topic(name: str, labels: list[str], priority: int) -> dict[str, Any]:
+    return {
+        "input": f"{name}.in",
+        "output": f"{name}.out",
+        "dead_letter": f"{name}.dlq",
+        "labels": labels,
+        "hypothesis_template": bench.TEMPLATE,
+        "priority": priority,
+    }
+
+
+def wait(condition: Any, timeout: float, what: str, service: ServiceProcess) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        service.check_alive()
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
+        time.sleep(POLL_S)
+
+
+def run_phase(
+    args: argparse.Namespace,
+    model_dir: Path,
+    directory: Path,
+    name: str,
+    priorities: tuple[int, int] | None,
+    backlog: int,
+    live_rate: float,
+) -> Phase:
+    """One service process; ``priorities`` (live, bulk), or None for the bulk topic alone."""
+    run = uuid.uuid4().hex[:8]
+    labels = list(bench.make_events(1, LABELS, args.seed)[0].labels)
+    bulk = topic(f"prio-{run}-bulk", labels, priorities[1] if priorities else 0)
+    topics = [bulk]
+    if priorities is not None:
+        topics.insert(0, topic(f"prio-{run}-live", labels, priorities[0]))
+    names = [t[k] for t in topics for k in ("input", "output", "dead_letter")]
+    create_topics(args.bootstrap, names, args.partitions)
+    if backlog:
+        events = bench.make_events(backlog, LABELS, args.seed)
+        fill(args.bootstrap, bulk["input"], payloads([e.text for e in events], 0))
+    port = free_port()
+    config = {
+        "kafka": {"bootstrap_servers": args.bootstrap, "group_id": f"prio-{run}"},
+        "processing": {"guarantee": args.guarantee},
+        "engine": {"model": str(model_dir), "device": args.device},
+        "metrics": {"enabled": True, "host": "127.0.0.1", "port": port},
+        "topics": topics,
+    }
+    directory.mkdir()
+    readers = {
+        t["input"]: OutputReader(args.bootstrap, t["output"], args.partitions) for t in topics
+    }
+    service = ServiceProcess(config, directory)
+    phase = Phase(name, args.seconds)
+    try:
+        assigned = "stream_classifier_assigned_partitions"
+        wait(
+            lambda: metric(port, assigned) >= len(topics) * args.partitions,
+            300,
+            "assignment",
+            service,
+        )
+        if backlog:
+            bulk_ids = range(backlog)
+            reader = readers[bulk["input"]]
+            wait(lambda: reader.count(bulk_ids) > 0, 300, "the first output", service)
+            time.sleep(args.warm_seconds)  # the rate settles: JIT-free, but caches and pools
+        started = time.monotonic()
+        if priorities is not None:
+            count = max(1, int(live_rate * args.seconds))
+            texts = [e.text for e in bench.make_events(count, LABELS, args.seed + 1)]
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(1, mp_context=context) as child:
+                child.submit(
+                    produce_at_rate,
+                    args.bootstrap,
+                    topics[0]["input"],
+                    payloads(texts, LIVE_FIRST_ID),
+                    live_rate,
+                ).result(args.seconds * 4 + 120)
+            ended = time.monotonic()
+            live_ids = range(LIVE_FIRST_ID, LIVE_FIRST_ID + count)
+            live_reader = readers[topics[0]["input"]]
+            wait(lambda: live_reader.count(live_ids) >= count, 300, "every live output", service)
+            rows = live_reader.rows(live_ids)
+            latencies = [e2e for _, e2e, _ in rows]
+            phase.live_produced = count
+            phase.live_p50_ms = percentile(latencies, 0.50)
+            phase.live_p99_ms = percentile(latencies, 0.99)
+            phase.live_msgs_per_s = sum(1 for at, _, _ in rows if started <= at <= ended) / (
+                ended - started
+            )
+        else:
+            time.sleep(args.seconds)
+            ended = time.monotonic()
+        phase.seconds = ended - started
+        if backlog:
+            bulk_rows = readers[bulk["input"]].rows(range(backlog))
+            inside = sum(1 for at, _, _ in bulk_rows if started <= at <= ended)
+            if inside >= backlog * 0.99:
+                raise RuntimeError("the backlog ran out inside the window: raise --backlog")
+            phase.bulk_msgs_per_s = inside / phase.seconds
+        phase.total_msgs_per_s = phase.bulk_msgs_per_s + phase.live_msgs_per_s
+    finally:
+        service.stop(60)
+        for reader in readers.values():
+            reader.close()
+    phase.exit_code = service.exit_code
+    print(format_row(phase), flush=True)
+    return phase
+
+
+def format_row(phase: Phase) -> str:
+    def ms(value: float | None) -> str:
+        return "-" if value is None else f"{value:.0f}"
+
+    return (
+        f"| {phase.name} | {ms(phase.live_p50_ms)} | {ms(phase.live_p99_ms)} | "
+        f"{phase.live_msgs_per_s:.0f} | {phase.bulk_msgs_per_s:.0f} | "
+        f"{phase.total_msgs_per_s:.0f} |"
+    )
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--bootstrap", default="127.0.0.1:9092")
+    parser.add_argument("--shape", default="tiny", choices=sorted(bench.SHAPES))
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--guarantee", default="at_least_once")
+    parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--live-share", type=float, default=0.2)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--warm-seconds", type=float, default=5.0)
+    parser.add_argument("--partitions", type=int, default=3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="stream-classifier-priority-") as tmp:
+        root = Path(tmp)
+        model_dir = bench.build_model_dir(bench.SHAPES[args.shape], root / "model", args.seed)
+        print("| phase | live p50 ms | live p99 ms | live msgs/s | bulk msgs/s | total msgs/s |")
+        print("| --- | ---: | ---: | ---: | ---: | ---: |", flush=True)
+        saturated = run_phase(
+            args, model_dir, root / "1", "saturated (bulk alone)", None, args.backlog, 0.0
+        )
+        live_rate = args.live_share * saturated.total_msgs_per_s
+        phases = [
+            saturated,
+            run_phase(args, model_dir, root / "2", "live alone", (1, 0), 0, live_rate),
+            run_phase(
+                args,
+                model_dir,
+                root / "3",
+                "live + backlog, priorities",
+                (1, 0),
+                args.backlog,
+                live_rate,
+            ),
+            run_phase(
+                args,
+                model_dir,
+                root / "4",
+                "live + backlog, first come first served",
+                (0, 0),
+                args.backlog,
+                live_rate,
+            ),
+        ]
+    alone, mixed = phases[1], phases[2]
+    summary = {
+        "live_p99_over_alone": (mixed.live_p99_ms or 0) / (alone.live_p99_ms or 1),
+        "total_over_saturated": mixed.total_msgs_per_s / saturated.total_msgs_per_s,
+        "fcfs_live_p99_over_alone": (phases[3].live_p99_ms or 0) / (alone.live_p99_ms or 1),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True
+        ).stdout.strip()
+        report = {
+            "command": " ".join(["python", *sys.argv]),
+            "commit": commit,
+            "machine": platform.node(),
+            "python": platform.python_version(),
+            "options": vars(args),
+            "live_rate": live_rate,
+            "phases": [asdict(p) for p in phases],
+            "summary": summary,
+        }
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
