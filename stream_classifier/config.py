@@ -363,6 +363,24 @@ class Lane(_Section):
         return self.labels is None and self.min_score is None
 
 
+class ShadowPolicy(_Section):
+    """A policy tried on a topic's live events without acting on them (a "shadow").
+
+    Unset fields take the topic's own. Its decision, flagged labels and settings version
+    go into every output beside the live ones; nothing routes on it. With the topic's
+    labels, template and multi-label setting it costs no engine work; otherwise its
+    labels are scored as well (the extra pairs are counted,
+    ``stream_classifier_shadow_pairs_total``). docs/OPERATIONS.md, "Shadow policies".
+    """
+
+    labels: list[str] | None = Field(None, min_length=1)
+    hypothesis_template: str | None = None
+    multi_label: bool | None = None
+    thresholds: dict[str, float] = Field(default_factory=dict)
+    default_threshold: float | None = Field(None, ge=0.0, le=1.0)
+    lanes: list[Lane] = Field(default_factory=list)
+
+
 class TopicConfig(_Section):
     input: str = Field(min_length=1)
     output: str = Field(min_length=1)
@@ -407,6 +425,8 @@ class TopicConfig(_Section):
     default_threshold: float | None = Field(None, ge=0.0, le=1.0)
     #: Ordered decision lanes (e.g. block, review, allow); empty: events carry no decision.
     lanes: list[Lane] = Field(default_factory=list)
+    #: A policy evaluated beside the live one, acted on by nobody (None: no shadow).
+    shadow: ShadowPolicy | None = None
 
     @field_validator("thresholds")
     @classmethod
@@ -451,7 +471,34 @@ class TopicConfig(_Section):
             )
         self._check_decisions()
         self._check_windows()
+        self._check_shadow()
         return self
+
+    def _check_shadow(self) -> None:
+        if self.shadow is None:
+            return
+        routed = [lane.name for lane in self.shadow.lanes if lane.route is not None]
+        if routed:
+            raise ValueError(f"shadow lanes {routed} route: a shadow acts on nothing")
+        try:
+            self.shadow_policy()
+        except ValidationError as exc:
+            details = "; ".join(
+                f"{'.'.join(str(part) for part in error['loc']) or 'policy'}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise ValueError(f"shadow: {details}") from None
+
+    def shadow_policy(self) -> TopicConfig | None:
+        """This topic's settings with its shadow's applied: what the shadow decides by
+        (None: no shadow)."""
+        if self.shadow is None:
+            return None
+        update = self.shadow.model_dump(exclude_unset=True)
+        if self.shadow.labels is not None and "max_labels" not in update:
+            update["max_labels"] = max(self.max_labels, len(self.shadow.labels))
+        fields = {**self.model_dump(), **update, "shadow": None}
+        return TopicConfig.model_validate(fields)
 
     def _check_windows(self) -> None:
         """What can be checked without the model (the window size against the model's

@@ -11,15 +11,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future
 
 from stream_classifier.batcher import Batch, Item, MicroBatcher
 from stream_classifier.config import ServiceConfig, TopicConfig
+from stream_classifier.engine.base import Prepared
 from stream_classifier.engine.windows import Windowing
-from stream_classifier.messages import Envelope, Rejection, decode_event
+from stream_classifier.messages import ClassifyRequest, Envelope, Rejection, decode_event
 from stream_classifier.offsets import TopicPartition
 from stream_classifier.preparing import Preparer
 from stream_classifier.priorities import Level, Waiting, allocate, held_levels, live_level, ready
 from stream_classifier.reload import settings_version
+from stream_classifier.shadow import plan
 
 
 class Intake:
@@ -54,6 +57,12 @@ class Intake:
         """The topic settings for events read from now on (a reload)."""
         self._topics = {topic.input: topic for topic in config.topics}
         self.versions = {topic.input: settings_version(topic) for topic in config.topics}
+        #: Each shadowed topic's shadow policy (its settings applied) and its version.
+        self._shadows: dict[str, tuple[TopicConfig, str]] = {}
+        for topic in config.topics:
+            policy = topic.shadow_policy()
+            if policy is not None:
+                self._shadows[topic.input] = (policy, settings_version(policy))
 
     def topic(self, name: str) -> TopicConfig:
         return self._topics[name]
@@ -102,18 +111,42 @@ class Intake:
                 level.add(Waiting(decoded, None, arrived))
                 return
             decoded.settings_version = self.versions[topic.input]
+            windowing = Windowing.of(topic)
             prepared = self.preparer.submit(
                 decoded.text,
                 decoded.labels,
                 topic.hypothesis_template,
                 topic.multi_label,
-                Windowing.of(topic),
+                windowing,
             )
         except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
             reason = f"{type(exc).__name__}: {exc}"
             level.add(Waiting(Rejection(envelope, "prepare_failed", reason), None, arrived))
             return
-        level.add(Waiting(decoded, prepared, arrived))
+        level.add(Waiting(decoded, prepared, arrived, self._shadow(decoded, topic, windowing)))
+
+    def _shadow(
+        self, request: ClassifyRequest, topic: TopicConfig, windowing: Windowing | None
+    ) -> Future[Prepared] | None:
+        """Plan the event's shadow, if its topic has one; the tokenizing of what the
+        shadow scores itself (None: nothing, or it failed: no shadow for this event)."""
+        policy = self._shadows.get(topic.input)
+        if policy is None:
+            return None
+        request.shadow = shadow = plan(*policy, topic, request.labels)
+        if not shadow.extra:
+            return None
+        try:
+            return self.preparer.submit(
+                request.text,
+                shadow.extra,
+                shadow.policy.hypothesis_template,
+                shadow.policy.multi_label,
+                windowing,
+            )
+        except Exception as exc:  # noqa: BLE001 - the shadow must never touch the live side
+            shadow.failed = f"{type(exc).__name__}: {exc}"
+            return None
 
     def fill(self, timeout: float | None = 0.0) -> None:
         """One level: move tokenized events into the open batch, in order, until it is

@@ -63,6 +63,18 @@ class SourceRef(BaseModel):
     timestamp: int | None = Field(None, description="The input's timestamp, ms since the epoch.")
 
 
+class ShadowResult(BaseModel):
+    """A shadow policy's outcome for one event, beside the live one."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    decision: str | None = Field(description="The shadow's decision lane (null: no lanes).")
+    flagged: list[str] | None = Field(
+        description="Labels at or over the shadow's thresholds (null: it sets none)."
+    )
+    settings_version: str = Field(description="A digest of the shadow's settings.")
+
+
 class ScoredEvent(BaseModel):
     """One output event per input event, on the topic's output topic, with the input's key."""
 
@@ -105,6 +117,11 @@ class ScoredEvent(BaseModel):
         None,
         description="On a topic with on_too_long: windows, whether text was left unread "
         "because it needed more than max_windows windows; null on other topics.",
+    )
+    shadow: ShadowResult | None = Field(
+        None,
+        description="What the topic's shadow policy decided (acted on by nobody); null "
+        "where the topic has none, or its shadow could not be evaluated for this event.",
     )
 
 
@@ -169,6 +186,8 @@ class ClassifyRequest:
     settings_version: str | None = None
     #: Filled by the engine's ``prepare``: tokenized form and its token cost.
     prepared: Any = field(default=None, repr=False)
+    #: The topic's shadow policy for this event (:class:`stream_classifier.shadow.Shadow`).
+    shadow: Any = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)

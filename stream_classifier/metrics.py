@@ -138,6 +138,18 @@ class Metrics:
             ["topic", "decision"],
             registry=r,
         )
+        self.shadow_decisions = Counter(
+            PREFIX + "shadow_decisions",
+            "Scored events by live decision and shadow decision (agreement where equal)",
+            ["topic", "live", "shadow"],
+            registry=r,
+        )
+        self.shadow_pairs = Counter(
+            PREFIX + "shadow_pairs",
+            "Engine pairs scored for shadow policies alone (their extra cost)",
+            ["topic"],
+            registry=r,
+        )
         self.reloads = Counter(
             PREFIX + "config_reloads",
             "Configuration reloads (SIGHUP) by result: applied, invalid, refused",

@@ -78,6 +78,9 @@ class Outputs:
             self.metrics.produced.labels(record.source.topic).inc()
             if record.decision is not None:
                 self.metrics.decisions.labels(record.source.topic, record.decision).inc()
+            if record.shadowed:
+                live, shadow = record.decision or "", record.shadow_decision or ""
+                self.metrics.shadow_decisions.labels(record.source.topic, live, shadow).inc()
         if record.source.timestamp:
             age = time.time() - record.source.timestamp / 1e3
             level = str(self.priorities.get(record.source.topic, 0))

@@ -46,6 +46,8 @@ class Waiting:
     prepared: Future[Prepared] | None = None
     #: When it was read (the service's clock): a batch is due this long after its oldest.
     arrived: float = 0.0
+    #: The tokenizing of what its shadow policy scores itself, if anything.
+    shadow: Future[Prepared] | None = None
 
 
 class Level:
@@ -144,6 +146,8 @@ def ready(waiting: Waiting, timeout: float | None = 0.0) -> Item | None:
     future = waiting.prepared
     if future is None:
         return waiting.item
+    if waiting.shadow is not None and not _settled(waiting.shadow, timeout):
+        return None
     try:
         prepared = future.result(timeout)
     except TimeoutError:
@@ -154,5 +158,23 @@ def ready(waiting: Waiting, timeout: float | None = 0.0) -> Item | None:
     else:
         assert isinstance(waiting.item, ClassifyRequest)
         waiting.item.prepared = prepared
-    waiting.prepared = None
+        if waiting.shadow is not None:
+            _shadow_prepared(waiting.item, waiting.shadow)
+    waiting.prepared = waiting.shadow = None
     return waiting.item
+
+
+def _settled(future: Future[Prepared], timeout: float | None) -> bool:
+    try:
+        future.exception(timeout)
+    except TimeoutError:
+        return False
+    return True
+
+
+def _shadow_prepared(request: ClassifyRequest, future: Future[Prepared]) -> None:
+    """The shadow's own tokenizing, done: a failure leaves the event without a shadow."""
+    try:
+        request.shadow.prepared = future.result(0)
+    except Exception as exc:  # noqa: BLE001 - the shadow must never touch the live side
+        request.shadow.failed = f"{type(exc).__name__}: {exc}"

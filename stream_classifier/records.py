@@ -30,8 +30,15 @@ from stream_classifier.engine.base import Scores
 from stream_classifier.engine.windows import window_count, windows_truncated
 from stream_classifier.headers import HEADER_PREFIX, Headers
 from stream_classifier.kafka_errors import Verdict
-from stream_classifier.messages import ClassifyRequest, Envelope, Rejection, ScoredEvent
+from stream_classifier.messages import (
+    ClassifyRequest,
+    Envelope,
+    Rejection,
+    ScoredEvent,
+    ShadowResult,
+)
 from stream_classifier.scoring import Outcome
+from stream_classifier.shadow import result as shadow_result
 from stream_classifier.sink import DeliveryFailure, Record
 
 log = logging.getLogger(__name__)
@@ -62,7 +69,9 @@ def records_for(
     assert outcome is not None
     try:
         decision = decide(item.topic, outcome.labels, outcome.scores)
-        value = scored_event(item, outcome, decision, model).model_dump_json().encode()
+        shadow, shadow_decision = shadow_result(item.shadow)
+        event = scored_event(item, outcome, decision, model, shadow)
+        value = event.model_dump_json().encode()
     except Exception as exc:  # noqa: BLE001 - e.g. an id no JSON encoder accepts
         reason = f"{type(exc).__name__}: {exc}"
         return [dead_letter(Rejection(item.envelope, "output_failed", reason), topic)]
@@ -73,9 +82,10 @@ def records_for(
     def record(to: str, kind: str, lane: str | None = None) -> Record:
         return _record(to, envelope, value, headers, kind, topic.dead_letter, lane)
 
-    return [record(topic.output, "output", decision.decision)] + [
-        record(route, "route") for route in decision.routes
-    ]
+    output = record(topic.output, "output", decision.decision)
+    if shadow_decision is not None:
+        output = replace(output, shadowed=True, shadow_decision=shadow_decision.decision)
+    return [output] + [record(route, "route") for route in decision.routes]
 
 
 def dead_letter(rejection: Rejection, topic: TopicConfig) -> Record:
@@ -95,7 +105,11 @@ def dead_letter(rejection: Rejection, topic: TopicConfig) -> Record:
 
 
 def scored_event(
-    request: ClassifyRequest, scores: Scores, decision: Decision, model: str
+    request: ClassifyRequest,
+    scores: Scores,
+    decision: Decision,
+    model: str,
+    shadow: ShadowResult | None = None,
 ) -> ScoredEvent:
     return ScoredEvent(
         id=request.event_id,
@@ -109,6 +123,7 @@ def scored_event(
         flagged=None if decision.flagged is None else list(decision.flagged),
         decision=decision.decision,
         settings_version=request.settings_version,
+        shadow=shadow,
         **window_fields(request),
     )
 

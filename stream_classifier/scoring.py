@@ -25,11 +25,13 @@ from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, cast
 
+from stream_classifier import shadow
 from stream_classifier.engine.base import Engine, EngineError, Prepared, Scores
 from stream_classifier.engine.capabilities import Capabilities
 from stream_classifier.engine.windows import GatheredResult, expand, gather, window_count
 from stream_classifier.messages import ClassifyRequest
 from stream_classifier.metrics import Metrics
+from stream_classifier.shadow import batch_of, split
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +47,9 @@ class Scorer(Protocol):
 def score_isolating(engine: Engine, requests: list[ClassifyRequest]) -> list[Outcome]:
     """Score; when the engine raises, split down to the requests it raises on. A request
     read in windows is scored as its windows, their scores aggregated (engine/windows.py)."""
-    batch = [request.prepared for request in requests]
+    batch = batch_of(requests)
     try:
-        return list(gather(batch, engine.classify(expand(batch))))
+        return list(split(requests, gather(batch, engine.classify(expand(batch)))))
     except EngineError:
         raise
     except Exception as exc:  # noqa: BLE001 - isolated below, reported per event
@@ -60,8 +62,13 @@ def score_isolating(engine: Engine, requests: list[ClassifyRequest]) -> list[Out
 def record_batch(metrics: Metrics, requests: list[ClassifyRequest], seconds: float) -> None:
     """The batch metrics of one scored micro-batch."""
     metrics.batch_messages.observe(len(requests))
-    metrics.batch_pairs.observe(sum(len(r.labels) * window_count(r.prepared) for r in requests))
-    metrics.batch_tokens.observe(sum(r.prepared.tokens for r in requests))
+    live = sum(len(r.labels) * window_count(r.prepared) for r in requests)
+    shadows = shadow.pairs(requests)
+    metrics.batch_pairs.observe(live + sum(shadows.values()))
+    for topic, pairs in shadows.items():
+        metrics.shadow_pairs.labels(topic).inc(pairs)
+    tokens = sum(r.prepared.tokens for r in requests) + shadow.tokens(requests)
+    metrics.batch_tokens.observe(tokens)
     metrics.engine_seconds.observe(seconds)
 
 
@@ -262,7 +269,7 @@ class PipelinedScorer:
             job.outcomes, job.done = [], True
             return False
         try:
-            prepared = tuple(request.prepared for request in job.requests)
+            prepared = batch_of(job.requests)
             launched = self.engine.classify_async(expand(prepared), hold_tail)
             pending = GatheredResult(prepared, launched)
         except EngineError as exc:
@@ -340,7 +347,7 @@ class PipelinedScorer:
         started = max(job.started, self._last_back)
         self._last_back = back.at
         assert back.scores is not None
-        job.outcomes = list(back.scores)
+        job.outcomes = list(split(job.requests, back.scores))
         self._record_batch(job.requests, back.at - started)
         job.done = True
         self._settle()

@@ -73,6 +73,9 @@ class Record:
     #: 0 as built; 1-3 for the smaller forms of a refused record, ``first`` the original.
     stage: int = 0
     first: Record | None = field(default=None, repr=False, compare=False)
+    #: An output whose event a shadow policy decided too, and the shadow's lane.
+    shadowed: bool = False
+    shadow_decision: str | None = None
 
 
 @dataclass(frozen=True)
