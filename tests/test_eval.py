@@ -494,3 +494,34 @@ def test_topics_without_lanes_report_no_decisions(
     code, out, _ = run_cli(capsys, "--labels", "billing,shipping", "--json", str(sample))
     assert code == 0
     assert json.loads(out)["results"][0]["decisions"] is None
+
+
+SHADOWED = (
+    POLICY
+    + """\
+    shadow:
+      thresholds: {hate: 0.2, spam: 0.6}
+"""
+)
+
+
+def test_eval_compares_a_shadow_with_the_live_policy(
+    score_engine: None, policy: tuple[Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    config, sample = policy
+    config.write_text(SHADOWED)
+    code, out, _ = run_cli(capsys, "--config", str(config), str(sample), "--json")
+    assert code == 0, out
+    report = json.loads(out)
+    assert [r["topic"] for r in report["results"]] == ["comments", "comments (shadow)"]
+    assert [row["variant"] for row in report["ranking"]] == ["baseline"]
+    (compared,) = report["shadows"]
+    # the shadow's lower hate threshold sends hate=0.2 from allow to review (block expected),
+    # its higher spam threshold spam=0.55 from review to allow (allow expected)
+    assert compared["changes"] == {"allow -> review": 1, "review -> allow": 1}
+    assert (compared["agree"], compared["examples"]) == (5, 7)
+    assert compared["live_accuracy"] == pytest.approx(4 / 7)
+    assert compared["shadow_accuracy"] == pytest.approx(5 / 7)
+    code, text, _ = run_cli(capsys, "--config", str(config), str(sample))
+    assert "== comments: live against shadow on 7 examples" in text
+    assert "decisions agree on 5 of 7; changed: allow -> review 1, review -> allow 1" in text

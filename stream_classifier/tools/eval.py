@@ -24,6 +24,12 @@ on (any lane but the default) where some action is expected and left to the defa
 that is expected. Per lane: precision, recall and F1; "any action": every lane but the
 default one against the default. ``--sweep LANE`` re-decides the same scores with that
 lane's cut-off at other values, to tune it before deploying.
+
+Shadow policies. A configured topic with a ``shadow`` is evaluated twice on its sample: as
+configured, and as its shadow (``<topic> (shadow)``, baseline variant only, outside the
+ranking); the report then compares the two: decision accuracy of each, and on how many
+examples their decisions agree, with the changes from live to shadow counted. The shadow's
+labels must include the sample's gold labels.
 """
 
 from __future__ import annotations
@@ -47,6 +53,9 @@ from stream_classifier.config import (
 from stream_classifier.decisions import decide
 from stream_classifier.engine.base import Engine, Scores
 from stream_classifier.messages import parse_labels
+
+#: The name of a shadow policy's task: its live topic's, with this after it.
+SHADOW_SUFFIX = " (shadow)"
 
 
 class EvalError(Exception):
@@ -73,6 +82,8 @@ class Task:
     examples: tuple[Example, ...]
     #: The configured topic (thresholds, lanes), where the labels came from a config.
     policy: TopicConfig | None = None
+    #: For a shadow policy's task: the live topic it shadows.
+    shadow_of: str | None = None
 
     @property
     def decides(self) -> bool:
@@ -156,6 +167,8 @@ class DecisionResult:
     #: The lane whose cut-off was swept (None: no sweep) and the rows.
     sweep_lane: str | None = None
     sweep: tuple[SweepRow, ...] = ()
+    #: Each example's decided lane, in the sample's order.
+    decided: tuple[str, ...] = ()
 
     @property
     def default(self) -> str:
@@ -584,6 +597,7 @@ def evaluate_decisions(
         ),
         sweep_lane=None if sweep is None else sweep.lane,
         sweep=tuple(rows),
+        decided=tuple(decided),
     )
 
 
@@ -645,6 +659,8 @@ def rank(results: Iterable[Result]) -> list[tuple[str, float, float, list[Result
     """(variant, mean macro-F1, mean accuracy, its results) best first."""
     by_variant: dict[str, list[Result]] = {}
     for result in results:
+        if result.topic.endswith(SHADOW_SUFFIX):
+            continue  # a shadow is compared with its live policy, not ranked
         by_variant.setdefault(result.variant, []).append(result)
     rows = [
         (name, _mean([r.macro_f1 for r in rs]), _mean([r.accuracy for r in rs]), rs)
@@ -805,13 +821,62 @@ def format_ranking(results: Sequence[Result]) -> str:
 
 
 def format_report(results: Sequence[Result]) -> str:
-    """Each topic's report for one variant; with several, the ranking and the winner's."""
+    """Each topic's report for one variant; with several, the ranking and the winner's;
+    then each shadow against its live policy."""
     variants = list(dict.fromkeys(r.variant for r in results))
+    shadows = [format_shadow(*pair) for pair in shadow_pairs(results)]
     if len(variants) == 1:
-        return "\n\n".join(format_result(r) for r in results)
+        return "\n\n".join([*(format_result(r) for r in results), *shadows])
     best = rank(results)[0][0]
     details = [format_result(r) for r in results if r.variant == best]
-    return "\n\n".join([format_ranking(results), f"best: {best!r}", *details])
+    return "\n\n".join([format_ranking(results), f"best: {best!r}", *details, *shadows])
+
+
+def shadow_pairs(results: Sequence[Result]) -> list[tuple[Result, Result]]:
+    """(live, shadow) baseline results of each shadowed topic that decides."""
+    baseline = {r.topic: r for r in results if r.variant == BASELINE.name}
+    return [
+        (baseline[name.removesuffix(SHADOW_SUFFIX)], shadow)
+        for name, shadow in baseline.items()
+        if name.endswith(SHADOW_SUFFIX)
+        and shadow.decisions is not None
+        and name.removesuffix(SHADOW_SUFFIX) in baseline
+        and baseline[name.removesuffix(SHADOW_SUFFIX)].decisions is not None
+    ]
+
+
+def shadow_comparison(live: Result, shadow: Result) -> dict[str, Any]:
+    """Decision accuracy of each, and where their decisions differ (live -> shadow)."""
+    assert live.decisions is not None and shadow.decisions is not None
+    pairs = list(zip(live.decisions.decided, shadow.decisions.decided, strict=True))
+    changes: dict[str, int] = {}
+    for was, now in pairs:
+        if was != now:
+            changes[f"{was} -> {now}"] = changes.get(f"{was} -> {now}", 0) + 1
+    return {
+        "topic": live.topic,
+        "examples": len(pairs),
+        "agree": sum(was == now for was, now in pairs),
+        "live_accuracy": live.decisions.accuracy,
+        "shadow_accuracy": shadow.decisions.accuracy,
+        "live_action_accuracy": live.decisions.action_accuracy,
+        "shadow_action_accuracy": shadow.decisions.action_accuracy,
+        "changes": dict(sorted(changes.items())),
+    }
+
+
+def format_shadow(live: Result, shadow: Result) -> str:
+    c = shadow_comparison(live, shadow)
+    changes = ", ".join(f"{k} {v}" for k, v in c["changes"].items()) or "none"
+    return "\n".join(
+        [
+            f"== {c['topic']}: live against shadow on {c['examples']} examples",
+            f"decision accuracy {c['live_accuracy']:.3f} live, {c['shadow_accuracy']:.3f} shadow"
+            f"   acted on as expected {c['live_action_accuracy']:.3f} live, "
+            f"{c['shadow_action_accuracy']:.3f} shadow",
+            f"decisions agree on {c['agree']} of {c['examples']}; changed: {changes}",
+        ]
+    )
 
 
 def run_eval(
@@ -840,6 +905,7 @@ def run_eval(
         )
         for variant in variants
         for task in tasks
+        if task.shadow_of is None or variant.name == BASELINE.name
     ]
 
 
@@ -921,6 +987,7 @@ def _json_report(results: Sequence[Result], model_id: str) -> dict[str, Any]:
         "model": model_id,
         "ranking": [{"variant": n, "macro_f1": m, "accuracy": a} for n, m, a, _ in ranked],
         "results": [r.as_dict() for r in results],
+        "shadows": [shadow_comparison(*pair) for pair in shadow_pairs(results)],
     }
 
 
@@ -980,7 +1047,27 @@ def _tasks_from_config(config: ServiceConfig, args: argparse.Namespace) -> list[
                 topic,
             )
         )
+        shadow = topic.shadow_policy()
+        if shadow is not None:
+            tasks.append(_shadow_task(shadow, path, topic.input))
     return tasks
+
+
+def _shadow_task(shadow: TopicConfig, path: Path, live: str) -> Task:
+    lanes = [lane.name for lane in shadow.lanes]
+    try:
+        examples = read_examples(path, shadow.labels, shadow.multi_label, lanes)
+    except EvalError as exc:
+        raise EvalError(f"{live}'s shadow: {exc}") from None
+    return Task(
+        live + SHADOW_SUFFIX,
+        tuple(shadow.labels),
+        shadow.hypothesis_template,
+        shadow.multi_label,
+        examples,
+        shadow,
+        shadow_of=live,
+    )
 
 
 def _topic_of(config: ServiceConfig, path: Path, topic: str | None) -> TopicConfig:
