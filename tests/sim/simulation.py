@@ -74,6 +74,8 @@ from stream_classifier.service import Service, written_topics  # noqa: E402
 from stream_classifier.sink import Record, producer_config  # noqa: E402
 
 INPUT, OUTPUT, DLQ, ROUTED = "in", "out", "dlq", "blocked"
+#: An input topic configured and never created (``levels``: a second priority level).
+QUIET = "quiet"
 MAX_BATCH = 4
 MAX_PENDING = 2
 SETTLE_STEPS = 4000
@@ -212,8 +214,15 @@ class SimExecutor(Executor):
 
 @functools.cache
 def config(
-    mode: str, block_at: float = 0.7, max_bytes: int = 1_000_000, queue_kbytes: int = 1_048_576
+    mode: str,
+    block_at: float = 0.7,
+    max_bytes: int = 1_000_000,
+    queue_kbytes: int = 1_048_576,
+    levels: bool = False,
 ) -> ServiceConfig:
+    """The simulated service's settings; ``levels``: the input topic at priority 1 beside a
+    quiet topic at 0, so that batches are composed by priority levels."""
+    quiet = {"input": QUIET, "output": OUTPUT, "dead_letter": DLQ, "labels": ["a", "b"]}
     return ServiceConfig(
         kafka={
             "group_id": "sim",
@@ -243,7 +252,9 @@ def config(
                     {"name": "block", "labels": ["a"], "min_score": block_at, "route": ROUTED},
                     {"name": "allow"},
                 ],
-            }
+                "priority": 1 if levels else 0,
+            },
+            *([quiet] if levels else []),
         ],
     )
 
@@ -253,7 +264,11 @@ CONFIGS = {mode: config(mode) for mode in MODES}
 BLOCK_LEVELS = (0.5, 0.6, 0.7, 0.8, 0.9)
 #: Reloads change the block lane's threshold; each version's threshold, to check against.
 RELOADS = {mode: {block_at: config(mode, block_at) for block_at in BLOCK_LEVELS} for mode in MODES}
-BLOCK_AT = {settings_version(config(MODES[0], b).topics[0]): b for b in BLOCK_LEVELS}
+BLOCK_AT = {
+    settings_version(config(MODES[0], b, levels=levels).topics[0]): b
+    for b in BLOCK_LEVELS
+    for levels in (False, True)
+}
 
 #: Header names of any bytes: UTF-8, not UTF-8, empty.
 HEADER_NAMES = (b"trace", b"caf\xc3\xa9", b"\xff\xferaw", b"\x80", b"", b"x-\xc3")
@@ -397,6 +412,7 @@ class Simulation:
         trace: bool = False,
         metrics: Metrics | None = None,
         plain: bool = False,
+        levels: bool = False,
     ) -> None:
         self.rng = rng = random.Random(seed)
         self.seed = seed
@@ -414,7 +430,8 @@ class Simulation:
         if "small_queue" in self.faults and self.max_bytes < 1_000_000:
             # Room for a few records, and always for the largest one alone.
             queue_kbytes = -(-self.max_bytes // 1024) * rng.choice((1, 2, 3))
-        self.config = config(mode, 0.7, self.max_bytes, queue_kbytes)
+        self.levels = levels
+        self.config = config(mode, 0.7, self.max_bytes, queue_kbytes, levels)
         self.cluster = cluster = Cluster(rng, txn_timeout_steps=150)
         cluster.note = self.log
         cluster.on_visible = self._visible
@@ -609,7 +626,7 @@ class Simulation:
             instance = self.live[rng.choice(slots)]
             block_at = rng.choice(BLOCK_LEVELS)
             self.log(f"SIGHUP {instance.name}: block at {block_at}")
-            reload = config(self.mode, block_at, *self._sizes())
+            reload = config(self.mode, block_at, *self._sizes(), levels=self.levels)
             instance.service.request_reload(lambda: reload)
         elif roll < 0.92 and slots:
             instance = self.live[rng.choice(slots)]
@@ -964,9 +981,11 @@ class Simulation:
 SHARED_METRICS = Metrics()
 
 
-def run_seed(seed: int, mode: str, steps: int = 200, trace: bool = False) -> list[str]:
+def run_seed(
+    seed: int, mode: str, steps: int = 200, trace: bool = False, levels: bool = False
+) -> list[str]:
     """One seeded schedule."""
-    return Simulation(seed, mode, trace, SHARED_METRICS).run(steps)
+    return Simulation(seed, mode, trace, SHARED_METRICS, levels=levels).run(steps)
 
 
 def main() -> int:
@@ -975,8 +994,9 @@ def main() -> int:
     parser.add_argument("--mode", default="exactly_once")
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--trace", action="store_true")
+    parser.add_argument("--levels", action="store_true", help="two priority levels")
     args = parser.parse_args()
-    violations = run_seed(args.seed, args.mode, args.steps, args.trace)
+    violations = run_seed(args.seed, args.mode, args.steps, args.trace, args.levels)
     print("\n".join(violations) or "no violation")
     return 1 if violations else 0
 

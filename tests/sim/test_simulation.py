@@ -115,6 +115,27 @@ def test_seeded_schedules_keep_every_invariant(mode: str, seeds: range) -> None:
         assert not missing, f"never came up in {len(seeds)} schedules: {sorted(missing)}"
 
 
+#: Schedules per guarantee with two priority levels (SIM_LEVEL_SEEDS=N runs N).
+LEVEL_SEEDS = 1_000
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_seeded_schedules_with_priority_levels_keep_every_invariant(mode: str) -> None:
+    """The same faults with batches composed by priority level (stream_classifier/priorities.py)."""
+    failures = {}
+    for seed in range(int(os.environ.get("SIM_LEVEL_SEEDS") or LEVEL_SEEDS)):
+        violations = Simulation(seed, mode, metrics=SHARED_METRICS, levels=True).run(200)
+        if violations:
+            failures[seed] = violations[:3]
+            if len(failures) == 5:
+                break
+    replay = [
+        f"python tests/sim/simulation.py --seed {seed} --mode {mode} --levels --trace: {found}"
+        for seed, found in failures.items()
+    ]
+    assert not failures, "\n".join(replay)
+
+
 # -- named scenarios: each was a defect of the earlier loop ----------------------------
 
 
