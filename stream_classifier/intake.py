@@ -84,8 +84,6 @@ class Intake:
 
     def own(self, topics: set[str]) -> None:
         """The input topics this instance owns partitions of now (after a rebalance)."""
-        if not self.prioritised:
-            return
         owned = {self._topics[name].priority for name in topics}
         for level in self.levels:
             level.owned = level.priority in owned

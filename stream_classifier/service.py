@@ -173,7 +173,8 @@ class Service:
             timeout = 0.0  # waited on the engine instead: consume() only serves callbacks
         messages = self.source.consume(self.intake.room(), timeout)
         self.rebalances.apply()  # callbacks served inside consume() come first
-        self.intake.own({topic for topic, _ in self.partitions.assigned})
+        if self.intake.prioritised:
+            self.intake.own({topic for topic, _ in self.partitions.assigned})
         self._take_replays()  # a revoke's flush inside consume() may have asked for some
         received_at = time.monotonic()
         for message in messages:
@@ -230,7 +231,11 @@ class Service:
             held = set(assigned)
         else:
             levels = self.intake.held(engine_full=not self.pending.has_room())
-            held = {tp for tp in assigned if self.intake.priority(tp[0]) in levels}
+            held = (
+                {tp for tp in assigned if self.intake.priority(tp[0]) in levels}
+                if levels
+                else set()
+            )
         change = self.partitions.pause_change(held)
         if change is None:
             return  # nothing to change (most turns)
