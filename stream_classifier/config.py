@@ -207,12 +207,13 @@ class ProcessingConfig(_Section):
     #: Kafka thread runs Python. Unset: 0.5 ms when the engine runs on a GPU (see
     #: ``for_device``), Python's own 5 ms on a CPU.
     switch_interval_ms: float | None = Field(None, gt=0, le=100)
-    #: With topics of more than one ``priority``: the least share of every micro-batch that
-    #: each lower level with events ready gets, so that no level starves behind a busier one.
+    #: With topics of more than one ``priority``: the least share of the events batched
+    #: lately that each lower level with events ready gets, so that no level starves
+    #: behind a busier one.
     priority_min_share: float = Field(0.1, ge=0.0, le=0.5)
-    #: With topics of more than one ``priority``: the most events of lower levels in one
-    #: micro-batch while a higher level is live (read from in the last second). It bounds
-    #: how long a live event waits behind bulk work. Unset: an eighth of max_batch_messages.
+    #: With topics of more than one ``priority``: the most events of a micro-batch of lower
+    #: levels while this instance owns partitions of a higher one. It bounds how long a
+    #: live event waits behind bulk work. Unset: an eighth of max_batch_messages.
     priority_batch_messages: int | None = Field(None, ge=1, le=100_000)
 
     def lower_priority_batch(self) -> int:

@@ -20,7 +20,16 @@ from stream_classifier.engine.windows import Windowing
 from stream_classifier.messages import ClassifyRequest, Envelope, Rejection, decode_event
 from stream_classifier.offsets import TopicPartition
 from stream_classifier.preparing import Preparer
-from stream_classifier.priorities import Level, Waiting, allocate, held_levels, live_level, ready
+from stream_classifier.priorities import (
+    SHARE_DECAY,
+    Level,
+    Waiting,
+    allocate,
+    held_levels,
+    live_level,
+    ready,
+    starved,
+)
 from stream_classifier.reload import settings_version
 from stream_classifier.shadow import plan
 
@@ -75,12 +84,12 @@ class Intake:
 
     def room(self) -> int:
         """How many events to fetch now (at least 1: consume() also serves the group).
-        With levels: room for the live level (lower ones are paused once they hold a
-        batch)."""
+        With levels: room for the emptiest level being fetched (each is paused once it
+        holds a batch)."""
         if not self.prioritised:
             return max(1, self._batch_messages - len(self))
-        live = live_level(self.levels) or self.levels[0]
-        return max(1, self._batch_messages - len(live))
+        fetched = [len(level) for level in self.levels if not level.held]
+        return max(1, self._batch_messages - min(fetched)) if fetched else 1
 
     def own(self, topics: set[str]) -> None:
         """The input topics this instance owns partitions of now (after a rebalance)."""
@@ -185,20 +194,20 @@ class Intake:
         if live is None:
             return None
         counts = {level.priority: level.advance() for level in self.levels}
-        take = allocate(
-            counts, live.priority, self._batch_messages, self._lower_batch, self._min_share
-        )
+        hungry = starved(self.levels, live.priority, self._min_share)
+        take = allocate(counts, live.priority, self._batch_messages, self._lower_batch, hungry)
         taken = sum(take.values())
         if not taken:
             return None
         has_live = take[live.priority] > 0
-        if not has_live and unfinished > 1:
+        if not has_live and unfinished > 1 and not hungry:
             return None  # a live event must not queue behind more than this one
         full = self._batch_messages if has_live else self._lower_batch
         oldest = min(level.queue[0].arrived for level in self.levels if take[level.priority])
         due = (
             taken >= full
             or engine_idle
+            or hungry
             or now - oldest >= self._max_wait_s
             or (has_live and unfinished <= 1)
         )
@@ -207,6 +216,7 @@ class Intake:
         items: list[Item] = []
         for level in self.levels:
             items += level.pop(take[level.priority])
+            level.recent = level.recent * SHARE_DECAY + take[level.priority]
         return Batch(items)
 
     def remaining(self, deadline: Callable[[], float]) -> Iterator[Batch]:

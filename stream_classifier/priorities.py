@@ -6,18 +6,22 @@ did. With several, the level that is *live* is the highest one this instance rea
 (it owns partitions of one of its topics, or holds events of it), and every micro-batch
 is composed when the engine has room for it (:func:`allocate`):
 
-- the live level's ready events first, up to ``max_batch_messages``;
-- each lower level with events ready gets at least ``priority_min_share`` of a batch, so
-  that a live topic at full rate cannot starve a bulk one;
-- lower levels hold at most ``priority_batch_messages`` events of one batch, and a batch
-  of lower levels alone is handed to the engine only while at most one batch is
-  unfinished: a live event waits behind at most about two such small batches, not
-  behind ``max_pending_batches`` full ones. An instance that owns no partition of a
-  higher level batches its lower ones at full size.
+- the live level's ready events, up to ``max_batch_messages``, and nothing else: a
+  batch of live events is as quick as it would be alone;
+- when the live level has none ready, lower levels' events, highest first, at most
+  ``priority_batch_messages`` of them, and only while at most one batch is unfinished:
+  a live event waits behind at most about two such small batches, not behind
+  ``max_pending_batches`` full ones. An instance that owns no partition of a higher
+  level batches its lower ones at full size;
+- no starvation: a lower level with events ready whose share of the events batched
+  lately (:data:`SHARE_DECAY`) is under ``priority_min_share`` gets the next batch, even
+  if the live level has events ready.
 
-Lower levels' partitions are paused once a batch's worth of their events is in hand and
-resumed at half of it. Pausing also drops what librdkafka fetched ahead for them, which
-would otherwise sit in the consumer's one queue in front of the live topic's records.
+While levels compete, each level's partitions are paused once a batch's worth of its
+events is in hand and resumed at half of it. Pausing also drops what librdkafka fetched
+ahead for them, which would otherwise sit in the consumer's one queue in front of the
+other levels' records (a bulk backlog in front of live events, or a live flood in front
+of the bulk records that the share promises).
 
 A partition belongs to one topic, hence to one level: each batch still takes a prefix of
 each partition's events in hand, in order, so a batch's offsets commit exactly what it
@@ -26,7 +30,6 @@ wrote.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
@@ -36,6 +39,10 @@ from stream_classifier.batcher import Item, topic_partition
 from stream_classifier.engine.base import Prepared
 from stream_classifier.messages import ClassifyRequest, Rejection
 from stream_classifier.offsets import TopicPartition
+
+#: What is left of a level's count of batched events after each batch: the share that
+#: ``priority_min_share`` promises is measured over roughly the last ten batches.
+SHARE_DECAY = 0.9
 
 
 @dataclass
@@ -62,6 +69,8 @@ class Level:
         self.owned = False
         #: Paused as a lower level (hysteresis: held from a batch, resumed at half).
         self.held = False
+        #: Events batched lately, decayed by :data:`SHARE_DECAY` each batch.
+        self.recent = 0.0
 
     def __len__(self) -> int:
         return len(self.queue)
@@ -100,38 +109,54 @@ def live_level(levels: Iterable[Level]) -> Level | None:
     return None
 
 
+def starved(levels: Iterable[Level], live: int, min_share: float) -> bool:
+    """Has a lower level with events ready had less than ``min_share`` of the events
+    batched lately (each level's count decays by :data:`SHARE_DECAY` a batch)?"""
+    levels = list(levels)
+    total = sum(level.recent for level in levels)
+    return any(
+        level.priority < live and level.ready > 0 and level.recent < min_share * total
+        for level in levels
+    )
+
+
 def allocate(
-    ready: dict[int, int], live: int, full: int, lower_cap: int, min_share: float
+    ready: dict[int, int], live: int, full: int, lower_cap: int, hungry: bool
 ) -> dict[int, int]:
     """How many ready events of each level (highest first in ``ready``) the next batch
-    takes: each lower level with events ready its share of ``full`` first (the promise
-    against starvation, even beyond ``lower_cap``), then the live level up to ``full``,
-    then lower levels, highest first, up to ``lower_cap`` in all."""
-    lower = [p for p, n in ready.items() if p < live and n > 0]
+    takes: the live level's, up to ``full``, unless it has none or a lower level is
+    ``hungry`` (starved); else lower levels', highest first, up to ``lower_cap``. A batch
+    holding live events holds nothing else, so that it is as quick as one alone."""
     take = dict.fromkeys(ready, 0)
-    if lower and min_share > 0:
-        share = max(1, math.ceil(min_share * full))
-        share = min(share, max(1, full // (len(lower) + 1)))  # the live level keeps room
-        for p in lower:
-            take[p] = min(ready[p], share)
-    room = full - sum(take.values())
-    take[live] = min(ready.get(live, 0), max(0, room))
-    for p in lower:
-        lower_room = lower_cap - sum(take[q] for q in lower)
-        room = full - sum(take.values())
-        take[p] += max(0, min(ready[p] - take[p], lower_room, room))
+    if ready.get(live, 0) > 0 and not hungry:
+        take[live] = min(ready[live], full)
+        return take
+    room = lower_cap
+    for p, count in ready.items():
+        if p < live:
+            take[p] = min(count, room)
+            room -= take[p]
+    if not any(take.values()) and ready.get(live, 0) > 0:
+        take[live] = min(ready[live], full)
     return take
 
 
 def held_levels(
     levels: Iterable[Level], live: Level | None, batch: int, engine_full: bool
 ) -> set[int]:
-    """The levels whose partitions to pause now: a lower level once a batch of its events
-    is in hand (until half of that is left), the live one as with one level (the engine
-    full and a batch in hand)."""
+    """The levels whose partitions to pause now. While levels compete (this instance
+    owns, or holds events of, a level below the live one), each is paused once a batch
+    of its events is in hand and resumed when half of that is left: what librdkafka
+    fetched ahead for a paused level is dropped, so the others' records come through
+    its one queue. Otherwise as with one level: once the engine is full and a batch is
+    in hand."""
+    levels = list(levels)
+    competing = live is not None and any(
+        level.priority < live.priority and (level.owned or level.queue) for level in levels
+    )
     held: set[int] = set()
     for level in levels:
-        if live is not None and level.priority < live.priority:
+        if competing:
             level.held = len(level) >= (batch // 2 if level.held else batch)
         else:
             level.held = engine_full and len(level) >= batch

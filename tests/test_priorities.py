@@ -60,19 +60,17 @@ def by_topic(batch: Batch) -> dict[str, list[int]]:
 # -- composing a batch ----------------------------------------------------------------------
 
 
-def test_the_live_level_fills_first_and_lower_levels_keep_their_share() -> None:
-    take = allocate({1: 100, 0: 100}, live=1, full=20, lower_cap=8, min_share=0.1)
-    assert take == {1: 18, 0: 2}, "the live level floods: the lower keeps 10% of a batch"
-    take = allocate({1: 3, 0: 100}, live=1, full=20, lower_cap=8, min_share=0.1)
-    assert take == {1: 3, 0: 8}, "lower levels fill up to their cap, not to a full batch"
-    take = allocate({1: 0, 0: 100}, live=1, full=20, lower_cap=8, min_share=0.1)
-    assert take == {1: 0, 0: 8}
-    take = allocate({0: 100}, live=0, full=20, lower_cap=8, min_share=0.1)
+def test_a_live_batch_holds_live_events_only_and_lower_levels_fill_small_batches() -> None:
+    take = allocate({1: 100, 0: 100}, live=1, full=20, lower_cap=8, hungry=False)
+    assert take == {1: 20, 0: 0}
+    take = allocate({1: 3, 0: 100}, live=1, full=20, lower_cap=8, hungry=False)
+    assert take == {1: 3, 0: 0}, "as quick as the live events alone"
+    take = allocate({1: 0, 0: 100}, live=1, full=20, lower_cap=8, hungry=False)
+    assert take == {1: 0, 0: 8}, "no live event ready: a small batch of the lower level"
+    take = allocate({0: 100}, live=0, full=20, lower_cap=8, hungry=False)
     assert take == {0: 20}, "the live level alone: a full batch"
-    take = allocate({2: 50, 1: 50, 0: 50}, live=2, full=20, lower_cap=8, min_share=0.1)
-    assert take == {2: 16, 1: 2, 0: 2}, "every lower level keeps its share"
-    take = allocate({1: 100, 0: 100}, live=1, full=20, lower_cap=8, min_share=0.0)
-    assert take == {1: 20, 0: 0}, "no share asked: the live level may take it all"
+    take = allocate({2: 50, 1: 3, 0: 50}, live=2, full=20, lower_cap=8, hungry=True)
+    assert take == {2: 0, 1: 3, 0: 5}, "a starved lower level goes first, highest first"
 
 
 def test_a_live_event_overtakes_a_bulk_backlog_and_each_partition_stays_in_order() -> None:
@@ -83,8 +81,7 @@ def test_a_live_event_overtakes_a_bulk_backlog_and_each_partition_stays_in_order
     accept(intake, "live", range(0, 3))
     batch = intake.take_due(engine_idle=False, unfinished=1)
     assert batch is not None, "live events go at once into the next slot of the engine"
-    assert by_topic(batch)["live"] == [0, 1, 2]
-    assert len(by_topic(batch)["bulk"]) == 8, "with bulk events up to their cap"
+    assert by_topic(batch) == {"live": [0, 1, 2]}, "and nothing else"
     seen: dict[tuple[str, int], list[int]] = {}
     while True:
         batch = intake.take_due(engine_idle=True, unfinished=0)
@@ -114,17 +111,20 @@ def test_bulk_alone_waits_for_the_engine_while_a_live_topic_is_owned() -> None:
 def test_a_flooded_live_topic_does_not_starve_the_bulk_one() -> None:
     clock = Clock()
     intake = make_intake(clock)
-    accept(intake, "live", range(0, 1000))
-    accept(intake, "bulk", range(0, 1000))
-    bulk = 0
-    for _ in range(20):
+    intake.own({"live", "bulk"})
+    accept(intake, "live", range(0, 10_000))
+    accept(intake, "bulk", range(0, 10_000))
+    batched = {"live": 0, "bulk": 0}
+    for _ in range(100):
         batch = intake.take_due(engine_idle=False, unfinished=3)
-        assert batch is not None and len(batch) == 20
-        bulk += len(by_topic(batch).get("bulk", []))
-    assert bulk == 20 * 2, "10% of every batch"
+        assert batch is not None, "the engine has room: something is due"
+        for name, offsets in by_topic(batch).items():
+            batched[name] += len(offsets)
+    share = batched["bulk"] / (batched["live"] + batched["bulk"])
+    assert 0.08 < share < 0.2, f"the bulk topic got {share:.0%} of the events, asked 10%"
 
 
-def test_lower_levels_are_paused_from_a_batch_in_hand_until_half_of_it_is_left() -> None:
+def test_competing_levels_are_paused_from_a_batch_in_hand_until_half_of_it_is_left() -> None:
     clock = Clock()
     intake = make_intake(clock)
     intake.own({"live", "bulk"})
@@ -133,20 +133,27 @@ def test_lower_levels_are_paused_from_a_batch_in_hand_until_half_of_it_is_left()
     assert intake.held(engine_full=False) == set()
     accept(intake, "bulk", range(19, 20))
     assert intake.held(engine_full=False) == {0}, "a batch of bulk in hand"
-    intake.take_due(engine_idle=True)  # the live event and 8 bulk: 12 left
+    intake.take_due(engine_idle=True)  # the live event alone
+    intake.take_due(engine_idle=True)  # 8 bulk: 12 left
     assert intake.held(engine_full=False) == {0}, "still over half a batch"
     intake.take_due(engine_idle=True)  # 8 more: 4 left
     assert intake.held(engine_full=False) == set(), "resumed under half a batch"
     accept(intake, "live", range(1, 21))
-    assert intake.held(engine_full=False) == set(), "the live level: only when the engine is full"
+    assert intake.held(engine_full=False) == {1}, "a live flood is paused too, for bulk's share"
+    intake.clear()
+    intake.own({"live"})
+    accept(intake, "live", range(21, 41))
+    assert intake.held(engine_full=False) == set(), "nothing competes: as with one level"
     assert intake.held(engine_full=True) == {1}
 
 
-def test_room_is_counted_for_the_live_level() -> None:
+def test_room_is_counted_for_the_levels_being_fetched() -> None:
     clock = Clock()
     intake = make_intake(clock)
+    intake.own({"live", "bulk"})
     accept(intake, "bulk", range(0, 40))
     accept(intake, "live", range(0, 5))
+    assert intake.held(engine_full=False) == {0}
     assert intake.room() == 15, "bulk in hand does not stop live events from being fetched"
 
 
