@@ -169,11 +169,20 @@ class Intake:
             self.batcher.add(item)
             level.queue.popleft()
 
-    def time_left(self) -> float:
-        """Seconds until a batch is due by time (inf when nothing is waiting)."""
+    def time_left(self, unfinished: int = 0) -> float:
+        """Seconds until a batch is due by time (inf when nothing is waiting). With levels,
+        only the work that could go now counts (``unfinished``: batches the engine has not
+        returned): lower levels' events wait for the engine, and the loop must not turn
+        without waiting meanwhile, taking the interpreter from the engine's thread."""
         if not self.prioritised:
             return self.batcher.time_left()
-        heads = [level.queue[0].arrived for level in self.levels if level.queue]
+        live = live_level(self.levels)
+        gated = unfinished > 1 and live is not None
+        heads = [
+            level.queue[0].arrived
+            for level in self.levels
+            if level.queue and not (gated and live is not None and level.priority < live.priority)
+        ]
         if not heads:
             return math.inf
         return min(heads) + self._max_wait_s - self._clock()

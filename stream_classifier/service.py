@@ -166,7 +166,7 @@ class Service:
         self._take_replays()
         self._rewind_due()
         self._apply_pause()
-        timeout = max(0.0, min(POLL_SLICE_S, self.intake.time_left()))
+        timeout = max(0.0, min(POLL_SLICE_S, self.intake.time_left(self.pending.unfinished())))
         if self.pending or self.intake:
             timeout = min(timeout, 0.005)
         if self._waiting_on_engine():
