@@ -203,13 +203,28 @@ class FaultRun:
         self.produce(events // 2)
 
     def terminate_all(self, timeout: float = 60) -> list[int]:
+        """SIGTERM every process still running, once it can take it (see
+        :meth:`wait_stoppable`); their exit codes, in start order."""
         codes = []
-        for process in self.processes:
+        for index, process in enumerate(self.processes):
             if process.poll() is None:
+                self.wait_stoppable(index, process)
                 process.send_signal(signal.SIGTERM)
         for process in self.processes:
             codes.append(process.wait(timeout))
         return codes
+
+    def wait_stoppable(self, index: int, process: subprocess.Popen[bytes]) -> None:
+        """Wait until the process has its SIGTERM handler: it logs the imports step after
+        installing it. A SIGTERM in the interpreter's first second, before ``run`` starts,
+        ends it by the signal (-15) with nothing read: what a test that expects a clean
+        exit must not send (a drained run can finish while the last process starts)."""
+        log = self.tmp_path / f"service-{index}.log"
+
+        def stoppable() -> bool:
+            return process.poll() is not None or STOPPABLE in log.read_text(errors="replace")
+
+        wait_until(stoppable, 120, f"service {index} ready for SIGTERM\n{self.logs()}")
 
     def whole_logs(self) -> str:
         """Every service log of this run, whole (``logs`` keeps only their ends)."""
@@ -333,6 +348,9 @@ class FaultRun:
 
 #: What a watermark or committed-offsets query meets while a partition's leader (or the
 #: group coordinator, the leader of an offsets-topic partition) moves: "not yet".
+#: Logged by ``run`` once its SIGTERM handler is in place (stream_classifier/cli.py).
+STOPPABLE = "start-up: imports took"
+
 _LEADER_MOVING = {
     KafkaError.NOT_LEADER_FOR_PARTITION,
     KafkaError.LEADER_NOT_AVAILABLE,
