@@ -1,8 +1,14 @@
 # gpu-env.sh: sourced by the GPU benchmark scripts (gpu-service.sh, gpu-priority.sh) on a
 # machine without Java or network: installs the carried wheels the image lacks and starts a
 # broker from the carried pack (benchmarks/gpu-service-pack.sh), unless KAFKA_BOOTSTRAP
-# names one. Expects root, python, wheels and log() from the script that sources it; sets
-# KAFKA_BOOTSTRAP and stops the broker it started on exit.
+# names one. Sourced from the repository root, with log() defined; sets root, out (made),
+# python, wheels and KAFKA_BOOTSTRAP, and stops the broker it started on exit.
+
+root=$PWD
+out=${OUT:-$root/.out}
+python=${PYTHON:-python3}
+wheels=${WHEELS:-$root/.whl}
+mkdir -p "$out"
 
 # The Python packages the image lacks (confluent-kafka, pydantic, pydantic-settings, ...).
 if ! "$python" -c 'import confluent_kafka, pydantic_settings' 2>/dev/null; then

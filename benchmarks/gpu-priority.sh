@@ -10,11 +10,6 @@
 #   SECONDS_EACH [30]  GUARANTEE [at_least_once]  PRIORITY_ARGS (more priority.py arguments)
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-root=$PWD
-out=${OUT:-$root/.out}
-python=${PYTHON:-python3}
-wheels=${WHEELS:-$root/.whl}
-mkdir -p "$out"
 log() { echo "gpu-priority: $*" >&2; }
 
 # shellcheck source=benchmarks/gpu-env.sh

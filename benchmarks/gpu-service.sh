@@ -26,11 +26,6 @@
 #   CUDA_GRAPHS [1]  0: launch every pass eagerly (engine.cuda_graphs: false), for an A/B
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
-root=$PWD
-out=${OUT:-$root/.out}
-python=${PYTHON:-python3}
-wheels=${WHEELS:-$root/.whl}
-mkdir -p "$out"
 log() { echo "gpu-service: $*" >&2; }
 
 # shellcheck source=benchmarks/gpu-env.sh

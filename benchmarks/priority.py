@@ -31,7 +31,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 import uuid
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -39,12 +38,18 @@ from pathlib import Path
 from typing import Any
 
 from stream_classifier.tools import bench
-from stream_classifier.tools.bench_service import OutputReader, ServiceProcess
+from stream_classifier.tools.bench_service import (
+    OutputReader,
+    ServiceProcess,
+    free_port,
+    metric,
+    percentile,
+    wait_for,
+)
 from stream_classifier.tools.kafka_io import create_topics, fill, produce_at_rate
 
 LABELS = 4
 LIVE_FIRST_ID = 10_000_000
-POLL_S = 0.1
 
 
 @dataclass
@@ -60,32 +65,6 @@ class Phase:
     live_msgs_per_s: float = 0.0
     total_msgs_per_s: float = 0.0
     exit_code: int | None = None
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def metric(port: int, name: str) -> float:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as reply:
-            text = reply.read().decode()
-    except OSError:
-        return 0.0
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith(name + "{") or line.startswith(name + " ")
-    )
 
 
 def payloads(texts: list[str], first_id: int) -> list[bytes]:
@@ -111,15 +90,6 @@ def topic(name: str, labels: list[str], priority: int) -> dict[str, Any]:
         "hypothesis_template": bench.TEMPLATE,
         "priority": priority,
     }
-
-
-def wait(condition: Any, timeout: float, what: str, service: ServiceProcess) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        service.check_alive()
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{what} did not happen within {timeout:.0f}s")
-        time.sleep(POLL_S)
 
 
 def run_phase(
@@ -159,7 +129,7 @@ def run_phase(
     phase = Phase(name, args.seconds)
     try:
         assigned = "stream_classifier_assigned_partitions"
-        wait(
+        wait_for(
             lambda: metric(port, assigned) >= len(topics) * args.partitions,
             300,
             "assignment",
@@ -168,7 +138,7 @@ def run_phase(
         if backlog:
             bulk_ids = range(backlog)
             reader = readers[bulk["input"]]
-            wait(lambda: reader.count(bulk_ids) > 0, 300, "the first output", service)
+            wait_for(lambda: reader.count(bulk_ids) > 0, 300, "the first output", service)
             time.sleep(args.warm_seconds)  # the rate settles: JIT-free, but caches and pools
         started = time.monotonic()
         if priorities is not None:
@@ -188,7 +158,9 @@ def run_phase(
             live_reader = readers[topics[0]["input"]]
             # First come, first served, some wait behind the backlog for longer than this.
             with contextlib.suppress(TimeoutError):
-                wait(lambda: live_reader.count(live_ids) >= count, args.seconds * 3, "", service)
+                wait_for(
+                    lambda: live_reader.count(live_ids) >= count, args.seconds * 3, "", service
+                )
             rows = live_reader.rows(live_ids)
             phase.live_missing = count - len(rows)
             # An output still missing has waited at least since the last live event was

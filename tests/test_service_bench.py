@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from stream_classifier.tools.bench_service import _percentile
+from stream_classifier.tools.bench_service import percentile
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -73,6 +73,6 @@ def test_gpu_service_script_runs_the_real_service_and_writes_its_report(
 
 def test_percentile_is_the_nearest_rank() -> None:
     values = [float(v) for v in range(1, 101)]
-    assert _percentile(values, 0.50) == 50.0
-    assert _percentile(values, 0.99) == 99.0
-    assert _percentile([7.0], 0.99) == 7.0
+    assert percentile(values, 0.50) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([7.0], 0.99) == 7.0

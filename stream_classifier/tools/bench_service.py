@@ -293,13 +293,13 @@ class GpuBusy:
 # -- one service process ---------------------------------------------------------------------
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
 
-def _metric(port: int, name: str) -> float:
+def metric(port: int, name: str) -> float:
     """The sum of a counter's samples on the service's /metrics (0 until it answers)."""
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=1) as reply:
@@ -313,9 +313,9 @@ def _metric(port: int, name: str) -> float:
     )
 
 
-def _mean_metric(port: int, histogram: str) -> float | None:
-    count = _metric(port, histogram + "_count")
-    return _metric(port, histogram + "_sum") / count if count else None
+def mean_metric(port: int, histogram: str) -> float | None:
+    count = metric(port, histogram + "_count")
+    return metric(port, histogram + "_sum") / count if count else None
 
 
 @dataclass
@@ -391,7 +391,7 @@ class ServiceProcess:
             self._log.close()
 
 
-def _wait(condition: Any, timeout: float, what: str, service: ServiceProcess) -> None:
+def wait_for(condition: Any, timeout: float, what: str, service: ServiceProcess) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         service.check_alive()
@@ -400,7 +400,7 @@ def _wait(condition: Any, timeout: float, what: str, service: ServiceProcess) ->
         time.sleep(POLL_S)
 
 
-def _percentile(values: list[float], q: float) -> float:
+def percentile(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(math.ceil(q * len(ordered))) - 1)]
 
@@ -426,7 +426,7 @@ def _service_config(
             "device": options.device,
             "cuda_graphs": options.cuda_graphs,
         },
-        "metrics": {"enabled": True, "host": "127.0.0.1", "port": _free_port()},
+        "metrics": {"enabled": True, "host": "127.0.0.1", "port": free_port()},
         "topics": [
             {
                 "input": topics.input,
@@ -465,15 +465,15 @@ def run_service(
         idle = "stream_classifier_engine_idle_seconds_total"
 
         def consumed() -> bool:
-            if _metric(port, "stream_classifier_events_consumed_total") > 0:
+            if metric(port, "stream_classifier_events_consumed_total") > 0:
                 first.append(time.monotonic())
             return bool(first)
 
-        _wait(consumed, timeout, "the first consume", service)
-        idle_at_first = _metric(port, idle)
-        _wait(lambda: commits.committed() >= options.events, timeout, "commit", service)
+        wait_for(consumed, timeout, "the first consume", service)
+        idle_at_first = metric(port, idle)
+        wait_for(lambda: commits.committed() >= options.events, timeout, "commit", service)
         done = time.monotonic()
-        idle_share = (_metric(port, idle) - idle_at_first) / (done - first[0])
+        idle_share = (metric(port, idle) - idle_at_first) / (done - first[0])
         seconds = done - first[0]
         saturated = options.events / seconds
         row = ServiceRow(
@@ -487,13 +487,13 @@ def run_service(
             gpu_busy=gpu.mean(first[0], done),
             engine_idle=idle_share,
             settings=service.settings(),
-            batch_messages_mean=_mean_metric(port, "stream_classifier_batch_messages"),
+            batch_messages_mean=mean_metric(port, "stream_classifier_batch_messages"),
         )
         for index, load in enumerate(options.loads):
             row.latency.append(
                 _at_load(options, reader, topics.input, saturated, load, index, service)
             )
-        row.dead_letters = int(_metric(port, "stream_classifier_dead_letters_total"))
+        row.dead_letters = int(metric(port, "stream_classifier_dead_letters_total"))
         row.log_tail = service.tail(30)
     finally:
         service.stop(timeout)
@@ -509,7 +509,7 @@ def _rate_10_90(
 ) -> float | None:
     """Outputs per second between reading 10% and 90% of them (the issue's measure)."""
     ids = range(count)
-    _wait(lambda: reader.count(ids) >= count, timeout, "reading every output", service)
+    wait_for(lambda: reader.count(ids) >= count, timeout, "reading every output", service)
     times = sorted(at for at, _, _ in reader.rows(ids))
     low, high = int(0.1 * count), max(int(0.9 * count) - 1, int(0.1 * count))
     seconds = times[high] - times[low]
@@ -535,7 +535,7 @@ def _at_load(
             produce_at_rate, options.bootstrap, topic, _payloads(texts, first_id), rate
         ).result(options.latency_seconds * 4 + options.step_timeout_s)
     ids = range(first_id, first_id + count)
-    _wait(lambda: reader.count(ids) >= count, options.step_timeout_s, "outputs at load", service)
+    wait_for(lambda: reader.count(ids) >= count, options.step_timeout_s, "outputs at load", service)
     rows = reader.rows(ids)
     end_to_end = [e2e for _, e2e, _ in rows]
     inside = [float(latency) for _, _, latency in rows]
@@ -544,10 +544,10 @@ def _at_load(
         target_msgs_per_s=rate,
         produced=count,
         produced_msgs_per_s=count / seconds if seconds > 0 else rate,
-        p50_ms=_percentile(end_to_end, 0.50),
-        p99_ms=_percentile(end_to_end, 0.99),
-        service_p50_ms=_percentile(inside, 0.50),
-        service_p99_ms=_percentile(inside, 0.99),
+        p50_ms=percentile(end_to_end, 0.50),
+        p99_ms=percentile(end_to_end, 0.99),
+        service_p50_ms=percentile(inside, 0.50),
+        service_p99_ms=percentile(inside, 0.99),
     )
 
 

@@ -93,23 +93,31 @@ def quiet() -> Iterator[None]:
     logging.disable(logging.NOTSET)
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_seeded_schedules_keep_every_invariant(mode: str, seeds: range) -> None:
+def run_schedules(mode: str, seeds: range, levels: bool = False) -> Counter[str]:
+    """Run the seeded schedules; fail with a replay line per failing seed (at most five);
+    what the schedules made happen, counted."""
     failures = {}
     stats: Counter[str] = Counter()
     for seed in seeds:
-        sim = Simulation(seed, mode, metrics=SHARED_METRICS)
+        sim = Simulation(seed, mode, metrics=SHARED_METRICS, levels=levels)
         violations = sim.run(200)
         stats.update(sim.cluster.stats)
         if violations:
             failures[seed] = violations[:3]
             if len(failures) == 5:
                 break
+    flag = " --levels" if levels else ""
     replay = [
-        f"python tests/sim/simulation.py --seed {seed} --mode {mode} --trace: {found}"
+        f"python tests/sim/simulation.py --seed {seed} --mode {mode}{flag} --trace: {found}"
         for seed, found in failures.items()
     ]
     assert not failures, "\n".join(replay)
+    return stats
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_seeded_schedules_keep_every_invariant(mode: str, seeds: range) -> None:
+    stats = run_schedules(mode, seeds)
     if len(seeds) >= COVERAGE_SEEDS:
         missing = (COVERED | COVERED_BY_MODE[mode]) - set(stats)
         assert not missing, f"never came up in {len(seeds)} schedules: {sorted(missing)}"
@@ -122,18 +130,7 @@ LEVEL_SEEDS = 1_000
 @pytest.mark.parametrize("mode", MODES)
 def test_seeded_schedules_with_priority_levels_keep_every_invariant(mode: str) -> None:
     """The same faults with batches composed by priority level (stream_classifier/priorities.py)."""
-    failures = {}
-    for seed in range(int(os.environ.get("SIM_LEVEL_SEEDS") or LEVEL_SEEDS)):
-        violations = Simulation(seed, mode, metrics=SHARED_METRICS, levels=True).run(200)
-        if violations:
-            failures[seed] = violations[:3]
-            if len(failures) == 5:
-                break
-    replay = [
-        f"python tests/sim/simulation.py --seed {seed} --mode {mode} --levels --trace: {found}"
-        for seed, found in failures.items()
-    ]
-    assert not failures, "\n".join(replay)
+    run_schedules(mode, range(int(os.environ.get("SIM_LEVEL_SEEDS") or LEVEL_SEEDS)), levels=True)
 
 
 # -- named scenarios: each was a defect of the earlier loop ----------------------------
