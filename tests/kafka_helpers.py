@@ -10,7 +10,14 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, cast
 
-from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicPartition,
+)
 from confluent_kafka.admin import AdminClient
 
 # Public in confluent_kafka.admin, which re-exports them without an __all__ (so mypy's
@@ -138,8 +145,15 @@ class TopicReader:
         raise AssertionError(f"{self.topic}: not at the end after {timeout:.0f}s")
 
     def caught_up(self) -> bool:
+        """At the end of every partition; False while an end cannot be read (a replicated
+        cluster still recovering on a loaded machine timed the query out once)."""
         for tp in self._consumer.position(self._consumer.assignment()):
-            high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
+            try:
+                high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
+            except KafkaException as exc:
+                if exc.args[0].code() not in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
+                    raise
+                return False
             if high > 0 and tp.offset < high:
                 return False
         return True
