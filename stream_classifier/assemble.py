@@ -15,6 +15,7 @@ from pathlib import Path
 from stream_classifier.config import PYTHON_SWITCH_INTERVAL_MS, ServiceConfig, load_config
 from stream_classifier.engine.base import Engine
 from stream_classifier.engine.capabilities import Capabilities, OomReporting, Primed
+from stream_classifier.formats import Formats
 from stream_classifier.metrics import Metrics
 from stream_classifier.outputs import Observer
 from stream_classifier.service import Service
@@ -117,6 +118,7 @@ def build_service(
     engine: Engine,
     metrics: Metrics | None = None,
     observers: Sequence[Observer] = (),
+    formats: Formats | None = None,
 ) -> Service:
     """The service with its engine stage (two batches on the device on a GPU), its prepare
     stage (``processing.prepare_workers`` tokenizer processes, or inline) and the
@@ -144,7 +146,13 @@ def build_service(
     )
     try:
         return Service(
-            config, engine, metrics, scorer=scorer, preparer=preparer, observers=observers
+            config,
+            engine,
+            metrics,
+            scorer=scorer,
+            preparer=preparer,
+            observers=observers,
+            formats=formats,
         )
     except BaseException:
         scorer.shutdown()

@@ -94,10 +94,15 @@ class Backoff:
 
 
 class OutageLog:
-    """Logs an outage of the output once when it starts and once when it ends."""
+    """Logs an outage (of the output, of the schema registry) once when it starts and once
+    when it ends, not at every failed attempt."""
 
-    def __init__(self, clock: Clock) -> None:
+    def __init__(
+        self, clock: Clock, down: str = "output not writable", up: str = "output writable again"
+    ) -> None:
         self._clock = clock
+        self._down = down
+        self._up = up
         self._since: float | None = None
         self._failures = 0
 
@@ -105,12 +110,13 @@ class OutageLog:
         self._failures += 1
         if self._since is None:
             self._since = self._clock()
-            log.warning("output not writable: %s; holding input and retrying until it is", reason)
+            log.warning("%s: %s; holding input and retrying", self._down, reason)
 
     def succeeded(self) -> None:
         if self._since is not None:
             log.warning(
-                "output writable again after %.1fs (%d failed attempts)",
+                "%s after %.1fs (%d failed attempts)",
+                self._up,
                 self._clock() - self._since,
                 self._failures,
             )

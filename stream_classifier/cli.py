@@ -42,6 +42,7 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_ENGINE = 3
 EXIT_KAFKA = 4
+EXIT_REGISTRY = 5
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -130,6 +131,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             reload_config,
         )
         from stream_classifier.engine import EngineError
+        from stream_classifier.formats import FormatError, ready_formats
         from stream_classifier.gpu import start_gpu_sampler
         from stream_classifier.metrics import Metrics
         from stream_classifier.preflight import PreflightError, check_kafka, check_model_hub
@@ -143,6 +145,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     except PreflightError as exc:
         print(f"kafka: {exc}", file=sys.stderr)
         return EXIT_KAFKA
+    try:
+        with clock.step("registry_check"):
+            formats = ready_formats(config)
+    except FormatError as exc:
+        print(f"schema registry: {exc}", file=sys.stderr)
+        return EXIT_REGISTRY
     metrics = Metrics()
     clock.watch(lambda step, seconds: metrics.startup_seconds.labels(step=step).set(seconds))
     try:
@@ -151,7 +159,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine = load_ready_engine(config, metrics, clock)
         # Settings left to the device (batch size, tokenizer processes), also on reloads.
         with clock.step("service_build"):
-            service = build_service(config, engine, metrics, [FirstOutput(clock, metrics)])
+            first = FirstOutput(clock, metrics)
+            service = build_service(config, engine, metrics, [first], formats)
         service.rebalances.on_assigned = lambda _partitions: clock.milestone("group_join")
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)

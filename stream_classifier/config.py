@@ -167,6 +167,50 @@ def _secret(value: SecretStr | None, path: str | None, what: str) -> str | None:
         raise ConfigError(f"cannot read the {what} secret file {path}: {exc.strerror}") from exc
 
 
+class SchemaRegistryConfig(_Section):
+    """A Confluent-compatible Schema Registry, for topics whose events are Avro or JSON
+    Schema in Confluent's wire format (docs/OPERATIONS.md, "Schema Registry formats")."""
+
+    #: Its API root, e.g. ``http://registry:8081`` (Confluent) or
+    #: ``http://registry:8080/apis/ccompat/v7`` (Apicurio's Confluent-compatible API).
+    url: str = Field(min_length=1, pattern=r"^https?://")
+    #: ``user:password`` for HTTP basic auth, or a file holding it (a mounted secret).
+    basic_auth_user_info: SecretStr | None = None
+    basic_auth_user_info_file: str | None = None
+    #: PEM file of the CA(s) that signed the registry's certificate (None: system store).
+    ssl_ca_location: str | None = None
+    #: Seconds one request may take. The loop waits on a request only for a schema it has
+    #: not seen yet (each schema id is fetched once, then cached).
+    timeout_s: float = Field(5.0, gt=0, le=60)
+    #: True: the service registers its output schema under each output topic's subject
+    #: (``<topic>-value``) at start. False: the schema must be registered already (a
+    #: registry where only a pipeline may register), else the service does not start.
+    register_output_schemas: bool = True
+
+    @model_validator(mode="after")
+    def _one_secret(self) -> SchemaRegistryConfig:
+        if self.basic_auth_user_info is not None and self.basic_auth_user_info_file is not None:
+            raise ValueError("set basic_auth_user_info or basic_auth_user_info_file, not both")
+        return self
+
+    def client_config(self) -> dict[str, Any]:
+        """confluent-kafka's SchemaRegistryClient settings (secrets in clear text: never
+        log it). No retries inside the client: the service rides an outage out itself."""
+        config: dict[str, Any] = {"url": self.url, "timeout": self.timeout_s, "max.retries": 0}
+        auth = _secret(self.basic_auth_user_info, self.basic_auth_user_info_file, "registry")
+        if auth is not None:
+            config["basic.auth.user.info"] = auth
+        if self.ssl_ca_location is not None:
+            config["ssl.ca.location"] = self.ssl_ca_location
+        return config
+
+
+#: How a topic's values are written: JSON text, or Avro / JSON Schema in Confluent's wire
+#: format (a zero byte, the schema id in 4 bytes, then the encoded value).
+Format = Literal["json", "avro", "json_schema"]
+REGISTRY_FORMATS = ("avro", "json_schema")
+
+
 #: The interpreter's switch interval when the engine runs on a GPU (docs/PERFORMANCE.md
 #: has the measurement), and Python's own (kept on a CPU).
 GPU_SWITCH_INTERVAL_MS = 0.5
@@ -429,6 +473,14 @@ class TopicConfig(_Section):
     lanes: list[Lane] = Field(default_factory=list)
     #: A policy evaluated beside the live one, acted on by nobody (None: no shadow).
     shadow: ShadowPolicy | None = None
+    #: How input values are read: ``json`` (UTF-8 JSON, or plain text with ``$value``),
+    #: ``avro`` or ``json_schema`` (through ``schema_registry``; the schema comes from
+    #: each value's schema id). Keys are copied as they are, whatever their format.
+    input_format: Format = "json"
+    #: How scored events (and routed copies) are written: ``json``, or ``avro`` /
+    #: ``json_schema`` under the subject ``<topic>-value``. Dead letters are the input's
+    #: own bytes, whatever the format.
+    output_format: Format = "json"
 
     @field_validator("thresholds")
     @classmethod
@@ -565,6 +617,10 @@ class TopicConfig(_Section):
         return bool(self.thresholds) or self.default_threshold is not None
 
     @property
+    def uses_registry(self) -> bool:
+        return self.input_format in REGISTRY_FORMATS or self.output_format in REGISTRY_FORMATS
+
+    @property
     def route_topics(self) -> list[str]:
         """Every topic a lane routes to, in lane order, once each."""
         return list(dict.fromkeys(lane.route for lane in self.lanes if lane.route is not None))
@@ -591,6 +647,8 @@ class ServiceConfig(BaseSettings):
     engine: EngineConfig = Field(default_factory=EngineConfig)
     topics: list[TopicConfig] = Field(min_length=1)
     metrics: MetricsConfig = Field(default_factory=MetricsConfig)
+    #: Needed where a topic reads or writes ``avro`` or ``json_schema``.
+    schema_registry: SchemaRegistryConfig | None = None
 
     @classmethod
     def settings_customise_sources(
@@ -628,6 +686,7 @@ class ServiceConfig(BaseSettings):
         routed = sorted({r for t in self.topics for r in t.route_topics} & set(inputs))
         if routed:
             raise ValueError(f"a lane routes to an input topic: {', '.join(routed)}")
+        self._check_formats()
         if self.engine.kind == "nli" and self.processing.max_batch_tokens < MAX_PAIR_TOKENS:
             raise ValueError(
                 f"processing.max_batch_tokens={self.processing.max_batch_tokens} is smaller "
@@ -635,6 +694,21 @@ class ServiceConfig(BaseSettings):
                 f"{ENV_PREFIX}PROCESSING__MAX_BATCH_TOKENS to {MAX_PAIR_TOKENS} or more"
             )
         return self
+
+    def _check_formats(self) -> None:
+        registry_topics = [t.input for t in self.topics if t.uses_registry]
+        if registry_topics and self.schema_registry is None:
+            raise ValueError(
+                f"schema_registry is required: topics {', '.join(registry_topics)} read or "
+                "write avro or json_schema"
+            )
+        formats: dict[str, set[str]] = {}
+        for topic in self.topics:
+            for written in (topic.output, *topic.route_topics):
+                formats.setdefault(written, set()).add(topic.output_format)
+        mixed = sorted(name for name, found in formats.items() if len(found) > 1)
+        if mixed:
+            raise ValueError(f"topic written in more than one output_format: {', '.join(mixed)}")
 
     def topic(self, name: str) -> TopicConfig:
         for topic in self.topics:

@@ -17,6 +17,7 @@ from stream_classifier.batcher import Batch, Item, MicroBatcher
 from stream_classifier.config import ServiceConfig, TopicConfig
 from stream_classifier.engine.base import Prepared
 from stream_classifier.engine.windows import Windowing
+from stream_classifier.formats import Formats, RegistryUnavailable
 from stream_classifier.messages import ClassifyRequest, Envelope, Rejection, decode_event
 from stream_classifier.offsets import TopicPartition
 from stream_classifier.preparing import Preparer
@@ -30,6 +31,7 @@ from stream_classifier.priorities import (
     ready,
     starved,
 )
+from stream_classifier.registry_hold import RegistryHold
 from stream_classifier.reload import settings_version
 from stream_classifier.shadow import plan
 
@@ -38,7 +40,12 @@ class Intake:
     """The events being tokenized, per priority level, and the batches made of them."""
 
     def __init__(
-        self, config: ServiceConfig, preparer: Preparer, clock: Callable[[], float]
+        self,
+        config: ServiceConfig,
+        preparer: Preparer,
+        clock: Callable[[], float],
+        formats: Formats | None = None,
+        on_registry_failure: Callable[[], None] = lambda: None,
     ) -> None:
         processing = config.processing
         self.batcher = MicroBatcher(
@@ -54,6 +61,9 @@ class Intake:
         self.levels = [Level(p) for p in sorted({t.priority for t in config.topics}, reverse=True)]
         self._level_of: dict[int, Level] = {level.priority: level for level in self.levels}
         self._topics: dict[str, TopicConfig] = {}
+        self.formats = formats or Formats(config)
+        #: Events waiting for the schema registry, their partitions paused meanwhile.
+        self.registry_hold = RegistryHold(clock, on_registry_failure)
         #: Each input topic's settings version, written into its outputs.
         self.versions: dict[str, str] = {}
         self.use(config)
@@ -108,12 +118,26 @@ class Intake:
 
     def accept(self, envelope: Envelope) -> None:
         """Decode one event and start tokenizing it; any failure about its content
-        rejects it."""
+        rejects it. An event whose schema the registry cannot give now is held, with its
+        partition's later events (:mod:`~stream_classifier.registry_hold`)."""
+        arrived = self._clock()
+        if self.registry_hold.holds(envelope):
+            self.registry_hold.add(envelope, arrived)
+            return
+        try:
+            self._accept(envelope, arrived)
+        except RegistryUnavailable as exc:
+            self.registry_hold.start(envelope, arrived, str(exc))
+
+    def retry_held(self) -> None:
+        """Events held for the registry: decode them again, in order, when it is time."""
+        self.registry_hold.retry(self._accept)
+
+    def _accept(self, envelope: Envelope, arrived: float) -> None:
         topic = self._topics[envelope.source.topic]
         level = self._level_of[topic.priority]
-        arrived = self._clock()
         try:
-            decoded = decode_event(envelope, topic)
+            decoded = decode_event(envelope, topic, self.formats.read)
             if isinstance(decoded, Rejection):
                 level.add(Waiting(decoded, None, arrived))
                 return
@@ -126,6 +150,8 @@ class Intake:
                 topic.multi_label,
                 windowing,
             )
+        except RegistryUnavailable:
+            raise  # not about this event: it waits for the registry
         except Exception as exc:  # noqa: BLE001 - one bad event must not stop the stream
             reason = f"{type(exc).__name__}: {exc}"
             level.add(Waiting(Rejection(envelope, "prepare_failed", reason), None, arrived))
@@ -249,9 +275,14 @@ class Intake:
 
     def drop(self, partitions: set[TopicPartition]) -> int:
         """Forget the events of these partitions; how many there were."""
-        return self.batcher.drop(partitions) + sum(level.drop(partitions) for level in self.levels)
+        return (
+            self.batcher.drop(partitions)
+            + sum(level.drop(partitions) for level in self.levels)
+            + self.registry_hold.drop(partitions)
+        )
 
     def clear(self) -> None:
+        self.registry_hold.clear()
         for level in self.levels:
             level.clear()
         self.batcher.take()

@@ -8,6 +8,7 @@ The pydantic models here are the source of the JSON Schemas in ``schemas/``.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -202,8 +203,17 @@ class Rejection:
         return DeadLetterContext(code=self.code, message=self.reason, source=self.envelope.source)
 
 
-def decode_event(envelope: Envelope, topic: TopicConfig) -> ClassifyRequest | Rejection:
-    """Validate one event against its topic's contract; never raises for bad input."""
+#: Reads a value in a registry format: ``read(value, topic, format)`` returns the decoded
+#: value, or raises (stream_classifier.formats: ValueProblem for a value that never will,
+#: RegistryUnavailable for "not now", which the caller must let through).
+ReadValue = Callable[[bytes, str, str], Any]
+
+
+def decode_event(
+    envelope: Envelope, topic: TopicConfig, read: ReadValue | None = None
+) -> ClassifyRequest | Rejection:
+    """Validate one event against its topic's contract; never raises for bad input (only
+    ``read``'s "registry unavailable" passes through)."""
 
     def reject(code: str, reason: str) -> Rejection:
         return Rejection(envelope, code, reason)
@@ -211,24 +221,18 @@ def decode_event(envelope: Envelope, topic: TopicConfig) -> ClassifyRequest | Re
     raw = envelope.value
     if raw is None:
         return reject("empty_value", "the message has no value (tombstone)")
-    try:
-        decoded = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        return reject("not_utf8", f"value is not UTF-8: {exc.reason} at byte {exc.start}")
+    value = _value(raw, topic, read)
+    if isinstance(value, Problem):
+        return reject(value.code, value.reason)
 
     payload: dict[str, Any] = {}
     if topic.text_field == PLAIN_TEXT_FIELD:
-        text: Any = decoded
+        text: Any = value
     else:
-        try:
-            parsed = json.loads(decoded)
-        except json.JSONDecodeError as exc:
-            return reject("not_json", f"value is not JSON: {exc.msg} (char {exc.pos})")
-        except RecursionError:
-            return reject("not_json", "value is JSON nested too deeply to decode")
-        if not isinstance(parsed, dict):
-            return reject("not_object", f"value is JSON {type(parsed).__name__}, not an object")
-        payload = parsed
+        if not isinstance(value, dict):
+            kind = "JSON" if topic.input_format == "json" else topic.input_format
+            return reject("not_object", f"value is {kind} {type(value).__name__}, not an object")
+        payload = value
         found, text = _lookup(payload, topic.text_field)
         if not found:
             return reject("text_missing", f"no text at field {topic.text_field!r}")
@@ -246,7 +250,7 @@ def decode_event(envelope: Envelope, topic: TopicConfig) -> ClassifyRequest | Re
             f"text has {len(text)} characters, the topic allows {topic.max_text_chars}",
         )
     labels = _labels_for(payload, topic)
-    if isinstance(labels, LabelProblem):
+    if isinstance(labels, Problem):
         return reject(labels.code, labels.reason)
 
     event_id = payload.get("id")
@@ -261,6 +265,31 @@ def decode_event(envelope: Envelope, topic: TopicConfig) -> ClassifyRequest | Re
         topic=topic,
         text_truncated=truncated,
     )
+
+
+def _value(raw: bytes, topic: TopicConfig, read: ReadValue | None) -> Any:
+    """The decoded value: a str for ``$value`` on a JSON topic, else what the format
+    decodes to; a Problem (code, reason) when it does not decode."""
+    if topic.input_format != "json":
+        from stream_classifier.formats import ValueProblem
+
+        assert read is not None, f"topic {topic.input}: {topic.input_format} needs a reader"
+        try:
+            return read(raw, topic.input, topic.input_format)
+        except ValueProblem as problem:
+            return Problem(problem.code, problem.reason)
+    try:
+        decoded = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Problem("not_utf8", f"value is not UTF-8: {exc.reason} at byte {exc.start}")
+    if topic.text_field == PLAIN_TEXT_FIELD:
+        return decoded
+    try:
+        return json.loads(decoded)
+    except json.JSONDecodeError as exc:
+        return Problem("not_json", f"value is not JSON: {exc.msg} (char {exc.pos})")
+    except RecursionError:
+        return Problem("not_json", "value is JSON nested too deeply to decode")
 
 
 def parse_labels(text: str) -> list[str]:
@@ -278,34 +307,36 @@ def _lookup(payload: dict[str, Any], dotted: str) -> tuple[bool, Any]:
 
 
 @dataclass(frozen=True)
-class LabelProblem:
+class Problem:
+    """Why an event is rejected: its value, or its labels (a dead letter's code, reason)."""
+
     code: str
     reason: str
 
 
-def _labels_for(payload: dict[str, Any], topic: TopicConfig) -> tuple[str, ...] | LabelProblem:
+def _labels_for(payload: dict[str, Any], topic: TopicConfig) -> tuple[str, ...] | Problem:
     """The event's own labels where the topic allows them, else the topic's labels."""
     if payload.get("labels") is None:
         return tuple(topic.labels)
     if not topic.allow_message_labels:
-        return LabelProblem(
+        return Problem(
             "labels_forbidden", f"topic {topic.input!r} does not accept per-event labels"
         )
     labels = payload["labels"]
     if not isinstance(labels, list) or not labels:
-        return LabelProblem("labels_invalid", "labels must be a non-empty list of strings")
+        return Problem("labels_invalid", "labels must be a non-empty list of strings")
     if not all(isinstance(label, str) and label.strip() for label in labels):
-        return LabelProblem("labels_invalid", "labels must be non-empty strings")
+        return Problem("labels_invalid", "labels must be non-empty strings")
     cleaned = tuple(label.strip() for label in labels)
     if len(set(cleaned)) != len(cleaned):
-        return LabelProblem("labels_invalid", "labels contain duplicates")
+        return Problem("labels_invalid", "labels contain duplicates")
     if len(cleaned) > topic.max_labels:
-        return LabelProblem(
+        return Problem(
             "too_many_labels", f"{len(cleaned)} labels, the topic allows at most {topic.max_labels}"
         )
     longest = max(len(label) for label in cleaned)
     if longest > topic.max_label_chars:
-        return LabelProblem(
+        return Problem(
             "label_too_long",
             f"a label has {longest} characters, the topic allows at most {topic.max_label_chars}",
         )

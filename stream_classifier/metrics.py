@@ -84,6 +84,12 @@ class Metrics:
             ["topic"],
             registry=r,
         )
+        self.registry_failures = Counter(
+            PREFIX + "schema_registry_failures",
+            "Attempts to get a schema from the registry that failed for now (its events "
+            "wait, their partitions paused)",
+            registry=r,
+        )
         self.engine_idle_seconds = Counter(
             PREFIX + "engine_idle_seconds",
             "Time the engine stage had no micro-batch to score (on a GPU: the device waited"

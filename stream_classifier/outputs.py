@@ -12,6 +12,7 @@ from stream_classifier.batcher import Batch
 from stream_classifier.checkpoint import AtLeastOnce, Checkpoint
 from stream_classifier.config import ServiceConfig, TopicConfig
 from stream_classifier.exactly_once import ExactlyOnce
+from stream_classifier.formats import Encode, json_value
 from stream_classifier.metrics import Metrics
 from stream_classifier.records import records_for, smaller
 from stream_classifier.scoring import Outcome
@@ -41,9 +42,12 @@ class Outputs:
         model_id: str,
         observers: Sequence[Observer],
         priorities: dict[str, int] | None = None,
+        encode: Encode = json_value,
     ) -> None:
         self.metrics = metrics
         self.model_id = model_id
+        #: Writes a scored event in its target topic's format.
+        self.encode = encode
         self.observers = tuple(observers)
         #: Each input topic's priority level, the label of its latency.
         self.priorities = priorities or {}
@@ -58,7 +62,7 @@ class Outputs:
         records: list[Record] = []
         for item in batch.items:
             topic = topic_of(item.envelope.source.topic)
-            built = records_for(item, outcomes.get(id(item)), topic, self.model_id)
+            built = records_for(item, outcomes.get(id(item)), topic, self.model_id, self.encode)
             for record in built:
                 if record.kind == "dead_letter":
                     self.metrics.dead_letters.labels(topic.input, record.code or "").inc()

@@ -28,6 +28,7 @@ from stream_classifier.config import TopicConfig
 from stream_classifier.decisions import Decision, decide
 from stream_classifier.engine.base import Scores
 from stream_classifier.engine.windows import window_count, windows_truncated
+from stream_classifier.formats import Encode, json_value
 from stream_classifier.headers import HEADER_PREFIX, Headers
 from stream_classifier.kafka_errors import Verdict
 from stream_classifier.messages import (
@@ -59,9 +60,14 @@ def our_headers(model: str, truncated: bool) -> Headers:
 
 
 def records_for(
-    item: Item, outcome: Outcome | None, topic: TopicConfig, model: str
+    item: Item,
+    outcome: Outcome | None,
+    topic: TopicConfig,
+    model: str,
+    encode: Encode = json_value,
 ) -> list[Record]:
-    """The output (and routed copies) of a scored event, or its dead letter."""
+    """The output (and routed copies) of a scored event, or its dead letter; ``encode``
+    writes the event in each target topic's format."""
     if isinstance(item, Rejection):
         return [dead_letter(item, topic)]
     if isinstance(outcome, str):
@@ -71,7 +77,7 @@ def records_for(
         decision = decide(item.topic, outcome.labels, outcome.scores)
         shadow, shadow_decision = shadow_result(item.shadow)
         event = scored_event(item, outcome, decision, model, shadow)
-        value = event.model_dump_json().encode()
+        values = {to: encode(event, to) for to in (topic.output, *decision.routes)}
     except Exception as exc:  # noqa: BLE001 - e.g. an id no JSON encoder accepts
         reason = f"{type(exc).__name__}: {exc}"
         return [dead_letter(Rejection(item.envelope, "output_failed", reason), topic)]
@@ -80,7 +86,7 @@ def records_for(
     envelope = item.envelope
 
     def record(to: str, kind: str, lane: str | None = None) -> Record:
-        return _record(to, envelope, value, headers, kind, topic.dead_letter, lane)
+        return _record(to, envelope, values[to], headers, kind, topic.dead_letter, lane)
 
     output = record(topic.output, "output", decision.decision)
     if shadow_decision is not None:

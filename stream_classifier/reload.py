@@ -2,10 +2,11 @@
 
 Labels, template, multi-label, thresholds, lanes and routes, and the input limits of a
 topic may change while the service runs; events already read keep the settings they were
-read with. Anything else (Kafka, processing, engine, metrics, which topics exist, where
-their outputs and dead letters go, and their priority) needs a restart: a reload that
-changes it is refused, with the reason, and the running settings stay. A reload whose file names a
-topic that does not exist (a new route) is rejected before it gets here
+read with. Anything else (Kafka, processing, engine, metrics, the schema registry, which
+topics exist, where their outputs and dead letters go, their priority and formats) needs
+a restart: a reload that changes it is refused, with the reason, and the running settings
+stay. A reload whose file names a topic that does not exist (a new route), or a route in
+a registry format whose schema cannot be registered, is rejected before it gets here
 (:func:`stream_classifier.assemble.reload_config`).
 """
 
@@ -21,8 +22,9 @@ from stream_classifier.metrics import Metrics
 log = logging.getLogger(__name__)
 
 #: The topic fields that need a restart: the Kafka topics the service was started (and
-#: checked) with, and the priority level whose queue holds the topic's events in hand.
-_TOPIC_PLUMBING = ("input", "output", "dead_letter", "priority")
+#: checked) with, the priority level whose queue holds the topic's events in hand, and the
+#: formats whose output schemas were registered at start.
+_TOPIC_PLUMBING = ("input", "output", "dead_letter", "priority", "input_format", "output_format")
 
 
 def settings_version(topic: TopicConfig) -> str:
@@ -32,7 +34,7 @@ def settings_version(topic: TopicConfig) -> str:
 
 def restart_needed(running: ServiceConfig, new: ServiceConfig) -> str | None:
     """Why ``new`` cannot replace ``running`` without a restart (None: it can)."""
-    for section in ("kafka", "processing", "engine", "metrics"):
+    for section in ("kafka", "processing", "engine", "metrics", "schema_registry"):
         if getattr(running, section) != getattr(new, section):
             return f"the {section} section changed"
     old_topics = {topic.input: topic for topic in running.topics}

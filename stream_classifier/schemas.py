@@ -28,11 +28,20 @@ def schema_text(model: type[BaseModel]) -> str:
     return json.dumps(schema, indent=2, ensure_ascii=False, sort_keys=True) + "\n"
 
 
+#: The scored event's Avro schema, as the service registers it for ``output_format: avro``
+#: (register it under ``<output topic>-value`` where ``register_output_schemas`` is false).
+AVRO_OUTPUT = "output.avsc"
+
+
 def write_schemas(directory: Path) -> list[Path]:
+    from stream_classifier.formats import output_schema_text
+
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for name, model in SCHEMAS.items():
         path = directory / name
         path.write_text(schema_text(model), encoding="utf-8")
         written.append(path)
-    return written
+    avro = directory / AVRO_OUTPUT
+    avro.write_text(output_schema_text("avro") + "\n", encoding="utf-8")
+    return [*written, avro]

@@ -27,6 +27,7 @@ from stream_classifier.checkpoint import Checkpoint
 from stream_classifier.config import ServiceConfig
 from stream_classifier.engine.base import Engine
 from stream_classifier.engine.windows import window_problems
+from stream_classifier.formats import Formats
 from stream_classifier.intake import Intake
 from stream_classifier.messages import Envelope, KafkaMessage
 from stream_classifier.metrics import Metrics
@@ -78,6 +79,7 @@ class Service:
         scorer: Scorer | None = None,
         preparer: Preparer | None = None,
         observers: Sequence[Observer] = (),
+        formats: Formats | None = None,
     ) -> None:
         self.config = config
         self.engine = engine
@@ -86,7 +88,15 @@ class Service:
         processing = config.processing
         #: Events written and not yet acknowledged, at most (beyond: pause).
         self.max_in_flight = processing.max_batch_messages * (processing.max_pending_batches + 2)
-        self.intake = Intake(config, preparer or InlinePreparer(engine), clock)
+        #: Each topic's value formats (and the schema registry's client, where needed).
+        self.formats = formats or Formats(config)
+        self.intake = Intake(
+            config,
+            preparer or InlinePreparer(engine),
+            clock,
+            self.formats,
+            self.metrics.registry_failures.inc,
+        )
         self.pending = PendingBatches(
             scorer or ThreadScorer(engine, self.metrics), processing.max_pending_batches, clock
         )
@@ -98,7 +108,9 @@ class Service:
         settings = producer_config(config, self.max_in_flight)
         self.sink: Sink = sink or KafkaSink(settings, self._on_delivery, written_topics(config))
         priorities = {topic.input: topic.priority for topic in config.topics}
-        self.outputs = Outputs(self.metrics, engine.model_id, observers, priorities)
+        self.outputs = Outputs(
+            self.metrics, engine.model_id, observers, priorities, self.formats.encode
+        )
         max_bytes = int(settings.get("message.max.bytes", MESSAGE_MAX_BYTES))
         self.checkpoint: Checkpoint = make_checkpoint(
             config, self.source, self.sink, clock, self.outputs, max_bytes
@@ -163,6 +175,7 @@ class Service:
         """One pass: rebalance, rewind, pause/resume, consume once, batch, write, commit."""
         self._last_turn = self._clock()
         self._reload_due()
+        self.intake.retry_held()
         self._take_replays()
         self._rewind_due()
         self._apply_pause()
@@ -236,6 +249,7 @@ class Service:
                 if levels
                 else set()
             )
+            held |= self.intake.registry_hold.partitions
         change = self.partitions.pause_change(held)
         if change is None:
             return  # nothing to change (most turns)
@@ -283,12 +297,17 @@ class Service:
         load, self._reload = self._reload, None
         if load is None:
             return
-        new = reloaded(
-            self.config, load, self.metrics, lambda c: window_problems(c.topics, self.engine)
-        )
+        new = reloaded(self.config, load, self.metrics, self._reload_problems)
         if new is not None:
             self.config = new
             self.intake.use(new)
+            self.formats.use(new)
+
+    def _reload_problems(self, config: ServiceConfig) -> list[str]:
+        """What the running engine and registry cannot do with a reloaded configuration:
+        windows that do not fit the model, a new route whose output schema cannot be
+        registered."""
+        return window_problems(config.topics, self.engine) + self.formats.problems(config)
 
     # -- rewinds -------------------------------------------------------------------------
 

@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 #: The summary line's parts: its words and the steps each adds up, in start-up order.
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("python+imports", ("python", "imports")),
-    ("kafka check", ("kafka_check",)),
+    ("kafka check", ("kafka_check", "registry_check")),
     ("model load", ("hub_check", "model_setup", "tokenizer", "weights_read", "to_device")),
     ("warm-up", ("warmup",)),
     ("graphs", ("graphs",)),

@@ -15,6 +15,9 @@ from stream_classifier.config import ServiceConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 KAFKA_LOCAL = ROOT / "deploy" / "kafka" / "kafka-local"
+REGISTRY_LOCAL = ROOT / "deploy" / "registry" / "registry-local"
+#: Apicurio's Confluent-compatible API, below its root.
+CCOMPAT_PATH = "/apis/ccompat/v7"
 TINY_MODEL = ROOT / "tests" / "fixtures" / "tiny-structbert"
 
 
@@ -39,6 +42,25 @@ def bootstrap() -> str:
     port = os.environ.get("KAFKA_PORT", "9092")
     subprocess.run([str(KAFKA_LOCAL), "start"], check=True, env={**os.environ, "KAFKA_PORT": port})
     return f"127.0.0.1:{port}"
+
+
+@pytest.fixture(scope="session")
+def registry_port() -> Iterator[int]:
+    """A real Schema Registry (Apicurio, deploy/registry/registry-local) for the session,
+    on $REGISTRY_PORT (default 8081); stopped at the end if this session started it."""
+    port = os.environ.get("REGISTRY_PORT", "8081")
+    env = {**os.environ, "REGISTRY_PORT": port}
+    running = subprocess.run([str(REGISTRY_LOCAL), "status"], env=env, capture_output=True)
+    if running.returncode != 0:
+        subprocess.run([str(REGISTRY_LOCAL), "start"], check=True, env=env)
+    yield int(port)
+    if running.returncode != 0:
+        subprocess.run([str(REGISTRY_LOCAL), "stop"], check=True, env=env)
+
+
+@pytest.fixture(scope="session")
+def registry_url(registry_port: int) -> str:
+    return f"http://127.0.0.1:{registry_port}{CCOMPAT_PATH}"
 
 
 @pytest.fixture(scope="session")

@@ -15,3 +15,13 @@ def test_committed_schemas_match_the_models() -> None:
 
 def test_no_stale_schema_files() -> None:
     assert sorted(p.name for p in SCHEMA_DIR.glob("*.json")) == sorted(SCHEMAS)
+
+
+def test_the_committed_avro_output_schema_matches_the_model() -> None:
+    from stream_classifier.formats import output_schema_text
+    from stream_classifier.schemas import AVRO_OUTPUT
+
+    committed = (SCHEMA_DIR / AVRO_OUTPUT).read_text(encoding="utf-8")
+    assert committed == output_schema_text("avro") + "\n", (
+        "schemas/output.avsc drifted: `make schemas`"
+    )
