@@ -353,6 +353,12 @@ class EngineConfig(_Section):
     #: forward pass from a CUDA graph of its shape (one launch, not hundreds;
     #: docs/PERFORMANCE.md). Off: launch eagerly.
     cuda_graphs: bool = True
+    #: nli on a GPU with a packed attention kernel: compile each encoder layer with
+    #: torch.compile at load, for a faster steady state. It is most of a cold start's model
+    #: set-up (a compile cache in a volume that outlives the container, such as the
+    #: Deployment's /tmp, shortens a restart's); off: the set-up takes about a second and
+    #: the steady state is a little slower (docs/PERFORMANCE.md, "Start-up").
+    compile_layers: bool = True
 
     @model_validator(mode="after")
     def _distinct_nli_columns(self) -> EngineConfig:

@@ -158,3 +158,13 @@ def test_flash_is_chosen_by_capability_dtype_and_build(
     reason = packed.flash_unavailable(torch.device("cuda", 0), dtype)
     assert (reason is None) == usable, reason
     assert packed.flash_unavailable(torch.device("cpu"), torch.float16) is not None
+
+
+def test_the_engine_section_can_turn_layer_compiling_off(tiny_model: Path) -> None:
+    """``compile_layers: false`` reaches the engine (a fast start, no torch.compile)."""
+    config = EngineConfig(model=str(tiny_model), device="cpu")
+    assert NliEngine.load(config, 4096).compile_layers is True
+    off = config.model_copy(update={"compile_layers": False})
+    engine = NliEngine.load(off, 4096, backend="packed")
+    assert engine.compile_layers is False
+    assert_scores_like_the_reference(engine)

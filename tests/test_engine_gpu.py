@@ -140,3 +140,19 @@ def test_held_back_passes_on_cuda_score_like_batches_alone(tiny_model: Path) -> 
             assert dict(zip(ours.labels, ours.scores, strict=True)) == pytest.approx(
                 dict(zip(theirs.labels, theirs.scores, strict=True)), abs=FP16_TOLERANCE
             )
+
+
+def test_layers_left_uncompiled_match_the_reference_within_the_fp16_bar(
+    tiny_model: Path,
+) -> None:
+    """``compile_layers: false`` (a start without torch.compile): the same backend, its
+    scores within the fp16 budget of the fp32 reference, like the compiled layers'."""
+    config = EngineConfig(model=str(tiny_model), device="cuda", compile_layers=False)
+    eager = NliEngine.load(config, 65536)
+    assert eager.backend.startswith("packed-flash")
+    eager.warmup()
+    results = eager.classify([prepared(eager, case) for case in GOLDEN])
+    for case, result in zip(GOLDEN, results, strict=True):
+        expected = dict(zip(case["expected"]["labels"], case["expected"]["scores"], strict=True))
+        ours = dict(zip(result.labels, result.scores, strict=True))
+        assert ours == pytest.approx(expected, abs=FP16_TOLERANCE), case["name"]
