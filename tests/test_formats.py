@@ -331,3 +331,31 @@ def test_a_revoked_partition_forgets_its_held_events() -> None:
     intake.accept(envelope(value, 0))
     assert intake.drop({("in", 0)}) == 1
     assert intake.registry_hold.partitions == set()
+
+
+class LateClient(MockSchemaRegistryClient):
+    """A registry that refuses connections ``down_for`` times, then answers."""
+
+    def __init__(self, down_for: int) -> None:
+        super().__init__({"url": "mock://"})
+        self.down_for = down_for
+
+    def get_subjects(self, *args: Any, **kwargs: Any) -> list[str]:
+        if self.down_for > 0:
+            self.down_for -= 1
+            raise httpx.ConnectError("connection refused")
+        return list(super().get_subjects(*args, **kwargs))
+
+
+def test_the_start_waits_for_a_registry_that_is_not_up_yet() -> None:
+    cfg = config(output_format="avro")
+    slept: list[float] = []
+    formats = ready_formats(cfg, sleep=slept.append, registry=registry(LateClient(2)))
+    assert len(slept) == 2
+    assert formats.encode(sample_event(), "out")[0] == 0
+
+
+def test_the_start_gives_up_on_a_registry_that_never_answers() -> None:
+    cfg = config(output_format="avro")
+    with pytest.raises(FormatError, match="no answer within 0s"):
+        ready_formats(cfg, timeout_s=0, sleep=lambda _: None, registry=registry(LateClient(99)))
