@@ -39,6 +39,15 @@ def prepared(engine: NliEngine, case: dict[str, Any]) -> Any:
     return engine.prepare(case["text"], labels, case["hypothesis_template"], case["multi_label"])
 
 
+def assert_matches_the_reference(engine: NliEngine) -> None:
+    """Every golden case scored within the fp16 budget of the fp32 reference."""
+    results = engine.classify([prepared(engine, case) for case in GOLDEN])
+    for case, result in zip(GOLDEN, results, strict=True):
+        expected = dict(zip(case["expected"]["labels"], case["expected"]["scores"], strict=True))
+        ours = dict(zip(result.labels, result.scores, strict=True))
+        assert ours == pytest.approx(expected, abs=FP16_TOLERANCE), case["name"]
+
+
 def test_fp16_on_cuda_matches_the_reference_within_the_fp16_bar(engine: NliEngine) -> None:
     results = engine.classify([prepared(engine, case) for case in GOLDEN])
     for case, result in zip(GOLDEN, results, strict=True):
@@ -116,11 +125,7 @@ def test_padded_fp16_sdpa_matches_the_reference_within_the_fp16_bar(
     assert padded.backend == "padded-sdpa"
     assert next(padded.model.parameters()).dtype == torch.float16
     padded.warmup()
-    results = padded.classify([prepared(padded, case) for case in GOLDEN])
-    for case, result in zip(GOLDEN, results, strict=True):
-        expected = dict(zip(case["expected"]["labels"], case["expected"]["scores"], strict=True))
-        ours = dict(zip(result.labels, result.scores, strict=True))
-        assert ours == pytest.approx(expected, abs=FP16_TOLERANCE), case["name"]
+    assert_matches_the_reference(padded)
 
 
 def test_held_back_passes_on_cuda_score_like_batches_alone(tiny_model: Path) -> None:
@@ -151,8 +156,4 @@ def test_layers_left_uncompiled_match_the_reference_within_the_fp16_bar(
     eager = NliEngine.load(config, 65536)
     assert eager.backend.startswith("packed-flash")
     eager.warmup()
-    results = eager.classify([prepared(eager, case) for case in GOLDEN])
-    for case, result in zip(GOLDEN, results, strict=True):
-        expected = dict(zip(case["expected"]["labels"], case["expected"]["scores"], strict=True))
-        ours = dict(zip(result.labels, result.scores, strict=True))
-        assert ours == pytest.approx(expected, abs=FP16_TOLERANCE), case["name"]
+    assert_matches_the_reference(eager)

@@ -18,6 +18,7 @@ from confluent_kafka.schema_registry.common._httpx_compat import httpx
 from confluent_kafka.schema_registry.error import SchemaRegistryError
 from confluent_kafka.schema_registry.json_schema import JSONSerializer
 from confluent_kafka.serialization import MessageField, SerializationContext
+from test_loop_parts import Clock
 
 from stream_classifier.config import ConfigError, SchemaRegistryConfig, ServiceConfig, load_config
 from stream_classifier.formats import (
@@ -267,14 +268,6 @@ def test_a_registry_that_cannot_answer_now_is_not_a_dead_letter(status: int | No
 
 
 # -- the intake holds a partition while the registry is away --------------------------------
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_events_wait_for_the_registry_in_their_partitions_order() -> None:
