@@ -271,6 +271,9 @@ class Formats:
             self.registry = Registry(config.schema_registry)
         self._output_format: dict[str, str] = {}
         self._checked = False
+        #: The last event written as JSON, and its value (its routed copies reuse it).
+        self._last_event: ScoredEvent | None = None
+        self._last_json = b""
         self.use(config)
 
     def use(self, config: ServiceConfig) -> None:
@@ -308,9 +311,12 @@ class Formats:
         return self.registry.read(value, topic, fmt)
 
     def encode(self, event: ScoredEvent, topic: str) -> bytes:
-        """The value of ``event`` for a record to ``topic``, in that topic's format."""
+        """The value of ``event`` for a record to ``topic``, in that topic's format (a
+        JSON value is serialized once per event, however many routed copies it has)."""
         if self._output_format.get(topic, "json") == "json":
-            return json_value(event, topic)
+            if event is not self._last_event:
+                self._last_event, self._last_json = event, json_value(event, topic)
+            return self._last_json
         assert self.registry is not None
         return self.registry.write(event, topic)
 
