@@ -94,8 +94,9 @@ class Backoff:
 
 
 class OutageLog:
-    """Logs an outage (of the output, of the schema registry) once when it starts and once
-    when it ends, not at every failed attempt."""
+    """Logs an outage (of the output, of the schema registry) once when it starts, every
+    :data:`OUTAGE_REMINDER_S` while it lasts (with the latest cause: it may change), and
+    once when it ends; not at every failed attempt."""
 
     def __init__(
         self, clock: Clock, down: str = "output not writable", up: str = "output writable again"
@@ -104,13 +105,24 @@ class OutageLog:
         self._down = down
         self._up = up
         self._since: float | None = None
+        self._reminded = 0.0
         self._failures = 0
 
     def failed(self, reason: str) -> None:
         self._failures += 1
+        now = self._clock()
         if self._since is None:
-            self._since = self._clock()
+            self._since = self._reminded = now
             log.warning("%s: %s; holding input and retrying", self._down, reason)
+        elif now - self._reminded >= OUTAGE_REMINDER_S:
+            self._reminded = now
+            log.warning(
+                "%s for %.0fs (%d failed attempts), latest: %s",
+                self._down,
+                now - self._since,
+                self._failures,
+                reason,
+            )
 
     def succeeded(self) -> None:
         if self._since is not None:
@@ -122,6 +134,10 @@ class OutageLog:
             )
         self._since = None
         self._failures = 0
+
+
+#: How often a lasting outage is logged again.
+OUTAGE_REMINDER_S = 30.0
 
 
 class Rewinds:

@@ -172,12 +172,6 @@ def _record(
 # -- records the cluster refuses for good ----------------------------------------------------
 
 
-def record_size(record: Record) -> int:
-    """Bytes of key, value and headers (librdkafka's framing aside)."""
-    headers = sum(len(name) + len(value or b"") for name, value in record.headers)
-    return len(record.key or b"") + len(record.value or b"") + headers
-
-
 def smaller(record: Record, failure: DeliveryFailure, max_bytes: int) -> Record | None:
     """The next form of a record that can never be written as it is; None: give up."""
     assert failure.verdict is Verdict.DEAD_LETTER
@@ -242,7 +236,7 @@ def _first_topic(record: Record) -> str:
 
 
 def _first_size(record: Record) -> int:
-    return record_size(record.first or record)
+    return (record.first or record).size()
 
 
 def _first_reason(record: Record, failure: DeliveryFailure) -> str:

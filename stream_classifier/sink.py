@@ -77,6 +77,11 @@ class Record:
     shadowed: bool = False
     shadow_decision: str | None = None
 
+    def size(self) -> int:
+        """Bytes of key, value and headers (the record format's framing aside)."""
+        headers = sum(len(name) + len(value or b"") for name, value in self.headers)
+        return len(self.key or b"") + len(self.value or b"") + headers
+
 
 @dataclass(frozen=True)
 class DeliveryFailure:
@@ -165,6 +170,8 @@ class KafkaSink:
         self._config = producer_config
         self._on_delivery = on_delivery
         self._topics = topics or []
+        #: Each written topic's ``max.message.bytes``, read at the first start that can.
+        self._limits: dict[str, int] = {}
         self._producer: Producer | None = None
         self._epoch = 0
         #: The current producer's init_transactions has not completed yet.
@@ -179,7 +186,9 @@ class KafkaSink:
     def start(self) -> None:
         """A producer; a transactional one fences its predecessors and settles their work."""
         self._epoch += 1
-        self._producer = Producer(batch_within_topic_limits(self._config, self._topics))
+        if not self._limits and self._topics:
+            self._limits = topic_limits(self._config, self._topics)
+        self._producer = Producer(batch_within_topic_limits(self._config, self._limits))
         self._initializing = "transactional.id" in self._config
         self._init_transactions()
 
@@ -225,6 +234,9 @@ class KafkaSink:
         ``abandoned()`` says the record is no longer wanted (a report put its partition
         in replay), it is given back instead of queued behind the replay.
         """
+        too_large = self._over_topic_limit(record)
+        if too_large is not None:
+            return too_large
         callback = self._callback(record, self._epoch)
         deadline = time.monotonic() + QUEUE_FULL_S
         while True:
@@ -251,6 +263,29 @@ class KafkaSink:
                 if failure.verdict is Verdict.FATAL:
                     raise SinkError(f"produce to {record.topic} failed: {failure.reason}") from exc
                 return failure
+
+    def _over_topic_limit(self, record: Record) -> DeliveryFailure | None:
+        """The broker's refusal of a record over its topic's ``max.message.bytes``, known
+        before it is sent.
+
+        Refused by the broker, the record would fail its whole batch's transaction
+        (exactly_once aborts, and redoes the batch with the record's dead letter); known
+        here, the dead letter takes its place in the same transaction. Only records the
+        broker is sure to refuse are caught (the smallest framing a record can have);
+        with compression the limit applies to compressed batches and is left to the
+        broker.
+        """
+        limit = self._limits.get(record.topic)
+        if limit is None or self._config.get("compression.type", "none") != "none":
+            return None
+        framed = record.size() + MIN_BATCH_FRAMING + MIN_HEADER_FRAMING * len(record.headers)
+        if framed <= limit:
+            return None
+        reason = (
+            f"{framed} bytes over {record.topic}'s max.message.bytes {limit} "
+            "(MSG_SIZE_TOO_LARGE, found before sending)"
+        )
+        return DeliveryFailure(reason, Verdict.DEAD_LETTER, KafkaError.MSG_SIZE_TOO_LARGE)
 
     def _callback(self, record: Record, epoch: int) -> Callable[[KafkaError | None, Any], None]:
         def on_delivery(error: KafkaError | None, _message: Any) -> None:
@@ -360,7 +395,15 @@ BATCH_SIZE = 1_000_000
 BATCH_FRAMING = 1024
 
 
-def batch_within_topic_limits(config: dict[str, Any], topics: list[str]) -> dict[str, Any]:
+#: The least framing a record in a batch of its own has: the batch header (61 bytes) and
+#: the record's seven one-byte varints (length, attributes, timestamp and offset deltas,
+#: key and value lengths, header count); each header adds two (its name's and value's
+#: lengths).
+MIN_BATCH_FRAMING = 61 + 7
+MIN_HEADER_FRAMING = 2
+
+
+def batch_within_topic_limits(config: dict[str, Any], limits: dict[str, int]) -> dict[str, Any]:
     """The producer settings with ``batch.size`` under the smallest ``max.message.bytes``
     of the topics it writes.
 
@@ -370,12 +413,12 @@ def batch_within_topic_limits(config: dict[str, Any], topics: list[str]) -> dict
     a record is sent in a batch of its own), which is then dead-lettered. The limits are
     read at start; a topic limit lowered below it while running takes a restart.
     """
-    if not topics or "batch.size" in config:
+    if "batch.size" in config:
         return config
-    limit = min(topic_limits(config, topics).values(), default=None)
+    limit = min(limits.values(), default=None)
     if limit is None or limit - BATCH_FRAMING >= BATCH_SIZE:
         return config
-    log.info("batch.size %d: under the smallest max.message.bytes of %s", limit, topics)
+    log.info("batch.size %d: under the smallest max.message.bytes of %s", limit, sorted(limits))
     return {**config, "batch.size": max(1, limit - BATCH_FRAMING)}
 
 

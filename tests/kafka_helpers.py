@@ -206,13 +206,18 @@ def end_offsets(
         consumer.close()
 
 
-def wait_until(condition: Callable[[], bool], timeout: float, what: str) -> None:
+def wait_until(
+    condition: Callable[[], bool], timeout: float, what: str | Callable[[], str]
+) -> None:
+    """Poll ``condition`` until ``timeout``; ``what`` as a function is asked at the time
+    out (logs read then, not when the wait began)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if condition():
             return
         time.sleep(0.2)
-    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+    described = what() if callable(what) else what
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {described}")
 
 
 def wait_drained(

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from stream_classifier.checkpoint import AtLeastOnce
+from stream_classifier.checkpoint import OUTAGE_REMINDER_S, AtLeastOnce, OutageLog
 from stream_classifier.exactly_once import ExactlyOnce
 from stream_classifier.kafka_errors import Verdict
 from stream_classifier.messages import Envelope, SourceRef
@@ -257,3 +257,24 @@ def test_exactly_once_pins_where_a_new_partition_began_under_latest() -> None:
     assert source.commits == [{TP: 40}]
     checkpoint.turn()
     assert source.commits == [{TP: 40}], "pinned once"
+
+
+def test_a_lasting_outage_is_logged_at_its_start_every_reminder_and_at_its_end(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Not at every failed attempt, but not silent while it lasts either: the cause can
+    change (a broker back, a producer fenced) and the operator must see the latest."""
+    clock = Clock()
+    outage = OutageLog(clock)
+    with caplog.at_level("WARNING"):
+        for second in range(int(OUTAGE_REMINDER_S * 2.5) + 1):
+            clock.now = float(second)
+            outage.failed("refused" if second < 40 else "fenced")
+        outage.succeeded()
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 4, messages
+    assert messages[0] == "output not writable: refused; holding input and retrying"
+    assert messages[1].startswith("output not writable for 30s (31 failed attempts)")
+    assert messages[1].endswith("latest: refused")
+    assert messages[2].endswith("latest: fenced")
+    assert messages[3] == "output writable again after 75.0s (76 failed attempts)"

@@ -15,7 +15,9 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException
 
 from stream_classifier import sink as sink_module
-from stream_classifier.sink import KafkaSink, TransactionFailed
+from stream_classifier.kafka_errors import Verdict
+from stream_classifier.messages import SourceRef
+from stream_classifier.sink import KafkaSink, Record, TransactionFailed
 
 TIMED_OUT = KafkaError(
     KafkaError._TIMED_OUT,
@@ -30,6 +32,7 @@ class FakeProducer:
 
     made: list[FakeProducer] = []
     failures: list[KafkaError] = []
+    produced: list[str] = []
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.inits = 0
@@ -44,10 +47,13 @@ class FakeProducer:
     def purge(self, **_: bool) -> None:
         self.retired = True
 
+    def produce(self, topic: str, **_: Any) -> None:
+        FakeProducer.produced.append(topic)
+
 
 @pytest.fixture
 def producers(monkeypatch: pytest.MonkeyPatch) -> list[FakeProducer]:
-    FakeProducer.made, FakeProducer.failures = [], []
+    FakeProducer.made, FakeProducer.failures, FakeProducer.produced = [], [], []
     monkeypatch.setattr(sink_module, "Producer", FakeProducer)
     return FakeProducer.made
 
@@ -88,3 +94,38 @@ def test_a_producer_without_transactions_is_replaced_on_restart(
     sink.start()
     sink.restart()
     assert len(producers) == 2 and producers[0].inits == 0 and producers[0].retired
+
+
+def record(size: int) -> Record:
+    source = SourceRef(topic="in", partition=0, offset=0, timestamp=None)
+    return Record("out", b"k", b"v" * size, [("h", b"1")], 0, source, "output")
+
+
+@pytest.mark.parametrize("compression", ["none", "lz4"])
+def test_a_record_over_its_topics_limit_is_refused_before_it_is_sent(
+    producers: list[FakeProducer], monkeypatch: pytest.MonkeyPatch, compression: str
+) -> None:
+    """Sent, it would fail its whole transaction (an abort per refused form, slow under
+    load); refused here, its dead letter takes its place. Compressed batches are the
+    broker's to measure."""
+    reads: list[list[str]] = []
+
+    def limits(config: dict[str, Any], topics: list[str]) -> dict[str, int]:
+        reads.append(topics)
+        return {"out": 1500}
+
+    monkeypatch.setattr(sink_module, "topic_limits", limits)
+    config = {"bootstrap.servers": "x", "compression.type": compression}
+    sink = KafkaSink(config, lambda r, f: None, ["out"])
+    sink.start()
+    sink.restart()
+    assert reads == [["out"]]  # read once, not at every new producer
+    assert sink.produce(record(1000)) is None
+    failure = sink.produce(record(1500))
+    if compression == "none":
+        assert failure is not None and failure.verdict is Verdict.DEAD_LETTER
+        assert failure.code == KafkaError.MSG_SIZE_TOO_LARGE
+        assert "max.message.bytes 1500" in failure.reason
+        assert FakeProducer.produced == ["out"]
+    else:
+        assert failure is None and FakeProducer.produced == ["out", "out"]

@@ -6,6 +6,7 @@ duplicated) in the session report that ``tests/faults/conftest.py`` prints and w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -67,6 +68,10 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+#: faulthandler's line above each thread's stack.
+DUMP_MARK = "(most recent call first)"
 
 
 class FaultRun:
@@ -224,17 +229,46 @@ class FaultRun:
         def stoppable() -> bool:
             return process.poll() is not None or STOPPABLE in log.read_text(errors="replace")
 
-        wait_until(stoppable, 120, f"service {index} ready for SIGTERM\n{self.logs()}")
+        wait_until(stoppable, 120, lambda: f"service {index} ready for SIGTERM\n{self.state()}")
+
+    def log_of(self, index: int) -> str:
+        path = self.tmp_path / f"service-{index}.log"
+        return path.read_text(errors="replace") if path.exists() else ""
 
     def whole_logs(self) -> str:
         """Every service log of this run, whole (``logs`` keeps only their ends)."""
         return "".join(p.read_text(errors="replace") for p in self.tmp_path.glob("service-*.log"))
 
-    def logs(self) -> str:
+    def logs(self, tail: int = 3000) -> str:
         return "\n".join(
-            p.read_text(errors="replace")[-3000:]
+            p.read_text(errors="replace")[-tail:]
             for p in sorted(self.tmp_path.glob("service-*.log"))
         )
+
+    def state(self) -> str:
+        """What the services are doing when a wait times out: each one's exit code, or the
+        stack of each of its threads (SIGUSR1: the service's faulthandler dumps them into
+        its log), then the ends of the logs."""
+        # Only a process past its imports step has the handler (SIGUSR1 would kill it).
+        running = [
+            p
+            for i, p in enumerate(self.processes)
+            if p.poll() is None and STOPPABLE in self.log_of(i)
+        ]
+        before = self.whole_logs().count(DUMP_MARK)
+        for process in running:
+            process.send_signal(signal.SIGUSR1)
+
+        def dumped() -> bool:  # at least one thread's stack from each running process
+            return self.whole_logs().count(DUMP_MARK) >= before + len(running)
+
+        with contextlib.suppress(AssertionError):  # one that cannot dump: its log shows it
+            wait_until(dumped, 10, "thread stacks")
+        codes = ", ".join(
+            f"service {i}: {'running' if p.returncode is None else f'exited {p.returncode}'}"
+            for i, p in enumerate(self.processes)
+        )
+        return f"{codes}\n{self.logs(tail=12000)}"
 
     # -- events --------------------------------------------------------------------------
 
@@ -266,7 +300,9 @@ class FaultRun:
         # At least 20 events a second, however loaded the machine (--long runs 20,000).
         timeout = max(timeout or 120, at_least / 20)
         wait_until(
-            lambda: self.scored_count() >= at_least, timeout, f"{at_least} outputs\n{self.logs()}"
+            lambda: self.scored_count() >= at_least,
+            timeout,
+            lambda: f"{at_least} outputs\n{self.state()}",
         )
 
     def drained(self) -> bool:
@@ -296,7 +332,7 @@ class FaultRun:
     def wait_drained(self, timeout: float | None = None) -> None:
         timeout = max(timeout or 180, len(self.values) / 20)
         what = "all offsets committed and no transaction open on the outputs"
-        wait_until(self.drained, timeout, f"{what}\n{self.logs()}")
+        wait_until(self.drained, timeout, lambda: f"{what}\n{self.state()}")
 
     # -- counting ------------------------------------------------------------------------
 

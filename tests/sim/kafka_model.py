@@ -63,6 +63,8 @@ from stream_classifier.messages import KafkaMessage
 from stream_classifier.sink import (
     BATCH_FRAMING,
     BATCH_SIZE,
+    MIN_BATCH_FRAMING,
+    MIN_HEADER_FRAMING,
     QUEUE_FULL_S,
     DeliveryCallback,
     DeliveryFailure,
@@ -747,6 +749,8 @@ class SimSink:
         #: The topics it writes, whose smallest max.message.bytes caps its batches.
         self.topics: list[str] = []
         self.batch_size = BATCH_SIZE
+        #: Each written topic's max.message.bytes as read at the first start.
+        self.limits: dict[str, int] = {}
         self.max_bytes = 1_000_000
         self.max_messages = 100_000
         self.max_queue_bytes = 1_048_576 * 1024
@@ -783,6 +787,9 @@ class SimSink:
     def start(self) -> None:
         self.queue = []  # a replaced producer's queue is purged, its reports ignored
         self.txn = None
+        if not self.limits:
+            topics = self.cluster.topics
+            self.limits = {t: topics[t].max_message_bytes for t in self.topics if t in topics}
         self.batch_size = self._batch_size()
         if self.txn_id is None:
             self.epoch += 1
@@ -799,8 +806,7 @@ class SimSink:
         under the smallest max.message.bytes of the topics it writes, read at start."""
         if "batch.size" in self.config:
             return int(self.config["batch.size"])
-        limits = [self.cluster.topics[t].max_message_bytes for t in self.topics]
-        limit = min(limits, default=BATCH_SIZE + BATCH_FRAMING)
+        limit = min(self.limits.values(), default=BATCH_SIZE + BATCH_FRAMING)
         return BATCH_SIZE if limit - BATCH_FRAMING >= BATCH_SIZE else max(1, limit - BATCH_FRAMING)
 
     def die(self) -> None:
@@ -830,6 +836,10 @@ class SimSink:
             self._refused(record, stage_alone=True)
             stats["produce refused: over message.max.bytes"] += 1
             return failure(KafkaError.MSG_SIZE_TOO_LARGE)
+        if self._over_topic_limit(record):
+            self._refused(record, stage_alone=True)
+            stats["produce refused: over the topic's max.message.bytes read at start"] += 1
+            return failure(KafkaError.MSG_SIZE_TOO_LARGE)
         rng = self.cluster.rng
         if not self.cluster.exists(record.topic) and rng.random() < 0.5:
             stats["produce refused: unknown topic"] += 1
@@ -854,6 +864,14 @@ class SimSink:
         self.peak_records = max(self.peak_records, len(self.queue))
         self.peak_bytes = max(self.peak_bytes, self.queued_bytes())
         return None
+
+    def _over_topic_limit(self, record: Record) -> bool:
+        """KafkaSink's check before sending, against the limits it read at start."""
+        limit = self.limits.get(record.topic)
+        if self.config.get("compression.type", "none") != "none":
+            return False  # the broker measures compressed batches
+        framing = MIN_BATCH_FRAMING + MIN_HEADER_FRAMING * len(record.headers)
+        return limit is not None and record.size() + framing > limit
 
     def _room(self, size: int) -> bool:
         return len(self.queue) < self.max_messages and (

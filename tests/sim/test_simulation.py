@@ -459,11 +459,16 @@ def test_output_too_large_for_the_producer_becomes_a_dead_letter_cut_to_fit(mode
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_topic_smaller_than_the_record_refuses_it_on_delivery(mode: str) -> None:
-    """The producer takes the record, the topic's max.message.bytes refuses it: reported
-    asynchronously; under exactly_once it fails the transaction's commit, which is redone
-    with the smaller form and nothing else twice."""
+def test_topic_smaller_than_a_compressed_record_refuses_it_on_delivery(mode: str) -> None:
+    """With compression the topic's max.message.bytes applies to compressed batches, so
+    the producer leaves it to the broker: the refusal is reported asynchronously; under
+    exactly_once it fails the transaction's commit, which is redone with the smaller form
+    and nothing else twice."""
     sim = scenario(mode, events=6, partitions=1)
+    kafka = sim.config.kafka
+    compressed = {**kafka.producer_extra, "compression.type": "lz4"}
+    kafka = kafka.model_copy(update={"producer_extra": compressed})
+    sim.config = sim.config.model_copy(update={"kafka": kafka})  # config() is cached
     sim.cluster.resize(OUTPUT, 1, max_message_bytes=1500)
     big = big_event(sim, 3000)
     sim.produce(6)
@@ -474,6 +479,26 @@ def test_topic_smaller_than_the_record_refuses_it_on_delivery(mode: str) -> None
     if mode == "exactly_once":
         transactions = sim.live[0].service.metrics.transactions
         assert transactions.labels("aborted")._value.get() >= 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topic_limit_read_at_start_dead_letters_the_record_before_sending(mode: str) -> None:
+    """A record over its topic's max.message.bytes as read at start is refused before it
+    is sent: its dead letter takes its place in the same batch, and exactly_once aborts
+    nothing (an abort per refused form had stalled the stream under load)."""
+    sim = scenario(mode, events=6, partitions=1)
+    sim.cluster.resize(OUTPUT, 1, max_message_bytes=1500)
+    big = big_event(sim, 3000)
+    sim.produce(6)
+    sim.start(0)
+    finish(sim)
+    assert written(sim, big) == [("dead_letter", 1, "output_too_large")]
+    stats = sim.cluster.stats
+    assert stats["produce refused: over the topic's max.message.bytes read at start"] >= 1
+    assert stats["delivery refused: over the topic's max.message.bytes"] == 0
+    if mode == "exactly_once":
+        transactions = sim.live[0].service.metrics.transactions
+        assert transactions.labels("aborted")._value.get() == 0
 
 
 @pytest.mark.parametrize("mode", MODES)
