@@ -96,15 +96,22 @@ class Backoff:
 class OutageLog:
     """Logs an outage (of the output, of the schema registry) once when it starts, every
     :data:`OUTAGE_REMINDER_S` while it lasts (with the latest cause: it may change), and
-    once when it ends; not at every failed attempt."""
+    once when it ends; not at every failed attempt. With ``grace_s``, one shorter than
+    that is not logged at all (a wait that is normal for a moment)."""
 
     def __init__(
-        self, clock: Clock, down: str = "output not writable", up: str = "output writable again"
+        self,
+        clock: Clock,
+        down: str = "output not writable",
+        up: str = "output writable again",
+        grace_s: float = 0.0,
     ) -> None:
         self._clock = clock
         self._down = down
         self._up = up
+        self._grace_s = grace_s
         self._since: float | None = None
+        self._logged = False
         self._reminded = 0.0
         self._failures = 0
 
@@ -112,8 +119,11 @@ class OutageLog:
         self._failures += 1
         now = self._clock()
         if self._since is None:
-            self._since = self._reminded = now
-            log.warning("%s: %s; holding input and retrying", self._down, reason)
+            self._since = now
+        if not self._logged:
+            if now - self._since >= self._grace_s:
+                self._logged, self._reminded = True, now
+                log.warning("%s: %s; holding input and retrying", self._down, reason)
         elif now - self._reminded >= OUTAGE_REMINDER_S:
             self._reminded = now
             log.warning(
@@ -125,7 +135,7 @@ class OutageLog:
             )
 
     def succeeded(self) -> None:
-        if self._since is not None:
+        if self._since is not None and self._logged:
             log.warning(
                 "%s after %.1fs (%d failed attempts)",
                 self._up,
@@ -133,11 +143,14 @@ class OutageLog:
                 self._failures,
             )
         self._since = None
+        self._logged = False
         self._failures = 0
 
 
 #: How often a lasting outage is logged again.
 OUTAGE_REMINDER_S = 30.0
+#: How long committed offsets may be unreadable before it is logged.
+UNREADABLE_GRACE_S = 15.0
 
 
 class Rewinds:
@@ -148,10 +161,19 @@ class Rewinds:
     was assigned (the position the reset policy gave this owner).
     """
 
-    def __init__(self, source: Source, earliest: bool) -> None:
+    def __init__(self, source: Source, earliest: bool, clock: Clock) -> None:
         self._source = source
         self._earliest = earliest
         self._first: dict[TopicPartition, int] = {}
+        #: Partitions to read again wait while the committed offsets cannot be read (an
+        #: outage, an open transaction of another member's): normal for seconds, a stall
+        #: past that.
+        self._unreadable = OutageLog(
+            clock,
+            "committed offsets not readable, partitions to read again wait",
+            "committed offsets readable again",
+            grace_s=UNREADABLE_GRACE_S,
+        )
 
     def assigned(self, partitions: Iterable[TopicPartition]) -> None:
         for tp in partitions:
@@ -168,7 +190,9 @@ class Rewinds:
             committed = self._source.committed(partitions, COMMITTED_TIMEOUT_S)
         except OffsetsUnavailable as exc:
             log.debug("committed offsets not readable yet (%s): will retry", exc)
+            self._unreadable.failed(str(exc))
             return None
+        self._unreadable.succeeded()
         targets: dict[TopicPartition, int] = {}
         for tp in partitions:
             offset = committed.get(tp)
@@ -194,7 +218,7 @@ class AtLeastOnce(Rewinds):
         replace: Replace = lambda record, failure: None,
         give_up: GiveUp = lambda record, failure: None,
     ) -> None:
-        super().__init__(source, earliest)
+        super().__init__(source, earliest, clock)
         self._sink = sink
         self._interval = commit_interval_s
         self._clock = clock

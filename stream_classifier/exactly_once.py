@@ -39,7 +39,7 @@ class ExactlyOnce(Rewinds):
         replace: Replace = lambda record, failure: None,
         give_up: GiveUp = lambda record, failure: None,
     ) -> None:
-        super().__init__(source, earliest)
+        super().__init__(source, earliest, clock)
         self._sink = sink
         self._clock = clock
         self._earliest = earliest

@@ -278,3 +278,25 @@ def test_a_lasting_outage_is_logged_at_its_start_every_reminder_and_at_its_end(
     assert messages[1].endswith("latest: refused")
     assert messages[2].endswith("latest: fenced")
     assert messages[3] == "output writable again after 75.0s (76 failed attempts)"
+
+
+def test_a_wait_shorter_than_its_grace_is_not_logged(caplog: pytest.LogCaptureFixture) -> None:
+    """Committed offsets unreadable for a moment (a coordinator loading) are normal; for
+    longer than the grace they are a stall the operator must see, with its end."""
+    clock = Clock()
+    wait = OutageLog(clock, "offsets not readable", "offsets readable again", grace_s=15.0)
+    with caplog.at_level("WARNING"):
+        for second in range(10):
+            clock.now = float(second)
+            wait.failed("coordinator loading")
+        wait.succeeded()
+        assert caplog.records == []
+        for second in range(100, 121):
+            clock.now = float(second)
+            wait.failed("unstable offsets")
+        wait.succeeded()
+    messages = [r.getMessage() for r in caplog.records]
+    assert messages == [
+        "offsets not readable: unstable offsets; holding input and retrying",
+        "offsets readable again after 20.0s (21 failed attempts)",
+    ]
