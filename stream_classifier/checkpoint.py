@@ -236,6 +236,8 @@ class AtLeastOnce(Rewinds):
         self._backoff = Backoff(clock)
         self._outage = OutageLog(clock)
         self._last_commit = clock()
+        #: The offsets of the commit in flight on the source's helper thread.
+        self._committing: dict[TopicPartition, int] | None = None
         self._failure: SinkError | None = None
 
     def start(self) -> None:
@@ -363,10 +365,34 @@ class AtLeastOnce(Rewinds):
         self._sink.poll(0)
         if self._failure is not None:
             raise self._failure
+        if not self._landed(0.0):
+            return
         if self._clock() - self._last_commit >= self._interval:
-            self._commit(None)
+            self._last_commit = self._clock()
+            offsets = self._tracker.to_commit()
+            if offsets:
+                self._committing = offsets
+                self._source.commit_in_background(offsets)
 
-    def _commit(self, partitions: set[TopicPartition] | None) -> bool:
+    def _landed(self, timeout: float) -> bool:
+        """Whether no background commit is in flight (waiting up to ``timeout`` for one
+        to end); one that ended is accounted for here, on the loop."""
+        if self._committing is None:
+            return True
+        ok = self._source.commit_outcome(timeout)
+        if ok is None:
+            return False
+        offsets, self._committing = self._committing, None
+        self._on_commit(ok)
+        if ok:
+            self._tracker.committed(offsets)
+        return True
+
+    def _commit(self, partitions: set[TopicPartition] | None, timeout: float) -> bool:
+        """Commit now, on the loop (a revoke, the stop), after the background commit in
+        flight has ended, or ``timeout`` later: a commit still in flight then is superseded
+        by this one (a later result only makes the next turn commit these offsets again)."""
+        self._landed(timeout)
         self._last_commit = self._clock()
         offsets = self._tracker.to_commit()
         if partitions is not None:
@@ -383,13 +409,13 @@ class AtLeastOnce(Rewinds):
         """Inside the revoke callback: wait a little for acknowledgements, commit them."""
         if self._failure is None:
             self._sink.flush(timeout)
-            self._commit(set(partitions))
+            self._commit(set(partitions), timeout)
 
     def finish(self, timeout: float) -> bool:
         left = self._sink.flush(timeout)
         if self._failure is not None:
             raise self._failure
-        return self._commit(None) and left == 0 and not self._replays
+        return self._commit(None, timeout) and left == 0 and not self._replays
 
     def in_flight(self) -> int:
         return len(self._left)

@@ -12,6 +12,7 @@ against an in-memory model of Kafka.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -55,6 +56,8 @@ class Source(Protocol):
     def start(self, listener: RebalanceListener) -> None: ...
     def consume(self, max_messages: int, timeout: float) -> Sequence[KafkaMessage]: ...
     def commit(self, offsets: dict[TP, int]) -> bool: ...
+    def commit_in_background(self, offsets: dict[TP, int]) -> None: ...
+    def commit_outcome(self, timeout: float) -> bool | None: ...
     def committed(self, partitions: list[TP], timeout: float) -> dict[TP, int | None]: ...
     def seek(self, tp: TP, offset: int) -> bool: ...
     def pause(self, partitions: list[TP]) -> None: ...
@@ -70,6 +73,9 @@ class KafkaSource:
         self._config = consumer_config
         self._topics = topics
         self._consumer: Consumer | None = None
+        #: The background commit in flight, and where its outcome lands.
+        self._committing: threading.Thread | None = None
+        self._outcome: list[bool | SourceError] = []
 
     def start(self, listener: RebalanceListener) -> None:
         self._consumer = Consumer(self._config)
@@ -135,6 +141,46 @@ class KafkaSource:
                 "commit of %s[%d]@%d failed: %s", tp.topic, tp.partition, tp.offset, tp.error.str()
             )
         return not failed
+
+    def commit_in_background(self, offsets: dict[TP, int]) -> None:
+        """Start :meth:`commit` on a helper thread; :meth:`commit_outcome` says how it went.
+
+        librdkafka holds a synchronous commit, retrying, until the group's coordinator
+        answers: for the whole of a coordinator move after a broker is lost. Committed
+        from the loop, nothing would be written meanwhile (docs/RELIABILITY.md, "A
+        replicated cluster"). One commit at a time: the caller waits for each outcome.
+        """
+        if self._committing is not None:
+            raise RuntimeError("a background commit is already in flight")
+        outcome: list[bool | SourceError] = []
+
+        def commit() -> None:
+            try:
+                outcome.append(self.commit(offsets))
+            except SourceError as exc:
+                outcome.append(exc)
+            except (KafkaException, RuntimeError) as exc:  # e.g. the consumer closed
+                log.warning("background commit failed: %s", exc)
+                outcome.append(False)
+
+        self._outcome = outcome
+        self._committing = threading.Thread(target=commit, name="offset-commit", daemon=True)
+        self._committing.start()
+
+    def commit_outcome(self, timeout: float) -> bool | None:
+        """The background commit's outcome once it is done (None while it is in flight
+        after ``timeout``); a refusal that retrying cannot cure raises here, on the loop."""
+        thread = self._committing
+        if thread is None:
+            raise RuntimeError("no background commit in flight")
+        thread.join(timeout)
+        if thread.is_alive():
+            return None
+        self._committing = None
+        outcome = self._outcome[0] if self._outcome else False
+        if isinstance(outcome, SourceError):
+            raise outcome
+        return outcome
 
     def committed(self, partitions: list[TP], timeout: float) -> dict[TP, int | None]:
         """The group's committed offset of each partition (None: nothing committed yet)."""

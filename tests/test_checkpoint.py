@@ -37,8 +37,25 @@ class Clock:
 class FakeSource:
     commits: list[dict[TopicPartition, int]] = field(default_factory=list)
 
+    background: dict[TopicPartition, int] | None = None
+    #: The background commit stays in flight while this is set (a coordinator moving).
+    hold: bool = False
+
     def commit(self, offsets: dict[TopicPartition, int]) -> bool:
         self.commits.append(dict(offsets))
+        return True
+
+    def commit_in_background(self, offsets: dict[TopicPartition, int]) -> None:
+        """Sent now (recorded in ``commits``), its outcome known at the next turn."""
+        assert self.background is None
+        self.background = offsets
+        self.commits.append(dict(offsets))
+
+    def commit_outcome(self, timeout: float) -> bool | None:
+        assert self.background is not None
+        if self.hold:
+            return None
+        self.background = None
         return True
 
     def committed(
@@ -300,3 +317,29 @@ def test_a_wait_shorter_than_its_grace_is_not_logged(caplog: pytest.LogCaptureFi
         "offsets not readable: unstable offsets; holding input and retrying",
         "offsets readable again after 20.0s (21 failed attempts)",
     ]
+
+
+def test_a_commit_in_flight_holds_no_write_and_the_next_commit_waits_for_it() -> None:
+    """librdkafka holds a commit until the group's coordinator answers (a coordinator
+    moving after a broker was lost): the loop goes on writing meanwhile, starts no second
+    commit, and commits what was acknowledged since once the first has landed."""
+    sink, source = FakeSink(), FakeSource(hold=True)
+    checkpoint = at_least_once(sink, source, [])
+    first = [record(offset) for offset in range(2)]
+    for offset in range(4):
+        checkpoint.consumed(TP, offset)
+    checkpoint.write(first, {TP: 2})
+    for written in first:
+        checkpoint.on_delivery(written, None)
+    checkpoint.turn()
+    assert source.commits == [{TP: 2}]
+    later = [record(offset) for offset in range(2, 4)]
+    checkpoint.write(later, {TP: 4})  # the commit in flight holds no write
+    for written in later:
+        checkpoint.on_delivery(written, None)
+    checkpoint.turn()
+    assert [r.source.offset for r in sink.produced] == [0, 1, 2, 3]
+    assert source.commits == [{TP: 2}], "a second commit started before the first landed"
+    source.hold = False
+    checkpoint.turn()  # the first lands; the next one goes out
+    assert source.commits == [{TP: 2}, {TP: 4}]

@@ -551,6 +551,9 @@ class SimSource:
         #: drawn at assignment, so that the order of the service's seeks draws nothing.
         self.unfetched: dict[TP, bool] = {}
         self.closed = False
+        #: The background commit in flight: its offsets, the generation and the step it
+        #: was sent in.
+        self.background: tuple[dict[TP, int], int, int] | None = None
 
     def start(self, listener: RebalanceListener) -> None:
         self.listener = listener
@@ -669,6 +672,23 @@ class SimSource:
             cluster.stats["commit landed, reported failed"] += 1
             return False  # the request timed out after the coordinator applied it
         return True
+
+    def commit_in_background(self, offsets: dict[TP, int]) -> None:
+        assert self.background is None, "a background commit is already in flight"
+        self.background = (dict(offsets), self.cluster.generation, self.cluster.step)
+
+    def commit_outcome(self, timeout: float) -> bool | None:
+        """In flight for the step it was sent in and while the coordinator is away; then
+        it lands, unless the group moved on since it was sent (ILLEGAL_GENERATION)."""
+        assert self.background is not None, "no background commit in flight"
+        offsets, generation, step = self.background
+        if self.cluster.outage or (timeout == 0 and self.cluster.step == step):
+            return None
+        self.background = None
+        if generation != self.cluster.generation:
+            self.cluster.stats["background commit refused: the group moved on"] += 1
+            return False
+        return self.commit(offsets)
 
     def committed(self, partitions: list[TP], timeout: float) -> dict[TP, int | None]:
         if self.cluster.outage:

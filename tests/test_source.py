@@ -1,0 +1,66 @@
+"""KafkaSource's background commit, with a fake librdkafka consumer whose commit blocks
+as librdkafka's does while the group's coordinator moves."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, KafkaException, TopicPartition
+
+from stream_classifier.source import KafkaSource, SourceError
+
+
+class BlockingConsumer:
+    """``commit`` waits for ``release``, then answers with ``error`` (None: committed)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.error: KafkaError | None = None
+        self.calls: list[list[TopicPartition]] = []
+
+    def commit(self, offsets: list[TopicPartition], asynchronous: bool) -> list[TopicPartition]:
+        assert not asynchronous
+        self.calls.append(offsets)
+        self.release.wait(30)
+        if self.error is not None:
+            raise KafkaException(self.error)
+        return offsets
+
+
+def source_over(consumer: BlockingConsumer) -> KafkaSource:
+    source = KafkaSource({}, ["in"])
+    source._consumer = consumer  # type: ignore[assignment]
+    return source
+
+
+def test_a_blocked_commit_leaves_the_loop_free_and_reports_when_it_lands() -> None:
+    consumer = BlockingConsumer()
+    source = source_over(consumer)
+    source.commit_in_background({("in", 0): 7})
+    assert source.commit_outcome(0.05) is None  # still held by the coordinator move
+    with pytest.raises(RuntimeError):
+        source.commit_in_background({("in", 0): 8})  # one at a time
+    consumer.release.set()
+    assert source.commit_outcome(10) is True
+    assert [(tp.topic, tp.partition, tp.offset) for tp in consumer.calls[0]] == [("in", 0, 7)]
+
+
+@pytest.mark.parametrize(
+    ("code", "outcome"),
+    [(KafkaError.REBALANCE_IN_PROGRESS, False), (KafkaError.GROUP_AUTHORIZATION_FAILED, None)],
+)
+def test_a_background_commit_failure_is_reported_on_the_loop(code: int, outcome: Any) -> None:
+    """A refusal retrying can cure is a failed commit (retried at the next interval); one
+    it cannot (an ACL revoked) raises on the loop, as a commit made there would."""
+    consumer = BlockingConsumer()
+    consumer.error = KafkaError(code)
+    consumer.release.set()
+    source = source_over(consumer)
+    source.commit_in_background({("in", 0): 7})
+    if outcome is None:
+        with pytest.raises(SourceError, match="commit refused"):
+            source.commit_outcome(10)
+    else:
+        assert source.commit_outcome(10) is outcome
