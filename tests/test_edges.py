@@ -360,12 +360,21 @@ def test_latest_partition_changing_hands_before_its_first_commit_loses_nothing(
         # Where "latest" puts the first owner is only known once it fetches: publish until
         # it has read some events (the last ones published).
         wait_until(one_more_read, 60, "the first owner to read events")
-        read_by_first = int(consumed())
-        start = produced[0] - read_by_first
+        pinned: list[int | None] = [None]
+
+        def pin() -> int | None:
+            offset = committed(bootstrap, config.kafka.group_id, topics["input"])[0]
+            pinned[0] = offset if offset >= 0 else None  # -1001: nothing committed
+            return pinned[0]
+
+        wait_until(lambda: pin() is not None, 30, "the first owner to commit where it began")
+        start = pinned[0]
+        assert start is not None
+        # The pin is where it began: it reads every event from there, and none before.
         wait_until(
-            lambda: committed(bootstrap, config.kafka.group_id, topics["input"])[0] == start,
+            lambda: consumed() == produced[0] - start,
             30,
-            "where the first owner began reading to be committed",
+            lambda: f"{produced[0] - start} events read from {start}, not {consumed()}",
         )
         runner.stop_event.set()  # SIGTERM: its drain gives up on the hung batch
         wait_until(lambda: first.closing, 30, "the first owner to give up and close")
