@@ -24,6 +24,8 @@ from stream_classifier.messages import KafkaMessage
 from stream_classifier.offsets import TopicPartition as TP
 from stream_classifier.sink import RECONNECT_BACKOFF_MAX_MS
 
+#: How long closing waits for a background commit still in flight.
+CLOSE_COMMIT_WAIT_S = 10.0
 #: librdkafka statistics (consumer lag) interval when metrics are on.
 STATS_INTERVAL_MS = 5000
 
@@ -224,9 +226,18 @@ class KafkaSource:
         return self.consumer.consumer_group_metadata()
 
     def close(self) -> None:
-        if self._consumer is not None:
-            self._consumer.close()
-            self._consumer = None
+        """Close the consumer, after the background commit in flight has ended (or
+        :data:`CLOSE_COMMIT_WAIT_S` later): a commit still waiting inside librdkafka
+        while the handle is destroyed under it would be a crash at exit, not a failure."""
+        if self._consumer is None:
+            return
+        thread = self._committing
+        if thread is not None:
+            thread.join(CLOSE_COMMIT_WAIT_S)
+            if thread.is_alive():
+                log.warning("closing with a commit still waiting for the group coordinator")
+        self._consumer.close()
+        self._consumer = None
 
 
 def consumer_config(

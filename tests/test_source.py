@@ -64,3 +64,17 @@ def test_a_background_commit_failure_is_reported_on_the_loop(code: int, outcome:
             source.commit_outcome(10)
     else:
         assert source.commit_outcome(10) is outcome
+
+
+def test_close_waits_for_the_commit_in_flight() -> None:
+    """The handle is destroyed only after the helper's commit has returned from it."""
+    consumer = BlockingConsumer()
+    source = source_over(consumer)
+    source.commit_in_background({("in", 0): 7})
+    committing = source._committing
+    assert committing is not None
+    closed: list[bool] = []
+    consumer.close = lambda: closed.append(not committing.is_alive())  # type: ignore[attr-defined]
+    threading.Timer(0.2, consumer.release.set).start()
+    source.close()
+    assert closed == [True]
