@@ -170,8 +170,10 @@ class KafkaSink:
         self._config = producer_config
         self._on_delivery = on_delivery
         self._topics = topics or []
-        #: Each written topic's ``max.message.bytes``, read at the first start that can.
+        #: Each written topic's ``max.message.bytes``, read at the first start that can;
+        #: the limits records are checked against before sending (none if compressed).
         self._limits: dict[str, int] = {}
+        self._refuse_over: dict[str, int] = {}
         self._producer: Producer | None = None
         self._epoch = 0
         #: The current producer's init_transactions has not completed yet.
@@ -188,6 +190,9 @@ class KafkaSink:
         self._epoch += 1
         if not self._limits and self._topics:
             self._limits = topic_limits(self._config, self._topics)
+            # Compressed, a batch's size under the limit is the broker's to measure.
+            compressed = self._config.get("compression.type", "none") != "none"
+            self._refuse_over = {} if compressed else self._limits
         self._producer = Producer(batch_within_topic_limits(self._config, self._limits))
         self._initializing = "transactional.id" in self._config
         self._init_transactions()
@@ -271,14 +276,13 @@ class KafkaSink:
         Refused by the broker, the record would fail its whole batch's transaction
         (exactly_once aborts, and redoes the batch with the record's dead letter); known
         here, the dead letter takes its place in the same transaction. Only records the
-        broker is sure to refuse are caught (the smallest framing a record can have);
-        with compression the limit applies to compressed batches and is left to the
-        broker.
+        broker is sure to refuse are caught (:func:`least_framed_size`); with compression
+        the limit applies to compressed batches and is left to the broker.
         """
-        limit = self._limits.get(record.topic)
-        if limit is None or self._config.get("compression.type", "none") != "none":
+        limit = self._refuse_over.get(record.topic)
+        if limit is None:
             return None
-        framed = record.size() + MIN_BATCH_FRAMING + MIN_HEADER_FRAMING * len(record.headers)
+        framed = least_framed_size(record)
         if framed <= limit:
             return None
         reason = (
@@ -401,6 +405,11 @@ BATCH_FRAMING = 1024
 #: lengths).
 MIN_BATCH_FRAMING = 61 + 7
 MIN_HEADER_FRAMING = 2
+
+
+def least_framed_size(record: Record) -> int:
+    """The least a record weighs against a topic's ``max.message.bytes``, sent alone."""
+    return record.size() + MIN_BATCH_FRAMING + MIN_HEADER_FRAMING * len(record.headers)
 
 
 def batch_within_topic_limits(config: dict[str, Any], limits: dict[str, int]) -> dict[str, Any]:

@@ -161,7 +161,7 @@ class KafkaSource:
                 outcome.append(self.commit(offsets))
             except SourceError as exc:
                 outcome.append(exc)
-            except (KafkaException, RuntimeError) as exc:  # e.g. the consumer closed
+            except RuntimeError as exc:  # the consumer closed under it
                 log.warning("background commit failed: %s", exc)
                 outcome.append(False)
 

@@ -63,13 +63,12 @@ from stream_classifier.messages import KafkaMessage
 from stream_classifier.sink import (
     BATCH_FRAMING,
     BATCH_SIZE,
-    MIN_BATCH_FRAMING,
-    MIN_HEADER_FRAMING,
     QUEUE_FULL_S,
     DeliveryCallback,
     DeliveryFailure,
     Record,
     SinkError,
+    least_framed_size,
 )
 from stream_classifier.sink import TransactionFailed as TxnFailed
 from stream_classifier.source import OffsetsUnavailable, RebalanceListener
@@ -890,8 +889,7 @@ class SimSink:
         limit = self.limits.get(record.topic)
         if self.config.get("compression.type", "none") != "none":
             return False  # the broker measures compressed batches
-        framing = MIN_BATCH_FRAMING + MIN_HEADER_FRAMING * len(record.headers)
-        return limit is not None and record.size() + framing > limit
+        return limit is not None and least_framed_size(record) > limit
 
     def _room(self, size: int) -> bool:
         return len(self.queue) < self.max_messages and (

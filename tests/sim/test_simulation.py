@@ -458,22 +458,29 @@ def test_output_too_large_for_the_producer_becomes_a_dead_letter_cut_to_fit(mode
     assert sim.cluster.stats["produce refused: over message.max.bytes"] >= 1
 
 
-@pytest.mark.parametrize("mode", MODES)
-def test_topic_smaller_than_a_compressed_record_refuses_it_on_delivery(mode: str) -> None:
-    """With compression the topic's max.message.bytes applies to compressed batches, so
-    the producer leaves it to the broker: the refusal is reported asynchronously; under
-    exactly_once it fails the transaction's commit, which is redone with the smaller form
-    and nothing else twice."""
+def output_over_its_topic_limit(mode: str, compression: str) -> tuple[Simulation, int]:
+    """Six events and one whose output is over the output topic's max.message.bytes
+    (1,500, set before start), run to the end; the simulation and that event."""
     sim = scenario(mode, events=6, partitions=1)
     kafka = sim.config.kafka
-    compressed = {**kafka.producer_extra, "compression.type": "lz4"}
-    kafka = kafka.model_copy(update={"producer_extra": compressed})
+    producer = {**kafka.producer_extra, "compression.type": compression}
+    kafka = kafka.model_copy(update={"producer_extra": producer})
     sim.config = sim.config.model_copy(update={"kafka": kafka})  # config() is cached
     sim.cluster.resize(OUTPUT, 1, max_message_bytes=1500)
     big = big_event(sim, 3000)
     sim.produce(6)
     sim.start(0)
     finish(sim)
+    return sim, big
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_topic_smaller_than_a_compressed_record_refuses_it_on_delivery(mode: str) -> None:
+    """With compression the topic's max.message.bytes applies to compressed batches, so
+    the producer leaves it to the broker: the refusal is reported asynchronously; under
+    exactly_once it fails the transaction's commit, which is redone with the smaller form
+    and nothing else twice."""
+    sim, big = output_over_its_topic_limit(mode, compression="lz4")
     assert written(sim, big) == [("dead_letter", 1, "output_too_large")]
     assert sim.cluster.stats["delivery refused: over the topic's max.message.bytes"] >= 1
     if mode == "exactly_once":
@@ -486,12 +493,7 @@ def test_topic_limit_read_at_start_dead_letters_the_record_before_sending(mode: 
     """A record over its topic's max.message.bytes as read at start is refused before it
     is sent: its dead letter takes its place in the same batch, and exactly_once aborts
     nothing (an abort per refused form had stalled the stream under load)."""
-    sim = scenario(mode, events=6, partitions=1)
-    sim.cluster.resize(OUTPUT, 1, max_message_bytes=1500)
-    big = big_event(sim, 3000)
-    sim.produce(6)
-    sim.start(0)
-    finish(sim)
+    sim, big = output_over_its_topic_limit(mode, compression="none")
     assert written(sim, big) == [("dead_letter", 1, "output_too_large")]
     stats = sim.cluster.stats
     assert stats["produce refused: over the topic's max.message.bytes read at start"] >= 1
