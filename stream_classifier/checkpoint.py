@@ -9,10 +9,12 @@ to write with the offsets after the batch; the checkpoint decides when offsets m
   length), its partition is replayed in order from that prefix's end, as Kafka Streams
   does: a late re-send of one record would land after newer records of its key.
 - :class:`~stream_classifier.exactly_once.ExactlyOnce` (its own module): each batch is
-  one transaction holding its records and its consumed offsets. When a transaction does
+  one transaction holding its records and its consumed offsets. Its commit runs on a
+  helper thread while the loop goes on consuming and feeding the engine; the next batch
+  is written once it has landed (:meth:`Checkpoint.settled`). When a transaction does
   not commit, the checkpoint aborts it (or replaces the producer, which settles a
   transaction of unknown outcome) and asks the loop to rewind to the group's committed
-  offsets, which it reads here and never guesses.
+  offsets (:meth:`Checkpoint.undone`), which it reads here and never guesses.
 
 In both, a record the cluster refuses for good is replaced by a smaller dead letter
 (:func:`stream_classifier.records.smaller`), and a fatal error (authorization,
@@ -22,7 +24,9 @@ when it ends.
 
 Both are driven from the Kafka thread only: :meth:`Checkpoint.turn` once a loop turn,
 :meth:`Checkpoint.commit_revoked` from inside a revoke callback. Neither blocks longer
-than one bounded client call.
+than one bounded client call; the commits that run on helper threads (exactly_once's
+transactions, at_least_once's periodic offset commits) are one at a time, their outcome
+taken on the loop.
 """
 
 from __future__ import annotations
@@ -61,6 +65,8 @@ class Checkpoint(Protocol):
     def consumed(self, tp: TopicPartition, offset: int) -> None: ...
     def can_write(self) -> bool: ...
     def write(self, records: list[Record], offsets: dict[TopicPartition, int]) -> bool: ...
+    def settled(self, timeout: float) -> bool: ...
+    def undone(self) -> bool: ...
     def turn(self) -> None: ...
     def commit_revoked(self, partitions: list[TopicPartition], timeout: float) -> None: ...
     def finish(self, timeout: float) -> bool: ...
@@ -267,6 +273,12 @@ class AtLeastOnce(Rewinds):
 
     def can_write(self) -> bool:
         return self._backoff.due()
+
+    def settled(self, timeout: float) -> bool:
+        return True  # a write's failures come back as replays, partition by partition
+
+    def undone(self) -> bool:
+        return False
 
     def write(self, records: list[Record], offsets: dict[TopicPartition, int]) -> bool:
         records = [r for r in records if _event(r)[0] not in self._replays]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from stream_classifier.checkpoint import (
     UNHEALTHY_FAILURES,
@@ -58,6 +59,10 @@ class ExactlyOnce(Rewinds):
         #: Under ``latest``: each new partition's first consumed offset, committed before
         #: the first transaction so that the next owner starts there, not at the end.
         self._pins: dict[TopicPartition, int] = {}
+        #: The transaction committing in the background, until its outcome is taken.
+        self._committing: _Committing | None = None
+        #: A transaction accepted by :meth:`write` failed to commit (see :meth:`undone`).
+        self._undone = False
 
     def start(self) -> None:
         """Start the producer; if the cluster is unreachable, retry from the loop."""
@@ -83,6 +88,10 @@ class ExactlyOnce(Rewinds):
         self._broken = True
 
     def can_write(self) -> bool:
+        if self._committing is not None:
+            # Its outcome comes later: until then the output is as the last one found it
+            # (up, or still down while a retry commits: the input stays held).
+            return self._backoff.failures == 0
         if not self._backoff.due():
             return False
         if self._broken:
@@ -96,25 +105,55 @@ class ExactlyOnce(Rewinds):
         return True
 
     def write(self, records: list[Record], offsets: dict[TopicPartition, int]) -> bool:
-        """Commit one batch's transaction; False if it did not commit (rewind and redo)."""
+        """Open one batch's transaction and start its commit on a helper thread; False if
+        it failed before that (rewind and redo). Its outcome is taken by :meth:`settled`
+        (a commit that fails there makes :meth:`undone` true). The caller waits until
+        :meth:`settled` before the next write."""
+        assert self._committing is None, "write while a transaction is committing"
         self._failed = []
         try:
             self._sink.begin()
             written = [w for r in records if (w := self._produce(self._instead(r))) is not None]
             if self._failed:
                 raise TransactionFailed(self._failed[0][1].reason, abortable=True)
-            self._sink.commit(offsets, self._source.group_metadata())
+            self._sink.commit_in_background(offsets, self._source.group_metadata())
         except TransactionFailed as exc:
             self._failed_transaction(exc)
             return False
+        self._committing = _Committing(records, offsets, written)
+        return True
+
+    def settled(self, timeout: float) -> bool:
+        """Whether the last transaction has its outcome (waiting up to ``timeout``)."""
+        committing = self._committing
+        if committing is None:
+            return True
+        try:
+            if not self._sink.commit_landed(timeout):
+                return False
+        except TransactionFailed as exc:
+            self._committing = None
+            self._undone = True
+            self._failed_transaction(exc)
+            return True
+        self._committing = None
+        self._committed(committing)
+        return True
+
+    def undone(self) -> bool:
+        """A transaction that :meth:`write` accepted did not commit: everything not
+        committed must be read again. True once per such transaction."""
+        undone, self._undone = self._undone, False
+        return undone
+
+    def _committed(self, committed: _Committing) -> None:
         self._backoff.succeeded()
         self._outage.succeeded()
-        for tp in offsets:
+        for tp in committed.offsets:
             self._pins.pop(tp, None)
-        for record in records:
+        for record in committed.records:
             self._refused.pop(_refusal_key(record), None)
-        self._on_committed(written)
-        return True
+        self._on_committed(committed.written)
 
     def _instead(self, record: Record) -> Record | None:
         """What to write for a record: a smaller form where an earlier attempt was refused."""
@@ -179,6 +218,8 @@ class ExactlyOnce(Rewinds):
         return {}  # a failed transaction rewinds every partition (write returns False)
 
     def turn(self) -> None:
+        if not self.settled(0.0):
+            return  # the producer is the committing thread's until then
         self._sink.poll(0)
         if self._pins:
             self._commit_pins(set(self._pins))
@@ -190,12 +231,15 @@ class ExactlyOnce(Rewinds):
                 self._pins.pop(tp, None)
 
     def commit_revoked(self, partitions: list[TopicPartition], timeout: float) -> None:
-        """Nothing is open between transactions; unwritten events are redone. A new
-        partition's starting point is committed so that the next owner starts there."""
+        """The transaction committing is waited for (its offsets are the next owner's
+        start); unwritten events are redone. A new partition's starting point is
+        committed so that the next owner starts there."""
+        self.settled(timeout)
         self._commit_pins(set(partitions))
 
     def finish(self, timeout: float) -> bool:
-        return True  # every written batch committed in its own transaction
+        """Every written batch committed in its own transaction, the last one included."""
+        return self.settled(timeout) and not self.undone()
 
     def in_flight(self) -> int:
         return 0
@@ -204,6 +248,15 @@ class ExactlyOnce(Rewinds):
         if self._backoff.failures >= UNHEALTHY_FAILURES:
             return False, f"{self._backoff.failures} transactions failed in a row"
         return True, "ok"
+
+
+@dataclass(frozen=True)
+class _Committing:
+    """A transaction committing: the records asked for, the forms written, the offsets."""
+
+    records: list[Record]
+    offsets: dict[TopicPartition, int]
+    written: list[Record]
 
 
 def _refusal_key(record: Record) -> tuple[str, int, int, str, str]:

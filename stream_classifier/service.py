@@ -122,6 +122,8 @@ class Service:
             self.partitions, self.checkpoint, self.intake, self.metrics, lambda: self.closing
         )
         self._last_turn = clock()
+        #: A write that the checkpoint accepted did not commit; rewind before the next.
+        self._undone = False
         self._started = False
         self.closing = False
 
@@ -196,6 +198,7 @@ class Service:
         self._fill_batches()
         self._write_scored(wait=False)
         self.checkpoint.turn()
+        self._rewind_if_undone()
         self._update_gauges()
 
     def _waiting_on_engine(self) -> bool:
@@ -262,12 +265,33 @@ class Service:
     # -- writing results -----------------------------------------------------------------
 
     def _write_scored(self, wait: bool, deadline: float | None = None) -> None:
-        """Write finished batches, oldest first (all of them if ``wait``, until deadline)."""
+        """Write finished batches, oldest first (all of them if ``wait``, until deadline),
+        each once the previous write has its outcome; rewind if one did not commit."""
         while True:
-            finished = self.pending.take_finished(wait, self.checkpoint.can_write, deadline)
+            finished = self.pending.take_finished(
+                wait, lambda: self._writable(wait, deadline), deadline
+            )
             if finished is None:
-                return
+                break
             self._write(*finished)
+        self._rewind_if_undone()
+
+    def _writable(self, wait: bool, deadline: float | None) -> bool:
+        """The last write has its outcome (waited for if ``wait``), it committed, and the
+        output takes more."""
+        left = 0.0
+        if wait:
+            left = POLL_SLICE_S if deadline is None else max(0.0, deadline - self._clock())
+        if not self.checkpoint.settled(left):
+            return False
+        self._undone = self._undone or self.checkpoint.undone()
+        return not self._undone and self.checkpoint.can_write()
+
+    def _rewind_if_undone(self) -> None:
+        """A write accepted earlier did not commit: read everything uncommitted again."""
+        if self._undone or self.checkpoint.undone():
+            self._undone = False
+            self._start_rewind()
 
     def _write(self, submitted: Submitted, outcomes: list[Outcome]) -> None:
         released = [
@@ -331,7 +355,7 @@ class Service:
 
     def _rewind_due(self) -> None:
         rewinding = self.partitions.rewinding
-        if not rewinding or not self.checkpoint.can_write():
+        if not rewinding or not self.checkpoint.settled(0.0) or not self.checkpoint.can_write():
             return
         from_committed = sorted(tp for tp, offset in rewinding.items() if offset is None)
         targets = self.checkpoint.rewind_targets(from_committed)

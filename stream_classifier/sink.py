@@ -110,6 +110,8 @@ class Sink(Protocol):
     def flush(self, timeout: float) -> int: ...
     def begin(self) -> None: ...
     def commit(self, offsets: dict[TP, int], group_metadata: object) -> None: ...
+    def commit_in_background(self, offsets: dict[TP, int], group_metadata: object) -> None: ...
+    def commit_landed(self, timeout: float) -> bool: ...
     def abort(self) -> None: ...
     def close(self, timeout: float) -> int: ...
 
@@ -178,6 +180,8 @@ class KafkaSink:
         self._epoch = 0
         #: The current producer's init_transactions has not completed yet.
         self._initializing = False
+        #: The transaction committing on a helper thread: the thread, then its outcome.
+        self._committing: tuple[threading.Thread, list[BaseException | None]] | None = None
 
     @property
     def producer(self) -> Producer:
@@ -327,6 +331,37 @@ class KafkaSink:
                 bound=OFFSETS_BOUND_S,
             )
         self._call(lambda: producer.commit_transaction(TXN_TIMEOUT_S), "commit_transaction")
+
+    def commit_in_background(self, offsets: dict[TP, int], group_metadata: object) -> None:
+        """:meth:`commit` on a helper thread, so that the loop goes on consuming and
+        handing batches to the engine while the broker writes the markers. Nothing else
+        may use the producer until :meth:`commit_landed` has returned True or raised."""
+        assert self._committing is None, "a transaction is already committing"
+        outcome: list[BaseException | None] = []
+
+        def target() -> None:
+            try:
+                self.commit(offsets, group_metadata)
+                outcome.append(None)
+            except BaseException as exc:  # handed to the loop by commit_landed
+                outcome.append(exc)
+
+        thread = threading.Thread(target=target, name="transaction-commit", daemon=True)
+        self._committing = (thread, outcome)
+        thread.start()
+
+    def commit_landed(self, timeout: float) -> bool:
+        """Whether the background commit has committed (waiting up to ``timeout``):
+        False while it is in flight; its failure is raised here, as :meth:`commit`'s."""
+        assert self._committing is not None, "no transaction committing"
+        thread, outcome = self._committing
+        thread.join(timeout)
+        if thread.is_alive():
+            return False
+        self._committing = None
+        if outcome[0] is not None:
+            raise outcome[0]
+        return True
 
     def abort(self) -> None:
         producer = self.producer

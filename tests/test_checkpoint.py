@@ -75,6 +75,9 @@ class FakeSink:
     produced: list[Record] = field(default_factory=list)
     committed: list[list[Record]] = field(default_factory=list)
     open: list[Record] | None = None
+    #: The commit asked for in the background, and whether it stays in flight.
+    background: tuple[dict[TopicPartition, int], object] | None = None
+    hold: bool = False
 
     restarts: int = 0
 
@@ -104,6 +107,20 @@ class FakeSink:
         assert self.open is not None
         self.committed.append(self.open)
         self.open = None
+
+    def commit_in_background(
+        self, offsets: dict[TopicPartition, int], group_metadata: object
+    ) -> None:
+        self.background = (offsets, group_metadata)
+
+    def commit_landed(self, timeout: float) -> bool:
+        if self.hold:
+            return False
+        assert self.background is not None
+        offsets, group_metadata = self.background
+        self.background = None
+        self.commit(offsets, group_metadata)
+        return True
 
     def abort(self) -> None:
         self.open = None
@@ -245,6 +262,7 @@ def test_exactly_once_writes_the_smaller_form_in_the_same_transaction() -> None:
     sink = FakeSink(refuse={"out": TOO_LARGE})  # produce() itself refuses (producer limit)
     checkpoint = exactly_once(sink, [])
     assert checkpoint.write([record(0)], {TP: 1})
+    assert checkpoint.settled(0.0) and not checkpoint.undone()
     assert [r.topic for r in sink.committed[0]] == ["dlq"]
 
 
@@ -258,11 +276,37 @@ def test_exactly_once_redoes_a_transaction_refused_by_the_broker_with_the_smalle
         raise TransactionFailed("commit_transaction: 1 message(s) failed", abortable=True)
 
     sink.commit = refuse_at_commit  # type: ignore[method-assign]
-    assert not checkpoint.write([original], {TP: 1})
+    assert checkpoint.write([original], {TP: 1}), "accepted: its commit runs in the background"
+    assert checkpoint.settled(0.0)
+    assert checkpoint.undone(), "the loop is told to rewind"
+    assert not checkpoint.undone(), "once"
     del sink.commit  # the redo commits
     redo = record(0)  # the batch is rebuilt after the rewind
     assert checkpoint.write([redo], {TP: 1})
+    assert checkpoint.settled(0.0) and not checkpoint.undone()
     assert [(r.topic, r.code) for r in sink.committed[0]] == [("dlq", "output_too_large")]
+
+
+def test_exactly_once_commits_in_the_background_and_the_next_write_waits_for_it() -> None:
+    """While the broker commits one batch the loop goes on (consuming, feeding the
+    engine): nothing blocks it, the output counts as writable (no partition is paused for
+    it), and what was committed is only reported once it has landed."""
+    sink, source = FakeSink(hold=True), FakeSource()
+    committed: list[list[Record]] = []
+    checkpoint = ExactlyOnce(source, sink, Clock(), on_committed=committed.append)  # type: ignore[arg-type]
+    first = record(0)
+    assert checkpoint.write([first], {TP: 1})
+    assert not checkpoint.settled(0.0), "in flight"
+    assert checkpoint.can_write(), "the output is up: no partition is paused for a commit"
+    checkpoint.turn()
+    assert not checkpoint.finish(0.0), "a stop waits for it"
+    assert committed == [] and sink.committed == []
+    sink.hold = False
+    assert checkpoint.settled(0.0) and not checkpoint.undone()
+    assert committed == [[first]]
+    assert checkpoint.write([record(1)], {TP: 2})
+    assert checkpoint.finish(0.0), "the stop's wait takes the last outcome"
+    assert len(committed) == 2
 
 
 def test_exactly_once_pins_where_a_new_partition_began_under_latest() -> None:

@@ -776,6 +776,8 @@ class SimSink:
         self.epoch = 0
         self.queue: list[Queued] = []
         self.txn: Txn | None = None
+        #: The commit in the background: its offsets, group metadata and the step it began.
+        self.committing: tuple[dict[TP, int], object, int] | None = None
         #: Most records and bytes queued at once since the simulation last looked.
         self.peak_records = 0
         self.peak_bytes = 0
@@ -1070,6 +1072,21 @@ class SimSink:
         txn.offsets.update(offsets)
         cluster.end_txn(txn, commit=True)
         self.txn = None
+
+    def commit_in_background(self, offsets: dict[TP, int], group_metadata: object) -> None:
+        assert self.committing is None, "a transaction is already committing"
+        self.committing = (dict(offsets), group_metadata, self.cluster.step)
+
+    def commit_landed(self, timeout: float) -> bool:
+        """In flight for the step it began in, then committed as by :meth:`commit`
+        against the cluster as it is then (a rebalance or an outage meanwhile fails it)."""
+        assert self.committing is not None, "no transaction committing"
+        offsets, group_metadata, step = self.committing
+        if timeout == 0 and self.cluster.step == step:
+            return False
+        self.committing = None
+        self.commit(offsets, group_metadata)
+        return True
 
     def abort(self) -> None:
         txn = self.txn
