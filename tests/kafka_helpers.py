@@ -65,7 +65,11 @@ def produce(
     headers: list[tuple[str, str | bytes | None]] | None = None,
     partition: int | None = None,
 ) -> None:
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    # Idempotent, so a request retried (say on a topic created a moment ago) cannot land
+    # after the one sent behind it: the tests read order back and need the input in order.
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True}
+    )
     values = list(values)
     key_list = list(keys) if keys is not None else [None] * len(values)
     errors: list[str] = []

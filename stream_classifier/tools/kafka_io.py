@@ -27,7 +27,12 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None
 def fill(bootstrap: str, topic: str, payloads: Iterable[bytes]) -> None:
     """Write every payload (keyed by its index) as fast as the producer takes them."""
     producer = Producer(
-        {"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000}
+        {
+            "bootstrap.servers": bootstrap,
+            "linger.ms": 20,
+            "batch.num.messages": 10000,
+            "enable.idempotence": True,  # keeps the payloads in order across retries
+        }
     )
     for i, value in enumerate(payloads):
         while True:
@@ -42,7 +47,9 @@ def fill(bootstrap: str, topic: str, payloads: Iterable[bytes]) -> None:
 
 def produce_at_rate(bootstrap: str, topic: str, payloads: Sequence[bytes], rate: float) -> float:
     """Write the payloads at a steady ``rate`` per second; the seconds it took."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 1, "enable.idempotence": True}
+    )
     started = time.perf_counter()
     for i, value in enumerate(payloads):
         ahead = i / rate - (time.perf_counter() - started)
