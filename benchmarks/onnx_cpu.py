@@ -28,10 +28,13 @@ from stream_classifier.engine.shared import round_up
 from stream_classifier.tools import bench
 
 
-def export(engine: NliEngine, path: Path) -> None:
+def export(model_dir: Path, path: Path) -> None:
+    """The checkpoint as transformers' classifier (a module whose call returns the logits),
+    the same weights as the engine's."""
+    model, _ = bench.transformers_bert(model_dir, torch.device("cpu"), torch.float32)
     ids = torch.ones((2, 16), dtype=torch.long)
     torch.onnx.export(
-        engine.model,
+        model,
         (ids, torch.zeros_like(ids), torch.ones_like(ids)),
         str(path),
         input_names=["input_ids", "token_type_ids", "attention_mask"],
@@ -83,7 +86,7 @@ def main() -> None:
         engine = NliEngine.load(EngineConfig(model=str(model_dir), device="cpu"), 65536)
         events = bench.make_events(args.messages, 4, 4)
         onnx_path = Path(tmp) / "model.onnx"
-        export(engine, onnx_path)
+        export(model_dir, onnx_path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = torch.get_num_threads()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from stream_classifier.config import PYTHON_SWITCH_INTERVAL_MS, ServiceConfig, load_config
+from stream_classifier.engine import import_libraries, load_engine
 from stream_classifier.engine.base import Engine
 from stream_classifier.engine.capabilities import Capabilities, OomReporting, Primed
 from stream_classifier.formats import Formats
@@ -36,8 +37,7 @@ def load_ready_engine(
     clock = clock or StartupClock()
     with clock.active():
         with clock.step("imports"):
-            _import_engine_libraries()
-        from stream_classifier.engine import load_engine
+            import_libraries(config.engine)
 
         log.info("loading %s", describe_model(config))
         with clock.step("model_setup"):
@@ -53,13 +53,6 @@ def load_ready_engine(
     if isinstance(engine, OomReporting):
         engine.on_out_of_memory = lambda rows: metrics.oom_splits.inc()
     return engine
-
-
-def _import_engine_libraries() -> None:
-    """torch, and transformers' model base (most of its import time), so that the
-    start-up clock tells the imports apart from the load."""
-    import torch  # noqa: F401
-    from transformers import PreTrainedModel  # noqa: F401
 
 
 def describe_model(config: ServiceConfig) -> str:

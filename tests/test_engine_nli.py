@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from ranking import assert_same_ranking
+from transformers_reference import reference_model, reference_tokenizer
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine import EngineError, load_engine, nli
@@ -93,11 +94,13 @@ def test_truncation_keeps_odd_token_on_the_text_like_the_reference() -> None:
     assert truncate_longest_first(263, 264, 509) == (255, 254)
 
 
-def test_prepare_pair_ids_equal_the_tokenizer_pair_encoding(engine: NliEngine) -> None:
+def test_prepare_pair_ids_equal_the_tokenizer_pair_encoding(
+    engine: NliEngine, tiny_model: Path
+) -> None:
     text = "The delivery was late, 快递三天还没到！" * 40
     prepared = engine.prepare(text, ["物流配送", "price"], "这篇文章的标题是{}", False)
     for ids, label in zip(pair_set(prepared).input_ids, ["物流配送", "price"], strict=True):
-        expected = engine.tokenizer(
+        expected = reference_tokenizer(tiny_model)(
             text, f"这篇文章的标题是{label}", truncation=True, max_length=512
         )
         assert ids == expected["input_ids"]
@@ -224,13 +227,13 @@ def test_a_checkpoint_with_128_positions_truncates_pairs_to_128_tokens(
         prepared = engine.prepare(text, labels, "{}", multi_label)
         (result,) = engine.classify([prepared])
         # the reference's own steps with max_length = the model's 128 positions
-        encoded = engine.tokenizer(
+        encoded = reference_tokenizer(short_model)(
             [text] * len(labels), labels, truncation=True, max_length=128, return_tensors="pt"
         )
         assert encoded["input_ids"].shape[1] == 128
         assert pair_set(prepared).input_ids == encoded["input_ids"].tolist()
         with torch.inference_mode():
-            logits = engine.model(**encoded).logits.numpy()
+            logits = reference_model(short_model)(**encoded).logits.numpy()
         expected_labels, expected_scores = reference_postprocess(logits, labels, multi_label)
         assert list(result.labels) == expected_labels
         np.testing.assert_allclose(result.scores, expected_scores, rtol=0, atol=1e-5)
@@ -262,7 +265,8 @@ def test_hypothesis_cache_keeps_truncated_ids_within_its_byte_budget(
     # a hypothesis longer than a pair can hold is still cut like the tokenizer cuts it
     text, label = "The delivery was late.", long_label(0)
     (ids,) = pair_set(engine.prepare(text, [label], "{}", False)).input_ids
-    assert ids == engine.tokenizer(text, label, truncation=True, max_length=512)["input_ids"]
+    reference = reference_tokenizer(tiny_model)
+    assert ids == reference(text, label, truncation=True, max_length=512)["input_ids"]
 
 
 def test_longest_first_never_keeps_more_of_a_sequence_than_the_budget() -> None:

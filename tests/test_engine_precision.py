@@ -17,6 +17,7 @@ import torch
 
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.batches import TokenBatch
+from stream_classifier.engine.bert import BertClassifier
 from stream_classifier.engine.nli import NliEngine
 from stream_classifier.engine.packed import PackedBert
 
@@ -50,9 +51,14 @@ def test_fp16_encoder_feeds_an_fp32_head(
     assert next(engine.model.bert.encoder.parameters()).dtype == torch.float16
     cls_hidden: list[torch.Tensor] = []  # the encoder's [CLS] rows, per batch, in fp16
     if backend == "padded":
-        engine.model.bert.encoder.register_forward_hook(
-            lambda module, args, output: cls_hidden.append(output[0][:, 0].clone())
-        )
+        encode = BertClassifier.encode
+
+        def spy_encode(self: BertClassifier, *args: Any) -> torch.Tensor:
+            result = encode(self, *args)
+            cls_hidden.append(result[:, 0].clone())
+            return result
+
+        monkeypatch.setattr(BertClassifier, "encode", spy_encode)
     else:
         last_layer = PackedBert._last_layer
 

@@ -222,6 +222,8 @@ def test_inline_preparer_tokenizes_one_chunk_per_flush_and_isolates_failures() -
 
 def test_nli_chunk_tokenizing_equals_the_tokenizer_call(tiny_model: Path) -> None:
     """One ``encode_batch`` per chunk gives each text the ids ``tokenizer(text)`` gives."""
+    from transformers_reference import reference_tokenizer
+
     from stream_classifier.config import EngineConfig
     from stream_classifier.engine.nli import NliEngine, pair_set, tokenize_many
 
@@ -235,7 +237,8 @@ def test_nli_chunk_tokenizing_equals_the_tokenizer_call(tiny_model: Path) -> Non
         "",
         "这是一段很长的文本，" * 120,
     ]
-    expected = [engine.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    reference = reference_tokenizer(tiny_model)
+    expected = [reference(t, add_special_tokens=False)["input_ids"] for t in texts]
     assert tokenize_many(engine.tokenizer, texts) == expected
     tasks = [(t, ("物流", "服务"), "这篇文章的标题是{}", False) for t in texts]
     chunked = engine.prepare_many(tasks)

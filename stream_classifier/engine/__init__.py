@@ -11,17 +11,35 @@ from pathlib import Path
 from stream_classifier.config import EngineConfig
 from stream_classifier.engine.base import Engine, EngineError, Prepared, Scores
 
-__all__ = ["Engine", "EngineError", "Prepared", "Scores", "load_engine"]
+__all__ = ["Engine", "EngineError", "Prepared", "Scores", "import_libraries", "load_engine"]
+
+
+def import_libraries(config: EngineConfig) -> None:
+    """Import what loading ``config``'s engine will use (the start-up clock times the imports
+    apart from the load): torch and tokenizers for the StructBERT engine, transformers'
+    model code as well (most of its import time) for the engines built on it."""
+    import torch  # noqa: F401
+
+    from stream_classifier.engine import nli  # noqa: F401
+
+    if config.kind == "embedding" or _transformers_checkpoint(config):
+        from transformers import PreTrainedModel  # noqa: F401
+
+
+def _transformers_checkpoint(config: EngineConfig) -> bool:
+    from stream_classifier.engine.hf_nli import is_transformers_classifier
+
+    return is_transformers_classifier(Path(config.model).expanduser())
 
 
 def load_engine(config: EngineConfig, max_batch_tokens: int) -> Engine:
     """Load the configured engine (model weights included); raises EngineError if it can't."""
     if config.kind == "nli":
-        from stream_classifier.engine.hf_nli import HfNliEngine, is_transformers_classifier
-
         # A transformers sequence-classification checkpoint scores like transformers'
         # pipeline; anything else (ModelScope StructBERT dirs and ids) like ModelScope's.
-        if is_transformers_classifier(Path(config.model).expanduser()):
+        if _transformers_checkpoint(config):
+            from stream_classifier.engine.hf_nli import HfNliEngine
+
             return HfNliEngine.load(config, max_batch_tokens=max_batch_tokens)
         from stream_classifier.engine.nli import NliEngine
 

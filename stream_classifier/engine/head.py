@@ -12,7 +12,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from transformers import BertForSequenceClassification
+
+from stream_classifier.engine.bert import BertClassifier
 
 #: Logit columns the reference pipeline reads: entailment and contradiction.
 ENTAILMENT_CONTRADICTION = (0, 2)
@@ -28,16 +29,12 @@ class ClassifierHead:
     classifier_bias: torch.Tensor
 
     @classmethod
-    def of(
-        cls, model: BertForSequenceClassification, device: torch.device | None = None
-    ) -> ClassifierHead:
+    def of(cls, model: BertClassifier, device: torch.device | None = None) -> ClassifierHead:
         """fp32 copies of the model's head weights (the same tensors if already fp32).
 
         Take it before the model is cast to fp16 to keep the checkpoint's precision.
         """
         pooler = model.bert.pooler
-        if pooler is None:
-            raise ValueError("the classifier needs the pooler")
         rows = list(ENTAILMENT_CONTRADICTION)
 
         def fp32(tensor: torch.Tensor) -> torch.Tensor:

@@ -41,7 +41,6 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 import numpy as np
 import torch
-from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
 
 from stream_classifier import startup
 from stream_classifier.config import MAX_PAIR_TOKENS, EngineConfig
@@ -53,6 +52,12 @@ from stream_classifier.engine.base import (
     prepare_each,
 )
 from stream_classifier.engine.batches import TokenBatch, packed_batches, padded_batches
+from stream_classifier.engine.bert import (
+    BertClassifier,
+    BertSettings,
+    ConfigError,
+    WordPieceTokenizer,
+)
 from stream_classifier.engine.cache import ByteBoundedCache
 from stream_classifier.engine.head import ClassifierHead
 from stream_classifier.engine.shared import (
@@ -75,7 +80,7 @@ log = logging.getLogger(__name__)
 
 ENTAILMENT = 0
 CONTRADICTION = 2
-#: Saved by the StructBERT checkpoints, not kept by transformers' BertModel.
+#: Saved by the StructBERT checkpoints, not a parameter of the encoder.
 UNUSED_CHECKPOINT_KEYS = ("bert.embeddings.position_ids",)
 WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 
@@ -145,7 +150,7 @@ class PairTokenizer:
     assembled by concatenation with the reference's truncation. Holds no model, so a worker
     process can run it (see :meth:`NliEngine.preparer_factory`)."""
 
-    def __init__(self, tokenizer: BertTokenizer, max_length: int) -> None:
+    def __init__(self, tokenizer: WordPieceTokenizer, max_length: int) -> None:
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.cls_id = int(tokenizer.cls_token_id)
@@ -220,7 +225,7 @@ class PairTokenizer:
 class PairTokenizerFactory:
     """Builds a :class:`PairTokenizer`; picklable (the tokenizer travels, the model does not)."""
 
-    tokenizer: BertTokenizer
+    tokenizer: WordPieceTokenizer
     max_length: int
 
     def __call__(self) -> PairTokenizer:
@@ -232,8 +237,8 @@ class NliEngine:
 
     def __init__(
         self,
-        model: BertForSequenceClassification,
-        tokenizer: BertTokenizer,
+        model: BertClassifier,
+        tokenizer: WordPieceTokenizer,
         model_id: str,
         max_batch_tokens: int,
         max_length: int = MAX_PAIR_TOKENS,
@@ -578,7 +583,7 @@ class _LaunchedRows:
         return views
 
 
-def tokenize_many(tokenizer: BertTokenizer, texts: Sequence[str]) -> list[list[int]]:
+def tokenize_many(tokenizer: WordPieceTokenizer, texts: Sequence[str]) -> list[list[int]]:
     """The ids of each text without special tokens, from the Rust tokenizer's
     ``encode_batch``: the same ids as ``tokenizer(text)`` (its wrapper calls it too), minus
     the wrapper's Python work per text, and with the interpreter lock released for the whole
@@ -588,9 +593,9 @@ def tokenize_many(tokenizer: BertTokenizer, texts: Sequence[str]) -> list[list[i
 
 
 def padded_forward(
-    model: BertForSequenceClassification, head: ClassifierHead, pad_id: int, batch: TokenBatch
+    model: BertClassifier, head: ClassifierHead, pad_id: int, batch: TokenBatch
 ) -> torch.Tensor:
-    """The Hugging Face encoder on one padded batch (width: longest pair, rounded up to 8),
+    """The encoder on one padded batch (width: longest pair, rounded up to 8),
     then the fp32 head on its [CLS] rows."""
     device = next(model.parameters()).device
     width = round_up(batch.max_length)
@@ -603,9 +608,7 @@ def padded_forward(
     mask = np.zeros((batch.rows, width), dtype=np.int64)
     mask[rows, columns] = 1
     stacked = to_device(np.stack([input_ids, token_types, mask]), device)
-    hidden: torch.Tensor = model.bert(
-        input_ids=stacked[0], token_type_ids=stacked[1], attention_mask=stacked[2]
-    )[0]
+    hidden = model.encode(stacked[0], stacked[1], stacked[2])
     return head(hidden[:, 0])
 
 
@@ -672,49 +675,31 @@ def _snapshot_download(model_id: str, cache_dir: str | None) -> Path:
         ) from exc
 
 
-def load_classifier(
-    model_dir: Path, device: torch.device, dtype: torch.dtype
-) -> BertForSequenceClassification:
-    """Build a BertForSequenceClassification (SDPA attention) from a StructBERT/BERT dir."""
-    return load_classifier_and_head(model_dir, device, dtype)[0]
-
-
 def load_classifier_and_head(
     model_dir: Path, device: torch.device, dtype: torch.dtype
-) -> tuple[BertForSequenceClassification, ClassifierHead]:
+) -> tuple[BertClassifier, ClassifierHead]:
     """The model in ``dtype`` and its head in fp32, from the checkpoint's own weights."""
     config_path = model_dir / "config.json"
     if not config_path.is_file():
         raise EngineError(f"{model_dir} has no config.json")
-    raw: dict[str, Any] = json.loads(config_path.read_text(encoding="utf-8"))
-    raw.pop("model_type", None)
-    config = BertConfig(**raw)
-    config._attn_implementation = "sdpa"
-    if (config.num_labels or 0) < 3:
+    try:
+        config = BertSettings.of(json.loads(config_path.read_text(encoding="utf-8")))
+    except (ValueError, ConfigError) as exc:
+        raise EngineError(f"{config_path}: {exc}") from exc
+    if config.num_labels < 3:
         raise EngineError(
             f"{model_dir}: an NLI model needs 3 output labels, config has {config.num_labels}"
         )
     with startup.step("weights_read"):
-        state = _load_state_dict(model_dir)
+        state = load_state_dict(model_dir)
     for key in UNUSED_CHECKPOINT_KEYS:
         state.pop(key, None)
     with torch.device("meta"):
-        model = BertForSequenceClassification(config)
+        model = BertClassifier(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise EngineError(f"{model_dir}: weights do not fit a BERT classifier: {exc}") from exc
-    model.bert.embeddings.register_buffer(
-        "position_ids",
-        torch.arange(config.max_position_embeddings).expand((1, -1)),
-        persistent=False,
-    )
-    if hasattr(model.bert.embeddings, "token_type_ids"):
-        model.bert.embeddings.register_buffer(
-            "token_type_ids",
-            torch.zeros((1, config.max_position_embeddings), dtype=torch.long),
-            persistent=False,
-        )
     head = ClassifierHead.of(model, device)  # before the cast: the checkpoint's precision
     module: torch.nn.Module = model
     with startup.step("to_device"):
@@ -723,7 +708,7 @@ def load_classifier_and_head(
     return model, head
 
 
-def _load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
+def load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     for name in WEIGHT_FILES:
         path = model_dir / name
         if not path.is_file():
@@ -737,10 +722,20 @@ def _load_state_dict(model_dir: Path) -> dict[str, torch.Tensor]:
     raise EngineError(f"{model_dir} has none of {', '.join(WEIGHT_FILES)}")
 
 
-def load_tokenizer(model_dir: Path) -> BertTokenizer:
+def load_tokenizer(model_dir: Path) -> WordPieceTokenizer:
     vocab = model_dir / "vocab.txt"
     if not vocab.is_file():
         raise EngineError(f"{model_dir} has no vocab.txt")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return WordPieceTokenizer.from_vocab(vocab, **tokenizer_options(model_dir))
+    except ConfigError as exc:
+        raise EngineError(str(exc)) from exc
+
+
+def tokenizer_options(model_dir: Path) -> dict[str, Any]:
+    """What the directory's tokenizer_config.json says of lower-casing, Chinese characters
+    and accents (transformers' ``BertTokenizer`` defaults otherwise)."""
     options: dict[str, Any] = {}
     tokenizer_config = model_dir / "tokenizer_config.json"
     if tokenizer_config.is_file():
@@ -748,5 +743,4 @@ def load_tokenizer(model_dir: Path) -> BertTokenizer:
         for key in ("do_lower_case", "tokenize_chinese_chars", "strip_accents"):
             if key in saved:
                 options[key] = saved[key]
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return BertTokenizer(vocab=str(vocab), **options)
+    return options

@@ -30,9 +30,9 @@ from typing import Any, Literal, cast
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import BertForSequenceClassification
 
 from stream_classifier.engine.batches import TokenBatch
+from stream_classifier.engine.bert import BertClassifier
 from stream_classifier.engine.head import ClassifierHead
 
 log = logging.getLogger(__name__)
@@ -231,7 +231,7 @@ class PackedBert:
 
     def __init__(
         self,
-        model: BertForSequenceClassification,
+        model: BertClassifier,
         head: ClassifierHead | None = None,
         compile_layers: bool = True,
         attention: Attention | None = None,

@@ -54,10 +54,11 @@ from stream_classifier.engine import load_engine
 from stream_classifier.engine.base import Engine, Prepared, Scores
 from stream_classifier.engine.hf_nli import HfNliEngine, load_hf_classifier, load_hf_tokenizer
 from stream_classifier.engine.nli import (
+    UNUSED_CHECKPOINT_KEYS,
     Backend,
     NliEngine,
-    load_classifier,
-    load_tokenizer,
+    load_state_dict,
+    tokenizer_options,
 )
 from stream_classifier.preparing import prepare_all
 from stream_classifier.startup import StartupClock, engine_summary
@@ -430,7 +431,7 @@ def run_baseline(
             load_hf_tokenizer(model_dir),
         )
     else:
-        model, tokenizer = load_classifier(model_dir, device, dtype), load_tokenizer(model_dir)
+        model, tokenizer = transformers_bert(model_dir, device, dtype)
     classifier = pipeline(
         "zero-shot-classification",
         model=model,
@@ -724,6 +725,27 @@ def run_bench(options: BenchOptions, clock: StartupClock | None = None) -> dict[
         "startup": dict(clock.steps),
         "results": [asdict(row) for row in results],
     }
+
+
+def transformers_bert(model_dir: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    """A StructBERT/BERT directory as transformers' ``BertForSequenceClassification`` and
+    ``BertTokenizer``: what its zero-shot pipeline (the baseline) takes. The engine itself
+    loads the same weights into its own encoder (``engine/bert.py``)."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizer
+
+    raw = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    raw.pop("model_type", None)
+    config = BertConfig(**raw)
+    config._attn_implementation = "sdpa"
+    model = BertForSequenceClassification(config)
+    state = load_state_dict(model_dir)
+    for key in UNUSED_CHECKPOINT_KEYS:
+        state.pop(key, None)
+    model.load_state_dict(state, strict=True)
+    module: torch.nn.Module = model
+    module.to(device=device, dtype=dtype).train(False)
+    tokenizer = BertTokenizer(vocab=str(model_dir / "vocab.txt"), **tokenizer_options(model_dir))
+    return model, tokenizer
 
 
 def environment(device: torch.device) -> dict[str, str]:
