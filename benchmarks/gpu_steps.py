@@ -70,13 +70,16 @@ def gelu_epilogue(engine: NliEngine) -> None:
 def eager(engine: NliEngine) -> None:
     forward = engine.forward
     assert isinstance(forward, PackedBert)
+    forward.compile_layers = False  # nor on the warm-up's helper thread
     forward.layer, forward._compiled = forward._layer, False
 
 
 def compile_layer_autotune(engine: NliEngine) -> None:
     forward = engine.forward
     assert isinstance(forward, PackedBert)
+    forward.compile_layers = False  # the warm-up's default compile would replace it
     forward.layer = torch.compile(forward._layer, dynamic=True, mode="max-autotune-no-cudagraphs")
+    forward._compiled = True
 
 
 def epilogue_eager(engine: NliEngine) -> None:

@@ -15,7 +15,12 @@ from pathlib import Path
 from stream_classifier.config import PYTHON_SWITCH_INTERVAL_MS, ServiceConfig, load_config
 from stream_classifier.engine import import_libraries, load_engine
 from stream_classifier.engine.base import Engine
-from stream_classifier.engine.capabilities import Capabilities, OomReporting, Primed
+from stream_classifier.engine.capabilities import (
+    Capabilities,
+    CompilingLater,
+    OomReporting,
+    Primed,
+)
 from stream_classifier.formats import Formats
 from stream_classifier.metrics import Metrics
 from stream_classifier.outputs import Observer
@@ -45,7 +50,10 @@ def load_ready_engine(
             check_windows(config, engine)
         log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
         with clock.step("warmup"):
-            engine.warmup()
+            if isinstance(engine, CompilingLater):
+                engine.warmup_compiling_later()
+            else:
+                engine.warmup()
     if isinstance(engine, Primed):  # embed each topic's label hypotheses once, now
         with clock.step("labels"):
             for topic in config.topics:

@@ -10,6 +10,8 @@ checks real graphs against the eager pass on a GPU.
 from __future__ import annotations
 
 import logging
+import threading
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +35,7 @@ from stream_classifier.engine.graphs import (
     shape_of,
 )
 from stream_classifier.engine.nli import NliEngine
+from stream_classifier.engine.packed import PackedBert
 
 BUDGET = 4096
 
@@ -203,3 +206,78 @@ def test_static_inputs_pad_with_empty_sequences_and_unowned_tokens() -> None:
     assert types[:11].tolist() == [0, 0, 0, 1, 1, 0, 0, 0, 0, 1, 1]
     assert positions[:11].tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5]
     assert cu.tolist() == [0, 5, 11, 11, 11, 11, 11, 11, 11]
+
+
+class SlowCompiler:
+    """Stands in for ``torch.compile``: the compiled layer is the eager one, its first call
+    (the helper thread's) blocks until ``finish`` is set, and calls are counted by thread."""
+
+    def __init__(self, fail: bool = False) -> None:
+        self.finish = threading.Event()
+        self.fail = fail
+        self.calls: Counter[str] = Counter()
+
+    def __call__(self, fn: Any, **_: Any) -> Any:
+        def compiled(*args: Any) -> Any:
+            self.calls[threading.current_thread().name] += 1
+            if not self.finish.wait(timeout=60):
+                raise TimeoutError("the test never let the compile finish")
+            if self.fail:
+                raise RuntimeError("inductor: no C++ compiler")
+            return fn(*args)
+
+        return compiled
+
+
+@pytest.fixture
+def compiler(monkeypatch: pytest.MonkeyPatch) -> SlowCompiler:
+    """Layers that compile where they would on a GPU (a varlen kernel), slowly."""
+    slow = SlowCompiler()
+    monkeypatch.setattr(PackedBert, "compile_wanted", property(lambda self: True))
+    monkeypatch.setattr(torch, "compile", slow)
+    return slow
+
+
+def test_the_service_warm_up_scores_eagerly_while_the_layers_compile_then_takes_them(
+    engine: NliEngine, compiler: SlowCompiler
+) -> None:
+    graphed = engine.forward
+    assert isinstance(graphed, GraphedForward)
+    compiling = engine.warmup_compiling_later()
+    assert compiling is not None and compiling.is_alive()
+    assert_scores_like_the_reference(engine)  # while the helper thread compiles
+    assert_scores_like_the_reference(engine)
+    assert compiler.calls[threading.current_thread().name] == 0
+    captured = graphed.captured
+    compiler.finish.set()
+    compiling.join(timeout=60)
+    assert not compiling.is_alive()
+    assert_scores_like_the_reference(engine)  # takes the compiled layers: graphs recaptured
+    assert_scores_like_the_reference(engine)
+    assert compiler.calls[threading.current_thread().name] > 0
+    assert graphed.captured > captured
+
+
+def test_a_compile_that_fails_leaves_the_layers_eager_and_says_so(
+    engine: NliEngine, compiler: SlowCompiler, caplog: pytest.LogCaptureFixture
+) -> None:
+    compiler.fail = True
+    compiler.finish.set()
+    compiling = engine.warmup_compiling_later()
+    assert compiling is not None
+    compiling.join(timeout=60)
+    assert "torch.compile of the encoder layers failed" in caplog.text
+    assert_scores_like_the_reference(engine)
+    assert compiler.calls[threading.current_thread().name] == 0
+
+
+def test_the_benchmarks_warm_up_waits_for_the_compiled_layers(
+    engine: NliEngine, compiler: SlowCompiler
+) -> None:
+    """``warmup()`` (bench and the benchmarks) measures the steady state: compiled."""
+    compiler.finish.set()
+    engine.warmup()
+    calls = compiler.calls[threading.current_thread().name]
+    assert calls > 0, "the warm-up's second round ran eagerly"
+    assert_scores_like_the_reference(engine)
+    assert compiler.calls[threading.current_thread().name] > calls

@@ -55,6 +55,14 @@ class OomReporting(Protocol):
     on_out_of_memory: Callable[[int], None]
 
 
+@runtime_checkable
+class CompilingLater(Protocol):
+    """Can warm up eagerly and compile on a helper thread, taking the compiled layers once
+    ready (the service's start: it scores sooner)."""
+
+    def warmup_compiling_later(self) -> Any: ...
+
+
 @dataclass(frozen=True)
 class Capabilities:
     pipelined: bool
@@ -62,6 +70,7 @@ class Capabilities:
     process_preparing: bool
     primed: bool
     oom_reporting: bool
+    compiling_later: bool
     #: The engine's device is a CUDA device.
     cuda: bool
 
@@ -74,6 +83,7 @@ class Capabilities:
             process_preparing=isinstance(engine, ProcessPreparing),
             primed=isinstance(engine, Primed),
             oom_reporting=isinstance(engine, OomReporting),
+            compiling_later=isinstance(engine, CompilingLater),
             cuda=getattr(device, "type", None) == "cuda",
         )
 

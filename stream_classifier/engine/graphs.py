@@ -156,12 +156,19 @@ class GraphedForward:
         self._graphs: dict[Shape, _Graph | None] = {}
         self._passes: Counter[Shape] = Counter()
         self._pool = torch.cuda.graph_pool_handle() if capture else None
+        #: The packed layers' version the graphs were captured with.
+        self._version = packed.version
         #: Shapes captured, shapes whose capture failed (they run eagerly), seconds spent.
         self.captured = 0
         self.failed = 0
         self.capture_s = 0.0
 
     def __call__(self, batch: TokenBatch) -> torch.Tensor:
+        self.packed.adopt_compiled()
+        if self.packed.version != self._version:  # the layers changed: recapture
+            self._graphs.clear()
+            self._passes.clear()
+            self._version = self.packed.version
         shape = shape_of(batch, self.max_tokens)
         if shape is None:
             return self.packed(batch)

@@ -21,8 +21,11 @@ Same weights and the same arithmetic as ``transformers.BertForSequenceClassifica
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, cast
@@ -261,11 +264,16 @@ class PackedBert:
             usable = [k for k in VARLEN_KERNELS if unavailable(k, self.device, dtype) is None]
             attention = usable[0] if usable else "sdpa"
         self.compile_layers = compile_layers
-        #: One encoder layer; with a varlen kernel on a GPU compiled once (dynamic shapes)
-        #: for all 24 layers, which fuses bias+GELU and residual+LayerNorm into single
-        #: kernels.
+        #: One encoder layer: eager, until the compiled one (:meth:`compile_in_background`)
+        #: is adopted. Compiled once (dynamic shapes) for all 24 layers, it fuses bias+GELU
+        #: and residual+LayerNorm into single kernels.
         self.layer: LayerFn = self._layer
         self._compiled = False
+        #: Changes whenever ``layer`` does: CUDA graphs captured before hold the old kernels.
+        self.version = 0
+        self._compiler: threading.Thread | None = None
+        #: The compiled layer once the helper thread has it, and for which kernel.
+        self._ready: tuple[Attention, LayerFn] | None = None
         self.attention: Attention = attention
         self.use(attention)
 
@@ -279,14 +287,79 @@ class PackedBert:
         return self.attention in VARLEN_KERNELS
 
     def use(self, attention: Attention) -> None:
-        """Attend with ``attention`` from now on: the engine moves to the next kernel when
-        one fails its probe at load. Padded SDPA runs uncompiled (its grid scatter is what
-        the CPU tests check, and it is the last resort, not a fast path)."""
+        """Attend with ``attention`` from now on, eagerly: the engine moves to the next
+        kernel when one fails its probe at load."""
         self.attention = attention
-        self._compiled = self.compile_layers and self.varlen and self.device.type == "cuda"
-        self.layer = torch.compile(self._layer, dynamic=True) if self._compiled else self._layer
+        self.layer, self._compiled = self._layer, False
+        self.version += 1
+
+    @property
+    def compile_wanted(self) -> bool:
+        """Compile where it pays: a varlen kernel on a GPU. Padded SDPA runs uncompiled (its
+        grid scatter is what the CPU tests check, and it is the last resort, not a fast
+        path)."""
+        return self.compile_layers and self.varlen and self.device.type == "cuda"
+
+    def compile_in_background(self) -> threading.Thread | None:
+        """Compile the layer on a helper thread, which runs it once on small passes; passes
+        run eagerly meanwhile and take the compiled layer at the start of the first pass
+        after it is ready (:meth:`adopt_compiled`).
+
+        Why: compiling takes seconds, most of a cold start's model set-up, and costs only a
+        few per cent of the steady rate when skipped, so a replica scores eagerly at once
+        rather than wait for it (docs/PERFORMANCE.md, "Start-up").
+        """
+        if not self.compile_wanted or self._compiler is not None:
+            return None
+        self._compiler = threading.Thread(
+            target=self._compile, args=(self.attention,), name="compile-layers", daemon=True
+        )
+        self._compiler.start()
+        return self._compiler
+
+    def _compile(self, attention: Attention) -> None:
+        started = time.perf_counter()
+        try:
+            compiled = cast(LayerFn, torch.compile(self._layer, dynamic=True))
+            stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
+            with torch.inference_mode(), _on(stream):  # as the engine's passes run
+                for hidden, layout in self._compile_samples():
+                    compiled(hidden, self.layers[0], layout)
+            if stream is not None:
+                stream.synchronize()
+        except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop scoring
+            log.warning("torch.compile of the encoder layers failed (%s); they stay eager", exc)
+            return
+        self._ready = (attention, compiled)
+        log.info(
+            "encoder layers compiled on a helper thread in %.1f s; passes use them from now on",
+            time.perf_counter() - started,
+        )
+
+    def _compile_samples(self) -> list[tuple[torch.Tensor, Layout]]:
+        """Two sequences (16 tokens and the longest) per longest length the engine's
+        passes are rounded to (graphs.py), so no length compiles on the scoring thread."""
+        width = self.heads * self.head_dim
+        dtype = self.word.dtype
+        samples = []
+        positions = int(self.position.shape[0])
+        for longest in range(128, positions + 1, 128) or [positions]:
+            cu = torch.tensor([0, 16, 16 + longest], dtype=torch.int32, device=self.device)
+            hidden = torch.randn(16 + longest, width, dtype=dtype, device=self.device)
+            empty = torch.empty(0, dtype=torch.long, device=self.device)
+            samples.append((hidden, Layout(cu, longest, empty, empty)))
+        return samples
+
+    def adopt_compiled(self) -> None:
+        """Run the compiled layer from now on, if the helper thread has it ready (called at
+        the start of a pass, on the scoring thread)."""
+        ready, self._ready = self._ready, None
+        if ready is not None and ready[0] == self.attention:
+            self.layer, self._compiled = ready[1], True
+            self.version += 1
 
     def __call__(self, batch: TokenBatch) -> torch.Tensor:
+        self.adopt_compiled()
         tokens, layout = self._upload(batch)
         return self.compute(tokens, layout)
 
@@ -430,3 +503,7 @@ class PackedBert:
             scale=self.scale,
         )
         return context.transpose(1, 2)[queries.rows, queries.columns]
+
+
+def _on(stream: torch.cuda.Stream | None) -> contextlib.AbstractContextManager[object]:
+    return torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext()
