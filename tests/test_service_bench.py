@@ -61,6 +61,10 @@ def test_gpu_service_script_runs_the_real_service_and_writes_its_report(
         "switch_interval_ms": "5",  # Python's own on a CPU (0.5 on a GPU)
     }
     assert service["gpu_busy"] is None  # no GPU here
+    # its start-up clock: the first output after the first consume, after the model load
+    startup = service["startup"]
+    assert startup["total"] >= startup["model_setup"] > 0
+    assert any("first output" in line for line in service["startup_lines"])
     assert 0.0 <= service["engine_idle"] <= 1.0
     (at_half,) = service["latency"]
     assert at_half["load"] == 0.5 and at_half["produced"] >= 1
