@@ -51,7 +51,7 @@ def load_ready_engine(
         log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
         with clock.step("warmup"):
             if isinstance(engine, CompilingLater):
-                engine.warmup_compiling_later()
+                engine.warmup_eagerly()  # compiles after the first output (FirstOutput)
             else:
                 engine.warmup()
     if isinstance(engine, Primed):  # embed each topic's label hypotheses once, now
@@ -82,15 +82,21 @@ def describe_model(config: ServiceConfig) -> str:
 
 class FirstOutput(Observer):
     """Closes the start-up clock at the first record written: its summary line, and the
-    total in ``stream_classifier_startup_seconds{step="total"}``."""
+    total in ``stream_classifier_startup_seconds{step="total"}``. Then the engine compiles
+    (where it compiles later): not sooner, because compiling holds the interpreter lock
+    for seconds and would slow the first batch, and the CUDA graphs captured meanwhile
+    would be of the eager layers."""
 
-    def __init__(self, clock: StartupClock, metrics: Metrics) -> None:
+    def __init__(self, clock: StartupClock, metrics: Metrics, engine: Engine | None = None):
         self.clock = clock
         self.metrics = metrics
+        self.engine = engine
 
     def written(self, record: Record) -> None:
         if self.clock.total is None and self.clock.finish() is not None:
             self.metrics.startup_seconds.labels(step="total").set(self.clock.total or 0.0)
+            if isinstance(self.engine, CompilingLater):
+                self.engine.compile_in_background()
 
 
 def check_windows(config: ServiceConfig, engine: Engine) -> None:

@@ -159,7 +159,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         engine = load_ready_engine(config, metrics, clock)
         # Settings left to the device (batch size, tokenizer processes), also on reloads.
         with clock.step("service_build"):
-            first = FirstOutput(clock, metrics)
+            first = FirstOutput(clock, metrics, engine)
             service = build_service(config, engine, metrics, [first], formats)
         service.rebalances.on_assigned = lambda _partitions: clock.milestone("group_join")
     except EngineError as exc:

@@ -33,7 +33,18 @@ log = logging.getLogger(__name__)
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("python+imports", ("python", "imports")),
     ("kafka check", ("kafka_check", "registry_check")),
-    ("model load", ("hub_check", "model_setup", "tokenizer", "weights_read", "to_device")),
+    (
+        "model load",
+        (
+            "hub_check",
+            "model_setup",
+            "tokenizer",
+            "weights_read",
+            "cuda_init",
+            "to_device",
+            "probes",
+        ),
+    ),
     ("warm-up", ("warmup",)),
     ("graphs", ("graphs",)),
     ("labels", ("labels",)),
@@ -45,7 +56,9 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
 MODEL_LOAD_PARTS = (
     ("tokenizer", "tokenizer"),
     ("weights_read", "weights"),
+    ("cuda_init", "CUDA init"),
     ("to_device", "to device"),
+    ("probes", "backend probes"),
 )
 
 _active: contextvars.ContextVar[StartupClock | None] = contextvars.ContextVar(

@@ -238,22 +238,26 @@ def compiler(monkeypatch: pytest.MonkeyPatch) -> SlowCompiler:
     return slow
 
 
-def test_the_service_warm_up_scores_eagerly_while_the_layers_compile_then_takes_them(
+def test_the_service_scores_eagerly_while_the_layers_compile_then_takes_them(
     engine: NliEngine, compiler: SlowCompiler
 ) -> None:
+    """No capture while the helper thread compiles (its device work would break one, and
+    the graphs would hold the eager layers); the compiled layers taken, graphs recaptured."""
     graphed = engine.forward
     assert isinstance(graphed, GraphedForward)
-    compiling = engine.warmup_compiling_later()
+    engine.warmup_eagerly()
+    captured = graphed.captured
+    compiling = engine.compile_in_background()
     assert compiling is not None and compiling.is_alive()
     assert_scores_like_the_reference(engine)  # while the helper thread compiles
     assert_scores_like_the_reference(engine)
     assert compiler.calls[threading.current_thread().name] == 0
-    captured = graphed.captured
+    assert graphed.captured == captured, "a graph was captured while the layers compiled"
     compiler.finish.set()
     compiling.join(timeout=60)
     assert not compiling.is_alive()
-    assert_scores_like_the_reference(engine)  # takes the compiled layers: graphs recaptured
-    assert_scores_like_the_reference(engine)
+    assert_scores_like_the_reference(engine)  # takes the compiled layers
+    assert_scores_like_the_reference(engine)  # and captures their graphs
     assert compiler.calls[threading.current_thread().name] > 0
     assert graphed.captured > captured
 
@@ -263,7 +267,8 @@ def test_a_compile_that_fails_leaves_the_layers_eager_and_says_so(
 ) -> None:
     compiler.fail = True
     compiler.finish.set()
-    compiling = engine.warmup_compiling_later()
+    engine.warmup_eagerly()
+    compiling = engine.compile_in_background()
     assert compiling is not None
     compiling.join(timeout=60)
     assert "torch.compile of the encoder layers failed" in caplog.text

@@ -18,7 +18,7 @@ from conftest import TINY_MODEL
 from kafka_helpers import create_topics, produce, unique, wait_until
 
 from stream_classifier import startup
-from stream_classifier.assemble import load_ready_engine
+from stream_classifier.assemble import FirstOutput, load_ready_engine
 from stream_classifier.config import ServiceConfig
 from stream_classifier.metrics import Metrics
 from stream_classifier.startup import StartupClock, process_age, summary
@@ -83,7 +83,8 @@ def test_the_summary_names_every_part_and_the_rest() -> None:
     line = summary(16.0, steps)
     assert line == (
         "first output 16.0 s after start: python+imports 3.00, kafka check 0.25, "
-        "model load 5.00 (tokenizer 0.50, weights 3.00, to device 1.00), warm-up 2.00, "
+        "model load 5.00 (tokenizer 0.50, weights 3.00, CUDA init 0.00, to device 1.00, "
+        "backend probes 0.00), warm-up 2.00, "
         "graphs 1.50, labels 0.00, service build 0.00, group join 3.00, "
         "first batch 0.25, other 1.00 (seconds)"
     )
@@ -155,7 +156,9 @@ NAMED = [
     "model load",
     "tokenizer",
     "weights",
+    "CUDA init",
     "to device",
+    "backend probes",
     "warm-up",
     "graphs",
     "labels",
@@ -216,3 +219,27 @@ def test_run_logs_each_step_and_the_summary_at_its_first_output(
     assert re.search(r"loading nli model \S+ from \S+ on cpu", text)
     for step in ("python", "imports", "kafka_check", "weights_read", "warmup", "group_join"):
         assert f"start-up: {step} took" in text, step
+
+
+class LaterCompiler:
+    """An engine that compiles later: counts the calls that start its compile."""
+
+    def __init__(self) -> None:
+        self.started = 0
+
+    def warmup_eagerly(self) -> None:
+        pass
+
+    def compile_in_background(self) -> None:
+        self.started += 1
+
+
+def test_the_engine_starts_compiling_at_the_first_output_and_only_then() -> None:
+    clock = StartupClock()
+    engine = LaterCompiler()
+    first = FirstOutput(clock, Metrics(), engine)  # type: ignore[arg-type]
+    assert engine.started == 0
+    for _ in range(3):
+        first.written(None)  # type: ignore[arg-type]
+    assert engine.started == 1
+    assert clock.total is not None

@@ -60,7 +60,8 @@ class CompilingLater(Protocol):
     """Can warm up eagerly and compile on a helper thread, taking the compiled layers once
     ready (the service's start: it scores sooner)."""
 
-    def warmup_compiling_later(self) -> Any: ...
+    def warmup_eagerly(self) -> None: ...
+    def compile_in_background(self) -> Any: ...
 
 
 @dataclass(frozen=True)

@@ -170,7 +170,9 @@ class GraphedForward:
             self._passes.clear()
             self._version = self.packed.version
         shape = shape_of(batch, self.max_tokens)
-        if shape is None:
+        if shape is None or (self.packed.compiling and shape not in self._graphs):
+            # No capture while the layers compile on the helper thread: its device work
+            # breaks a capture, and graphs of the eager layers would be dropped soon anyway.
             return self.packed(batch)
         if shape not in self._graphs:
             self._passes[shape] += 1

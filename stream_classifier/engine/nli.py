@@ -268,7 +268,8 @@ class NliEngine:
         self.dtype = next(model.parameters()).dtype
         #: Why each faster backend was not taken ("flash attention: ..."), for the log.
         self.backend_notes: list[str] = []
-        forward, chosen = self._make_forward(backend)
+        with startup.step("probes"):
+            forward, chosen = self._make_forward(backend)
         #: What runs: "packed-flash", "packed-efficient" (each with "-graphs" where its passes
         #: are replayed from CUDA graphs), "packed-sdpa" or "padded-sdpa"; "cpu-" first on a
         #: CPU.
@@ -544,20 +545,22 @@ class NliEngine:
         this waits for them and warms up again with them: what a benchmark measures is the
         steady state.
         """
-        compiling = self.warmup_compiling_later()
+        self.warmup_eagerly()
+        compiling = self.compile_in_background()
         if compiling is not None:
             compiling.join()
             self._warm_shapes()
 
-    def warmup_compiling_later(self) -> threading.Thread | None:
-        """The warm-up, eagerly; the layers compile on a helper thread (returned, where they
-        compile) and passes take them once ready. The service starts this way: it scores
-        seconds sooner, a few per cent slower until the compiled layers are in."""
+    def warmup_eagerly(self) -> None:
+        """The warm-up without compiling (the service's start: it scores seconds sooner,
+        then compiles on a helper thread, :meth:`compile_in_background`)."""
         self._warm_shapes()
+
+    def compile_in_background(self) -> threading.Thread | None:
+        """Compile the packed layers on a helper thread (returned, where they compile);
+        passes take them once ready."""
         packed = getattr(self.forward, "packed", self.forward)
-        if isinstance(packed, PackedBert):
-            return packed.compile_in_background()
-        return None
+        return packed.compile_in_background() if isinstance(packed, PackedBert) else None
 
     def _warm_shapes(self) -> None:
         longest = self.max_length
@@ -719,6 +722,9 @@ def load_classifier_and_head(
         raise EngineError(f"{model_dir}: weights do not fit a BERT classifier: {exc}") from exc
     head = ClassifierHead.of(model, device)  # before the cast: the checkpoint's precision
     module: torch.nn.Module = model
+    if device.type == "cuda":
+        with startup.step("cuda_init"):  # the context, apart from the copy
+            torch.empty(1, device=device)
     with startup.step("to_device"):
         module.to(device=device, dtype=dtype)
     module.train(False)

@@ -300,6 +300,11 @@ class PackedBert:
         path)."""
         return self.compile_layers and self.varlen and self.device.type == "cuda"
 
+    @property
+    def compiling(self) -> bool:
+        """The helper thread is compiling (its compiled layer not taken yet)."""
+        return self._compiler is not None and self._compiler.is_alive()
+
     def compile_in_background(self) -> threading.Thread | None:
         """Compile the layer on a helper thread, which runs it once on small passes; passes
         run eagerly meanwhile and take the compiled layer at the start of the first pass
