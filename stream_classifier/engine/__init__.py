@@ -17,9 +17,11 @@ __all__ = ["Engine", "EngineError", "Prepared", "Scores", "import_libraries", "l
 def import_libraries(config: EngineConfig) -> None:
     """Import what loading ``config``'s engine will use (the start-up clock times the imports
     apart from the load): torch and tokenizers for the StructBERT engine, transformers'
-    model code as well (most of its import time) for the engines built on it."""
-    import torch  # noqa: F401
+    model code as well (most of its import time) for the engines built on it. The CUDA
+    context is started meanwhile, on a helper thread."""
+    from stream_classifier.engine.shared import start_cuda
 
+    start_cuda(config.device)  # on a helper thread, while the rest imports and loads
     from stream_classifier.engine import nli  # noqa: F401
 
     if config.kind == "embedding" or _transformers_checkpoint(config):

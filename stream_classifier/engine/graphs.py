@@ -169,6 +169,9 @@ class GraphedForward:
             self._graphs.clear()
             self._passes.clear()
             self._version = self.packed.version
+            # a pool whose graphs are all gone is released: capturing into it again fails
+            # (CUDACachingAllocator's use_count assertion)
+            self._pool = torch.cuda.graph_pool_handle() if self.capture else None
         shape = shape_of(batch, self.max_tokens)
         if shape is None or (self.packed.compiling and shape not in self._graphs):
             # No capture while the layers compile on the helper thread: its device work

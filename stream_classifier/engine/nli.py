@@ -73,6 +73,7 @@ from stream_classifier.engine.shared import (
     round_up,
     run_halving_on_oom,
     to_device,
+    wait_for_cuda,
 )
 
 log = logging.getLogger(__name__)
@@ -720,11 +721,10 @@ def load_classifier_and_head(
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
         raise EngineError(f"{model_dir}: weights do not fit a BERT classifier: {exc}") from exc
+    with startup.step("cuda_init"):  # the context, apart from the copies
+        wait_for_cuda(device)
     head = ClassifierHead.of(model, device)  # before the cast: the checkpoint's precision
     module: torch.nn.Module = model
-    if device.type == "cuda":
-        with startup.step("cuda_init"):  # the context, apart from the copy
-            torch.empty(1, device=device)
     with startup.step("to_device"):
         module.to(device=device, dtype=dtype)
     module.train(False)

@@ -3,6 +3,7 @@ logits on their way back from the device."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 from collections.abc import Callable, Sequence
@@ -34,6 +35,44 @@ def pick_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise EngineError(f"engine.device={name} but no CUDA device is available")
     return device
+
+
+#: The CUDA context being created on a helper thread (:func:`start_cuda`), if it is.
+_cuda_context: threading.Thread | None = None
+
+
+def start_cuda(name: str) -> None:
+    """Create the CUDA context of ``engine.device`` on a helper thread, where it is CUDA.
+
+    Why: creating it takes seconds on a large GPU, and the start-up has other work to do
+    meanwhile (its remaining imports, the Kafka check, reading the weights);
+    :func:`wait_for_cuda` waits for it before the first tensor goes to the device.
+    """
+    global _cuda_context
+    try:
+        device = pick_device(name)
+    except EngineError:
+        return  # the load says so
+    if device.type != "cuda" or _cuda_context is not None:
+        return
+    _cuda_context = threading.Thread(
+        target=_create_context, args=(device,), name="cuda-context", daemon=True
+    )
+    _cuda_context.start()
+
+
+def _create_context(device: torch.device) -> None:
+    with contextlib.suppress(Exception):  # a failure shows again, properly, at the load
+        torch.empty(1, device=device)
+
+
+def wait_for_cuda(device: torch.device) -> None:
+    """The CUDA context exists once this returns (created here if no helper thread did)."""
+    if device.type != "cuda":
+        return
+    if _cuda_context is not None:
+        _cuda_context.join()
+    torch.empty(1, device=device)
 
 
 def pick_dtype(name: str, device: torch.device) -> torch.dtype:
