@@ -97,23 +97,51 @@ class BertSettings:
             )
 
 
+def _parameter(*shape: int) -> nn.Parameter:
+    """Uninitialised, on the CPU: the checkpoint's tensors replace it (``assign=True``).
+    Not the meta device, whose Python reference kernels import sympy and torch._dynamo:
+    seconds of a replica's start-up."""
+    return nn.Parameter(torch.empty(shape), requires_grad=False)
+
+
+class _Linear(nn.Module):
+    def __init__(self, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = _parameter(outputs, inputs)
+        self.bias = _parameter(outputs)
+
+
+class _LayerNorm(nn.Module):
+    def __init__(self, size: int, eps: float) -> None:
+        super().__init__()
+        self.weight = _parameter(size)
+        self.bias = _parameter(size)
+        self.eps = eps
+
+
+class _Embedding(nn.Module):
+    def __init__(self, rows: int, size: int) -> None:
+        super().__init__()
+        self.weight = _parameter(rows, size)
+
+
 class _Embeddings(nn.Module):
     def __init__(self, settings: BertSettings) -> None:
         super().__init__()
         hidden = settings.hidden_size
-        self.word_embeddings = nn.Embedding(settings.vocab_size, hidden)
-        self.position_embeddings = nn.Embedding(settings.max_position_embeddings, hidden)
-        self.token_type_embeddings = nn.Embedding(settings.type_vocab_size, hidden)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=settings.layer_norm_eps)
+        self.word_embeddings = _Embedding(settings.vocab_size, hidden)
+        self.position_embeddings = _Embedding(settings.max_position_embeddings, hidden)
+        self.token_type_embeddings = _Embedding(settings.type_vocab_size, hidden)
+        self.LayerNorm = _LayerNorm(hidden, settings.layer_norm_eps)
 
 
 class _SelfAttention(nn.Module):
     def __init__(self, settings: BertSettings) -> None:
         super().__init__()
         hidden = settings.hidden_size
-        self.query = nn.Linear(hidden, hidden)
-        self.key = nn.Linear(hidden, hidden)
-        self.value = nn.Linear(hidden, hidden)
+        self.query = _Linear(hidden, hidden)
+        self.key = _Linear(hidden, hidden)
+        self.value = _Linear(hidden, hidden)
 
 
 class _DenseNorm(nn.Module):
@@ -121,8 +149,8 @@ class _DenseNorm(nn.Module):
 
     def __init__(self, inputs: int, settings: BertSettings) -> None:
         super().__init__()
-        self.dense = nn.Linear(inputs, settings.hidden_size)
-        self.LayerNorm = nn.LayerNorm(settings.hidden_size, eps=settings.layer_norm_eps)
+        self.dense = _Linear(inputs, settings.hidden_size)
+        self.LayerNorm = _LayerNorm(settings.hidden_size, settings.layer_norm_eps)
 
 
 class _Attention(nn.Module):
@@ -135,7 +163,7 @@ class _Attention(nn.Module):
 class _Intermediate(nn.Module):
     def __init__(self, settings: BertSettings) -> None:
         super().__init__()
-        self.dense = nn.Linear(settings.hidden_size, settings.intermediate_size)
+        self.dense = _Linear(settings.hidden_size, settings.intermediate_size)
 
 
 class _Layer(nn.Module):
@@ -155,7 +183,7 @@ class _Encoder(nn.Module):
 class _Pooler(nn.Module):
     def __init__(self, settings: BertSettings) -> None:
         super().__init__()
-        self.dense = nn.Linear(settings.hidden_size, settings.hidden_size)
+        self.dense = _Linear(settings.hidden_size, settings.hidden_size)
 
 
 class _Bert(nn.Module):
@@ -173,7 +201,7 @@ class BertClassifier(nn.Module):
         super().__init__()
         self.config = settings
         self.bert = _Bert(settings)
-        self.classifier = nn.Linear(settings.hidden_size, settings.num_labels)
+        self.classifier = _Linear(settings.hidden_size, settings.num_labels)
 
     def encode(
         self, input_ids: torch.Tensor, token_type_ids: torch.Tensor, attention_mask: torch.Tensor
@@ -212,7 +240,7 @@ def _layer(
     head_dim = size // heads
     attention = layer.attention.self
 
-    def split(projection: nn.Linear) -> torch.Tensor:
+    def split(projection: _Linear) -> torch.Tensor:
         return _linear(projection, hidden).view(rows, width, heads, head_dim).transpose(1, 2)
 
     context = F.scaled_dot_product_attention(
@@ -230,16 +258,16 @@ def _layer(
     return _norm(layer.output.LayerNorm, _linear(layer.output.dense, inner) + attended)
 
 
-def _embed(table: nn.Embedding, ids: torch.Tensor) -> torch.Tensor:
+def _embed(table: _Embedding, ids: torch.Tensor) -> torch.Tensor:
     return F.embedding(ids, table.weight)
 
 
-def _linear(projection: nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _linear(projection: _Linear, x: torch.Tensor) -> torch.Tensor:
     return F.linear(x, projection.weight, projection.bias)
 
 
-def _norm(norm: nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    return F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)
+def _norm(norm: _LayerNorm, x: torch.Tensor) -> torch.Tensor:
+    return F.layer_norm(x, norm.weight.shape, norm.weight, norm.bias, norm.eps)
 
 
 @dataclass(frozen=True)

@@ -715,8 +715,7 @@ def load_classifier_and_head(
         state = load_state_dict(model_dir)
     for key in UNUSED_CHECKPOINT_KEYS:
         state.pop(key, None)
-    with torch.device("meta"):
-        model = BertClassifier(config)
+    model = BertClassifier(config)
     try:
         model.load_state_dict(state, strict=True, assign=True)
     except RuntimeError as exc:
