@@ -50,7 +50,7 @@ def load_ready_engine(
             check_windows(config, engine)
         log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
         with clock.step("warmup"):
-            if isinstance(engine, CompilingLater):
+            if isinstance(engine, CompilingLater) and config.engine.compile_in_background:
                 engine.warmup_eagerly()  # compiles after the first output (FirstOutput)
             else:
                 engine.warmup()

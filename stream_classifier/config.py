@@ -354,11 +354,14 @@ class EngineConfig(_Section):
     #: docs/PERFORMANCE.md). Off: launch eagerly.
     cuda_graphs: bool = True
     #: nli on a GPU with a packed attention kernel: compile each encoder layer with
-    #: torch.compile at load, for a faster steady state. It is most of a cold start's model
-    #: set-up (a compile cache in a volume that outlives the container, such as the
-    #: Deployment's /tmp, shortens a restart's); off: the set-up takes about a second and
-    #: the steady state is a little slower (docs/PERFORMANCE.md, "Start-up").
+    #: torch.compile, for a faster steady state (a few per cent). Off: never compiled.
     compile_layers: bool = True
+    #: Where the layers compile: on a helper thread after the first output (the service
+    #: scores eagerly meanwhile, slower while the compiler holds the interpreter lock, and
+    #: takes the compiled layers once ready), or, false, at load, before anything is
+    #: consumed (a start about 20 s longer on an H200, full speed from the first event).
+    #: docs/PERFORMANCE.md, "Start-up".
+    compile_in_background: bool = True
 
     @model_validator(mode="after")
     def _distinct_nli_columns(self) -> EngineConfig:

@@ -147,6 +147,43 @@ def test_loading_the_tiny_model_records_its_steps(tiny_model: Path) -> None:
     assert order.index("imports") < order.index("weights_read") < order.index("warmup")
 
 
+class WarmUps:
+    """An engine that compiles later: which warm-up the service's load ran."""
+
+    model_id = "warm-ups"
+
+    def __init__(self) -> None:
+        self.ran: list[str] = []
+
+    def warmup(self) -> None:
+        self.ran.append("warmup")
+
+    def warmup_eagerly(self) -> None:
+        self.ran.append("warmup_eagerly")
+
+    def compile_in_background(self) -> None:
+        self.ran.append("compile_in_background")
+
+
+@pytest.mark.parametrize(
+    ("in_background", "expected"), [(True, ["warmup_eagerly"]), (False, ["warmup"])]
+)
+def test_compile_in_background_picks_the_warm_up_the_service_loads_with(
+    tiny_model: Path, monkeypatch: pytest.MonkeyPatch, in_background: bool, expected: list[str]
+) -> None:
+    """true: the eager warm-up (the compile starts at the first output); false: the
+    warm-up that compiles and waits, before anything is consumed."""
+    engine = WarmUps()
+    monkeypatch.setattr("stream_classifier.assemble.load_engine", lambda *args: engine)
+    monkeypatch.setattr("stream_classifier.assemble.check_windows", lambda *args: None)
+    config = ServiceConfig(
+        engine={"model": str(tiny_model), "device": "cpu", "compile_in_background": in_background},
+        topics=[{"input": "in", "output": "out", "dead_letter": "dlq", "labels": ["a", "b"]}],
+    )
+    load_ready_engine(config, Metrics(), StartupClock())
+    assert engine.ran == expected
+
+
 # -- through the broker --------------------------------------------------------------------
 
 SUMMARY = re.compile(r"first output (\d+\.\d) s after start: (.*) \(seconds\)")
