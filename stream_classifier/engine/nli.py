@@ -18,7 +18,7 @@ Speed comes from doing the reference's work once and only the real tokens:
   only the [CLS] rows. The attention kernel is variable-length flash attention where the
   GPU has it (Ampere and newer), else PyTorch's variable-length memory-efficient attention
   (a T4 or V100 too); each is taken only after a probe call at load passes. Where neither
-  works (a CPU, a GPU older than sm_50, both probes failing) the Hugging Face encoder runs
+  works (a CPU, a GPU older than sm_50, both probes failing) the encoder (:mod:`.bert`) runs
   on length-sorted, padded batches with SDPA attention; ``engine.backend`` says which, and
   the start-up log why the faster ones were not taken;
 - with a packed kernel on a GPU each pass is replayed from a CUDA graph of its shape
@@ -92,7 +92,7 @@ WEIGHT_FILES = ("pytorch_model.bin", "model.safetensors")
 #: benchmark that asks for one measures that one);
 #: "packed": padding-free with the fastest kernel that works, else padded SDPA inside the
 #: packed layout;
-#: "padded": the Hugging Face encoder on length-sorted, padded batches, SDPA attention.
+#: "padded": the encoder (:mod:`.bert`) on length-sorted, padded batches, SDPA attention.
 Backend = Literal["auto", "flash", "efficient", "packed", "padded"]
 BACKENDS: tuple[Backend, ...] = ("auto", "flash", "efficient", "packed", "padded")
 #: How the start-up log names each attention kernel.

@@ -44,8 +44,8 @@ _cuda_context: threading.Thread | None = None
 def start_cuda(name: str) -> None:
     """Create the CUDA context of ``engine.device`` on a helper thread, where it is CUDA.
 
-    Why: creating it takes seconds on a large GPU, and the start-up has other work to do
-    meanwhile (its remaining imports, the Kafka check, reading the weights);
+    Why: the start-up has other work to do meanwhile (its remaining imports, the Kafka
+    check, reading the weights), so the context costs it nothing where creating one is slow;
     :func:`wait_for_cuda` waits for it before the first tensor goes to the device.
     """
     global _cuda_context
