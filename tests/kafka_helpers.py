@@ -57,6 +57,12 @@ class Record:
         return value
 
 
+def ordered_producer(bootstrap: str) -> Producer:
+    """Idempotent, so a request retried (say on a topic created a moment ago) cannot land
+    after the one sent behind it: the tests read order back and need the input in order."""
+    return Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True})
+
+
 def produce(
     bootstrap: str,
     topic: str,
@@ -64,12 +70,11 @@ def produce(
     keys: Iterable[bytes | None] | None = None,
     headers: list[tuple[str, str | bytes | None]] | None = None,
     partition: int | None = None,
+    producer: Producer | None = None,
 ) -> None:
-    # Idempotent, so a request retried (say on a topic created a moment ago) cannot land
-    # after the one sent behind it: the tests read order back and need the input in order.
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "linger.ms": 5, "enable.idempotence": True}
-    )
+    """Write and wait for every acknowledgement, with ``producer`` (one already connected)
+    or a new :func:`ordered_producer`."""
+    producer = producer or ordered_producer(bootstrap)
     values = list(values)
     key_list = list(keys) if keys is not None else [None] * len(values)
     errors: list[str] = []
