@@ -160,17 +160,19 @@ class _Attention(nn.Module):
         self.output = _DenseNorm(settings.hidden_size, settings)
 
 
-class _Intermediate(nn.Module):
-    def __init__(self, settings: BertSettings) -> None:
+class _Dense(nn.Module):
+    """One projection named ``dense`` (the intermediate layer's and the pooler's)."""
+
+    def __init__(self, inputs: int, outputs: int) -> None:
         super().__init__()
-        self.dense = _Linear(settings.hidden_size, settings.intermediate_size)
+        self.dense = _Linear(inputs, outputs)
 
 
 class _Layer(nn.Module):
     def __init__(self, settings: BertSettings) -> None:
         super().__init__()
         self.attention = _Attention(settings)
-        self.intermediate = _Intermediate(settings)
+        self.intermediate = _Dense(settings.hidden_size, settings.intermediate_size)
         self.output = _DenseNorm(settings.intermediate_size, settings)
 
 
@@ -180,18 +182,12 @@ class _Encoder(nn.Module):
         self.layer = nn.ModuleList(_Layer(settings) for _ in range(settings.num_hidden_layers))
 
 
-class _Pooler(nn.Module):
-    def __init__(self, settings: BertSettings) -> None:
-        super().__init__()
-        self.dense = _Linear(settings.hidden_size, settings.hidden_size)
-
-
 class _Bert(nn.Module):
     def __init__(self, settings: BertSettings) -> None:
         super().__init__()
         self.embeddings = _Embeddings(settings)
         self.encoder = _Encoder(settings)
-        self.pooler = _Pooler(settings)
+        self.pooler = _Dense(settings.hidden_size, settings.hidden_size)
 
 
 class BertClassifier(nn.Module):
