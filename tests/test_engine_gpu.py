@@ -157,3 +157,24 @@ def test_layers_left_uncompiled_match_the_reference_within_the_fp16_bar(
     assert eager.backend.startswith("packed-flash")
     eager.warmup()
     assert_matches_the_reference(eager)
+
+
+def test_layers_compiled_on_a_helper_thread_are_taken_and_score_alike(tiny_model: Path) -> None:
+    """The service's start (``compile_in_background``): eager passes while the layers
+    compile on a helper thread, then the compiled layers and freshly captured graphs, each
+    within the fp16 budget of the reference."""
+    engine = NliEngine.load(EngineConfig(model=str(tiny_model), device="cuda"), 65536)
+    engine.warmup_eagerly()
+    forward = engine.forward
+    assert isinstance(forward, GraphedForward)
+    version = forward.packed.version
+    assert_matches_the_reference(engine)  # eager, before the compile starts
+    compiling = engine.compile_in_background()
+    assert compiling is not None
+    assert_matches_the_reference(engine)  # while it compiles (or just after)
+    compiling.join()
+    captured = forward.captured
+    for _ in range(2):  # the first pass takes the compiled layer; a shape captures on its second
+        assert_matches_the_reference(engine)
+    assert forward.packed.version > version and forward.failed == 0
+    assert forward.captured > captured  # graphs of the compiled layers

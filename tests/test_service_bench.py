@@ -61,6 +61,7 @@ def test_gpu_service_script_runs_the_real_service_and_writes_its_report(
         "switch_interval_ms": "5",  # Python's own on a CPU (0.5 on a GPU)
     }
     assert service["gpu_busy"] is None  # no GPU here
+    assert service["msgs_per_s_after_compile"] is None  # nor layers compiled on a helper thread
     # its start-up clock: the first output after the first consume, after the model load
     startup = service["startup"]
     assert startup["total"] >= startup["model_setup"] > 0

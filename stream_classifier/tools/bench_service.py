@@ -128,6 +128,10 @@ class ServiceRow:
     ratio_10_90_to_engine: float | None = None
     #: Mean events per micro-batch while saturated (the service's own histogram).
     batch_messages_mean: float | None = None
+    #: The pre-filled events again, produced at once after the layers compiled on a helper
+    #: thread were taken: outputs per second between 10% and 90% of them.
+    msgs_per_s_after_compile: float | None = None
+    ratio_after_compile_to_engine: float | None = None
     #: The service's start-up clock (``stream_classifier_startup_seconds``), "total" being
     #: its first output, and its log lines on the first output and the compiled layers.
     startup: dict[str, float] = field(default_factory=dict)
@@ -465,7 +469,12 @@ def _service_config(
 
 
 def run_service(
-    options: ServiceBenchOptions, model_dir: Path, labels: int, guarantee: str, directory: Path
+    options: ServiceBenchOptions,
+    model_dir: Path,
+    labels: int,
+    guarantee: str,
+    directory: Path,
+    compiles: bool = False,
 ) -> ServiceRow:
     """One service process: saturated on the pre-filled topic, then at each load."""
     events = bench.make_events(options.events, labels, options.seed + labels)
@@ -517,6 +526,11 @@ def run_service(
             row.latency.append(
                 _at_load(options, reader, topics.input, saturated, load, index, service)
             )
+        if compiles:  # the steady state a replica runs in, once its layers are compiled
+            texts = [e.text for e in events]
+            row.msgs_per_s_after_compile = _after_compile(
+                options, reader, topics.input, texts, service
+            )
         row.dead_letters = int(metric(port, "stream_classifier_dead_letters_total"))
         row.startup = startup_steps(port)
         row.startup_lines = service.lines_with(STARTUP_WORDS)
@@ -536,10 +550,40 @@ def _rate_10_90(
     """Outputs per second between reading 10% and 90% of them (the issue's measure)."""
     ids = range(count)
     wait_for(lambda: reader.count(ids) >= count, timeout, "reading every output", service)
+    return _rate_between(reader, ids)
+
+
+def _rate_between(reader: OutputReader, ids: range) -> float | None:
+    count = len(ids)
     times = sorted(at for at, _, _ in reader.rows(ids))
     low, high = int(0.1 * count), max(int(0.9 * count) - 1, int(0.1 * count))
     seconds = times[high] - times[low]
     return (high - low) / seconds if seconds > 0.05 else None
+
+
+#: The service's log once its compile on a helper thread ended, taken or not.
+COMPILE_ENDED = ("compiled on a helper thread", "they stay eager")
+#: The engine's backends whose layers compile (on a helper thread in the service).
+COMPILED = ("packed-flash", "packed-efficient")
+#: First event id of the burst after the compile (ids of the loads are below it).
+AFTER_COMPILE_FIRST_ID = 100_000_000
+
+
+def _after_compile(
+    options: ServiceBenchOptions,
+    reader: OutputReader,
+    topic: str,
+    texts: Sequence[str],
+    service: ServiceProcess,
+) -> float | None:
+    """The saturated rate once the compile on a helper thread has ended: the same events
+    again, produced at once, 10% to 90% of their outputs."""
+    timeout = options.step_timeout_s
+    wait_for(lambda: bool(service.lines_with(COMPILE_ENDED)), timeout, "the compile", service)
+    fill(options.bootstrap, topic, _payloads(texts, AFTER_COMPILE_FIRST_ID))
+    ids = range(AFTER_COMPILE_FIRST_ID, AFTER_COMPILE_FIRST_ID + len(texts))
+    wait_for(lambda: reader.count(ids) >= len(ids), timeout, "outputs after the compile", service)
+    return _rate_between(reader, ids)
 
 
 def _at_load(
@@ -589,12 +633,15 @@ def run_service_bench(options: ServiceBenchOptions) -> dict[str, Any]:
         model_dir = bench.build_model_dir(shape, root / f"structbert-{options.shape}", options.seed)
         for labels in options.labels:
             engine = _engine_in_child(model_dir, options, labels, options.events)
+            compiles = engine["gpu"] is not None and engine["backend"].startswith(COMPILED)
             for guarantee in options.guarantees:
                 directory = root / f"{labels}-{guarantee}"
                 directory.mkdir()
-                row = run_service(options, model_dir, labels, guarantee, directory)
+                row = run_service(options, model_dir, labels, guarantee, directory, compiles)
                 model_rate = engine["pre_tokenized_msgs_per_s"]
                 row.ratio_to_engine = row.msgs_per_s / model_rate
+                if row.msgs_per_s_after_compile is not None:
+                    row.ratio_after_compile_to_engine = row.msgs_per_s_after_compile / model_rate
                 if row.msgs_per_s_10_90 is not None:
                     row.ratio_10_90_to_engine = row.msgs_per_s_10_90 / model_rate
                 runs.append({"service": asdict(row), "engine": engine})
@@ -612,6 +659,10 @@ def format_row(run: dict[str, Any]) -> str:
         ratio += f" ({steady_ratio:.2f})"
     steady = service["msgs_per_s_10_90"]
     steady_text = "-" if steady is None else f"{steady:,.0f}"
+    compiled = service.get("msgs_per_s_after_compile")
+    if compiled is not None:
+        ratio += f" [{service['ratio_after_compile_to_engine']:.2f}]"
+        steady_text += f" [{compiled:,.0f}]"
     latency = " ".join(
         f"{row['load']:.0%}: {row['p50_ms']:.0f}/{row['p99_ms']:.0f} ms"
         for row in service["latency"]
@@ -635,8 +686,9 @@ def format_table(report: dict[str, Any]) -> str:
         f"{report['options']['events']:,} events per run, "
         f"{report['options']['partitions']} partitions",
         "| labels | guarantee | batch | service msgs/s (first consume to last commit) "
-        "| service msgs/s (10-90% of outputs) | bench end to end | bench pre-tokenized "
-        "| service / pre-tokenized, whole (10-90%) | GPU busy | engine idle "
+        "| service msgs/s (10-90% of outputs) [again, once compiled] | bench end to end "
+        "| bench pre-tokenized | service / pre-tokenized, whole (10-90%) [once compiled] "
+        "| GPU busy | engine idle "
         "| latency p50/p99 at load | start to first consume, s | start to first output, s |",
         "|" + " --- |" * 13,
     ]
