@@ -28,12 +28,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from kafka_helpers import read_to_end
+from kafka_helpers import delete_topics, read_to_end
 
 from faults.harness import (
     REPORT,
     Bouncer,
     Cluster,
+    Counts,
     FaultRun,
     OutputClock,
     PacedInput,
@@ -157,6 +158,31 @@ def bounced_run(
             encoding="utf-8",
         )
     assert run.terminate_all() == [0], run.logs()
+    topics = [run.input, run.output, run.dead_letter, *([f"{run.output}-probe"] if probe else [])]
+    try:
+        row, counts = counted(run, fault, clock, input_clock, probe, bouncer)
+    finally:
+        # Each run leaves the cluster as it found it: partitions left behind are loaded
+        # again at every restart, and restarts (hence the stalls) grow run by run.
+        delete_topics(cluster.bootstrap, topics)
+    run.assert_guarantee(counts)
+    assert row["order_held"], f"per-key order broken\n{run.logs()}"
+    assert counts.duplicated <= bouncer.bounces * IN_FLIGHT_BOUND, f"{row}\n{run.logs()}"
+    stall = max(row["input_stall_s"], row.get("transaction_stall_s", 0.0))
+    limit = max(GAP_LIMIT_S, stall + (LOADED_SHARE_S if loaded else SERVICE_SHARE_S))
+    assert row["longest_gap_s"] <= limit, f"{row}: over {limit:.1f}s, see {tmp_path}/timeline.json"
+    return row
+
+
+def counted(
+    run: FaultRun,
+    fault: str,
+    clock: OutputClock,
+    input_clock: OutputClock,
+    probe: TransactionProbe | None,
+    bouncer: Bouncer,
+) -> tuple[dict[str, Any], Counts]:
+    """What was read back, counted, and the run's report row (appended to the report)."""
     # The input is what the topic holds: an idempotent producer can still write an event
     # twice across a bounce (a retry after its epoch was bumped), and each copy is an
     # input event the service must score. Nothing sent may be missing from it.
@@ -170,7 +196,6 @@ def bounced_run(
     order = key_order_held(outputs, output_source) and key_order_held(dead, dead_letter_source)
     longest, input_stall = ((c.gaps(1) or [(0.0, 0.0)])[0][0] for c in (clock, input_clock))
     transaction_stall = (probe.gaps(1) or [(0.0, 0.0)])[0][0] if probe else 0.0
-    stall = max(input_stall, transaction_stall)
     row = {
         **asdict(counts),
         "order_held": order,
@@ -181,12 +206,7 @@ def bounced_run(
         "input_duplicated": input_duplicated,
     }
     REPORT.append(row)
-    run.assert_guarantee(counts)
-    assert order, f"per-key order broken\n{run.logs()}"
-    assert counts.duplicated <= bouncer.bounces * IN_FLIGHT_BOUND, f"{row}\n{run.logs()}"
-    limit = max(GAP_LIMIT_S, stall + (LOADED_SHARE_S if loaded else SERVICE_SHARE_S))
-    assert longest <= limit, f"{row}: over {limit:.1f}s, see {tmp_path}/timeline.json"
-    return row
+    return row, counts
 
 
 def transaction_probe(cluster: Cluster, run: FaultRun) -> TransactionProbe:
