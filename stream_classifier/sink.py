@@ -51,6 +51,13 @@ class TransactionFailed(Exception):
         self.abortable = abortable
 
 
+class CallCut(TransactionFailed):
+    """A transactional call still blocked at its bound: given up, its outcome unknown."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, abortable=False)
+
+
 @dataclass(frozen=True)
 class Record:
     """One record to write, and the input event it is written for."""
@@ -128,13 +135,26 @@ HANG_MARGIN_S = 15.0
 #: replaced, and the new one looks the coordinators up afresh. Cutting a call that was
 #: only slow (a coordinator moving) costs little, since the new producer's
 #: ``init_transactions`` waits on the same move; a healthy call takes milliseconds
-#: (docs/RELIABILITY.md, "A replicated cluster").
+#: (docs/RELIABILITY.md, "A replicated cluster"). That is the first call's bound: each
+#: cut in a row triples the next one's (see :func:`offsets_bound`).
 OFFSETS_BOUND_S = 3.0
 #: librdkafka's longest wait between connection attempts to a broker (its default
 #: 10,000 ms); both clients, user settings win.
 RECONNECT_BACKOFF_MAX_MS = 1000
 #: How long ``produce()`` waits for room in a full queue before giving the record back.
 QUEUE_FULL_S = 5.0
+
+
+def offsets_bound(cuts: int) -> float:
+    """The bound of a ``send_offsets_to_transaction`` after ``cuts`` such calls cut in a row.
+
+    One cut is cheap when the call had hung on a dead coordinator. Cuts in a row mean the
+    coordinators are moving slowly (a node restarting and loading them back), and there
+    each cut costs most: the new producer's ``init_transactions`` waits for the cut
+    transaction's abort (``CONCURRENT_TRANSACTIONS``) on top of the same move. So each
+    cut in a row gives the next call three times as long, up to the other calls' bound.
+    """
+    return min(OFFSETS_BOUND_S * 3**cuts, TXN_TIMEOUT_S + HANG_MARGIN_S)
 
 
 def producer_config(config: ServiceConfig, max_in_flight: int) -> dict[str, Any]:
@@ -182,6 +202,8 @@ class KafkaSink:
         self._initializing = False
         #: The transaction committing on a helper thread: the thread, then its outcome.
         self._committing: tuple[threading.Thread, list[BaseException | None]] | None = None
+        #: ``send_offsets_to_transaction`` calls cut since the last commit, on any producer.
+        self._offsets_cuts = 0
 
     @property
     def producer(self) -> Producer:
@@ -323,14 +345,18 @@ class KafkaSink:
         producer = self.producer
         if offsets:
             parts = [TopicPartition(t, p, o) for (t, p), o in offsets.items()]
-            self._call(
-                lambda: producer.send_offsets_to_transaction(
-                    parts, group_metadata, OFFSETS_BOUND_S
-                ),
-                "send_offsets_to_transaction",
-                bound=OFFSETS_BOUND_S,
-            )
+            bound = offsets_bound(self._offsets_cuts)
+            try:
+                self._call(
+                    lambda: producer.send_offsets_to_transaction(parts, group_metadata, bound),
+                    "send_offsets_to_transaction",
+                    bound=bound,
+                )
+            except CallCut:
+                self._offsets_cuts += 1
+                raise
         self._call(lambda: producer.commit_transaction(TXN_TIMEOUT_S), "commit_transaction")
+        self._offsets_cuts = 0
 
     def commit_in_background(self, offsets: dict[TP, int], group_metadata: object) -> None:
         """:meth:`commit` on a helper thread, so that the loop goes on consuming and
@@ -421,9 +447,7 @@ def _within_deadline(operation: Callable[[], object], name: str, deadline: float
     worker.start()
     worker.join(deadline)
     if worker.is_alive():
-        raise TransactionFailed(
-            f"{name} still blocked after {deadline:.0f}s (librdkafka #5456)", abortable=False
-        )
+        raise CallCut(f"{name} still blocked after {deadline:.0f}s (librdkafka #5456)")
     if outcome and outcome[0] is not None:
         raise outcome[0]
 

@@ -9,6 +9,8 @@ background, completed after the second one's and fenced it, and the service stop
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -17,7 +19,7 @@ from confluent_kafka import KafkaError, KafkaException
 from stream_classifier import sink as sink_module
 from stream_classifier.kafka_errors import Verdict
 from stream_classifier.messages import SourceRef
-from stream_classifier.sink import KafkaSink, Record, TransactionFailed
+from stream_classifier.sink import CallCut, KafkaSink, Record, TransactionFailed
 
 TIMED_OUT = KafkaError(
     KafkaError._TIMED_OUT,
@@ -33,6 +35,9 @@ class FakeProducer:
     made: list[FakeProducer] = []
     failures: list[KafkaError] = []
     produced: list[str] = []
+    offsets_timeouts: list[float] = []
+    commits = 0
+    coordinator = threading.Event()
 
     def __init__(self, config: dict[str, Any]) -> None:
         self.inits = 0
@@ -50,12 +55,24 @@ class FakeProducer:
     def produce(self, topic: str, **_: Any) -> None:
         FakeProducer.produced.append(topic)
 
+    def send_offsets_to_transaction(self, offsets: Any, metadata: Any, timeout: float) -> None:
+        """Blocks while the test holds the coordinator, as librdkafka #5511 does."""
+        FakeProducer.offsets_timeouts.append(timeout)
+        FakeProducer.coordinator.wait()
+
+    def commit_transaction(self, timeout: float) -> None:
+        FakeProducer.commits += 1
+
 
 @pytest.fixture
-def producers(monkeypatch: pytest.MonkeyPatch) -> list[FakeProducer]:
+def producers(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[FakeProducer]]:
     FakeProducer.made, FakeProducer.failures, FakeProducer.produced = [], [], []
+    FakeProducer.offsets_timeouts, FakeProducer.commits = [], 0
+    FakeProducer.coordinator = threading.Event()
+    FakeProducer.coordinator.set()
     monkeypatch.setattr(sink_module, "Producer", FakeProducer)
-    return FakeProducer.made
+    yield FakeProducer.made
+    FakeProducer.coordinator.set()  # the calls cut still wait on it, on their own threads
 
 
 def transactional_sink() -> KafkaSink:
@@ -94,6 +111,33 @@ def test_a_producer_without_transactions_is_replaced_on_restart(
     sink.start()
     sink.restart()
     assert len(producers) == 2 and producers[0].inits == 0 and producers[0].retired
+
+
+def test_offsets_calls_cut_in_a_row_get_longer_bounds_until_a_commit(
+    producers: list[FakeProducer], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Seen on the replicated cluster after clean bounces: calls cut at 3 s three times in
+    a row while a restarted node loaded its coordinators back, each new producer waiting
+    on the cut transaction's abort, 48 s without output. A cut in a row triples the next
+    call's bound (up to the other calls' bound); a commit brings it back to the first."""
+    monkeypatch.setattr(sink_module, "OFFSETS_BOUND_S", 0.01)
+    monkeypatch.setattr(sink_module, "TXN_TIMEOUT_S", 0.1)
+    monkeypatch.setattr(sink_module, "HANG_MARGIN_S", 0.05)
+    sink = transactional_sink()
+    sink.start()
+    offsets = {("in", 0): 5}
+    FakeProducer.coordinator.clear()  # every call blocks until it is set
+    for _ in range(4):
+        with pytest.raises(CallCut):
+            sink.commit(offsets, object())
+        sink.restart()  # as the checkpoint does after a call of unknown outcome
+    assert FakeProducer.offsets_timeouts == pytest.approx([0.01, 0.03, 0.09, 0.15])
+    assert FakeProducer.commits == 0 and len(producers) == 5
+    FakeProducer.coordinator.set()
+    sink.commit(offsets, object())
+    sink.commit(offsets, object())
+    assert FakeProducer.offsets_timeouts[4:] == pytest.approx([0.15, 0.01])
+    assert FakeProducer.commits == 2
 
 
 def record(size: int) -> Record:
