@@ -94,6 +94,7 @@ def test_passes_replayed_from_cuda_graphs_equal_the_eager_passes(
     eager = NliEngine.load(config.model_copy(update={"cuda_graphs": False}), 16384, backend=kernel)
     assert (graphed.backend, eager.backend) == (f"packed-{kernel}-graphs", f"packed-{kernel}")
     graphed.warmup()
+    eager.warmup()  # the same layers (compiled ones, where they compile) in both
     forward = graphed.forward
     assert isinstance(forward, GraphedForward)
     for _ in range(2):  # a shape is captured on its second pass

@@ -50,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, TopicPartition
 
 from stream_classifier.tools import bench
 from stream_classifier.tools.kafka_io import create_topics, fill, produce_at_rate
@@ -243,6 +243,10 @@ class OutputReader:
         self._thread.join(30)
 
 
+#: How long one look at the committed offsets may wait for them to be stable.
+COMMITTED_TIMEOUT_S = 1.0
+
+
 class CommitWatcher:
     """The service group's committed offsets on the input topic, summed."""
 
@@ -253,7 +257,16 @@ class CommitWatcher:
         self._partitions = [TopicPartition(topic, p) for p in range(partitions)]
 
     def committed(self) -> int:
-        offsets = self._consumer.committed(self._partitions, timeout=10)
+        """The offsets committed, summed; -1 while a transaction's offsets are pending.
+
+        A ``read_committed`` consumer asks for stable offsets, and the broker answers
+        ``UNSTABLE_OFFSET_COMMIT`` while any of these partitions has a transaction's
+        offsets pending: under exactly_once with back-to-back transactions, until the
+        last one lands. So the call is short, and a time-out is asked again."""
+        try:
+            offsets = self._consumer.committed(self._partitions, timeout=COMMITTED_TIMEOUT_S)
+        except KafkaException:
+            return -1
         return sum(max(0, tp.offset) for tp in offsets)
 
     def close(self) -> None:
