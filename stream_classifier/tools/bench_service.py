@@ -120,6 +120,8 @@ class ServiceRow:
     #: Share of that time the engine stage had no micro-batch (engine_idle_seconds).
     engine_idle: float | None
     settings: dict[str, str]
+    #: At each load: a fraction of ``msgs_per_s``, or of ``msgs_per_s_after_compile``
+    #: where the layers compile on a helper thread (loads then run after the compile).
     latency: list[LatencyRow] = field(default_factory=list)
     exit_code: int | None = None
     #: Events dead-lettered (the workload has none: anything here is a problem).
@@ -535,14 +537,16 @@ def run_service(
             settings=service.settings(),
             batch_messages_mean=mean_metric(port, "stream_classifier_batch_messages"),
         )
-        for index, load in enumerate(options.loads):
-            row.latency.append(
-                _at_load(options, reader, topics.input, saturated, load, index, service)
-            )
         if compiles:  # the steady state a replica runs in, once its layers are compiled
             texts = [e.text for e in events]
             row.msgs_per_s_after_compile = _after_compile(
                 options, reader, topics.input, texts, service
+            )
+            # The loads are fractions of that steady state, not of the start's rate.
+            saturated = row.msgs_per_s_after_compile or saturated
+        for index, load in enumerate(options.loads):
+            row.latency.append(
+                _at_load(options, reader, topics.input, saturated, load, index, service)
             )
         row.dead_letters = int(metric(port, "stream_classifier_dead_letters_total"))
         row.startup = startup_steps(port)
