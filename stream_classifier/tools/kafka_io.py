@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from confluent_kafka import Producer
 from confluent_kafka.admin import AdminClient, NewTopic  # type: ignore[attr-defined]
@@ -24,15 +26,43 @@ def create_topics(bootstrap: str, names: Iterable[str], partitions: int) -> None
         time.sleep(0.1)
 
 
-def fill(bootstrap: str, topic: str, payloads: Iterable[bytes]) -> None:
-    """Write every payload (keyed by its index) as fast as the producer takes them."""
+#: How long a new producer may take to be given its producer id.
+PRODUCER_ID_WAIT_S = 60.0
+
+
+def idempotent_producer(config: dict[str, Any]) -> Producer:
+    """An idempotent producer (it keeps the payloads in order across retries) that already
+    has its producer id.
+
+    Why wait: records produced before the id arrives wait for it, stamped with the time of
+    ``produce()``. On a broker still loading its coordinators that is 0.5-1 s, and a paced
+    run counts the burst that follows as the service's latency.
+    """
+    states: list[str] = []
+
+    def on_stats(stats: str) -> None:
+        states.append(json.loads(stats).get("eos", {}).get("idemp_state", ""))
+
     producer = Producer(
         {
-            "bootstrap.servers": bootstrap,
-            "linger.ms": 20,
-            "batch.num.messages": 10000,
-            "enable.idempotence": True,  # keeps the payloads in order across retries
+            **config,
+            "enable.idempotence": True,
+            "statistics.interval.ms": 50,
+            "stats_cb": on_stats,
         }
+    )
+    deadline = time.monotonic() + PRODUCER_ID_WAIT_S
+    while "Assigned" not in states:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"no producer id after {PRODUCER_ID_WAIT_S:.0f} s ({states[-1:]})")
+        producer.poll(0.05)
+    return producer
+
+
+def fill(bootstrap: str, topic: str, payloads: Iterable[bytes]) -> None:
+    """Write every payload (keyed by its index) as fast as the producer takes them."""
+    producer = idempotent_producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000}
     )
     for i, value in enumerate(payloads):
         while True:
@@ -47,9 +77,7 @@ def fill(bootstrap: str, topic: str, payloads: Iterable[bytes]) -> None:
 
 def produce_at_rate(bootstrap: str, topic: str, payloads: Sequence[bytes], rate: float) -> float:
     """Write the payloads at a steady ``rate`` per second; the seconds it took."""
-    producer = Producer(
-        {"bootstrap.servers": bootstrap, "linger.ms": 1, "enable.idempotence": True}
-    )
+    producer = idempotent_producer({"bootstrap.servers": bootstrap, "linger.ms": 1})
     started = time.perf_counter()
     for i, value in enumerate(payloads):
         ahead = i / rate - (time.perf_counter() - started)
