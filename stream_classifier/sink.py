@@ -154,7 +154,8 @@ def offsets_bound(cuts: int) -> float:
     transaction's abort (``CONCURRENT_TRANSACTIONS``) on top of the same move. So each
     cut in a row gives the next call three times as long, up to the other calls' bound.
     """
-    return min(OFFSETS_BOUND_S * 3**cuts, TXN_TIMEOUT_S + HANG_MARGIN_S)
+    longest = TXN_TIMEOUT_S + HANG_MARGIN_S
+    return min(OFFSETS_BOUND_S * 3.0 ** min(cuts, 8), longest)  # no overflow in a long outage
 
 
 def producer_config(config: ServiceConfig, max_in_flight: int) -> dict[str, Any]:

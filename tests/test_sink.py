@@ -138,6 +138,7 @@ def test_offsets_calls_cut_in_a_row_get_longer_bounds_until_a_commit(
     sink.commit(offsets, object())
     assert FakeProducer.offsets_timeouts[4:] == pytest.approx([0.15, 0.01])
     assert FakeProducer.commits == 2
+    assert sink_module.offsets_bound(10_000) == pytest.approx(0.15)  # an outage of any length
 
 
 def record(size: int) -> Record:
