@@ -132,11 +132,11 @@ HANG_MARGIN_S = 15.0
 #: the group coordinator it cached was killed and left the metadata (#5511): until the
 #: killed broker is back, minutes on a slow restart. The hang also catches calls made
 #: after the cluster has recovered, so the bound is short: past it the producer is
-#: replaced, and the new one looks the coordinators up afresh. Cutting a call that was
-#: only slow (a coordinator moving) costs little, since the new producer's
-#: ``init_transactions`` waits on the same move; a healthy call takes milliseconds
-#: (docs/RELIABILITY.md, "A replicated cluster"). That is the first call's bound: each
-#: cut in a row triples the next one's (see :func:`offsets_bound`).
+#: replaced, and the new one looks the coordinators up afresh; a healthy call takes
+#: milliseconds (docs/RELIABILITY.md, "A replicated cluster"). Cutting a call that was
+#: only slow (a coordinator moving) costs a replacement, whose ``init_transactions`` waits
+#: on the same move and on the cut transaction's abort: so this is the first call's
+#: bound, and each cut in a row triples the next one's (:func:`offsets_bound`).
 OFFSETS_BOUND_S = 3.0
 #: librdkafka's longest wait between connection attempts to a broker (its default
 #: 10,000 ms); both clients, user settings win.
