@@ -38,10 +38,12 @@ def idempotent_producer(config: dict[str, Any]) -> Producer:
     ``produce()``. On a broker still loading its coordinators that is 0.5-1 s, and a paced
     run counts the burst that follows as the service's latency.
     """
-    states: list[str] = []
+    states: list[str] = [""]
 
     def on_stats(stats: str) -> None:
-        states.append(json.loads(stats).get("eos", {}).get("idemp_state", ""))
+        # librdkafka goes on calling this every 50 ms: parse only until the id is there
+        if states[-1] != "Assigned":
+            states.append(json.loads(stats).get("eos", {}).get("idemp_state", ""))
 
     producer = Producer(
         {
@@ -52,7 +54,7 @@ def idempotent_producer(config: dict[str, Any]) -> Producer:
         }
     )
     deadline = time.monotonic() + PRODUCER_ID_WAIT_S
-    while "Assigned" not in states:
+    while states[-1] != "Assigned":
         if time.monotonic() > deadline:
             raise TimeoutError(f"no producer id after {PRODUCER_ID_WAIT_S:.0f} s ({states[-1:]})")
         producer.poll(0.05)
