@@ -70,7 +70,13 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         return
     header = ["fault", "mode", "events_in", "outputs", "dead_letters", "lost", "duplicated"]
     # The replicated-cluster runs (test_replicated.py) also record these.
-    extra = ("order_held", "longest_gap_s", "input_stall_s", "transaction_stall_s")
+    extra = (
+        "order_held",
+        "longest_gap_s",
+        "input_stall_s",
+        "group_stall_s",
+        "transaction_stall_s",
+    )
     header += [key for key in extra if any(key in r for r in REPORT)]
     terminalreporter.section("fault suite counts")
     terminalreporter.write_line(" | ".join(header))

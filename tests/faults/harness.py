@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from confluent_kafka import KafkaError, KafkaException, Producer
+from confluent_kafka import Consumer, KafkaError, KafkaException, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from conftest import TINY_MODEL
@@ -702,30 +702,55 @@ def coordinator_partition(key: str, partitions: int = COORDINATOR_PARTITIONS) ->
     return (0 if hashed == -(1 << 31) else abs(hashed)) % partitions
 
 
-class TransactionProbe(threading.Thread):
+def same_coordinator(like: str) -> str:
+    """An id (``like-probe-N``) whose coordinator is ``like``'s: the same partition of the
+    internal topic, hence the same broker, wherever its leadership moves."""
+    wanted = coordinator_partition(like)
+    return next(
+        f"{like}-probe-{n}"
+        for n in range(1000)
+        if coordinator_partition(f"{like}-probe-{n}") == wanted
+    )
+
+
+class CoordinatorProbe(threading.Thread):
+    """Does one small thing at a coordinator every ``interval`` and notes when each ended:
+    the cluster's own stall for that coordinator, which the input producer does not see."""
+
+    def __init__(self, name: str, interval: float) -> None:
+        super().__init__(name=name, daemon=True)
+        self._interval = interval
+        #: (time.time() it ended, (0, n)): the shape :func:`longest_waits` reads.
+        self.committed: list[tuple[float, tuple[int, int]]] = []
+        self._halt = threading.Event()
+
+    def _noted(self) -> None:
+        self.committed.append((time.time(), (0, len(self.committed))))
+
+    def finish(self) -> None:
+        self._halt.set()
+        self.join(60)
+
+    def gaps(self, top: int = 5) -> list[tuple[float, float]]:
+        """The ``top`` longest waits between commits: (seconds, time.time() it began)."""
+        return longest_waits(self.committed, top)
+
+
+class TransactionProbe(CoordinatorProbe):
     """Commits a small transaction every ``interval`` (one record to each partition of
-    ``topic``) under a transactional id that has the same coordinator as ``like``, and
-    notes when each commit ended: the cluster's own stall for transactions. The input
-    producer is not transactional, so it does not see a transaction coordinator moving
-    (loading its log on a restarted node), which holds every transaction there."""
+    ``topic``) under a transactional id that has the same coordinator as ``like``: the
+    cluster's own stall for transactions. The input producer is not transactional, so it
+    does not see a transaction coordinator moving (loading its log on a restarted node),
+    which holds every transaction there."""
 
     def __init__(
         self, bootstrap: str, topic: str, partitions: int, like: str, interval: float = 0.1
     ) -> None:
-        super().__init__(name="transaction-probe", daemon=True)
-        wanted = coordinator_partition(like)
-        self.transactional_id = next(
-            f"{like}-probe-{n}"
-            for n in range(1000)
-            if coordinator_partition(f"{like}-probe-{n}") == wanted
-        )
+        super().__init__("transaction-probe", interval)
+        self.transactional_id = same_coordinator(like)
         self._servers = bootstrap
         self._topic = topic
         self._partitions = partitions
-        self._interval = interval
-        #: (time.time() it committed, (0, n)): the shape :func:`longest_waits` reads.
-        self.committed: list[tuple[float, tuple[int, int]]] = []
-        self._halt = threading.Event()
 
     def _producer(self) -> Producer:
         producer = Producer(
@@ -747,7 +772,7 @@ class TransactionProbe(threading.Thread):
                 for partition in range(self._partitions):
                     producer.produce(self._topic, value=b"probe", partition=partition)
                 producer.commit_transaction(30)
-                self.committed.append((time.time(), (0, len(self.committed))))
+                self._noted()
             except KafkaException as exc:
                 error: KafkaError = exc.args[0]
                 if producer is not None and error.txn_requires_abort():
@@ -759,13 +784,44 @@ class TransactionProbe(threading.Thread):
                     producer = None  # fenced, fatal or unknown state: start afresh
             self._halt.wait(self._interval)
 
-    def finish(self) -> None:
-        self._halt.set()
-        self.join(60)
 
-    def gaps(self, top: int = 5) -> list[tuple[float, float]]:
-        """The ``top`` longest waits between commits: (seconds, time.time() it began)."""
-        return longest_waits(self.committed, top)
+class GroupProbe(CoordinatorProbe):
+    """Commits an offset every ``interval`` for a group (with no members) that has the same
+    coordinator as the group ``like``: the cluster's own stall for that group coordinator.
+    A coordinator that cannot answer for longer than the session (killed, or loading its
+    partition on a slow restart) costs a member its partitions; the input producer does
+    not talk to it at all."""
+
+    def __init__(self, bootstrap: str, topic: str, like: str, interval: float = 0.1) -> None:
+        super().__init__("group-probe", interval)
+        self.group = same_coordinator(like)
+        self._consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": self.group,
+                "enable.auto.commit": False,
+                "reconnect.backoff.max.ms": 1000,
+            }
+        )
+        self._topic = topic
+
+    def run(self) -> None:
+        offset = 0
+        while not self._halt.is_set():
+            offset += 1
+            try:
+                self._consumer.commit(
+                    offsets=[TopicPartition(self._topic, 0, offset)], asynchronous=False
+                )
+                self._noted()
+            except KafkaException:
+                pass  # the coordinator away or loading: the wait this probe measures
+            self._halt.wait(self._interval)
+
+    def finish(self) -> None:
+        super().finish()
+        if not self.is_alive():
+            self._consumer.close()
 
 
 def longest_waits(

@@ -36,6 +36,7 @@ from faults.harness import (
     Cluster,
     Counts,
     FaultRun,
+    GroupProbe,
     OutputClock,
     PacedInput,
     TransactionProbe,
@@ -76,7 +77,10 @@ IN_FLIGHT_BOUND = 2 * BATCH * (PENDING + 2)
 #: longer. The cluster's wait is the input's (``input_stall_s``), and under exactly_once
 #: also that of a probe committing transactions at the service's transaction coordinator
 #: (``transaction_stall_s``: a coordinator moving back to a restarted node and loading its
-#: log holds every transaction there, which the non-transactional input does not see).
+#: log holds every transaction there, which the non-transactional input does not see), and
+#: in both guarantees that of a probe committing offsets at the service's group
+#: coordinator (``group_stall_s``: a coordinator that does not answer for longer than the
+#: 45 s session costs the member its partitions until it answers again).
 #: Input, outputs and probe share their replicas partition by partition
 #: (``create_replicated_topics``), so these are the cluster's waits on the replica sets the
 #: outputs are written to. A hard-killed broker holds every acks=all write to its
@@ -117,6 +121,9 @@ def bounced_run(
     input_clock.start()
     # exactly_once: the cluster's own wait for transactions at the service's coordinator.
     probe = transaction_probe(cluster, run) if mode == "exactly_once" else None
+    # Both: the cluster's own wait at the service's group coordinator.
+    group_probe = GroupProbe(cluster.bootstrap, run.input, like=run.group)
+    group_probe.start()
     bouncer = Bouncer(cluster, hard)
     # The input flows until every node was bounced (or the bouncer failed).
     paced = PacedInput(
@@ -137,6 +144,7 @@ def bounced_run(
         input_clock.finish()
         if probe is not None:
             probe.finish()
+        group_probe.finish()
         (tmp_path / "timeline.json").write_text(
             json.dumps(
                 {
@@ -144,6 +152,7 @@ def bounced_run(
                     "gaps": clock.gaps(10),
                     "input_gaps": input_clock.gaps(10),
                     "transaction_gaps": probe.gaps(10) if probe else [],
+                    "group_gaps": group_probe.gaps(10),
                     "by_partition": {
                         p: {
                             "acked": longest_waits(paced.acked, 3, p),
@@ -160,7 +169,7 @@ def bounced_run(
     assert run.terminate_all() == [0], run.logs()
     topics = [run.input, run.output, run.dead_letter, *([f"{run.output}-probe"] if probe else [])]
     try:
-        row, counts = counted(run, fault, clock, input_clock, probe, bouncer)
+        row, counts = counted(run, fault, clock, input_clock, (probe, group_probe), bouncer)
     finally:
         # Each run leaves the cluster as it found it: partitions left behind are loaded
         # again at every restart, and restarts (hence the stalls) grow run by run.
@@ -168,7 +177,7 @@ def bounced_run(
     run.assert_guarantee(counts)
     assert row["order_held"], f"per-key order broken\n{run.logs()}"
     assert counts.duplicated <= bouncer.bounces * IN_FLIGHT_BOUND, f"{row}\n{run.logs()}"
-    stall = max(row["input_stall_s"], row.get("transaction_stall_s", 0.0))
+    stall = max(row["input_stall_s"], row["group_stall_s"], row.get("transaction_stall_s", 0.0))
     limit = max(GAP_LIMIT_S, stall + (LOADED_SHARE_S if loaded else SERVICE_SHARE_S))
     assert row["longest_gap_s"] <= limit, f"{row}: over {limit:.1f}s, see {tmp_path}/timeline.json"
     return row
@@ -179,7 +188,7 @@ def counted(
     fault: str,
     clock: OutputClock,
     input_clock: OutputClock,
-    probe: TransactionProbe | None,
+    probes: tuple[TransactionProbe | None, GroupProbe],
     bouncer: Bouncer,
 ) -> tuple[dict[str, Any], Counts]:
     """What was read back, counted, and the run's report row (appended to the report)."""
@@ -194,13 +203,17 @@ def counted(
     outputs = read_to_end(run.bootstrap, run.output)
     dead = read_to_end(run.bootstrap, run.dead_letter)
     order = key_order_held(outputs, output_source) and key_order_held(dead, dead_letter_source)
-    longest, input_stall = ((c.gaps(1) or [(0.0, 0.0)])[0][0] for c in (clock, input_clock))
+    probe, group_probe = probes
+    longest, input_stall, group_stall = (
+        (c.gaps(1) or [(0.0, 0.0)])[0][0] for c in (clock, input_clock, group_probe)
+    )
     transaction_stall = (probe.gaps(1) or [(0.0, 0.0)])[0][0] if probe else 0.0
     row = {
         **asdict(counts),
         "order_held": order,
         "longest_gap_s": round(longest, 1),
         "input_stall_s": round(input_stall, 1),
+        "group_stall_s": round(group_stall, 1),
         **({"transaction_stall_s": round(transaction_stall, 1)} if probe else {}),
         "bounces": bouncer.bounces,
         "input_duplicated": input_duplicated,
