@@ -11,7 +11,10 @@ each on fresh topics, each a fresh service process:
    event (its input timestamp to its output being read), p50 and p99;
 3. **live + backlog, priorities**: the same, with the bulk topic pre-filled with
    ``--backlog`` events: the live topic's latency, and the total rate of both;
-4. **live + backlog, first come first served**: both topics at priority 0.
+4. **live + backlog, first come first served**: both topics at priority 0 (``--no-fcfs``
+   leaves it out);
+5. one more phase 3 per ``--variant key=value[,key=value]``: with those processing
+   settings (e.g. ``priority_piece_tokens=8192``), for comparisons in one call.
 
 The issue's targets: in phase 3 the live p99 within 2x of phase 2's, and the total rate
 at least 90% of phase 1's. Writes JSON (``--json``) and prints a table.
@@ -74,10 +77,21 @@ def payloads(texts: list[str], first_id: int) -> list[bytes]:
     ]
 
 
+def parse_variant(text: str) -> dict[str, Any]:
+    """``key=value[,key=value]``: processing settings (integers where they parse)."""
+    settings: dict[str, Any] = {}
+    for pair in text.split(","):
+        key, _, value = pair.partition("=")
+        settings[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value
+    return settings
+
+
 def processing_extra(args: argparse.Namespace) -> dict[str, Any]:
     extra: dict[str, Any] = {}
     if args.priority_batch_messages is not None:
         extra["priority_batch_messages"] = args.priority_batch_messages
+    if args.priority_piece_tokens is not None:
+        extra["priority_piece_tokens"] = args.priority_piece_tokens
     return extra
 
 
@@ -100,8 +114,10 @@ def run_phase(
     priorities: tuple[int, int] | None,
     backlog: int,
     live_rate: float,
+    variant: dict[str, Any] | None = None,
 ) -> Phase:
-    """One service process; ``priorities`` (live, bulk), or None for the bulk topic alone."""
+    """One service process; ``priorities`` (live, bulk), or None for the bulk topic alone;
+    ``variant``: processing settings over the command line's."""
     run = uuid.uuid4().hex[:8]
     labels = list(bench.make_events(1, LABELS, args.seed)[0].labels)
     bulk = topic(f"prio-{run}-bulk", labels, priorities[1] if priorities else 0)
@@ -116,7 +132,11 @@ def run_phase(
     port = free_port()
     config = {
         "kafka": {"bootstrap_servers": args.bootstrap, "group_id": f"prio-{run}"},
-        "processing": {"guarantee": args.guarantee, **processing_extra(args)},
+        "processing": {
+            "guarantee": args.guarantee,
+            **processing_extra(args),
+            **(variant or {}),
+        },
         "engine": {"model": str(model_dir), "device": args.device},
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": port},
         "topics": topics,
@@ -218,6 +238,9 @@ def main() -> int:
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--priority-batch-messages", type=int)
+    parser.add_argument("--priority-piece-tokens", type=int)
+    parser.add_argument("--no-fcfs", action="store_true", help="leave phase 4 out")
+    parser.add_argument("--variant", action="append", default=[], type=parse_variant)
     parser.add_argument("--json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="stream-classifier-priority-") as tmp:
@@ -244,22 +267,45 @@ def main() -> int:
                 args.backlog,
                 live_rate,
             ),
-            run_phase(
-                args,
-                model_dir,
-                root / "4",
-                "live + backlog, first come first served",
-                (0, 0),
-                args.backlog,
-                live_rate,
-            ),
         ]
+        if not args.no_fcfs:
+            phases.append(
+                run_phase(
+                    args,
+                    model_dir,
+                    root / "4",
+                    "live + backlog, first come first served",
+                    (0, 0),
+                    args.backlog,
+                    live_rate,
+                )
+            )
+        for number, variant in enumerate(args.variant, start=5):
+            settings = ", ".join(f"{k}={v}" for k, v in variant.items())
+            phases.append(
+                run_phase(
+                    args,
+                    model_dir,
+                    root / str(number),
+                    f"live + backlog, priorities ({settings})",
+                    (1, 0),
+                    args.backlog,
+                    live_rate,
+                    variant,
+                )
+            )
     alone, mixed = phases[1], phases[2]
     summary = {
         "live_p99_over_alone": (mixed.live_p99_ms or 0) / (alone.live_p99_ms or 1),
         "total_over_saturated": mixed.total_msgs_per_s / saturated.total_msgs_per_s,
-        "fcfs_live_p99_over_alone": (phases[3].live_p99_ms or 0) / (alone.live_p99_ms or 1),
     }
+    for phase in phases[3:]:
+        summary[f"{phase.name}: live_p99_over_alone"] = (phase.live_p99_ms or 0) / (
+            alone.live_p99_ms or 1
+        )
+        summary[f"{phase.name}: total_over_saturated"] = (
+            phase.total_msgs_per_s / saturated.total_msgs_per_s
+        )
     print(json.dumps(summary, indent=2))
     if args.json:
         commit = subprocess.run(

@@ -131,7 +131,7 @@ def build_service(
     stage (``processing.prepare_workers`` tokenizer processes, or inline) and the
     settings resolved for the engine's device."""
     from stream_classifier.preparing import make_preparer
-    from stream_classifier.scoring import make_scorer
+    from stream_classifier.scoring import Pieces, make_scorer
 
     capabilities = Capabilities.of(engine)
     log.info("engine %s can: %s", engine.model_id, capabilities.describe())
@@ -142,7 +142,11 @@ def build_service(
     switch_ms = processing.switch_interval_ms or PYTHON_SWITCH_INTERVAL_MS
     sys.setswitchinterval(switch_ms / 1000.0)
     preparer = make_preparer(engine, processing.prepare_workers or 0, capabilities)
-    scorer = make_scorer(engine, metrics, capabilities)
+    priorities = {topic.priority for topic in config.topics}
+    pieces = None
+    if len(priorities) > 1:
+        pieces = Pieces(top=max(priorities), tokens=processing.lower_priority_piece())
+    scorer = make_scorer(engine, metrics, capabilities, pieces)
     log.info(
         "micro-batches of up to %d messages; engine stage %s; prepare stage %s; "
         "interpreter switch interval %g ms",

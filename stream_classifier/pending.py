@@ -1,11 +1,17 @@
-"""Micro-batches handed to the engine, in submission order, until they are written."""
+"""Micro-batches handed to the engine, until they are written.
+
+A partition's batches are written in the order they were submitted. A batch that shares
+no partition with an earlier one still waiting may be written first: with priority levels
+(a partition belongs to one level) a live batch that overtook bulk pieces on the device
+does not wait for the bulk batch submitted before it.
+"""
 
 from __future__ import annotations
 
-import contextlib
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future
+from concurrent.futures import FIRST_COMPLETED, Future
+from concurrent.futures import wait as wait_for_first
 from dataclasses import dataclass
 
 from stream_classifier.batcher import Batch
@@ -30,7 +36,8 @@ class Submitted:
 
 
 class PendingBatches:
-    """At most ``limit`` batches wait for the engine; their results are taken in order."""
+    """At most ``limit`` batches wait for the engine; their results are taken in order
+    within each partition."""
 
     def __init__(self, scorer: Scorer, limit: int, clock: Callable[[], float]) -> None:
         self.scorer = scorer
@@ -78,36 +85,53 @@ class PendingBatches:
             return 0.0
         return max(0.0, self._clock() - max(waiting[0], self._returned_at))
 
-    def wait_for_head(self, timeout: float) -> bool:
-        """With the engine full and its oldest batch unfinished, wait for that batch up
-        to ``timeout``; False (at once) otherwise."""
+    def wait_for_any(self, timeout: float) -> bool:
+        """With the engine full and a batch unfinished, wait up to ``timeout`` for one to
+        finish; False (at once) otherwise."""
         if self.has_room():
             return False
-        head = self._queue[0].future
-        if head.done():
+        unfinished = [s.future for s in self._queue if not s.future.done()]
+        if not unfinished:
             return False
-        with contextlib.suppress(TimeoutError, CancelledError):
-            head.exception(timeout=timeout)
+        wait_for_first(unfinished, timeout=timeout, return_when=FIRST_COMPLETED)
         return True
 
     def take_finished(
         self, wait: bool, writable: Callable[[], bool], deadline: float | None = None
     ) -> tuple[Submitted, list[Outcome]] | None:
-        """The oldest batch's results once it is done and ``writable()``; discarded
-        batches are dropped on the way. ``wait``: wait for it (until ``deadline``, then
-        TimeoutError). An engine error propagates from here."""
-        while self._queue:
-            head = self._queue[0]
-            if not head.future.done():
-                if not wait:
+        """The first finished batch that no earlier one holds back (:meth:`_next`), once
+        ``writable()``; finished discarded batches are dropped on the way. ``wait``: wait
+        for one (until ``deadline``, then TimeoutError). An engine error propagates from
+        here."""
+        while True:
+            self._drop_discarded()
+            found = self._next()
+            if found is None:
+                current = [s for s in self._queue if s.generation == self._generation]
+                if not wait or not current:
                     return None
                 left = None if deadline is None else max(0.0, deadline - self._clock())
-                head.future.exception(timeout=left)  # raises TimeoutError at the deadline
-            current = head.generation == self._generation
-            if current and not writable():
+                current[0].future.exception(timeout=left)  # TimeoutError at the deadline
+                continue
+            if not writable():
                 return None
-            self._queue.popleft()
-            outcomes = head.future.result()
-            if current:
-                return head, outcomes
+            self._queue.remove(found)
+            return found, found.future.result()
+
+    def _drop_discarded(self) -> None:
+        for submitted in [s for s in self._queue if s.generation != self._generation]:
+            if submitted.future.done():
+                self._queue.remove(submitted)
+
+    def _next(self) -> Submitted | None:
+        """The oldest finished batch of this generation sharing no partition with an
+        earlier one of it not taken yet (whose events come first in those partitions)."""
+        earlier: set[TopicPartition] = set()
+        for submitted in self._queue:
+            if submitted.generation != self._generation:
+                continue  # never written: holds nothing back
+            partitions = set(submitted.epochs)
+            if submitted.future.done() and not partitions & earlier:
+                return submitted
+            earlier |= partitions
         return None

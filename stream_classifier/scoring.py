@@ -1,4 +1,4 @@
-"""The engine stage: the thread that owns the model and scores micro-batches in order.
+"""The engine stage: the thread that owns the model and scores micro-batches.
 
 The service hands each micro-batch's requests to a :class:`Scorer` and gets a future of
 one :data:`Outcome` per request: its scores, or why the engine could not score it. When
@@ -10,7 +10,9 @@ the service, since dead-lettering every event would not be isolating anything.
 Two scorers: :class:`ThreadScorer` runs ``engine.classify`` one batch at a time;
 :class:`PipelinedScorer` keeps two batches on the device through ``classify_async`` (the
 next one is built and uploaded while the current one computes). :func:`make_scorer` picks
-the pipelined one for an engine on a GPU that has ``classify_async``.
+the pipelined one for an engine on a GPU that has ``classify_async``. With topics of more
+than one priority the pipelined one takes lower levels' batches in pieces (:class:`Pieces`)
+that a higher level's batch overtakes on the device.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ import time
 from collections import deque
 from collections.abc import Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol, cast
 
 from stream_classifier import shadow
@@ -122,13 +124,60 @@ class AsyncEngine(Engine, Protocol):
     def flush(self) -> None: ...
 
 
-def make_scorer(engine: Engine, metrics: Metrics, capabilities: Capabilities) -> Scorer:
+def make_scorer(
+    engine: Engine, metrics: Metrics, capabilities: Capabilities, pieces: Pieces | None = None
+) -> Scorer:
     """A :class:`PipelinedScorer` for a pipelined engine on a GPU, else a
     :class:`ThreadScorer`. On a CPU ``classify_async`` computes everything before it
-    returns, so there is nothing to overlap: the CPU keeps the one-batch-at-a-time stage."""
+    returns, so there is nothing to overlap: the CPU keeps the one-batch-at-a-time stage.
+    ``pieces``: with topics of more than one priority, how the pipelined stage splits the
+    lower levels' batches (the thread stage scores whole batches in submission order)."""
     if capabilities.cuda and capabilities.pipelined:
-        return PipelinedScorer(cast(AsyncEngine, engine), metrics)
+        return PipelinedScorer(cast(AsyncEngine, engine), metrics, pieces=pieces)
     return ThreadScorer(engine, metrics)
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """Overtaking on the device, for topics of more than one priority.
+
+    A batch whose topics are all below ``top`` goes to the device in pieces of at most
+    ``tokens`` tokens each, launched one at a time like batches; a batch of a higher
+    level submitted meanwhile is launched before the pieces left. So a live event waits
+    for the pieces already on the device (at most ``depth``), not for whole bulk batches.
+    """
+
+    top: int
+    tokens: int
+
+    def split(self, requests: list[ClassifyRequest]) -> list[list[ClassifyRequest]]:
+        """``requests`` in consecutive pieces (one piece when of the top level)."""
+        if priority_of(requests) >= self.top:
+            return [requests]
+        pieces: list[list[ClassifyRequest]] = [[]]
+        size = 0
+        for request in requests:
+            cost = request_tokens(request)
+            if pieces[-1] and size + cost > self.tokens:
+                pieces.append([])
+                size = 0
+            pieces[-1].append(request)
+            size += cost
+        return pieces
+
+
+def priority_of(requests: Sequence[ClassifyRequest]) -> int:
+    """A batch's level: its highest topic priority (a batch holds one level, or lower
+    levels only)."""
+    return max((r.topic.priority for r in requests), default=0)
+
+
+def request_tokens(request: ClassifyRequest) -> int:
+    """What one request puts through the model: its pairs' tokens and its shadow's."""
+    own = request.prepared.tokens if request.prepared is not None else 0
+    shadow = request.shadow
+    extra = shadow.prepared.tokens if shadow is not None and shadow.prepared else 0
+    return int(own + extra)
 
 
 @dataclass(eq=False)
@@ -137,28 +186,69 @@ class _Job:
 
     requests: list[ClassifyRequest]
     future: Future[list[Outcome]]
+    priority: int = 0
+    #: Each piece's outcomes, as they come back (None: not yet).
+    parts: list[list[Outcome] | None] = field(default_factory=list)
     started: float = 0.0
-    outcomes: list[Outcome] | None = None
-    error: BaseException | None = None
+    #: Time the job's pieces had the device to themselves (``engine_seconds``).
+    seconds: float = 0.0
+    launched: bool = False
     done: bool = False
 
 
 @dataclass(eq=False)
-class _Back:
-    """The waiter's report: a launched batch's scores (or why ``result()`` raised)."""
+class _Piece:
+    """A job's requests (all of them, or one consecutive piece), as launched."""
 
     job: _Job
+    index: int
+    requests: list[ClassifyRequest]
+    started: float = 0.0
+
+
+@dataclass(eq=False)
+class _Back:
+    """The waiter's report: a launched piece's scores (or why ``result()`` raised)."""
+
+    piece: _Piece
     scores: list[Scores] | None
     error: BaseException | None
     at: float
 
 
-#: What the engine thread reads: a new batch, a finished one, or None (shut down).
+#: What the engine thread reads: a new batch, a finished piece, or None (shut down).
 _Message = _Job | _Back | None
 
 
+class _Waiting:
+    """Pieces not on the device yet: the highest priority first, then in submission order."""
+
+    def __init__(self) -> None:
+        self._levels: dict[int, deque[_Piece]] = {}
+
+    def __bool__(self) -> bool:
+        return any(self._levels.values())
+
+    def add(self, pieces: list[_Piece]) -> None:
+        for piece in pieces:
+            self._levels.setdefault(piece.job.priority, deque()).append(piece)
+
+    def pop(self) -> _Piece:
+        return self._levels[max(p for p, queued in self._levels.items() if queued)].popleft()
+
+    def drop_unlaunched(self) -> list[_Job]:
+        """Take out the pieces of jobs none of whose pieces was launched; those jobs."""
+        dropped: dict[int, _Job] = {}
+        for queued in self._levels.values():
+            kept = [p for p in queued if p.job.launched]
+            dropped.update((id(p.job), p.job) for p in queued if not p.job.launched)
+            queued.clear()
+            queued.extend(kept)
+        return list(dropped.values())
+
+
 class PipelinedScorer:
-    """One engine thread that keeps ``depth`` micro-batches on the device.
+    """One engine thread that keeps ``depth`` micro-batches (or pieces) on the device.
 
     The engine thread alone calls the engine: it queues the next batch with
     ``classify_async`` while the one before it is still computing, so the device goes from
@@ -167,29 +257,33 @@ class PipelinedScorer:
     ``result()`` (the device synchronisation and the scores' arithmetic) and resolves its
     future at once: the engine thread may be inside a launch that waits for room in the
     device's queue for a good part of a batch's time, and the service writes (and hands
-    the next batch over) as soon as a future is resolved. Futures are resolved in
-    submission order, by whichever thread finishes the oldest one.
+    the next batch over) as soon as a future is resolved. With one priority level batches
+    come back, and their futures resolve, in submission order; with ``pieces`` a higher
+    level's batch overtakes the pieces of lower ones not yet launched, and its future
+    resolves first.
 
     Failures are handled like :class:`ThreadScorer`'s: when ``classify_async`` or
-    ``result()`` raises, that batch is scored again by :func:`score_isolating` on the engine
-    thread (poison requests become failed outcomes); an ``EngineError`` fails the batch's
-    future. ``engine_seconds`` is the time the batch had the device to itself: from when it
-    was queued, or when the batch before it came back if later, until its scores are back;
-    ``engine_idle_seconds`` the time with no batch on the device and none to launch.
+    ``result()`` raises, that piece is scored again by :func:`score_isolating` on the
+    engine thread (poison requests become failed outcomes); an ``EngineError`` fails the
+    batch's future. ``engine_seconds`` is the time the batch had the device to itself:
+    for each piece, from when it was queued, or when the piece before it came back if
+    later, until its scores are back; ``engine_idle_seconds`` the time with nothing on
+    the device and nothing to launch.
     """
 
-    def __init__(self, engine: AsyncEngine, metrics: Metrics, depth: int = 2) -> None:
+    def __init__(
+        self, engine: AsyncEngine, metrics: Metrics, depth: int = 2, pieces: Pieces | None = None
+    ) -> None:
         if depth < 1:
             raise ValueError("depth must be at least 1")
         self.engine = engine
         self.metrics = metrics
         self.depth = depth
+        self.pieces = pieces
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
-        self._launched: queue.SimpleQueue[tuple[_Job, PendingResult] | None] = queue.SimpleQueue()
+        self._launched: queue.SimpleQueue[tuple[_Piece, PendingResult] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._closed = False
-        #: Submitted and not yet resolved, in submission order (under ``_resolving``).
-        self._unresolved: deque[_Job] = deque()
         self._resolving = threading.Lock()
         self._last_back = 0.0  # the waiter's alone
         self._engine_thread = threading.Thread(target=self._run_engine, name="engine", daemon=True)
@@ -202,7 +296,7 @@ class PipelinedScorer:
         with self._lock:
             if self._closed:
                 raise RuntimeError("cannot submit a batch after shutdown")
-            self._inbox.put(_Job(list(requests), future))
+            self._inbox.put(_Job(list(requests), future, priority_of(requests)))
         return future
 
     def shutdown(self) -> None:
@@ -217,35 +311,37 @@ class PipelinedScorer:
     # -- the engine thread -----------------------------------------------------------------
 
     def _run_engine(self) -> None:
-        waiting: deque[_Job] = deque()  # not on the device yet
+        waiting = _Waiting()  # not on the device yet
         on_device = 0
         stopping = False
-        while not stopping or on_device:
+        while not stopping or on_device or waiting:
             message = self._next_message(idle=not waiting and not on_device and not stopping)
             if message is None:
                 stopping = True
-                for job in waiting:
+                for job in waiting.drop_unlaunched():
                     job.future.cancel()
                     job.done = True
-                waiting.clear()
             elif isinstance(message, _Job):
-                with self._resolving:
-                    self._unresolved.append(message)
-                waiting.append(message)
+                waiting.add(self._split(message))
             else:
                 on_device -= 1
                 self._came_back(message)
             while waiting and on_device < self.depth:
-                if self._launch(waiting.popleft(), hold_tail=on_device > 0):
+                if self._launch(waiting.pop(), hold_tail=on_device > 0):
                     on_device += 1
             if on_device <= 1:
                 self._flush()  # nothing ahead of the batch that holds a pass back
-            self._settle()
         self._launched.put(None)
 
+    def _split(self, job: _Job) -> list[_Piece]:
+        parts = [job.requests] if self.pieces is None else self.pieces.split(job.requests)
+        job.parts = [None] * len(parts)
+        return [_Piece(job, index, requests) for index, requests in enumerate(parts)]
+
     def _next_message(self, idle: bool) -> _Message:
-        """The inbox's next message; ``idle`` (nothing on the device, nothing to launch):
-        the time until it comes is the engine's idle time."""
+        """The inbox's next message, waited for unless there is work to launch;
+        ``idle`` (nothing on the device, nothing to launch): the time until it comes is
+        the engine's idle time."""
         if not idle:
             return self._inbox.get()
         started = time.monotonic()
@@ -253,35 +349,41 @@ class PipelinedScorer:
         self.metrics.engine_idle_seconds.inc(time.monotonic() - started)
         return message
 
-    def _launch(self, job: _Job, hold_tail: bool) -> bool:
-        """Queue the batch on the device (True), or settle it here and now (False).
+    def _launch(self, piece: _Piece, hold_tail: bool) -> bool:
+        """Queue the piece on the device (True), or settle it here and now (False).
 
-        ``hold_tail`` (a batch is still on the device ahead of this one): its last, partial
-        pass may wait for the next batch's first pairs, so that every pass is full while
-        the input is saturated. The next launch queues it, or :meth:`_flush` once the batch
-        ahead has come back (the device still has this batch's other passes to run). Only
-        the newest batch ever holds a pass back, and the batches ahead of it never wait
+        ``hold_tail`` (a piece is still on the device ahead of this one): its last, partial
+        pass may wait for the next piece's first pairs, so that every pass is full while
+        the input is saturated. The next launch queues it, or :meth:`_flush` once the piece
+        ahead has come back (the device still has this piece's other passes to run). Only
+        the newest piece ever holds a pass back, and the pieces ahead of it never wait
         for it.
         """
-        job.done = not job.future.set_running_or_notify_cancel()
-        job.started = time.monotonic()
-        if job.done or not job.requests:
-            job.outcomes, job.done = [], True
+        job = piece.job
+        if not job.launched:
+            job.launched, job.started = True, time.monotonic()
+            if not job.future.set_running_or_notify_cancel():
+                job.done = True  # cancelled before it started
+        if job.done:
+            return False  # cancelled, or an earlier piece failed the batch
+        piece.started = time.monotonic()
+        if not piece.requests:
+            self._piece_done(piece, [])
             return False
         try:
-            prepared = batch_of(job.requests)
+            prepared = batch_of(piece.requests)
             launched = self.engine.classify_async(expand(prepared), hold_tail)
             pending = GatheredResult(prepared, launched)
         except EngineError as exc:
-            job.error, job.done = exc, True
+            self._failed(job, exc)
             return False
         except Exception:  # noqa: BLE001 - scored again request by request below
-            self._isolate(job)
+            self._isolate(piece)
             return False
         except BaseException as exc:  # noqa: BLE001 - never leave a future unresolved
-            job.error, job.done = exc, True
+            self._failed(job, exc)
             return False
-        self._launched.put((job, pending))
+        self._launched.put((piece, pending))
         return True
 
     def _flush(self) -> None:
@@ -292,38 +394,45 @@ class PipelinedScorer:
             log.debug("a held-back pass failed", exc_info=True)
 
     def _came_back(self, back: _Back) -> None:
-        """A launched batch is off the device; the waiter settled it unless it failed."""
-        job = back.job
+        """A launched piece is off the device; the waiter settled it unless it failed."""
         if back.error is None:
             return
         if isinstance(back.error, EngineError):
-            job.error, job.done = back.error, True
+            self._failed(back.piece.job, back.error)
         else:
-            self._isolate(job)
+            self._isolate(back.piece)
 
-    def _isolate(self, job: _Job) -> None:
+    def _isolate(self, piece: _Piece) -> None:
         try:
-            job.outcomes = score_isolating(self.engine, job.requests)
+            outcomes = score_isolating(self.engine, piece.requests)
         except BaseException as exc:  # noqa: BLE001 - an EngineError, or worse: to the future
-            job.error = exc
+            self._failed(piece.job, exc)
         else:
-            self._record_batch(job.requests, time.monotonic() - job.started)
-        job.done = True
+            self._piece_done(piece, outcomes, time.monotonic() - piece.started)
 
-    def _settle(self) -> None:
-        """Resolve the futures of the finished jobs at the head, in submission order."""
+    # -- resolving (either thread) ---------------------------------------------------------
+
+    def _piece_done(self, piece: _Piece, outcomes: list[Outcome], seconds: float = 0.0) -> None:
+        """One piece's outcomes; the last one back resolves the batch's future."""
+        job = piece.job
         with self._resolving:
-            while self._unresolved and self._unresolved[0].done:
-                self._resolve(self._unresolved.popleft())
+            if job.done:
+                return
+            job.parts[piece.index] = outcomes
+            job.seconds += seconds
+            if any(part is None for part in job.parts):
+                return
+            job.done = True
+        if job.requests:
+            self._record_batch(job.requests, job.seconds)
+        job.future.set_result([o for part in job.parts if part is not None for o in part])
 
-    def _resolve(self, job: _Job) -> None:
-        if job.future.cancelled():
-            return
-        if job.error is not None:
-            job.future.set_exception(job.error)
-        else:
-            assert job.outcomes is not None
-            job.future.set_result(job.outcomes)
+    def _failed(self, job: _Job, error: BaseException) -> None:
+        with self._resolving:
+            if job.done:
+                return
+            job.done = True
+        job.future.set_exception(error)
 
     def _record_batch(self, requests: list[ClassifyRequest], seconds: float) -> None:
         record_batch(self.metrics, requests, seconds)
@@ -332,22 +441,19 @@ class PipelinedScorer:
 
     def _run_waiter(self) -> None:
         while (launched := self._launched.get()) is not None:
-            job, pending = launched
+            piece, pending = launched
             try:
                 scores, error = pending.result(), None
             except BaseException as exc:  # noqa: BLE001 - reported to the engine thread
                 scores, error = None, exc
-            back = _Back(job, scores, error, time.monotonic())
+            back = _Back(piece, scores, error, time.monotonic())
             if error is None:
                 self._scored(back)
             self._inbox.put(back)
 
     def _scored(self, back: _Back) -> None:
-        job = back.job
-        started = max(job.started, self._last_back)
+        piece = back.piece
+        started = max(piece.started, self._last_back)
         self._last_back = back.at
         assert back.scores is not None
-        job.outcomes = list(split(job.requests, back.scores))
-        self._record_batch(job.requests, back.at - started)
-        job.done = True
-        self._settle()
+        self._piece_done(piece, list(split(piece.requests, back.scores)), back.at - started)

@@ -193,11 +193,11 @@ class ManualScorer:
     def shutdown(self) -> None: ...
 
 
-def test_results_come_out_in_submission_order_and_discarded_ones_never() -> None:
+def test_a_partitions_results_come_out_in_submission_order_and_discarded_ones_never() -> None:
     clock, scorer = Clock(), ManualScorer()
     pending = PendingBatches(scorer, 3, clock)
     for _ in range(3):
-        pending.submit(Batch(), {})
+        pending.submit(Batch(), {("in", 0): 0, ("in", 1): 0})
     assert not pending.has_room()
     scorer.futures[1].set_result([])
     assert pending.take_finished(False, lambda: True) is None, "the oldest is not done"
@@ -208,6 +208,38 @@ def test_results_come_out_in_submission_order_and_discarded_ones_never() -> None
     scorer.futures[2].set_result([])
     assert pending.take_finished(False, lambda: True) is None, "a rewind discarded them"
     assert len(pending) == 0
+
+
+def test_a_batch_of_other_partitions_is_taken_before_an_unfinished_earlier_one() -> None:
+    """A live batch that overtook bulk work on the device is written without waiting for
+    the bulk batch submitted before it; one sharing a partition with it still waits."""
+    clock, scorer = Clock(), ManualScorer()
+    pending = PendingBatches(scorer, 4, clock)
+    pending.submit(Batch(), {("bulk", 0): 0, ("bulk", 1): 0})
+    pending.submit(Batch(), {("live", 0): 0})
+    pending.submit(Batch(), {("bulk", 1): 0, ("live", 1): 0})
+    scorer.futures[2].set_result([])
+    assert pending.take_finished(False, lambda: True) is None, "bulk 1 comes first"
+    scorer.futures[1].set_result([])
+    taken = pending.take_finished(False, lambda: True)
+    assert taken is not None and set(taken[0].epochs) == {("live", 0)}
+    assert pending.take_finished(False, lambda: True) is None
+    scorer.futures[0].set_result([])
+    first = pending.take_finished(False, lambda: True)
+    assert first is not None and set(first[0].epochs) == {("bulk", 0), ("bulk", 1)}
+    last = pending.take_finished(False, lambda: True)
+    assert last is not None and set(last[0].epochs) == {("bulk", 1), ("live", 1)}
+
+
+def test_waiting_for_results_waits_for_the_batch_that_holds_the_others_back() -> None:
+    clock, scorer = Clock(), ManualScorer()
+    pending = PendingBatches(scorer, 2, clock)
+    pending.submit(Batch(), {("in", 0): 0})
+    pending.submit(Batch(), {("in", 0): 0})
+    scorer.futures[1].set_result([])
+    threading.Timer(0.05, lambda: scorer.futures[0].set_result([])).start()
+    taken = pending.take_finished(True, lambda: True, deadline=clock.now + 5.0)
+    assert taken is not None and taken[0].future is scorer.futures[0]
 
 
 def test_the_engine_counts_as_stalled_only_while_work_waits_with_nothing_back() -> None:
@@ -225,10 +257,10 @@ def test_the_engine_counts_as_stalled_only_while_work_waits_with_nothing_back() 
 def test_a_full_engine_is_waited_for_up_to_the_timeout() -> None:
     clock, scorer = Clock(), ManualScorer()
     pending = PendingBatches(scorer, 1, clock)
-    assert not pending.wait_for_head(0.01), "room left: no wait"
+    assert not pending.wait_for_any(0.01), "room left: no wait"
     pending.submit(Batch(), {})
     threading.Timer(0.05, lambda: scorer.futures[0].set_result([])).start()
-    assert pending.wait_for_head(5.0)
+    assert pending.wait_for_any(5.0)
     assert scorer.futures[0].done(), "returned once the batch was scored"
 
 

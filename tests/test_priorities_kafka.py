@@ -11,6 +11,8 @@ events, not in time.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
 from typing import Any
 
 import pytest
@@ -29,6 +31,11 @@ from kafka_helpers import (
 from keyword_engine import KeywordEngine
 
 from stream_classifier.assemble import build_service
+from stream_classifier.engine.base import Prepared, Scores
+from stream_classifier.messages import ClassifyRequest
+from stream_classifier.metrics import Metrics
+from stream_classifier.scoring import Outcome, Pieces, PipelinedScorer, priority_of
+from stream_classifier.service import Service
 
 pytestmark = pytest.mark.kafka
 
@@ -154,4 +161,82 @@ def test_a_flooded_live_topic_does_not_starve_the_bulk_one(bootstrap: str, mode:
     live_before = sum(1 for text in engine.scored[:last_bulk] if text.startswith("live"))
     assert live_before < flood / 2, (
         f"the bulk topic finished only after {live_before} of {flood} live events: starved"
+    )
+
+
+class DeviceLikeEngine(KeywordEngine):
+    """The keyword engine behind ``classify_async`` as a GPU engine has it: a launch
+    returns at once and ``result()`` (the scorer's waiter thread) does the work, one
+    launch after another, like passes queued on one device."""
+
+    def classify_async(self, batch: Sequence[Prepared], hold_tail: bool = False) -> Later:
+        items = list(batch)
+        return Later(lambda: self.classify(items))
+
+    def flush(self) -> None:
+        return None
+
+
+class Watched(PipelinedScorer):
+    """Notes how many events the engine had scored when the first live batch came."""
+
+    def __init__(self, engine: DeviceLikeEngine, pieces: Pieces | None) -> None:
+        super().__init__(engine, Metrics(), pieces=pieces)
+        self.scored = engine.scored
+        self.live_came_at: int | None = None
+
+    def submit(self, requests: list[ClassifyRequest]) -> Future[list[Outcome]]:
+        if self.live_came_at is None and priority_of(requests) > 0:
+            self.live_came_at = len(self.scored)
+        return super().submit(requests)
+
+
+class Later:
+    def __init__(self, work: Callable[[], list[Scores]]) -> None:
+        self.work = work
+
+    def result(self) -> list[Scores]:
+        return self.work()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_live_events_overtake_bulk_pieces_on_the_pipelined_stage(bootstrap: str, mode: str) -> None:
+    """On a GPU the engine stage keeps two launches on the device. Bulk batches of 256
+    events go there in pieces of about 8 events (``Pieces``): a live batch is launched
+    after the pieces already there, not after two whole bulk batches, and written before
+    the bulk batch submitted ahead of it. Every event still once, in order, committed."""
+    live, bulk = topic_pair(bootstrap)
+    backlog, arriving = 3_000, 20
+    produce(bootstrap, bulk["input"], events("bulk", backlog), keys(backlog))
+    config = config_for(bootstrap, mode, live, bulk, priority_batch_messages=256)
+    engine = DeviceLikeEngine(seconds_per_event=0.001)
+    producer = ordered_producer(bootstrap)
+    warm = unique("warm")
+    create_topics(bootstrap, [warm])
+    produce(bootstrap, warm, [b"{}"], producer=producer)
+    scorer = Watched(engine, Pieces(top=1, tokens=16))
+    with RunningService(Service(config, engine, Metrics(), scorer=scorer)):
+        wait_until(lambda: len(engine.scored) >= 600, 60, "the backlog under way")
+        produce(
+            bootstrap, live["input"], events("live", arriving), keys(arriving), producer=producer
+        )
+        wait_until(lambda: engine.scored.count(f"live-{arriving - 1}") > 0, 60, "live scored")
+        last_live = max(i for i, text in enumerate(engine.scored) if text.startswith("live"))
+        assert scorer.live_came_at is not None
+        bulk_between = sum(
+            1
+            for text in engine.scored[scorer.live_came_at : last_live + 1]
+            if text.startswith("bulk")
+        )
+        check_written_in_order_and_committed(
+            bootstrap, mode, config.kafka.group_id, live, arriving, 1
+        )
+        check_written_in_order_and_committed(
+            bootstrap, mode, config.kafka.group_id, bulk, backlog, BULK_PARTITIONS
+        )
+    # Whole batches: up to two of 256 on the device ahead of the live batch. Pieces: two
+    # of about 8 (and more live batches, each behind at most two pieces).
+    assert bulk_between < 64, (
+        f"{bulk_between} bulk events were scored between the first live batch reaching the"
+        " engine stage and the last live event: it waited behind whole bulk batches"
     )

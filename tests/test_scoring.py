@@ -22,6 +22,7 @@ from stream_classifier.metrics import Metrics
 from stream_classifier.preparing import ProcessPreparer
 from stream_classifier.scoring import (
     Outcome,
+    Pieces,
     PipelinedScorer,
     ThreadScorer,
     make_scorer,
@@ -89,6 +90,8 @@ class FakeEngine:
         #: Launches asked to hold their last pass back; launch counts seen by flush().
         self.holding: list[int] = []
         self.flushed_after: set[int] = set()
+        #: Each launch's texts, by launch number.
+        self.texts_of: dict[int, list[str]] = {}
 
     def prepare(
         self, text: str, labels: Sequence[str], template: str, multi_label: bool
@@ -104,6 +107,7 @@ class FakeEngine:
             self.threads.add(threading.current_thread().name)
             self.launched += 1
             number = self.launched
+            self.texts_of[number] = texts
             self.calls.append(f"launch {number}")
             if hold_tail:
                 self.holding.append(number)
@@ -180,24 +184,22 @@ def test_a_batch_is_resolved_while_the_next_launch_is_still_waiting(
     assert second.result(WAIT_S) == [scores_of("second")]
 
 
-def test_a_batch_isolated_early_waits_for_the_one_before_it(
+def test_a_batch_isolated_early_is_resolved_without_waiting_for_the_one_before_it(
     engine: FakeEngine, scorer: PipelinedScorer
 ) -> None:
+    """Futures resolve as their batches finish; the service decides the order of writes
+    (``PendingBatches``: submission order within a partition)."""
     engine.gates[1] = threading.Event()
-    resolved: list[int] = []
     first = scorer.submit([request("slow")])
     second = scorer.submit([request("fine"), request("poison"), request("also fine")])
-    first.add_done_callback(lambda _f: resolved.append(1))
-    second.add_done_callback(lambda _f: resolved.append(2))
-    wait_for(lambda: engine.launched >= 4)  # batch 2 failed at launch and was split
-    engine.gates[1].set()
     assert second.result(WAIT_S) == [
         scores_of("fine"),
         "ValueError: poison",
         scores_of("also fine"),
     ]
+    assert not first.done()
+    engine.gates[1].set()
     assert first.result(WAIT_S) == [scores_of("slow")]
-    assert resolved == [1, 2]
 
 
 @pytest.mark.parametrize("fail_at", ["launch", "result"])
@@ -264,6 +266,105 @@ def test_shutdown_finishes_batches_on_the_device_and_cancels_the_rest(
     with pytest.raises(RuntimeError, match="shutdown"):
         scorer.submit([request("late")])
     assert {t.name for t in threading.enumerate()} & {"engine", "engine-wait"} == set()
+
+
+LIVE = TopicConfig(
+    input="live", output="live.out", dead_letter="dlq", labels=["a", "b"], priority=1
+)
+#: Lower levels' batches in pieces of at most three of ``request``'s 16-token requests.
+PIECES = Pieces(top=1, tokens=48)
+
+
+def live_request(text: str) -> ClassifyRequest:
+    return replace(request(text), topic=LIVE)
+
+
+def test_a_lower_levels_batch_goes_to_the_device_in_pieces_and_comes_back_whole() -> None:
+    engine, metrics = FakeEngine(), Metrics()
+    scorer = PipelinedScorer(engine, metrics, pieces=PIECES)
+    try:
+        bulk = [request(f"bulk {n}") for n in range(8)]
+        assert scorer.submit(bulk).result(WAIT_S) == [scores_of(r.text) for r in bulk]
+        live = [live_request(f"live {n}") for n in range(8)]
+        assert scorer.submit(live).result(WAIT_S) == [scores_of(r.text) for r in live]
+    finally:
+        scorer.shutdown()
+    assert engine.launched == 3 + 1, "8 bulk requests in pieces of 3, 3 and 2; live whole"
+    sample = metrics.registry.get_sample_value
+    assert sample("stream_classifier_batch_messages_count") == 2, "recorded per batch"
+    assert sample("stream_classifier_batch_messages_sum") == 16
+
+
+def test_a_live_batch_overtakes_the_bulk_pieces_not_yet_on_the_device() -> None:
+    engine = FakeEngine()
+    engine.gates[1] = threading.Event()
+    scorer = PipelinedScorer(engine, Metrics(), pieces=PIECES)
+    try:
+        bulk = scorer.submit([request(f"bulk {n}") for n in range(12)])  # four pieces
+        wait_for(lambda: engine.launched >= 2)  # two pieces on the device, two waiting
+        live = scorer.submit([live_request("live")])  # reaches the engine thread first
+        engine.gates[1].set()
+        assert live.result(WAIT_S) == [scores_of("live")]
+        assert len(bulk.result(WAIT_S)) == 12
+    finally:
+        engine.gates[1].set()
+        scorer.shutdown()
+    assert engine.launched == 5
+    assert engine.texts_of[3] == ["live"], "the live batch went third, before pieces 3-4"
+
+
+def test_a_live_batch_is_resolved_before_the_bulk_batch_submitted_ahead_of_it() -> None:
+    engine = FakeEngine()
+    scorer = PipelinedScorer(engine, Metrics(), pieces=PIECES)
+    try:
+        engine.gates[1] = threading.Event()
+        engine.gates[4] = threading.Event()  # launched after the live batch: a bulk piece
+        bulk = scorer.submit([request(f"bulk {n}") for n in range(12)])
+        wait_for(lambda: engine.launched >= 2)
+        live = scorer.submit([live_request("live")])
+        engine.gates[1].set()
+        assert live.result(WAIT_S) == [scores_of("live")]
+        assert engine.texts_of[3] == ["live"]
+        assert not bulk.done()
+        engine.gates[4].set()
+        assert len(bulk.result(WAIT_S)) == 12
+    finally:
+        for gate in engine.gates.values():
+            gate.set()
+        scorer.shutdown()
+
+
+def test_a_poison_request_in_one_piece_fails_only_itself() -> None:
+    engine = FakeEngine(fail_at="result")
+    scorer = PipelinedScorer(engine, Metrics(), pieces=PIECES)
+    try:
+        texts = [f"bulk {n}" for n in range(7)]
+        texts[4] = "poison"
+        outcomes = scorer.submit([request(t) for t in texts]).result(WAIT_S)
+    finally:
+        scorer.shutdown()
+    expected: list[Outcome] = [scores_of(t) for t in texts]
+    expected[4] = "ValueError: poison"
+    assert outcomes == expected
+
+
+def test_shutdown_finishes_a_batch_whose_first_piece_is_on_the_device() -> None:
+    engine = FakeEngine()
+    engine.gates[1] = threading.Event()
+    scorer = PipelinedScorer(engine, Metrics(), pieces=PIECES, depth=1)
+    started = scorer.submit([request(f"bulk {n}") for n in range(9)])  # three pieces
+    unstarted = scorer.submit([request("later")])
+    wait_for(lambda: engine.launched >= 1)
+    stopping = threading.Thread(target=scorer.shutdown)
+    stopping.start()
+    wait_for(lambda: scorer._closed)
+    engine.gates[1].set()
+    stopping.join(WAIT_S)
+    assert not stopping.is_alive()
+    assert len(started.result(0)) == 9
+    with pytest.raises(CancelledError):
+        unstarted.result(0)
+    assert engine.launched == 3
 
 
 def test_make_scorer_pipelines_engines_with_classify_async_on_a_gpu(engine: FakeEngine) -> None:

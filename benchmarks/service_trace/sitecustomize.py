@@ -87,8 +87,8 @@ def _install() -> None:
 
     wrap(nli.NliEngine, "_run", run_pass)
     wrap(graphs.GraphedForward, "_new", timed("captures", lambda shape: list(shape)))
-    wrap(scoring.PipelinedScorer, "_launch", timed("launch", lambda job, *_: len(job.requests)))
-    wrap(scoring.PipelinedScorer, "_scored", timed("back", lambda back: len(back.job.requests)))
+    wrap(scoring.PipelinedScorer, "_launch", timed("launch", lambda piece, *_: len(piece.requests)))
+    wrap(scoring.PipelinedScorer, "_scored", timed("back", lambda back: len(back.piece.requests)))
     wrap(scoring.PipelinedScorer, "submit", submitted)
     wrap(scoring.PipelinedScorer, "shutdown", shutdown)
 
