@@ -8,10 +8,10 @@ does not wait for the bulk batch submitted before it.
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import FIRST_COMPLETED, Future
-from concurrent.futures import wait as wait_for_first
+from concurrent.futures import CancelledError, Future
 from dataclasses import dataclass
 
 from stream_classifier.batcher import Batch
@@ -85,15 +85,18 @@ class PendingBatches:
             return 0.0
         return max(0.0, self._clock() - max(waiting[0], self._returned_at))
 
-    def wait_for_any(self, timeout: float) -> bool:
-        """With the engine full and a batch unfinished, wait up to ``timeout`` for one to
-        finish; False (at once) otherwise."""
+    def wait_for_oldest(self, timeout: float) -> bool:
+        """With the engine full and a batch unfinished, wait up to ``timeout`` for the
+        oldest unfinished one (the engine returns batches in order unless a live batch
+        overtook bulk pieces, and the loop then has live partitions to poll); False (at
+        once) otherwise."""
         if self.has_room():
             return False
         unfinished = [s.future for s in self._queue if not s.future.done()]
         if not unfinished:
             return False
-        wait_for_first(unfinished, timeout=timeout, return_when=FIRST_COMPLETED)
+        with contextlib.suppress(TimeoutError, CancelledError):
+            unfinished[0].exception(timeout=timeout)
         return True
 
     def take_finished(

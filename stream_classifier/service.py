@@ -203,11 +203,11 @@ class Service:
 
     def _waiting_on_engine(self) -> bool:
         """When every partition is paused because the engine stage is full, nothing can
-        arrive and nothing can move until a batch is scored: wait for one (up to
+        arrive and nothing can move until a batch is scored: wait for the oldest (up to
         ``POLL_SLICE_S``) rather than turning every 5 ms. Each turn takes the interpreter
         lock back from the engine thread, which then waits for it at its next op
         (docs/PERFORMANCE.md)."""
-        return self.partitions.holding_all() and self.pending.wait_for_any(POLL_SLICE_S)
+        return self.partitions.holding_all() and self.pending.wait_for_oldest(POLL_SLICE_S)
 
     def _take(self, message: KafkaMessage, received_at: float) -> None:
         tp = (message.topic() or "", message.partition() or 0)

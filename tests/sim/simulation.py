@@ -196,9 +196,14 @@ class SimExecutor(Executor):
         self.pending.append(future)
         return future
 
-    def work(self, n: int) -> None:
+    def work(self, n: int, rng: random.Random | None = None) -> None:
+        """Finish ``n`` batches: the oldest, or (``rng``) any, as a GPU engine stage does
+        when a live batch overtakes bulk pieces or a failed batch is scored again."""
         self.pending = [f for f in self.pending if not f.done()]
-        for future in self.pending[:n]:
+        chosen = (
+            self.pending[:n] if rng is None else rng.sample(self.pending, min(n, len(self.pending)))
+        )
+        for future in chosen:
             future.run_now()
 
     def stalled(self) -> float:
@@ -602,7 +607,7 @@ class Simulation:
         if roll < 0.55 and slots:
             self.turn(rng.choice(slots))
         elif roll < 0.75 and slots:
-            self.live[rng.choice(slots)].executor.work(rng.randint(1, 2))
+            self.live[rng.choice(slots)].executor.work(rng.randint(1, 2), rng)
         elif roll < 0.79 and len(self.live) < self.slots:
             self.start(rng.choice([s for s in range(self.slots) if s not in self.live]))
         elif roll < 0.805 and slots:
