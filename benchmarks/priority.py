@@ -37,7 +37,7 @@ import tempfile
 import time
 import uuid
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from stream_classifier.tools.bench_service import (
     OutputReader,
     ServiceProcess,
     free_port,
+    mean_metric,
     metric,
     percentile,
     wait_for,
@@ -74,6 +75,9 @@ class Phase:
     live_msgs_per_s: float = 0.0
     total_msgs_per_s: float = 0.0
     exit_code: int | None = None
+    #: The service's last log lines and its batch metrics at the end of the window.
+    log_tail: list[str] = field(default_factory=list)
+    batch_messages_mean: float | None = None
 
 
 def payloads(texts: list[str], first_id: int) -> list[bytes]:
@@ -214,6 +218,8 @@ def run_phase(
                 raise RuntimeError("the backlog ran out inside the window: raise --backlog")
             phase.bulk_msgs_per_s = inside / phase.seconds
         phase.total_msgs_per_s = phase.bulk_msgs_per_s + phase.live_msgs_per_s
+        phase.batch_messages_mean = mean_metric(port, "stream_classifier_batch_messages")
+        phase.log_tail = service.tail(60)
     finally:
         service.stop(60)
         for reader in readers.values():
