@@ -88,11 +88,17 @@ def payloads(texts: list[str], first_id: int) -> list[bytes]:
 
 
 def parse_variant(text: str) -> dict[str, Any]:
-    """``key=value[,key=value]``: processing settings (integers where they parse)."""
+    """``key=value[,key=value]``: settings (integers and booleans where they parse)."""
     settings: dict[str, Any] = {}
     for pair in text.split(","):
         key, _, value = pair.partition("=")
-        settings[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value
+        value = value.strip()
+        parsed: Any = value
+        if value.lstrip("-").isdigit():
+            parsed = int(value)
+        elif value in ("true", "false"):
+            parsed = value == "true"
+        settings[key.strip()] = parsed
     return settings
 
 
@@ -147,7 +153,7 @@ def run_phase(
             **processing_extra(args),
             **(variant or {}),
         },
-        "engine": {"model": str(model_dir), "device": args.device},
+        "engine": {"model": str(model_dir), "device": args.device, **args.engine},
         "metrics": {"enabled": True, "host": "127.0.0.1", "port": port},
         "topics": topics,
     }
@@ -171,7 +177,8 @@ def run_phase(
             wait_for(lambda: reader.count(bulk_ids) > 0, 300, "the first output", service)
         else:
             warm_up_live(args, topics[0]["input"], readers[topics[0]["input"]], service)
-        wait_for_compile(service)
+        if args.engine.get("compile_layers", True):
+            wait_for_compile(service)
         time.sleep(args.warm_seconds)  # the rate settles: caches and pools
         started = time.monotonic()
         if priorities is not None:
@@ -273,6 +280,9 @@ def main() -> int:
     parser.add_argument("--priority-piece-tokens", type=int)
     parser.add_argument("--no-fcfs", action="store_true", help="leave phase 4 out")
     parser.add_argument("--variant", action="append", default=[], type=parse_variant)
+    parser.add_argument(
+        "--engine", default={}, type=parse_variant, help="engine settings, key=value[,...]"
+    )
     parser.add_argument("--json")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="stream-classifier-priority-") as tmp:
