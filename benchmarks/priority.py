@@ -41,6 +41,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from stream_classifier.engine.packed import COMPILE_STARTED
 from stream_classifier.tools import bench
 from stream_classifier.tools.bench_service import (
     COMPILE_ENDED,
@@ -58,8 +59,6 @@ LABELS = 4
 LIVE_FIRST_ID = 10_000_000
 WARM_UP_FIRST_ID = 20_000_000
 WARM_UP_EVENTS = 32
-#: The service's log where its backend compiles its layers, and once that compile ended.
-COMPILED_BACKENDS = ("backend packed-flash", "backend packed-efficient")
 
 
 @dataclass
@@ -177,8 +176,7 @@ def run_phase(
             wait_for(lambda: reader.count(bulk_ids) > 0, 300, "the first output", service)
         else:
             warm_up_live(args, topics[0]["input"], readers[topics[0]["input"]], service)
-        if args.engine.get("compile_layers", True):
-            wait_for_compile(service)
+        wait_for_compile(service)
         time.sleep(args.warm_seconds)  # the rate settles: caches and pools
         started = time.monotonic()
         if priorities is not None:
@@ -247,9 +245,12 @@ def warm_up_live(
 
 
 def wait_for_compile(service: ServiceProcess) -> None:
-    """On a GPU the encoder layers compile on a helper thread after the first output,
-    tens of seconds at a fraction of the steady rate: the phases measure what follows."""
-    if service.lines_with(COMPILED_BACKENDS):
+    """On a GPU the encoder layers may compile on a helper thread after the first output,
+    tens of seconds at a fraction of the steady rate: the phases measure what follows.
+    The service logs the compile's start as it writes the first output."""
+    with contextlib.suppress(TimeoutError):
+        wait_for(lambda: bool(service.lines_with([COMPILE_STARTED])), 2, "", service)
+    if service.lines_with([COMPILE_STARTED]):
         wait_for(lambda: bool(service.lines_with(COMPILE_ENDED)), 300, "the compile", service)
 
 

@@ -12,7 +12,12 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from stream_classifier.config import PYTHON_SWITCH_INTERVAL_MS, ServiceConfig, load_config
+from stream_classifier.config import (
+    PYTHON_SWITCH_INTERVAL_MS,
+    EngineConfig,
+    ServiceConfig,
+    load_config,
+)
 from stream_classifier.engine import import_libraries, load_engine
 from stream_classifier.engine.base import Engine
 from stream_classifier.engine.capabilities import (
@@ -24,6 +29,7 @@ from stream_classifier.engine.capabilities import (
 from stream_classifier.formats import Formats
 from stream_classifier.metrics import Metrics
 from stream_classifier.outputs import Observer
+from stream_classifier.scoring import Pieces
 from stream_classifier.service import Service
 from stream_classifier.sink import Record
 from stream_classifier.startup import StartupClock
@@ -32,6 +38,16 @@ log = logging.getLogger(__name__)
 
 #: How long a reload may wait for the cluster's topic list (the loop waits meanwhile).
 RELOAD_CHECK_S = 5.0
+
+
+def service_engine(config: ServiceConfig) -> EngineConfig:
+    """The engine settings with what depends on the topics resolved: ``compile_layers``
+    unset is off where topics have more than one priority."""
+    engine = config.engine
+    if engine.compile_layers is None:
+        levels = {topic.priority for topic in config.topics}
+        engine = engine.model_copy(update={"compile_layers": len(levels) <= 1})
+    return engine
 
 
 def load_ready_engine(
@@ -46,7 +62,7 @@ def load_ready_engine(
 
         log.info("loading %s", describe_model(config))
         with clock.step("model_setup"):
-            engine = load_engine(config.engine, config.processing.max_batch_tokens)
+            engine = load_engine(service_engine(config), config.processing.max_batch_tokens)
             check_windows(config, engine)
         log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
         with clock.step("warmup"):
@@ -131,7 +147,7 @@ def build_service(
     stage (``processing.prepare_workers`` tokenizer processes, or inline) and the
     settings resolved for the engine's device."""
     from stream_classifier.preparing import make_preparer
-    from stream_classifier.scoring import Pieces, make_scorer
+    from stream_classifier.scoring import make_scorer
 
     capabilities = Capabilities.of(engine)
     log.info("engine %s can: %s", engine.model_id, capabilities.describe())
@@ -142,11 +158,7 @@ def build_service(
     switch_ms = processing.switch_interval_ms or PYTHON_SWITCH_INTERVAL_MS
     sys.setswitchinterval(switch_ms / 1000.0)
     preparer = make_preparer(engine, processing.prepare_workers or 0, capabilities)
-    priorities = {topic.priority for topic in config.topics}
-    pieces = None
-    if len(priorities) > 1:
-        pieces = Pieces(top=max(priorities), tokens=processing.lower_priority_piece())
-    scorer = make_scorer(engine, metrics, capabilities, pieces)
+    scorer = make_scorer(engine, metrics, capabilities, lower_level_pieces(config))
     log.info(
         "micro-batches of up to %d messages; engine stage %s; prepare stage %s; "
         "interpreter switch interval %g ms",
@@ -169,6 +181,15 @@ def build_service(
         scorer.shutdown()
         preparer.shutdown()
         raise
+
+
+def lower_level_pieces(config: ServiceConfig) -> Pieces | None:
+    """With topics of more than one priority, how the GPU's engine stage splits the
+    lower levels' batches so that a live batch overtakes them on the device."""
+    priorities = {topic.priority for topic in config.topics}
+    if len(priorities) < 2:
+        return None
+    return Pieces(top=max(priorities), tokens=config.processing.lower_priority_piece())
 
 
 def reload_config(path: str, gpu: bool) -> ServiceConfig:

@@ -40,6 +40,9 @@ from stream_classifier.engine.head import ClassifierHead
 
 log = logging.getLogger(__name__)
 
+#: Logged when the layers start compiling on a helper thread (benchmarks wait for the end).
+COMPILE_STARTED = "compiling the encoder layers on a helper thread"
+
 LayerFn = Callable[[torch.Tensor, "LayerWeights", "Layout"], torch.Tensor]
 #: The attention kernel of a pass: variable-length flash, variable-length memory-efficient,
 #: or padded SDPA inside the packed layout.
@@ -319,6 +322,7 @@ class PackedBert:
         self._compiler = threading.Thread(
             target=self._compile, args=(self.attention,), name="compile-layers", daemon=True
         )
+        log.info(COMPILE_STARTED)
         self._compiler.start()
         return self._compiler
 
