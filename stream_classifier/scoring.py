@@ -189,7 +189,6 @@ class _Job:
     priority: int = 0
     #: Each piece's outcomes, as they come back (None: not yet).
     parts: list[list[Outcome] | None] = field(default_factory=list)
-    started: float = 0.0
     #: Time the job's pieces had the device to themselves (``engine_seconds``).
     seconds: float = 0.0
     launched: bool = False
@@ -361,7 +360,7 @@ class PipelinedScorer:
         """
         job = piece.job
         if not job.launched:
-            job.launched, job.started = True, time.monotonic()
+            job.launched = True
             if not job.future.set_running_or_notify_cancel():
                 job.done = True  # cancelled before it started
         if job.done:

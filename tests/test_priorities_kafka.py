@@ -105,6 +105,31 @@ def check_written_in_order_and_committed(
     wait_until(drained, 60, f"{group} committed to the end of {topic['input']}")
 
 
+def bulk_scored_before_the_last_live(
+    engine: KeywordEngine, arriving: int, since: Callable[[], int | None]
+) -> int:
+    """Once every live event is scored: the bulk events scored from ``since()`` (a count
+    of events scored, read then) to the last live one."""
+    wait_until(lambda: engine.scored.count(f"live-{arriving - 1}") > 0, 60, "live scored")
+    last_live = max(i for i, text in enumerate(engine.scored) if text.startswith("live"))
+    first = since()
+    assert first is not None
+    return sum(1 for text in engine.scored[first : last_live + 1] if text.startswith("bulk"))
+
+
+def check_both_written(
+    bootstrap: str,
+    mode: str,
+    group: str,
+    live: dict[str, Any],
+    bulk: dict[str, Any],
+    arriving: int,
+    backlog: int,
+) -> None:
+    check_written_in_order_and_committed(bootstrap, mode, group, live, arriving, 1)
+    check_written_in_order_and_committed(bootstrap, mode, group, bulk, backlog, BULK_PARTITIONS)
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_live_events_overtake_a_bulk_backlog(bootstrap: str, mode: str) -> None:
     live, bulk = topic_pair(bootstrap)
@@ -124,17 +149,8 @@ def test_live_events_overtake_a_bulk_backlog(bootstrap: str, mode: str) -> None:
         produce(
             bootstrap, live["input"], events("live", arriving), keys(arriving), producer=producer
         )
-        wait_until(lambda: engine.scored.count(f"live-{arriving - 1}") > 0, 60, "live scored")
-        last_live = max(i for i, text in enumerate(engine.scored) if text.startswith("live"))
-        bulk_between = sum(
-            1 for text in engine.scored[started_at : last_live + 1] if text.startswith("bulk")
-        )
-        check_written_in_order_and_committed(
-            bootstrap, mode, config.kafka.group_id, live, arriving, 1
-        )
-        check_written_in_order_and_committed(
-            bootstrap, mode, config.kafka.group_id, bulk, backlog, BULK_PARTITIONS
-        )
+        bulk_between = bulk_scored_before_the_last_live(engine, arriving, lambda: started_at)
+        check_both_written(bootstrap, mode, config.kafka.group_id, live, bulk, arriving, backlog)
     # Ahead of them: at most two small bulk batches, and each batch of live events carries
     # the bulk topic's share (priority_min_share); read first come, first served, they
     # wait behind every full batch already queued (two: 512 events, when last measured).
@@ -220,20 +236,10 @@ def test_live_events_overtake_bulk_pieces_on_the_pipelined_stage(bootstrap: str,
         produce(
             bootstrap, live["input"], events("live", arriving), keys(arriving), producer=producer
         )
-        wait_until(lambda: engine.scored.count(f"live-{arriving - 1}") > 0, 60, "live scored")
-        last_live = max(i for i, text in enumerate(engine.scored) if text.startswith("live"))
-        assert scorer.live_came_at is not None
-        bulk_between = sum(
-            1
-            for text in engine.scored[scorer.live_came_at : last_live + 1]
-            if text.startswith("bulk")
+        bulk_between = bulk_scored_before_the_last_live(
+            engine, arriving, lambda: scorer.live_came_at
         )
-        check_written_in_order_and_committed(
-            bootstrap, mode, config.kafka.group_id, live, arriving, 1
-        )
-        check_written_in_order_and_committed(
-            bootstrap, mode, config.kafka.group_id, bulk, backlog, BULK_PARTITIONS
-        )
+        check_both_written(bootstrap, mode, config.kafka.group_id, live, bulk, arriving, backlog)
     # Whole batches: up to two of 256 on the device ahead of the live batch. Pieces: two
     # of about 8 (and more live batches, each behind at most two pieces).
     assert bulk_between < 64, (
