@@ -18,7 +18,9 @@ each on fresh topics, each a fresh service process:
    settings (e.g. ``priority_piece_tokens=8192``), for comparisons in one call.
 
 The issue's targets: in phase 3 the live p99 within 2x of phase 2's, and the total rate
-at least 90% of phase 1's. Writes JSON (``--json``) and prints a table.
+at least 90% of phase 1's. Writes JSON (``--json``) and prints a table. ``--keep DIR``
+keeps each phase's service log there; with ``--trace`` (a GPU) also its engine stage's
+trace (``benchmarks/service_trace``), ``trace-<phase number>.json``.
 
     python benchmarks/priority.py --bootstrap 127.0.0.1:9092 --json out.json
 """
@@ -31,6 +33,7 @@ import json
 import math
 import multiprocessing
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -160,7 +163,11 @@ def run_phase(
     readers = {
         t["input"]: OutputReader(args.bootstrap, t["output"], args.partitions) for t in topics
     }
-    service = ServiceProcess(config, directory)
+    prefix = []
+    if args.keep and args.trace:
+        trace = Path(args.keep).resolve() / f"trace-{directory.name}.json"
+        prefix = ["bash", str(Path(__file__).parent / "service_trace" / "run.sh"), str(trace)]
+    service = ServiceProcess(config, directory, prefix)
     phase = Phase(name, args.seconds)
     try:
         assigned = "stream_classifier_assigned_partitions"
@@ -229,6 +236,8 @@ def run_phase(
         service.stop(60)
         for reader in readers.values():
             reader.close()
+        if args.keep:
+            shutil.copy(service.log_path, Path(args.keep) / f"service-{directory.name}.log")
     phase.exit_code = service.exit_code
     print(format_row(phase), flush=True)
     return phase
@@ -285,7 +294,13 @@ def main() -> int:
         "--engine", default={}, type=parse_variant, help="engine settings, key=value[,...]"
     )
     parser.add_argument("--json")
+    parser.add_argument("--keep", help="a folder for each phase's service log")
+    parser.add_argument(
+        "--trace", action="store_true", help="trace each phase's engine stage into --keep"
+    )
     args = parser.parse_args()
+    if args.keep:
+        Path(args.keep).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stream-classifier-priority-") as tmp:
         root = Path(tmp)
         model_dir = bench.build_model_dir(bench.SHAPES[args.shape], root / "model", args.seed)

@@ -4,9 +4,12 @@ Python imports ``sitecustomize`` at start-up from ``sys.path``; ``run.sh`` puts 
 there and sets ``SC_TRACE`` to a JSON path. Once ``stream_classifier.service`` is imported,
 the engine stage's methods are wrapped to record, for every forward pass, when the engine
 thread launched it (host clock) and when the device ran it (two CUDA events on the engine's
-stream, placed on the host clock by one synchronised reference event); every micro-batch's
-launch and return, every submission, and every CUDA graph capture. The JSON is written
-when the scorer shuts down (the service's SIGTERM drain). ``analyze.py`` reads it.
+stream, placed on the host clock by one synchronised reference event); every launch and
+return of a micro-batch or piece (events, the batch's priority, the piece's index), every
+submission (events, priority), every CUDA graph capture, and every pass run without a
+graph (tokens, longest sequence, whether through the compiled layers: a first pass of a
+new shape there is where a recompile would show). The JSON is written when the scorer shuts
+down (the service's SIGTERM drain). ``analyze.py`` reads it.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ def _install() -> None:
     import torch
 
     from stream_classifier import scoring
-    from stream_classifier.engine import graphs, nli
+    from stream_classifier.engine import graphs, nli, packed
 
     record: dict[str, list[Any]] = {
         "passes": [],
@@ -32,6 +35,7 @@ def _install() -> None:
         "back": [],
         "submit": [],
         "captures": [],
+        "eager": [],
     }
     reference: dict[str, Any] = {}
 
@@ -60,6 +64,10 @@ def _install() -> None:
         record["passes"].append([started, time.monotonic(), batch.tokens, batch.rows, begin, end])
         return result
 
+    def piece_note(piece: Any, *_: Any) -> list[int]:
+        """Events, the batch's priority and the piece's index in its batch."""
+        return [len(piece.requests), piece.job.priority, piece.index]
+
     def timed(key: str, size: Any) -> Any:
         def note(_self: Any, call: Any, *args: Any) -> Any:
             started = time.monotonic()
@@ -70,8 +78,16 @@ def _install() -> None:
         return note
 
     def submitted(_self: Any, call: Any, requests: Any, *_: Any) -> Any:
-        record["submit"].append([time.monotonic(), len(requests)])
+        record["submit"].append([time.monotonic(), len(requests), scoring.priority_of(requests)])
         return call()
+
+    def eager_pass(packed: Any, call: Any, batch: Any, *_: Any) -> Any:
+        started = time.monotonic()
+        result = call()
+        ended = time.monotonic()
+        compiled = bool(packed._compiled)
+        record["eager"].append([started, ended, batch.tokens, batch.max_length, compiled])
+        return result
 
     def shutdown(_self: Any, call: Any, *_: Any) -> Any:
         result = call()
@@ -87,8 +103,9 @@ def _install() -> None:
 
     wrap(nli.NliEngine, "_run", run_pass)
     wrap(graphs.GraphedForward, "_new", timed("captures", lambda shape: list(shape)))
-    wrap(scoring.PipelinedScorer, "_launch", timed("launch", lambda piece, *_: len(piece.requests)))
-    wrap(scoring.PipelinedScorer, "_scored", timed("back", lambda back: len(back.piece.requests)))
+    wrap(scoring.PipelinedScorer, "_launch", timed("launch", piece_note))
+    wrap(scoring.PipelinedScorer, "_scored", timed("back", lambda back: piece_note(back.piece)))
+    wrap(packed.PackedBert, "__call__", eager_pass)
     wrap(scoring.PipelinedScorer, "submit", submitted)
     wrap(scoring.PipelinedScorer, "shutdown", shutdown)
 
