@@ -10,7 +10,6 @@ checks real graphs against the eager pass on a GPU.
 from __future__ import annotations
 
 import logging
-import sys
 import threading
 from collections import Counter
 from pathlib import Path
@@ -103,41 +102,6 @@ def test_one_graph_per_shape(engine: NliEngine) -> None:
         assert graphed.captured == 1, "a shape seen once was captured"
         graphed(other)
     assert graphed.captured == 2
-
-
-def test_passes_launched_op_by_op_get_the_interpreter_back_at_once_and_replays_leave_it(
-    engine: NliEngine, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """The first pass of a shape and its capture launch every op themselves, and the busy
-    Kafka thread held the interpreter lock for up to the switch interval between them: ten
-    times their time alone. Only those passes shorten the interval, and it comes back."""
-    graphed = engine.forward
-    assert isinstance(graphed, GraphedForward)
-    seen: list[tuple[str, float]] = []
-
-    def noting(name: str, inner: Any) -> Any:
-        def call(*args: Any) -> Any:
-            seen.append((name, sys.getswitchinterval()))
-            return inner(*args)
-
-        return call
-
-    monkeypatch.setattr(PackedBert, "__call__", noting("eager", PackedBert.__call__))
-    monkeypatch.setattr(graphed, "_new", noting("capture", graphed._new))
-    monkeypatch.setattr(graphed, "_replay", noting("replay", graphed._replay))
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(0.0005)
-    try:
-        batch = random_pairs(np.random.default_rng(4), 6, 40)
-        with torch.inference_mode():
-            for _ in range(3):
-                graphed(batch)
-        after = sys.getswitchinterval()
-    finally:
-        sys.setswitchinterval(before)
-    short = pytest.approx(graphs.OP_BY_OP_SWITCH_S)
-    assert seen == [("eager", short), ("capture", short), ("replay", 0.0005), ("replay", 0.0005)]
-    assert after == pytest.approx(0.0005)
 
 
 def test_a_pass_over_the_budget_runs_eagerly(engine: NliEngine) -> None:

@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import sys
 import time
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -75,29 +73,6 @@ MIN_SEQUENCES = 8
 MAX_GRAPHS = 256
 #: The pass of a shape that captures its graph (the ones before run eagerly).
 CAPTURE_ON_PASS = 2
-#: The switch interval while a pass is launched op by op (:func:`launching_op_by_op`).
-OP_BY_OP_SWITCH_S = 10e-6
-
-
-@contextlib.contextmanager
-def launching_op_by_op() -> Iterator[None]:
-    """The interpreter's switch interval at :data:`OP_BY_OP_SWITCH_S` (if shorter) while
-    the calling thread launches a pass op by op: an eager pass or a capture.
-
-    Why: PyTorch releases the interpreter lock inside every op, and the thread must then
-    wait for the lock again while the Kafka thread runs Python, up to the switch interval
-    each time (0.5 ms in the service). A replayed graph is one op; an eager pass is
-    thousands, so the first pass of each new shape, its capture, and every pass while the
-    layers compile took ten times as long in a busy service as alone
-    (docs/PERFORMANCE.md, "The first pass of a new shape"). The other threads give the lock
-    back sooner meanwhile; those passes are few once the shapes are captured.
-    """
-    before = sys.getswitchinterval()
-    sys.setswitchinterval(min(before, OP_BY_OP_SWITCH_S))
-    try:
-        yield
-    finally:
-        sys.setswitchinterval(before)
 
 
 class Shape(NamedTuple):
@@ -197,27 +172,20 @@ class GraphedForward:
             # a pool whose graphs are all gone is released: capturing into it again fails
             # (CUDACachingAllocator's use_count assertion)
             self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        graph = self._graph_for(batch)
-        if graph is None:
-            with launching_op_by_op():
-                return self.packed(batch)
-        return self._replay(graph, batch)
-
-    def _graph_for(self, batch: TokenBatch) -> _Graph | None:
-        """The graph that runs ``batch``, captured now if its shape's time has come; None:
-        run it eagerly."""
         shape = shape_of(batch, self.max_tokens)
         if shape is None or (self.packed.compiling and shape not in self._graphs):
             # No capture while the layers compile on the helper thread: its device work
             # breaks a capture, and graphs of the eager layers would be dropped soon anyway.
-            return None
+            return self.packed(batch)
         if shape not in self._graphs:
             self._passes[shape] += 1
             if self._passes[shape] < CAPTURE_ON_PASS:
-                return None
-            with launching_op_by_op():
-                self._graphs[shape] = self._new(shape)
-        return self._graphs[shape]
+                return self.packed(batch)
+            self._graphs[shape] = self._new(shape)
+        graph = self._graphs[shape]
+        if graph is None:
+            return self.packed(batch)
+        return self._replay(graph, batch)
 
     def _replay(self, graph: _Graph, batch: TokenBatch) -> torch.Tensor:
         host = torch.from_numpy(static_inputs(batch, graph.shape))
