@@ -1,13 +1,15 @@
 """Summarise traces written by sitecustomize.py: how busy the device was while saturated.
 
-    python3 benchmarks/service_trace/analyze.py [--tokens N] TRACE_JSON...
+    python3 benchmarks/service_trace/analyze.py [--tokens N | --last S] TRACE_JSON...
 
 The saturated part is the longest stretch of passes (by tokens) without a device gap of
 0.3 s, or with ``--tokens N`` the passes from the first micro-batch submitted until N
-tokens are done (the same work in every trace of one workload, gaps included). For it:
-the device time of the passes against the stretch's length, the gaps between passes and
-whether the engine thread launched the next pass late, the device time per token of full
-and short passes, and the engine thread's launch times.
+tokens are done (the same work in every trace of one workload, gaps included), or with
+``--last S`` the passes of the trace's last S seconds (a paced load, the service
+benchmark's last phase). For it: the device time of the passes against the stretch's
+length, the gaps between passes and whether the engine thread launched the next pass
+late, the device time per token of full and short passes, the engine thread's launch
+times, and how long it spent on passes run without a graph and on captures.
 """
 
 from __future__ import annotations
@@ -44,8 +46,27 @@ def first_tokens(trace: dict[str, Any], tokens: int) -> list[list[float]]:
     return stretch
 
 
-def summary(trace: dict[str, Any], tokens: int | None = None) -> dict[str, Any]:
-    stretch = saturated(trace["passes"]) if tokens is None else first_tokens(trace, tokens)
+def last_seconds(trace: dict[str, Any], seconds: float) -> list[list[float]]:
+    ordered = sorted(trace["passes"], key=lambda p: p[4])
+    since = ordered[-1][5] - seconds
+    return [p for p in ordered if p[4] >= since]
+
+
+def stalls(rows: list[list[Any]], start: float, end: float) -> dict[str, float]:
+    """Count, total and longest host time of ``rows`` ([started, ended, ...]) in the window."""
+    spans = [row[1] - row[0] for row in rows if start - 1 <= row[0] <= end]
+    return {"count": len(spans), "s": sum(spans), "ms_max": max(spans, default=0.0) * 1e3}
+
+
+def summary(
+    trace: dict[str, Any], tokens: int | None = None, last: float | None = None
+) -> dict[str, Any]:
+    if last is not None:
+        stretch = last_seconds(trace, last)
+    elif tokens is not None:
+        stretch = first_tokens(trace, tokens)
+    else:
+        stretch = saturated(trace["passes"])
     start, end = stretch[0][4], stretch[-1][5]
     busy = sum(p[5] - p[4] for p in stretch)
     gaps = late = 0.0
@@ -74,18 +95,21 @@ def summary(trace: dict[str, Any], tokens: int | None = None) -> dict[str, Any]:
         "short_passes": len(short),
         "full_us_per_token": us_per_token(full),
         "short_us_per_token": us_per_token(short),
-        "captures": sum(1 for c in trace["captures"] if start - 1 <= c[0] <= end),
         "launch_ms_mean": sum(launches) / len(launches) * 1e3 if launches else None,
+        **{f"captures_{k}": v for k, v in stalls(trace["captures"], start, end).items()},
+        **{f"eager_{k}": v for k, v in stalls(trace.get("eager", []), start, end).items()},
     }
 
 
 def main(arguments: list[str]) -> None:
-    tokens = None
+    tokens = last = None
     if arguments[:1] == ["--tokens"]:
         tokens, arguments = int(arguments[1]), arguments[2:]
+    elif arguments[:1] == ["--last"]:
+        last, arguments = float(arguments[1]), arguments[2:]
     for path in arguments:
         with open(path, encoding="utf-8") as file:
-            result = summary(json.load(file), tokens)
+            result = summary(json.load(file), tokens, last)
         print(path)
         for key, value in result.items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
