@@ -9,7 +9,8 @@ tokens are done (the same work in every trace of one workload, gaps included), o
 benchmark's last phase). For it: the device time of the passes against the stretch's
 length, the gaps between passes and whether the engine thread launched the next pass
 late, the device time per token of full and short passes, the engine thread's launch
-times, and how long it spent on passes run without a graph and on captures.
+times, and how long it spent on passes run without a graph and on captures. Over the whole
+trace, per priority level: how long batches waited from submission to their first launch.
 """
 
 from __future__ import annotations
@@ -101,6 +102,33 @@ def summary(
     }
 
 
+def percentile(values: list[float], share: float) -> float | None:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(share * len(ordered)))] if ordered else None
+
+
+def waits_by_priority(trace: dict[str, Any]) -> dict[str, float | None]:
+    """Per priority level: batches, and the ms from a batch's submission to the launch of
+    its first piece (p50, p99), the wait for the engine stage. A level's batches launch in
+    the order submitted. Traces from before priorities were recorded have no levels."""
+    submits: dict[int, list[float]] = {}
+    launches: dict[int, list[float]] = {}
+    for row in trace["submit"]:
+        if len(row) > 2:
+            submits.setdefault(row[2], []).append(row[0])
+    for row in trace["launch"]:
+        if isinstance(row[2], list) and row[2][2] == 0:
+            launches.setdefault(row[2][1], []).append(row[0])
+    result: dict[str, float | None] = {}
+    for level, submitted in sorted(submits.items()):
+        pairs = zip(submitted, launches.get(level, []), strict=False)
+        queued = [(launched - at) * 1e3 for at, launched in pairs]
+        result[f"priority_{level}_batches"] = float(len(submitted))
+        result[f"priority_{level}_queued_ms_p50"] = percentile(queued, 0.5)
+        result[f"priority_{level}_queued_ms_p99"] = percentile(queued, 0.99)
+    return result
+
+
 def main(arguments: list[str]) -> None:
     tokens = last = None
     if arguments[:1] == ["--tokens"]:
@@ -109,7 +137,8 @@ def main(arguments: list[str]) -> None:
         last, arguments = float(arguments[1]), arguments[2:]
     for path in arguments:
         with open(path, encoding="utf-8") as file:
-            result = summary(json.load(file), tokens, last)
+            trace = json.load(file)
+            result = {**summary(trace, tokens, last), **waits_by_priority(trace)}
         print(path)
         for key, value in result.items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
