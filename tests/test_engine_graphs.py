@@ -104,6 +104,79 @@ def test_one_graph_per_shape(engine: NliEngine) -> None:
     assert graphed.captured == 2
 
 
+def pairs_of(lengths: list[int]) -> TokenBatch:
+    """Pairs of exactly these lengths (random ids)."""
+    sizes = np.array(lengths, dtype=np.int32)
+    ids = np.random.default_rng(len(lengths)).integers(110, 500, size=int(sizes.sum()))
+    return TokenBatch(ids.astype(np.int32), sizes, np.maximum(1, sizes // 2 - 2))
+
+
+def count_eager_passes(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    passes: Counter[str] = Counter()
+    eager = PackedBert.__call__
+
+    def counting(self: PackedBert, batch: TokenBatch) -> torch.Tensor:
+        passes["eager"] += 1
+        return eager(self, batch)
+
+    monkeypatch.setattr(PackedBert, "__call__", counting)
+    return passes
+
+
+def test_a_shape_replays_a_graph_of_its_tokens_with_room_for_it_and_is_never_captured(
+    engine: NliEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At a paced load most batches end in a pass of a new shape, and a pass run eagerly or
+    captured held the busy engine thread for up to half a second on an H100."""
+    graphed = engine.forward
+    assert isinstance(graphed, GraphedForward)
+    longer = pairs_of([300, 100, 100, 100])  # 600 tokens, longest 300
+    shorter = pairs_of([120, 120, 120, 120, 120])  # 600 tokens, longest 120
+    wide, narrow = shape_of(longer, BUDGET), shape_of(shorter, BUDGET)
+    assert wide is not None and narrow is not None
+    assert (wide.tokens, wide.sequences) == (narrow.tokens, narrow.sequences)
+    assert wide.length > narrow.length
+    with torch.inference_mode():
+        graphed(longer)
+        graphed(longer)  # captured
+        passes = count_eager_passes(monkeypatch)
+        expected = graphed.packed(shorter)
+        passes.clear()
+        results = [graphed(shorter) for _ in range(3)]
+    assert passes["eager"] == 0
+    assert graphed.captured == 1, "captured a shape that a graph had room for"
+    for result in results:
+        torch.testing.assert_close(result, expected, rtol=0, atol=1e-5)
+
+
+def test_a_new_shape_borrows_a_graph_a_little_larger_until_its_own_is_captured(
+    engine: NliEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graphed = engine.forward
+    assert isinstance(graphed, GraphedForward)
+    larger = pairs_of([300] + [100] * 8)  # 1,100 tokens
+    smaller = pairs_of([200] + [75] * 10)  # 950 tokens
+    big, small = shape_of(larger, BUDGET), shape_of(smaller, BUDGET)
+    assert big is not None and small is not None
+    assert small.tokens < big.tokens <= small.tokens * graphs.BORROW_TOKENS
+    too_small = pairs_of([120] * 6)  # 720 tokens: the larger graph is over a quarter more
+    passes = count_eager_passes(monkeypatch)
+    with torch.inference_mode():
+        graphed(larger)
+        graphed(larger)
+        assert (passes["eager"], graphed.captured) == (1, 1)
+        expected = graphed.packed(smaller)
+        passes.clear()
+        borrowed = graphed(smaller)
+        assert (passes["eager"], graphed.captured) == (0, 1), "the first pass did not borrow"
+        own = graphed(smaller)
+        assert graphed.captured == 2, "the second pass did not capture its own shape"
+        graphed(too_small)
+    assert passes["eager"] == 1, "a pass borrowed a graph over a quarter larger"
+    torch.testing.assert_close(borrowed, expected, rtol=0, atol=1e-5)
+    torch.testing.assert_close(own, expected, rtol=0, atol=1e-5)
+
+
 def test_a_pass_over_the_budget_runs_eagerly(engine: NliEngine) -> None:
     graphed = engine.forward
     assert isinstance(graphed, GraphedForward)

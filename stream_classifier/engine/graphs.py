@@ -31,9 +31,12 @@ The rows of extra tokens and sequences hold garbage (attention never reads them 
 real sequence) and only the real sequences' logits are returned.
 
 Every pass is replayed once its shape has a graph. A shape is captured on its second pass
-(:data:`CAPTURE_ON_PASS`; a shape seen once runs eagerly), so that everything lazy
-(compiled kernels, the stream's cuBLAS workspace) exists before its capture and one-off
-shapes cost no capture. In the service on an H100 a capture took 10-20 ms of the engine
+(:data:`CAPTURE_ON_PASS`), so that everything lazy (compiled kernels, the stream's cuBLAS
+workspace) exists before its capture and one-off shapes cost no capture. Before that, a
+pass borrows a captured graph with room for it, at most a quarter larger in tokens
+(:data:`BORROW_TOKENS`), and runs eagerly only where there is none. A graph of the same
+tokens with room for a shape's sequences and longest length serves that shape for good:
+its extra sequences and query blocks find nothing and return at once. In the service on an H100 a capture took 10-20 ms of the engine
 thread after the first (``benchmarks/service_trace``; the device meanwhile runs what is
 queued), and the engine's warm-up captures the full passes of the reference workload's
 texts. While the input is saturated the engine keeps passes full (``NliEngine.classify_async``'s
@@ -71,8 +74,12 @@ MIN_TOKENS = 256
 MIN_SEQUENCES = 8
 #: Most graphs kept; passes of a shape beyond these run eagerly.
 MAX_GRAPHS = 256
-#: The pass of a shape that captures its graph (the ones before run eagerly).
+#: The pass of a shape that captures its graph (the ones before borrow a larger graph or
+#: run eagerly).
 CAPTURE_ON_PASS = 2
+#: Most tokens, as a multiple of its own, of the graph a pass borrows until its own shape
+#: is captured (:meth:`GraphedForward._graph_for`).
+BORROW_TOKENS = 1.25
 
 
 class Shape(NamedTuple):
@@ -172,20 +179,51 @@ class GraphedForward:
             # a pool whose graphs are all gone is released: capturing into it again fails
             # (CUDACachingAllocator's use_count assertion)
             self._pool = torch.cuda.graph_pool_handle() if self.capture else None
-        shape = shape_of(batch, self.max_tokens)
-        if shape is None or (self.packed.compiling and shape not in self._graphs):
-            # No capture while the layers compile on the helper thread: its device work
-            # breaks a capture, and graphs of the eager layers would be dropped soon anyway.
-            return self.packed(batch)
-        if shape not in self._graphs:
-            self._passes[shape] += 1
-            if self._passes[shape] < CAPTURE_ON_PASS:
-                return self.packed(batch)
-            self._graphs[shape] = self._new(shape)
-        graph = self._graphs[shape]
+        graph = self._graph_for(batch)
         if graph is None:
             return self.packed(batch)
         return self._replay(graph, batch)
+
+    def _graph_for(self, batch: TokenBatch) -> _Graph | None:
+        """The graph that runs ``batch`` (None: run it eagerly): its shape's own; else a
+        graph of the same tokens with room for its sequences and longest length, for
+        good; else its own, captured now if this is its shape's :data:`CAPTURE_ON_PASS`-th
+        pass; else, until then, a graph up to :data:`BORROW_TOKENS` times its tokens.
+
+        Why borrow: in a busy service a pass run eagerly, and a capture, each held the
+        engine thread for up to half a second where a replay takes well under a
+        millisecond of it (docs/PERFORMANCE.md, "The current tree at 50-90%…"), and at a
+        paced load most batches end in a pass of a shape not seen before.
+        """
+        shape = shape_of(batch, self.max_tokens)
+        if shape is None:
+            return None
+        if shape in self._graphs:
+            return self._graphs[shape]
+        same_tokens = self._roomy(shape, shape.tokens)
+        if same_tokens is not None:
+            return same_tokens
+        # No capture while the layers compile on the helper thread: its device work
+        # breaks a capture, and graphs of the eager layers would be dropped soon anyway.
+        if not self.packed.compiling:
+            self._passes[shape] += 1
+            if self._passes[shape] >= CAPTURE_ON_PASS:
+                self._graphs[shape] = self._new(shape)
+                if self._graphs[shape] is not None:
+                    return self._graphs[shape]
+        return self._roomy(shape, int(shape.tokens * BORROW_TOKENS))
+
+    def _roomy(self, shape: Shape, most_tokens: int) -> _Graph | None:
+        """The smallest captured graph with room for ``shape`` and at most ``most_tokens``."""
+        fits = [
+            graph
+            for graph in self._graphs.values()
+            if graph is not None
+            and shape.tokens <= graph.shape.tokens <= most_tokens
+            and graph.shape.sequences >= shape.sequences
+            and graph.shape.length >= shape.length
+        ]
+        return min(fits, key=lambda graph: graph.shape, default=None)
 
     def _replay(self, graph: _Graph, batch: TokenBatch) -> torch.Tensor:
         host = torch.from_numpy(static_inputs(batch, graph.shape))
