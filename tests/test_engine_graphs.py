@@ -177,6 +177,29 @@ def test_a_new_shape_borrows_a_graph_a_little_larger_until_its_own_is_captured(
     torch.testing.assert_close(own, expected, rtol=0, atol=1e-5)
 
 
+def test_a_shape_whose_capture_failed_borrows_where_it_can(
+    engine: NliEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    graphed = engine.forward
+    assert isinstance(graphed, GraphedForward)
+    larger, smaller = pairs_of([300] + [100] * 8), pairs_of([200] + [75] * 10)
+    with torch.inference_mode():
+        graphed(larger)
+        graphed(larger)
+
+        def refuse(shape: Shape) -> Any:
+            raise RuntimeError("operation not permitted when stream is capturing")
+
+        monkeypatch.setattr(graphed, "_static", refuse)
+        passes = count_eager_passes(monkeypatch)
+        expected = graphed.packed(smaller)
+        passes.clear()
+        results = [graphed(smaller) for _ in range(3)]
+    assert (graphed.captured, graphed.failed, passes["eager"]) == (1, 1, 0)
+    for result in results:
+        torch.testing.assert_close(result, expected, rtol=0, atol=1e-5)
+
+
 def test_a_pass_over_the_budget_runs_eagerly(engine: NliEngine) -> None:
     graphed = engine.forward
     assert isinstance(graphed, GraphedForward)

@@ -34,15 +34,16 @@ Every pass is replayed once its shape has a graph. A shape is captured on its se
 (:data:`CAPTURE_ON_PASS`), so that everything lazy (compiled kernels, the stream's cuBLAS
 workspace) exists before its capture and one-off shapes cost no capture. Before that, a
 pass borrows a captured graph with room for it, at most a quarter larger in tokens
-(:data:`BORROW_TOKENS`), and runs eagerly only where there is none. A graph of the same
-tokens with room for a shape's sequences and longest length serves that shape for good:
-its extra sequences and query blocks find nothing and return at once. In the service on an H100 a capture took 10-20 ms of the engine
-thread after the first (``benchmarks/service_trace``; the device meanwhile runs what is
-queued), and the engine's warm-up captures the full passes of the reference workload's
-texts. While the input is saturated the engine keeps passes full (``NliEngine.classify_async``'s
-``hold_tail``), so few short shapes occur. All graphs share one memory pool: they run one after
-another on one stream, so memory is that of the largest pass, as eagerly. At most
-:data:`MAX_GRAPHS` are kept; a shape beyond them, or whose capture failed, runs eagerly.
+(:data:`BORROW_TOKENS`), and runs eagerly only where there is none: in a busy service an
+eager pass or a capture held the engine thread for up to half a second on an H100, against
+tens of milliseconds alone (docs/PERFORMANCE.md). A graph of the same tokens and sequences
+and a longer longest length serves a shape for good: its extra query blocks find no query
+and return at once, as the rounding to 128 already has them do. The engine's warm-up
+captures the full passes of the reference workload's texts, and while the input is
+saturated the engine keeps passes full (``NliEngine.classify_async``'s ``hold_tail``), so
+few short shapes occur. All graphs share one memory pool: they run one after another on
+one stream, so memory is that of the largest pass, as eagerly. At most :data:`MAX_GRAPHS`
+are kept; a shape beyond them, or whose capture failed, runs eagerly.
 """
 
 from __future__ import annotations
@@ -72,6 +73,8 @@ LENGTH_STEP = 128
 #: specialises, out of the captured shapes).
 MIN_TOKENS = 256
 MIN_SEQUENCES = 8
+#: No limit on a borrowed graph's sequences (a pass borrows only until its own is captured).
+MAX_SEQUENCES = 1 << 62
 #: Most graphs kept; passes of a shape beyond these run eagerly.
 MAX_GRAPHS = 256
 #: The pass of a shape that captures its graph (the ones before borrow a larger graph or
@@ -186,9 +189,10 @@ class GraphedForward:
 
     def _graph_for(self, batch: TokenBatch) -> _Graph | None:
         """The graph that runs ``batch`` (None: run it eagerly): its shape's own; else a
-        graph of the same tokens with room for its sequences and longest length, for
-        good; else its own, captured now if this is its shape's :data:`CAPTURE_ON_PASS`-th
-        pass; else, until then, a graph up to :data:`BORROW_TOKENS` times its tokens.
+        graph of the same tokens and sequences with room for its longest length, for good;
+        else its own, captured now if this is its shape's :data:`CAPTURE_ON_PASS`-th pass;
+        else, until then, a graph with room for it of up to :data:`BORROW_TOKENS` times its
+        tokens.
 
         Why borrow: in a busy service a pass run eagerly, and a capture, each held the
         engine thread for up to half a second where a replay takes well under a
@@ -198,29 +202,32 @@ class GraphedForward:
         shape = shape_of(batch, self.max_tokens)
         if shape is None:
             return None
-        if shape in self._graphs:
-            return self._graphs[shape]
-        same_tokens = self._roomy(shape, shape.tokens)
-        if same_tokens is not None:
-            return same_tokens
+        own = self._graphs.get(shape)
+        if own is not None:
+            return own
+        longer = self._roomy(shape, shape.tokens, shape.sequences)
+        if longer is not None:
+            return longer
         # No capture while the layers compile on the helper thread: its device work
         # breaks a capture, and graphs of the eager layers would be dropped soon anyway.
-        if not self.packed.compiling:
+        # A shape whose capture failed (None) is not tried again.
+        if shape not in self._graphs and not self.packed.compiling:
             self._passes[shape] += 1
             if self._passes[shape] >= CAPTURE_ON_PASS:
                 self._graphs[shape] = self._new(shape)
                 if self._graphs[shape] is not None:
                     return self._graphs[shape]
-        return self._roomy(shape, int(shape.tokens * BORROW_TOKENS))
+        return self._roomy(shape, int(shape.tokens * BORROW_TOKENS), MAX_SEQUENCES)
 
-    def _roomy(self, shape: Shape, most_tokens: int) -> _Graph | None:
-        """The smallest captured graph with room for ``shape`` and at most ``most_tokens``."""
+    def _roomy(self, shape: Shape, most_tokens: int, most_sequences: int) -> _Graph | None:
+        """The smallest captured graph with room for ``shape``, of at most ``most_tokens``
+        and ``most_sequences``."""
         fits = [
             graph
             for graph in self._graphs.values()
             if graph is not None
             and shape.tokens <= graph.shape.tokens <= most_tokens
-            and graph.shape.sequences >= shape.sequences
+            and shape.sequences <= graph.shape.sequences <= most_sequences
             and graph.shape.length >= shape.length
         ]
         return min(fits, key=lambda graph: graph.shape, default=None)
