@@ -184,8 +184,8 @@ def build_service(
 
 
 def lower_level_pieces(config: ServiceConfig) -> Pieces | None:
-    """With topics of more than one priority, how the GPU's engine stage splits the
-    lower levels' batches so that a live batch overtakes them on the device."""
+    """With topics of more than one priority, how the engine stage splits the lower
+    levels' batches so that a live batch overtakes them."""
     priorities = {topic.priority for topic in config.topics}
     if len(priorities) < 2:
         return None

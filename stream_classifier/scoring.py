@@ -10,9 +10,10 @@ the service, since dead-lettering every event would not be isolating anything.
 Two scorers: :class:`ThreadScorer` runs ``engine.classify`` one batch at a time;
 :class:`PipelinedScorer` keeps two batches on the device through ``classify_async`` (the
 next one is built and uploaded while the current one computes). :func:`make_scorer` picks
-the pipelined one for an engine on a GPU that has ``classify_async``. With topics of more
-than one priority the pipelined one takes lower levels' batches in pieces (:class:`Pieces`)
-that a higher level's batch overtakes on the device.
+the pipelined one for an engine on a GPU that has ``classify_async``, and, one piece deep,
+for such an engine on a CPU with topics of more than one priority. With levels the
+pipelined one takes lower levels' batches in pieces (:class:`Pieces`) that a higher
+level's batch overtakes.
 """
 
 from __future__ import annotations
@@ -128,12 +129,17 @@ def make_scorer(
     engine: Engine, metrics: Metrics, capabilities: Capabilities, pieces: Pieces | None = None
 ) -> Scorer:
     """A :class:`PipelinedScorer` for a pipelined engine on a GPU, else a
-    :class:`ThreadScorer`. On a CPU ``classify_async`` computes everything before it
-    returns, so there is nothing to overlap: the CPU keeps the one-batch-at-a-time stage.
-    ``pieces``: with topics of more than one priority, how the pipelined stage splits the
-    lower levels' batches (the thread stage scores whole batches in submission order)."""
-    if capabilities.cuda and capabilities.pipelined:
-        return PipelinedScorer(cast(AsyncEngine, engine), metrics, pieces=pieces)
+    :class:`ThreadScorer`. ``pieces``: with topics of more than one priority, how the
+    pipelined stage splits the lower levels' batches so that a live batch overtakes them.
+
+    On a CPU ``classify_async`` computes everything before it returns, so there is nothing
+    to overlap, and with one priority level the CPU keeps the one-batch-at-a-time stage.
+    With levels it takes the pipelined stage one piece deep: each piece is computed on the
+    engine thread, and a live batch submitted meanwhile is computed next, before the
+    pieces left, instead of after the whole bulk batches queued before it."""
+    if capabilities.pipelined and (capabilities.cuda or pieces is not None):
+        depth = 2 if capabilities.cuda else 1
+        return PipelinedScorer(cast(AsyncEngine, engine), metrics, depth, pieces)
     return ThreadScorer(engine, metrics)
 
 

@@ -313,6 +313,26 @@ def test_a_live_batch_overtakes_the_bulk_pieces_not_yet_on_the_device() -> None:
     assert engine.texts_of[3] == ["live"], "the live batch went third, before pieces 3-4"
 
 
+def test_on_a_cpu_a_live_batch_is_computed_right_after_the_bulk_piece_computing_now() -> None:
+    """A CPU computes a piece inside ``classify_async`` (here: the launch gate), one at a
+    time: a live batch submitted meanwhile waits for that piece only."""
+    engine = FakeEngine()
+    engine.launch_gates[1] = threading.Event()
+    scorer = PipelinedScorer(engine, Metrics(), depth=1, pieces=PIECES)
+    try:
+        bulk = scorer.submit([request(f"bulk {n}") for n in range(12)])  # four pieces
+        wait_for(lambda: engine.launched >= 1)  # the first piece computing
+        live = scorer.submit([live_request("live")])
+        engine.launch_gates[1].set()
+        assert live.result(WAIT_S) == [scores_of("live")]
+        assert len(bulk.result(WAIT_S)) == 12
+    finally:
+        engine.launch_gates[1].set()
+        scorer.shutdown()
+    assert engine.texts_of[2] == ["live"], "the live batch went second, before pieces 2-4"
+    assert engine.most_in_flight == 1
+
+
 def test_a_live_batch_is_resolved_before_the_bulk_batch_submitted_ahead_of_it() -> None:
     engine = FakeEngine()
     scorer = PipelinedScorer(engine, Metrics(), pieces=PIECES)
@@ -367,7 +387,9 @@ def test_shutdown_finishes_a_batch_whose_first_piece_is_on_the_device() -> None:
     assert engine.launched == 3
 
 
-def test_make_scorer_pipelines_engines_with_classify_async_on_a_gpu(engine: FakeEngine) -> None:
+def test_make_scorer_pipelines_engines_with_classify_async_on_a_gpu_or_with_levels(
+    engine: FakeEngine,
+) -> None:
     class Plain:
         model_id = "plain"
 
@@ -386,13 +408,18 @@ def test_make_scorer_pipelines_engines_with_classify_async_on_a_gpu(engine: Fake
         return replace(Capabilities.of(engine), cuda=cuda)
 
     assert Capabilities.of(engine).pipelined and not Capabilities.of(Plain()).pipelined
+    levels = Pieces(top=1, tokens=64)
     pipelined = make_scorer(engine, Metrics(), on_gpu(engine))
-    scorers = [pipelined, make_scorer(Plain(), Metrics(), on_gpu(Plain()))]
+    # On a CPU with priority levels: one piece at a time, so a live batch goes next.
+    cpu_levels = make_scorer(engine, Metrics(), on_gpu(engine, cuda=False), levels)
+    scorers = [pipelined, cpu_levels, make_scorer(Plain(), Metrics(), on_gpu(Plain()), levels)]
     # Nothing to overlap on a CPU:
     scorers.append(make_scorer(engine, Metrics(), on_gpu(engine, cuda=False)))
     try:
-        assert isinstance(pipelined, PipelinedScorer)
-        assert all(isinstance(s, ThreadScorer) for s in scorers[1:])
+        assert isinstance(pipelined, PipelinedScorer) and pipelined.depth == 2
+        assert isinstance(cpu_levels, PipelinedScorer) and cpu_levels.depth == 1
+        assert cpu_levels.pieces == levels
+        assert all(isinstance(s, ThreadScorer) for s in scorers[2:])
     finally:
         for scorer in scorers:
             scorer.shutdown()
