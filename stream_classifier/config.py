@@ -260,10 +260,10 @@ class ProcessingConfig(_Section):
     #: live event waits behind bulk work. Unset: half of max_batch_messages (on an H200 an
     #: eighth cost 40% of the rate for a p99 no better: docs/PERFORMANCE.md).
     priority_batch_messages: int | None = Field(None, ge=1, le=100_000)
-    #: With topics of more than one ``priority``, on a GPU: lower levels' micro-batches go
-    #: to the device in pieces of at most this many tokens, and a higher level's batch is
-    #: launched before the pieces not yet on the device, so a live event waits for at
-    #: most two pieces rather than two bulk batches. Smaller pieces shorten that wait and
+    #: With topics of more than one ``priority``: lower levels' micro-batches go to the
+    #: engine in pieces of at most this many tokens, and a higher level's batch is
+    #: launched before the pieces not yet there, so a live event waits for at most two
+    #: pieces on a GPU (one on a CPU) rather than two bulk batches. Smaller pieces shorten that wait and
     #: cost rate. Unset: a quarter of ``max_batch_tokens``.
     priority_piece_tokens: int | None = Field(None, ge=64)
 
