@@ -80,6 +80,9 @@ class Phase:
     #: The service's last log lines and its batch metrics at the end of the window.
     log_tail: list[str] = field(default_factory=list)
     batch_messages_mean: float | None = None
+    #: Seconds of the window the engine stage spent scoring, and with nothing to score.
+    engine_busy_s: float = 0.0
+    engine_idle_s: float = 0.0
 
 
 def payloads(texts: list[str], first_id: int) -> list[bytes]:
@@ -185,6 +188,7 @@ def run_phase(
             warm_up_live(args, topics[0]["input"], readers[topics[0]["input"]], service)
         wait_for_compile(service)
         time.sleep(args.warm_seconds)  # the rate settles: caches and pools
+        engine_at_start = engine_seconds(port)
         started = time.monotonic()
         if priorities is not None:
             count = max(1, int(live_rate * args.seconds))
@@ -231,6 +235,11 @@ def run_phase(
             phase.bulk_msgs_per_s = inside / phase.seconds
         phase.total_msgs_per_s = phase.bulk_msgs_per_s + phase.live_msgs_per_s
         phase.batch_messages_mean = mean_metric(port, "stream_classifier_batch_messages")
+        busy, idle = engine_seconds(port)
+        phase.engine_busy_s, phase.engine_idle_s = (
+            busy - engine_at_start[0],
+            idle - engine_at_start[1],
+        )
         phase.log_tail = service.tail(60)
     finally:
         service.stop(60)
@@ -241,6 +250,12 @@ def run_phase(
     phase.exit_code = service.exit_code
     print(format_row(phase), flush=True)
     return phase
+
+
+def engine_seconds(port: int) -> tuple[float, float]:
+    """The engine stage's scoring and idle seconds so far (its metrics' running sums)."""
+    busy = metric(port, "stream_classifier_engine_seconds_sum")
+    return busy, metric(port, "stream_classifier_engine_idle_seconds_total")
 
 
 def warm_up_live(
