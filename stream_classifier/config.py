@@ -263,8 +263,8 @@ class ProcessingConfig(_Section):
     #: With topics of more than one ``priority``: lower levels' micro-batches go to the
     #: engine in pieces of at most this many tokens, and a higher level's batch is
     #: launched before the pieces not yet there, so a live event waits for at most two
-    #: pieces on a GPU (one on a CPU) rather than two bulk batches. Smaller pieces shorten that wait and
-    #: cost rate. Unset: a quarter of ``max_batch_tokens``.
+    #: pieces on a GPU (one on a CPU) rather than two bulk batches. Smaller pieces
+    #: shorten that wait and cost rate. Unset: a quarter of ``max_batch_tokens``.
     priority_piece_tokens: int | None = Field(None, ge=64)
 
     def lower_priority_batch(self) -> int:
