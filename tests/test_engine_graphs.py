@@ -149,13 +149,16 @@ def test_a_shape_replays_a_graph_of_its_tokens_with_room_for_it_and_is_never_cap
         torch.testing.assert_close(result, expected, rtol=0, atol=1e-5)
 
 
+#: 1,100 and 950 tokens: the larger one's graph is at most a quarter larger.
+LARGER, SMALLER = pairs_of([300] + [100] * 8), pairs_of([200] + [75] * 10)
+
+
 def test_a_new_shape_borrows_a_graph_a_little_larger_until_its_own_is_captured(
     engine: NliEngine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     graphed = engine.forward
     assert isinstance(graphed, GraphedForward)
-    larger = pairs_of([300] + [100] * 8)  # 1,100 tokens
-    smaller = pairs_of([200] + [75] * 10)  # 950 tokens
+    larger, smaller = LARGER, SMALLER
     big, small = shape_of(larger, BUDGET), shape_of(smaller, BUDGET)
     assert big is not None and small is not None
     assert small.tokens < big.tokens <= small.tokens * graphs.BORROW_TOKENS
@@ -182,7 +185,7 @@ def test_a_shape_whose_capture_failed_borrows_where_it_can(
 ) -> None:
     graphed = engine.forward
     assert isinstance(graphed, GraphedForward)
-    larger, smaller = pairs_of([300] + [100] * 8), pairs_of([200] + [75] * 10)
+    larger, smaller = LARGER, SMALLER
     with torch.inference_mode():
         graphed(larger)
         graphed(larger)

@@ -81,11 +81,11 @@ def _install() -> None:
         record["submit"].append([time.monotonic(), len(requests), scoring.priority_of(requests)])
         return call()
 
-    def eager_pass(packed: Any, call: Any, batch: Any, *_: Any) -> Any:
+    def eager_pass(forward: Any, call: Any, batch: Any, *_: Any) -> Any:
         started = time.monotonic()
         result = call()
         ended = time.monotonic()
-        compiled = bool(packed._compiled)
+        compiled = bool(forward._compiled)
         record["eager"].append([started, ended, batch.tokens, batch.max_length, compiled])
         return result
 

@@ -73,8 +73,6 @@ LENGTH_STEP = 128
 #: specialises, out of the captured shapes).
 MIN_TOKENS = 256
 MIN_SEQUENCES = 8
-#: No limit on a borrowed graph's sequences (a pass borrows only until its own is captured).
-MAX_SEQUENCES = 1 << 62
 #: Most graphs kept; passes of a shape beyond these run eagerly.
 MAX_GRAPHS = 256
 #: The pass of a shape that captures its graph (the ones before borrow a larger graph or
@@ -205,7 +203,7 @@ class GraphedForward:
         own = self._graphs.get(shape)
         if own is not None:
             return own
-        longer = self._roomy(shape, shape.tokens, shape.sequences)
+        longer = self._roomy(shape, shape.tokens, same_sequences=True)
         if longer is not None:
             return longer
         # No capture while the layers compile on the helper thread: its device work
@@ -217,17 +215,18 @@ class GraphedForward:
                 self._graphs[shape] = self._new(shape)
                 if self._graphs[shape] is not None:
                     return self._graphs[shape]
-        return self._roomy(shape, int(shape.tokens * BORROW_TOKENS), MAX_SEQUENCES)
+        return self._roomy(shape, int(shape.tokens * BORROW_TOKENS))
 
-    def _roomy(self, shape: Shape, most_tokens: int, most_sequences: int) -> _Graph | None:
+    def _roomy(self, shape: Shape, most_tokens: int, same_sequences: bool = False) -> _Graph | None:
         """The smallest captured graph with room for ``shape``, of at most ``most_tokens``
-        and ``most_sequences``."""
+        (and of its sequences exactly, with ``same_sequences``)."""
         fits = [
             graph
             for graph in self._graphs.values()
             if graph is not None
             and shape.tokens <= graph.shape.tokens <= most_tokens
-            and shape.sequences <= graph.shape.sequences <= most_sequences
+            and shape.sequences <= graph.shape.sequences
+            and (graph.shape.sequences == shape.sequences or not same_sequences)
             and graph.shape.length >= shape.length
         ]
         return min(fits, key=lambda graph: graph.shape, default=None)
