@@ -30,7 +30,7 @@ from stream_classifier.config import (
     ServiceConfig,
     load_config,
 )
-from stream_classifier.startup import StartupClock
+from stream_classifier.startup import StartupClock, freeze_heap
 
 if TYPE_CHECKING:  # the run command's modules import confluent_kafka; load them lazily
     from stream_classifier.metrics import HealthServer, Metrics
@@ -161,6 +161,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         with clock.step("service_build"):
             first = FirstOutput(clock, metrics, engine)
             service = build_service(config, engine, metrics, [first], formats)
+        with clock.step("heap_freeze"):
+            freeze_heap()
         service.rebalances.on_assigned = lambda _partitions: clock.milestone("group_join")
     except EngineError as exc:
         print(f"engine: {exc}", file=sys.stderr)

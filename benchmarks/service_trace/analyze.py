@@ -59,6 +59,11 @@ def stalls(rows: list[list[Any]], start: float, end: float) -> dict[str, float]:
     return {"count": len(spans), "s": sum(spans), "ms_max": max(spans, default=0.0) * 1e3}
 
 
+def full_collections(trace: dict[str, Any]) -> list[list[Any]]:
+    """The oldest generation's collections: the ones long enough to stall the service."""
+    return [row for row in trace.get("gc", []) if row[2] == 2]
+
+
 def summary(
     trace: dict[str, Any], tokens: int | None = None, last: float | None = None
 ) -> dict[str, Any]:
@@ -85,6 +90,8 @@ def summary(
         return sum(p[5] - p[4] for p in passes) / tokens * 1e6 if tokens else None
 
     launches = [row[1] - row[0] for row in trace["launch"] if start - 1 <= row[0] <= end]
+    submits = [row[0] for row in trace["submit"] if start <= row[0] <= end]
+    submit_gaps = [after - before for before, after in zip(submits, submits[1:], strict=False)]
     return {
         "passes": len(stretch),
         "tokens": sum(p[2] for p in stretch),
@@ -97,8 +104,10 @@ def summary(
         "full_us_per_token": us_per_token(full),
         "short_us_per_token": us_per_token(short),
         "launch_ms_mean": sum(launches) / len(launches) * 1e3 if launches else None,
+        "submit_gap_ms_max": max(submit_gaps, default=0.0) * 1e3,
         **{f"captures_{k}": v for k, v in stalls(trace["captures"], start, end).items()},
         **{f"eager_{k}": v for k, v in stalls(trace.get("eager", []), start, end).items()},
+        **{f"gc2_{k}": v for k, v in stalls(full_collections(trace), start, end).items()},
     }
 
 

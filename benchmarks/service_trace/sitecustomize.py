@@ -8,13 +8,16 @@ stream, placed on the host clock by one synchronised reference event); every lau
 return of a micro-batch or piece (events, the batch's priority, the piece's index), every
 submission (events, priority), every CUDA graph capture, and every pass run without a
 graph (tokens, longest sequence, whether through the compiled layers: a first pass of a
-new shape there is where a recompile would show). The JSON is written when the scorer shuts
-down (the service's SIGTERM drain). ``analyze.py`` reads it.
+new shape there is where a recompile would show), and every garbage collection (its
+generation and how many objects it freed: a full collection stops every thread). With
+``SC_TRACE_NO_FREEZE`` set, ``gc.freeze`` does nothing, for an A/B of the frozen heap. The
+JSON is written when the scorer shuts down (the service's SIGTERM drain). ``analyze.py`` reads it.
 """
 
 from __future__ import annotations
 
 import builtins
+import gc
 import json
 import os
 import time
@@ -36,6 +39,7 @@ def _install() -> None:
         "submit": [],
         "captures": [],
         "eager": [],
+        "gc": [],
     }
     reference: dict[str, Any] = {}
 
@@ -101,6 +105,19 @@ def _install() -> None:
             json.dump({**record, "passes": passes}, file)
         return result
 
+    collecting: list[float] = []
+
+    def collection(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collecting[:] = [time.monotonic()]
+        elif collecting:
+            record["gc"].append(
+                [collecting[0], time.monotonic(), info["generation"], info["collected"]]
+            )
+
+    gc.callbacks.append(collection)
+    if os.environ.get("SC_TRACE_NO_FREEZE"):
+        gc.freeze = lambda: None
     wrap(nli.NliEngine, "_run", run_pass)
     wrap(graphs.GraphedForward, "_new", timed("captures", lambda shape: list(shape)))
     wrap(scoring.PipelinedScorer, "_launch", timed("launch", piece_note))

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from stream_classifier.engine.batches import TokenBatch
 from stream_classifier.engine.bert import BertClassifier
 from stream_classifier.engine.head import ClassifierHead
+from stream_classifier.startup import freeze_heap
 
 log = logging.getLogger(__name__)
 
@@ -339,6 +340,7 @@ class PackedBert:
         except Exception as exc:  # noqa: BLE001 - a compiler failure must not stop scoring
             log.warning("torch.compile of the encoder layers failed (%s); they stay eager", exc)
             return
+        freeze_heap()  # the compiler's objects, before any scoring pass waits on a walk of them
         self._ready = (attention, compiled)
         log.info(
             "encoder layers compiled on a helper thread in %.1f s; passes use them from now on",
