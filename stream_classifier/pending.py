@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from stream_classifier.batcher import Batch
 from stream_classifier.offsets import TopicPartition
-from stream_classifier.scoring import Outcome, Scorer
+from stream_classifier.scoring import Outcome, Scorer, priority_of
 
 
 @dataclass
@@ -33,6 +33,8 @@ class Submitted:
     generation: int
     epochs: dict[TopicPartition, int]
     submitted_at: float = 0.0
+    #: The batch's level (:func:`priority_of`): the engine stage returns higher ones first.
+    priority: int = 0
 
 
 class PendingBatches:
@@ -61,7 +63,16 @@ class PendingBatches:
     def submit(self, batch: Batch, epochs: dict[TopicPartition, int]) -> None:
         future = self.scorer.submit(batch.requests)
         future.add_done_callback(self._engine_returned)
-        self._queue.append(Submitted(batch, future, self._generation, epochs, self._clock()))
+        self._queue.append(
+            Submitted(
+                batch,
+                future,
+                self._generation,
+                epochs,
+                self._clock(),
+                priority_of(batch.requests),
+            )
+        )
 
     def _engine_returned(self, _future: Future[list[Outcome]]) -> None:
         self._returned_at = self._clock()  # on the engine thread: one assignment
@@ -85,18 +96,19 @@ class PendingBatches:
             return 0.0
         return max(0.0, self._clock() - max(waiting[0], self._returned_at))
 
-    def wait_for_oldest(self, timeout: float) -> bool:
-        """With the engine full and a batch unfinished, wait up to ``timeout`` for the
-        oldest unfinished one (the engine returns batches in order unless a live batch
-        overtook bulk pieces, and the loop then has live partitions to poll); False (at
-        once) otherwise."""
+    def wait_for_engine(self, timeout: float) -> bool:
+        """With the engine stage full, wait up to ``timeout`` for the batch it returns
+        first: the oldest of the highest level in it (a live batch overtakes bulk pieces;
+        within a level batches come back in order). False (at once) when the stage has
+        room or has nothing left to return."""
         if self.has_room():
             return False
-        unfinished = [s.future for s in self._queue if not s.future.done()]
+        unfinished = [s for s in self._queue if not s.future.done()]
         if not unfinished:
             return False
+        first = max(unfinished, key=lambda s: s.priority)  # the oldest among equals
         with contextlib.suppress(TimeoutError, CancelledError):
-            unfinished[0].exception(timeout=timeout)
+            first.future.exception(timeout=timeout)
         return True
 
     def take_finished(

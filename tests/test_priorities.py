@@ -5,18 +5,21 @@ runs them through the broker)."""
 from __future__ import annotations
 
 import json
+import threading
+import time
 from typing import Any
 
 import pytest
 from conftest import service_config
 from pydantic import ValidationError
-from test_loop_parts import Clock, Preparing
+from test_loop_parts import Clock, ManualScorer, Preparing
 
 from stream_classifier.assemble import lower_level_pieces, service_engine
 from stream_classifier.batcher import Batch, topic_partition
 from stream_classifier.intake import Intake
 from stream_classifier.messages import Envelope, SourceRef
 from stream_classifier.metrics import Metrics
+from stream_classifier.pending import PendingBatches
 from stream_classifier.priorities import allocate
 from stream_classifier.reload import reloaded
 from stream_classifier.scoring import Pieces
@@ -108,6 +111,26 @@ def test_bulk_alone_waits_for_the_engine_while_a_live_topic_is_owned() -> None:
     intake.own({"bulk"})
     full = intake.take_due(engine_idle=False, unfinished=2)
     assert full is not None and len(full) == 20, "no live partition here: full bulk batches"
+
+
+def test_a_full_engine_stage_is_waited_for_until_the_live_batch_comes_back() -> None:
+    """The loop waits on the batch the stage returns first: a live batch overtakes bulk
+    pieces, so waiting on the oldest would hold its write back for the whole wait."""
+    clock, scorer = Clock(), ManualScorer()
+    intake = make_intake(clock)
+    accept(intake, "bulk", range(0, 30))
+    bulk = intake.take_due(engine_idle=True, unfinished=0)
+    accept(intake, "live", range(0, 3))
+    live = intake.take_due(engine_idle=False, unfinished=1)
+    assert bulk is not None and live is not None
+    pending = PendingBatches(scorer, 2, clock)
+    pending.submit(bulk, {("bulk", 0): 0})
+    pending.submit(live, {("live", 0): 0})
+    threading.Timer(0.05, lambda: scorer.futures[1].set_result([])).start()
+    started = time.monotonic()
+    assert pending.wait_for_engine(5.0)
+    assert scorer.futures[1].done() and not scorer.futures[0].done()
+    assert time.monotonic() - started < 4.0, "woke when the live batch came back"
 
 
 def test_a_flooded_live_topic_does_not_starve_the_bulk_one() -> None:

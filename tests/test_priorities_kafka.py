@@ -11,6 +11,7 @@ events, not in time.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
@@ -246,3 +247,39 @@ def test_live_events_overtake_bulk_pieces_on_the_pipelined_stage(bootstrap: str,
         f"{bulk_between} bulk events were scored between the first live batch reaching the"
         " engine stage and the last live event: it waited behind whole bulk batches"
     )
+
+
+def test_the_loop_waits_on_a_full_engine_stage_while_live_events_arrive(bootstrap: str) -> None:
+    """With a live topic's partitions open, the loop used to turn at once, thousands of
+    times a second, while live events were due and the engine stage had no room for them:
+    each turn took the interpreter lock from the engine thread, and on a CPU the engine
+    lost most of its rate. Now it waits for the stage to return a batch, and every event
+    is still written, in order, and committed."""
+    live, bulk = topic_pair(bootstrap)
+    backlog, arriving = 300, 40
+    produce(bootstrap, bulk["input"], events("bulk", backlog), keys(backlog))
+    config = config_for(bootstrap, "at_least_once", live, bulk)
+    engine = KeywordEngine(seconds_per_event=0.02)  # a batch of 8 bulk events: 160 ms
+    producer = ordered_producer(bootstrap)
+    service = build_service(config, engine)
+    consume = service.source.consume
+    turns: list[float] = []
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        turns.append(time.monotonic())
+        return consume(*args, **kwargs)
+
+    service.source.consume = counted  # type: ignore[method-assign]
+    with RunningService(service):
+        wait_until(lambda: len(engine.scored) >= 40, 60, "the backlog under way")
+        started, before = time.monotonic(), len(turns)
+        for i in range(arriving):  # a live event every 50 ms: most find the stage full
+            produce(
+                bootstrap, live["input"], events("live", arriving)[i : i + 1], producer=producer
+            )
+            time.sleep(0.05)
+        seconds, count = time.monotonic() - started, len(turns) - before
+        check_both_written(
+            bootstrap, "at_least_once", config.kafka.group_id, live, bulk, arriving, backlog
+        )
+    assert count / seconds < 100, f"{count} turns in {seconds:.1f} s: the loop spun"

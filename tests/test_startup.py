@@ -4,11 +4,13 @@ and, through the broker, ``run``'s log carrying the summary at its first output.
 
 from __future__ import annotations
 
+import gc
 import os
 import re
 import signal
 import subprocess
 import sys
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -254,8 +256,28 @@ def test_run_logs_each_step_and_the_summary_at_its_first_output(
     first = text.index("stream-classifier ")
     assert "starting: config" in text[first : first + 200]
     assert re.search(r"loading nli model \S+ from \S+ on cpu", text)
-    for step in ("python", "imports", "kafka_check", "weights_read", "warmup", "group_join"):
+    steps = ("python", "imports", "kafka_check", "weights_read", "warmup", "heap_freeze")
+    for step in (*steps, "group_join"):
         assert f"start-up: {step} took" in text, step
+
+
+class Cycle:
+    """An object in a reference cycle: only the collector frees it."""
+
+    def __init__(self) -> None:
+        self.me = self
+
+
+def test_freeze_heap_frees_the_garbage_then_keeps_what_lives_out_of_later_collections() -> None:
+    garbage = weakref.ref(Cycle())  # unreachable at once, but a cycle: not freed yet
+    alive = Cycle()
+    try:
+        startup.freeze_heap()
+        assert garbage() is None  # collected first, not frozen forever
+        assert gc.get_freeze_count() > 0
+        assert not any(o is alive for o in gc.get_objects())  # no collection walks it
+    finally:
+        gc.unfreeze()
 
 
 class LaterCompiler:
