@@ -234,8 +234,8 @@ class ProcessingConfig(_Section):
     #: then restarts the pod). Longer than the slowest micro-batch, start-up included.
     engine_timeout_s: float = Field(120.0, gt=0)
     #: Micro-batches handed to the engine and not yet written, at most (beyond it,
-    #: partitions are paused). Default 2; when not set and the engine runs on a GPU, 3
-    #: (see ``for_device``).
+    #: partitions are paused). Default 2; when not set and the engine runs on a GPU or
+    #: the topics have more than one priority, 3 (see ``for_device``).
     max_pending_batches: int = Field(2, ge=1, le=64)
     #: exactly_once: the producer's transactional.id; stable per instance so a restart
     #: fences its previous incarnation. Default: "<group_id>-<hostname>".
@@ -277,8 +277,9 @@ class ProcessingConfig(_Section):
         """``priority_piece_tokens``, resolved."""
         return self.priority_piece_tokens or max(64, self.max_batch_tokens // 4)
 
-    def for_device(self, gpu: bool) -> ProcessingConfig:
-        """These settings with what was left unset resolved for the engine's device.
+    def for_device(self, gpu: bool, levels: bool = False) -> ProcessingConfig:
+        """These settings with what was left unset resolved for the engine's device
+        (``levels``: the topics have more than one priority).
 
         On a GPU: ``max_batch_messages`` 1024 (smaller batches leave the device waiting
         for the Kafka thread; larger ones gain nothing). ``prepare_workers`` stays 0
@@ -289,9 +290,11 @@ class ProcessingConfig(_Section):
         update: dict[str, float] = {}
         if gpu and "max_batch_messages" not in self.model_fields_set:
             update["max_batch_messages"] = 1024
-        if gpu and "max_pending_batches" not in self.model_fields_set:
-            # Two on the device (PipelinedScorer) and one ready to launch the moment there
-            # is room, so the device never waits for the Kafka thread to write a batch.
+        if (gpu or levels) and "max_pending_batches" not in self.model_fields_set:
+            # A GPU: two on the device (PipelinedScorer) and one ready to launch the moment
+            # there is room, so the device never waits for the Kafka thread. Levels: lower
+            # levels' batches take at most two places (Intake), so the third is a live
+            # batch's; with two, a live batch waited for a whole bulk batch to come back.
             update["max_pending_batches"] = 3
         if self.prepare_workers is None:
             update["prepare_workers"] = 0

@@ -283,6 +283,8 @@ def test_device_defaults_fill_only_what_was_not_set() -> None:
     assert unset.for_device(gpu=True).prepare_workers == 0  # measured slower on an H100
     assert unset.for_device(gpu=True).max_pending_batches == 3  # one ready behind two
     assert unset.for_device(gpu=False).max_pending_batches == 2
+    assert unset.for_device(gpu=False, levels=True).max_pending_batches == 3  # a live place
+    assert unset.for_device(gpu=False).max_pending_batches == 2
     assert unset.for_device(gpu=True).switch_interval_ms == 0.5
     assert unset.for_device(gpu=False).switch_interval_ms == 5.0
     chosen = ProcessingConfig(
