@@ -213,6 +213,15 @@ class Intake:
             return math.inf
         return min(heads) + self._max_wait_s - self._clock()
 
+    def engine_wait_s(self, unfinished: int) -> float:
+        """With levels, events in hand and two or more batches unfinished (lower levels
+        wait, a live batch waits to fill): how long the loop may wait for the engine to
+        return a batch before any of them is due (at most ``max_batch_wait_ms``: a live
+        event read after the wait joins the batch that goes then); 0 otherwise."""
+        if not self.prioritised or not len(self) or unfinished <= 1:
+            return 0.0
+        return max(0.0, min(self.time_left(unfinished), self._max_wait_s))
+
     def take_due(self, engine_idle: bool, unfinished: int = 0) -> Batch | None:
         """The next batch once due (full, or waited ``max_batch_wait_ms``), or at once
         when the engine has nothing to do; ``unfinished``: batches the engine has not

@@ -97,12 +97,9 @@ class PendingBatches:
         return max(0.0, self._clock() - max(waiting[0], self._returned_at))
 
     def wait_for_engine(self, timeout: float) -> bool:
-        """With the engine stage full, wait up to ``timeout`` for the batch it returns
-        first: the oldest of the highest level in it (a live batch overtakes bulk pieces;
-        within a level batches come back in order). False (at once) when the stage has
-        room or has nothing left to return."""
-        if self.has_room():
-            return False
+        """Wait up to ``timeout`` for the batch the engine stage returns first: the oldest
+        of the highest level in it (a live batch overtakes bulk pieces; within a level
+        batches come back in order). False (at once) when it has nothing to return."""
         unfinished = [s for s in self._queue if not s.future.done()]
         if not unfinished:
             return False

@@ -202,14 +202,17 @@ class Service:
         self._update_gauges()
 
     def _waiting_on_engine(self) -> bool:
-        """While the engine stage is full, nothing in hand can move until a batch comes
-        back: wait for one (up to ``POLL_SLICE_S``) rather than turn at once. A batch due
-        meanwhile cannot be submitted, and events that arrive wait in the consumer's queue
-        as they would in the intake. Each turn takes the interpreter lock from the engine
-        thread, which waits for it at its next op; with a live topic's partitions open
-        beside a full stage, turning without this wait cost a CPU engine most of its rate
-        (docs/PERFORMANCE.md)."""
-        return self.pending.wait_for_engine(POLL_SLICE_S)
+        """When nothing in hand can move until a batch comes back, wait for one rather
+        than turn at once: while the engine stage is full (up to ``POLL_SLICE_S``; events
+        that arrive meanwhile wait in the consumer's queue as they would in the intake),
+        and with levels until something in hand is due (:meth:`Intake.engine_wait_s`).
+        Each turn takes the interpreter lock from the engine thread, which waits for it
+        at its next op; turning without these waits cost a CPU engine most of its rate
+        beside a live topic (docs/PERFORMANCE.md)."""
+        if not self.pending.has_room():
+            return self.pending.wait_for_engine(POLL_SLICE_S)
+        wait_s = self.intake.engine_wait_s(self.pending.unfinished())
+        return wait_s > 0 and self.pending.wait_for_engine(wait_s)
 
     def _take(self, message: KafkaMessage, received_at: float) -> None:
         tp = (message.topic() or "", message.partition() or 0)

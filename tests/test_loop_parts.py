@@ -257,7 +257,7 @@ def test_the_engine_counts_as_stalled_only_while_work_waits_with_nothing_back() 
 def test_a_full_engine_is_waited_for_up_to_the_timeout() -> None:
     clock, scorer = Clock(), ManualScorer()
     pending = PendingBatches(scorer, 1, clock)
-    assert not pending.wait_for_engine(0.01), "room left: no wait"
+    assert not pending.wait_for_engine(0.01), "nothing to wait for"
     pending.submit(Batch(), {})
     threading.Timer(0.05, lambda: scorer.futures[0].set_result([])).start()
     assert pending.wait_for_engine(5.0)

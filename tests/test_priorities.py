@@ -113,6 +113,21 @@ def test_bulk_alone_waits_for_the_engine_while_a_live_topic_is_owned() -> None:
     assert full is not None and len(full) == 20, "no live partition here: full bulk batches"
 
 
+def test_the_loop_may_wait_for_the_engine_until_something_in_hand_is_due() -> None:
+    clock = Clock()
+    intake = make_intake(clock)  # max_batch_wait_ms: 1000
+    intake.own({"live", "bulk"})
+    assert intake.engine_wait_s(unfinished=2) == 0.0, "nothing in hand: turn as usual"
+    accept(intake, "bulk", range(0, 30))
+    assert intake.engine_wait_s(unfinished=2) == 1.0, "bulk must wait: up to a batch's wait"
+    assert intake.engine_wait_s(unfinished=1) == 0.0, "bulk may go now: no wait"
+    accept(intake, "live", range(0, 3))
+    clock.now += 0.25
+    assert intake.engine_wait_s(unfinished=2) == 0.75, "until the live events are due"
+    clock.now += 1.0
+    assert intake.engine_wait_s(unfinished=2) == 0.0, "due: no wait"
+
+
 def test_a_full_engine_stage_is_waited_for_until_the_live_batch_comes_back() -> None:
     """The loop waits on the batch the stage returns first: a live batch overtakes bulk
     pieces, so waiting on the oldest would hold its write back for the whole wait."""
