@@ -203,13 +203,17 @@ class Service:
 
     def _waiting_on_engine(self) -> bool:
         """When nothing in hand can move until a batch comes back, wait for one rather
-        than turn at once: while the engine stage is full (up to ``POLL_SLICE_S``; events
-        that arrive meanwhile wait in the consumer's queue as they would in the intake),
-        and with levels until something in hand is due (:meth:`Intake.engine_wait_s`).
+        than turn at once: while the engine stage is full and every partition is paused
+        (up to ``POLL_SLICE_S``), and with levels while the stage is full whatever is
+        paused (events that arrive meanwhile wait in the consumer's queue, as they would
+        in the intake) or until something in hand is due (:meth:`Intake.engine_wait_s`).
         Each turn takes the interpreter lock from the engine thread, which waits for it
         at its next op; turning without these waits cost a CPU engine most of its rate
-        beside a live topic (docs/PERFORMANCE.md)."""
-        if not self.pending.has_room():
+        beside a live topic (docs/PERFORMANCE.md). With one level the loop reads on while
+        partitions are open: what it reads is batched and due by the time there is room.
+        """
+        levels = self.intake.prioritised
+        if not self.pending.has_room() and (levels or self.partitions.holding_all()):
             return self.pending.wait_for_engine(POLL_SLICE_S)
         wait_s = self.intake.engine_wait_s(self.pending.unfinished())
         return wait_s > 0 and self.pending.wait_for_engine(wait_s)
