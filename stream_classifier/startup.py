@@ -245,9 +245,10 @@ def freeze_heap() -> None:
     Why: a full collection walks every object the collector tracks and stops every thread
     while it does. Once torch, the model and (later) the compiled layers are loaded, that is
     millions of objects that live as long as the process, and each full collection stalls
-    scoring for hundreds of milliseconds: a p99 spike at a random moment. Frozen, they are
-    no longer walked; what the stream allocates is collected as before. The collection
-    first frees the loader's garbage, so nothing is frozen that could have been freed.
+    scoring long enough to make the p99, at a random moment (docs/PERFORMANCE.md). Frozen,
+    they are no longer walked; what the stream allocates is collected as before. The
+    collection first frees the loader's garbage, so nothing is frozen that could have been
+    freed.
     Called once the service is built (before consuming) and when the layers have compiled.
     """
     gc.collect()
