@@ -308,6 +308,38 @@ def test_the_padded_fallback_pads_length_sorted_batches(tiny_model: Path) -> Non
     assert np.all(np.diff(widths) <= 0), "pairs were padded in input order"
 
 
+def test_on_a_cpu_no_padded_pass_pads_a_pair_by_more_than_a_tenth_of_its_width(
+    tiny_model: Path,
+) -> None:
+    """A CPU computes padding as it computes tokens: a small batch of mixed lengths is cut
+    into passes of similar widths, not only by the token budget, and scores as before."""
+    engine = load(tiny_model, "padded")
+    seen: list[np.ndarray] = []
+    inner = engine.forward
+
+    def spy(batch: TokenBatch) -> torch.Tensor:
+        seen.append(-(-batch.lengths // 8) * 8)
+        return inner(batch)
+
+    rng = np.random.default_rng(1)
+    cases = [dict(GOLDEN[i % len(GOLDEN)]) for i in range(24)]
+    for case in cases:
+        case["text"] = case["text"] * int(rng.integers(1, 6))
+    requests = [prepare(engine, case) for case in cases]
+    alone = [engine.classify([request])[0] for request in requests]
+    engine.forward = spy
+    together = engine.classify(requests)
+    assert engine.device.type == "cpu"
+    assert 1 < len(seen) < sum(len(widths) for widths in seen), "one pass, or one pair each"
+    for widths in seen:
+        assert widths.min() >= 0.9 * widths.max(), (
+            f"one pass padded {widths.min()} to {widths.max()}"
+        )
+    for mine, reference in zip(together, alone, strict=True):
+        assert mine.labels == reference.labels
+        np.testing.assert_allclose(mine.scores, reference.scores, atol=1e-5)
+
+
 # -- the baseline's sample size (bench) ------------------------------------------------------
 
 

@@ -1,17 +1,19 @@
-"""A tracer for the service on a GPU (diagnostics only, never imported by the package).
+"""A tracer for the service on a GPU or a CPU (diagnostics only, never imported by the
+package).
 
 Python imports ``sitecustomize`` at start-up from ``sys.path``; ``run.sh`` puts this folder
 there and sets ``SC_TRACE`` to a JSON path. Once ``stream_classifier.service`` is imported,
 the engine stage's methods are wrapped to record, for every forward pass, when the engine
 thread launched it (host clock) and when the device ran it (two CUDA events on the engine's
-stream, placed on the host clock by one synchronised reference event); every launch and
-return of a micro-batch or piece (events, the batch's priority, the piece's index), every
-submission (events, priority), every CUDA graph capture, and every pass run without a
-graph (tokens, longest sequence, whether through the compiled layers: a first pass of a
-new shape there is where a recompile would show), and every garbage collection (its
-generation and how many objects it freed: a full collection stops every thread). With
-``SC_TRACE_NO_FREEZE`` set, ``gc.freeze`` does nothing, for an A/B of the frozen heap. The
-JSON is written when the scorer shuts down (the service's SIGTERM drain). ``analyze.py`` reads it.
+stream, placed on the host clock by one synchronised reference event; on a CPU, the host
+clock around the pass); every launch and return of a micro-batch or piece (events, the
+batch's priority, the piece's index), every submission (events, priority), every CUDA
+graph capture, and every pass run without a graph (tokens, longest sequence, whether
+through the compiled layers: a first pass of a new shape there is where a recompile would
+show), and every garbage collection (its generation and how many objects it freed: a full
+collection stops every thread). With ``SC_TRACE_NO_FREEZE`` set, ``gc.freeze`` does
+nothing, for an A/B of the frozen heap. The JSON is written when the scorer shuts down
+(the service's SIGTERM drain). ``analyze.py`` reads it.
 """
 
 from __future__ import annotations
@@ -43,7 +45,12 @@ def _install() -> None:
     }
     reference: dict[str, Any] = {}
 
+    cuda = torch.cuda.is_available()
+
     def stamp(stream: Any) -> Any:
+        """A CUDA event on ``stream``; on a CPU, the host clock (the pass ran in the call)."""
+        if not cuda:
+            return time.monotonic()
         event = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
         event.record(stream)
         return event
@@ -57,14 +64,15 @@ def _install() -> None:
         setattr(cls, name, wrapper)
 
     def run_pass(engine: Any, call: Any, batch: Any, *_: Any) -> Any:
-        if not reference:
-            reference["event"] = stamp(engine.stream)
+        stream = getattr(engine, "stream", None)
+        if not reference and cuda:
+            reference["event"] = stamp(stream)
             torch.cuda.synchronize()
             reference["host"] = time.monotonic()
         started = time.monotonic()
-        begin = stamp(engine.stream)
+        begin = stamp(stream)
         result = call()
-        end = stamp(engine.stream)
+        end = stamp(stream)
         record["passes"].append([started, time.monotonic(), batch.tokens, batch.rows, begin, end])
         return result
 
@@ -95,11 +103,15 @@ def _install() -> None:
 
     def shutdown(_self: Any, call: Any, *_: Any) -> Any:
         result = call()
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
         base: Any = reference.get("event")  # None only if no pass ran (then unused)
         passes = []
         for started, ended, tokens, rows, begin, end in record["passes"]:
-            on_device = [reference["host"] + base.elapsed_time(e) / 1e3 for e in (begin, end)]
+            if cuda:
+                on_device = [reference["host"] + base.elapsed_time(e) / 1e3 for e in (begin, end)]
+            else:
+                on_device = [begin, end]
             passes.append([started, ended, tokens, rows, *on_device])
         with open(str(_PATH), "w", encoding="utf-8") as file:
             json.dump({**record, "passes": passes}, file)

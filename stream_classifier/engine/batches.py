@@ -104,14 +104,22 @@ def packed_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
     return batches
 
 
-def padded_batches(lengths: np.ndarray, max_tokens: int, multiple: int) -> list[np.ndarray]:
-    """Pairs sorted longest first, cut so that rows × padded width ≤ ``max_tokens``."""
+def padded_batches(
+    lengths: np.ndarray, max_tokens: int, multiple: int, narrowest: float = 0.0
+) -> list[np.ndarray]:
+    """Pairs sorted longest first, cut so that rows × padded width ≤ ``max_tokens``, and
+    (``narrowest``) so that no pair is narrower than that fraction of its pass's widest."""
     widths = -(-lengths.astype(np.int64) // multiple) * multiple
     order = np.argsort(-widths, kind="stable")
+    ordered = widths[order]
     batches: list[np.ndarray] = []
     start = 0
     while start < order.shape[0]:
-        rows = max(1, max_tokens // int(widths[order[start]]))
-        batches.append(order[start : start + rows])
-        start += rows
+        widest = int(ordered[start])
+        stop = start + max(1, max_tokens // widest)
+        # descending: the pairs at least ``narrowest`` of the widest are a prefix
+        wide_enough = start + int(np.searchsorted(-ordered[start:], -narrowest * widest, "right"))
+        stop = min(stop, max(start + 1, wide_enough))
+        batches.append(order[start:stop])
+        start = stop
     return batches

@@ -61,14 +61,12 @@ from stream_classifier.engine.base import (
     Scores,
     prepare_each,
 )
-from stream_classifier.engine.batches import padded_batches
 from stream_classifier.engine.cache import ByteBoundedCache
 from stream_classifier.engine.shared import (
-    CPU_BATCH_TOKENS,
     HYPOTHESIS_CACHE_BYTES,
-    PAD_MULTIPLE,
     PendingLogits,
     PendingScores,
+    padded_plan,
     pick_device,
     pick_dtype,
     round_up,
@@ -560,10 +558,7 @@ class HfNliEngine:
         return self._launch(pairs).wait()
 
     def _launch(self, pairs: Pairs) -> PendingLogits:
-        budget = self.max_batch_tokens
-        if self.device.type == "cpu":
-            budget = min(budget, CPU_BATCH_TOKENS)
-        plan = padded_batches(pairs.lengths, budget, PAD_MULTIPLE)
+        plan = padded_plan(pairs.lengths, self.max_batch_tokens, self.device)
         outputs: list[torch.Tensor] = []
         for rows in plan:
             self._run(pairs.take(rows), outputs)

@@ -52,7 +52,7 @@ from stream_classifier.engine.base import (
     Scores,
     prepare_each,
 )
-from stream_classifier.engine.batches import TokenBatch, packed_batches, padded_batches
+from stream_classifier.engine.batches import TokenBatch, packed_batches
 from stream_classifier.engine.bert import (
     BertClassifier,
     BertSettings,
@@ -65,9 +65,9 @@ from stream_classifier.engine.packed import PackedBert
 from stream_classifier.engine.shared import (
     CPU_BATCH_TOKENS,
     HYPOTHESIS_CACHE_BYTES,
-    PAD_MULTIPLE,
     PendingLogits,
     PendingScores,
+    padded_plan,
     pick_device,
     pick_dtype,
     round_up,
@@ -488,7 +488,7 @@ class NliEngine:
         budget = self._pass_budget()
         with self._on_stream():
             if not self._packed:
-                plan = padded_batches(pairs.lengths, budget, PAD_MULTIPLE)
+                plan = padded_plan(pairs.lengths, budget, self.device)
                 outputs: list[torch.Tensor] = []
                 for rows in plan:
                     self._run(pairs.take(rows), outputs)

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from stream_classifier.engine.base import EngineError, Prepared, Scores
+from stream_classifier.engine.batches import padded_batches
 
 log = logging.getLogger(__name__)
 
@@ -20,8 +21,21 @@ PAD_MULTIPLE = 8
 #: Token budget per batch on a CPU: larger batches stop fitting the caches
 #: (docs/PERFORMANCE.md, "The service on a GPU", its list of device defaults).
 CPU_BATCH_TOKENS = 8192
+#: On a CPU, each padded pass's narrowest pair is at least this fraction of its widest: a
+#: CPU computes padding as it computes tokens, and a pass of a few rows costs it little
+#: more per token than a full one, so a small batch of mixed lengths, cut only by the
+#: budget, spent about as long on padding as on its tokens (docs/PERFORMANCE.md).
+CPU_NARROWEST = 0.9
 #: Memory for tokenized hypotheses (ids cut to what a pair can hold, and their keys).
 HYPOTHESIS_CACHE_BYTES = 64 << 20
+
+
+def padded_plan(lengths: np.ndarray, budget: int, device: torch.device) -> list[np.ndarray]:
+    """The padded passes over pairs of these lengths (:func:`.batches.padded_batches`),
+    with a CPU's budget and width bound."""
+    if device.type == "cpu":
+        return padded_batches(lengths, min(budget, CPU_BATCH_TOKENS), PAD_MULTIPLE, CPU_NARROWEST)
+    return padded_batches(lengths, budget, PAD_MULTIPLE)
 
 
 def round_up(length: int, multiple: int = PAD_MULTIPLE) -> int:
