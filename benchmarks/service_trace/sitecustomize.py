@@ -13,7 +13,8 @@ through the compiled layers: a first pass of a new shape there is where a recomp
 show), and every garbage collection (its generation and how many objects it freed: a full
 collection stops every thread). With ``SC_TRACE_NO_FREEZE`` set, ``gc.freeze`` does
 nothing, for an A/B of the frozen heap. The JSON is written when the scorer shuts down
-(the service's SIGTERM drain). ``analyze.py`` reads it.
+(the service's SIGTERM drain). ``analyze.py`` reads it. Also each inline tokenizing
+(``InlinePreparer.flush``, on the Kafka thread).
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ _PATH = os.environ.get("SC_TRACE")
 def _install() -> None:
     import torch
 
-    from stream_classifier import scoring
+    from stream_classifier import preparing, scoring
     from stream_classifier.engine import graphs, nli, packed
 
     record: dict[str, list[Any]] = {
@@ -42,6 +43,7 @@ def _install() -> None:
         "captures": [],
         "eager": [],
         "gc": [],
+        "prepare": [],
     }
     reference: dict[str, Any] = {}
 
@@ -93,6 +95,14 @@ def _install() -> None:
         record["submit"].append([time.monotonic(), len(requests), scoring.priority_of(requests)])
         return call()
 
+    def tokenized(preparer: Any, call: Any, *_: Any) -> Any:
+        events = len(preparer._submitted)
+        started = time.monotonic()
+        result = call()
+        if events:
+            record["prepare"].append([started, time.monotonic(), events])
+        return result
+
     def eager_pass(forward: Any, call: Any, batch: Any, *_: Any) -> Any:
         started = time.monotonic()
         result = call()
@@ -136,6 +146,7 @@ def _install() -> None:
     wrap(scoring.PipelinedScorer, "_scored", timed("back", lambda back: piece_note(back.piece)))
     wrap(packed.PackedBert, "__call__", eager_pass)
     wrap(scoring.PipelinedScorer, "submit", submitted)
+    wrap(preparing.InlinePreparer, "flush", tokenized)
     wrap(scoring.PipelinedScorer, "shutdown", shutdown)
 
 

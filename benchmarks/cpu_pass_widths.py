@@ -1,0 +1,105 @@
+"""The engine on a CPU by micro-batch size, with padded passes cut by the token budget only
+and with each pass's pairs kept within a fraction of its widest (``CPU_NARROWEST``).
+
+Pre-tokenized micro-batches of ``bench``'s workload (4 labels) go through ``classify``
+one after another; every setting runs once per round, rounds interleaved, and the table
+gives each setting's median events/s and the share of real tokens among padded ones.
+
+    python benchmarks/cpu_pass_widths.py --shape tiny --events 512 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import cast
+
+import numpy as np
+import torch
+
+from stream_classifier.config import EngineConfig
+from stream_classifier.engine import load_engine, shared
+from stream_classifier.engine.base import Prepared
+from stream_classifier.engine.batches import padded_batches
+from stream_classifier.engine.shared import CPU_BATCH_TOKENS, PAD_MULTIPLE
+from stream_classifier.tools import bench
+
+LABELS = 4
+
+
+def real_share(chunks: list[list[Prepared]], narrowest: float) -> float:
+    """Real tokens over padded ones, over every pass of these micro-batches."""
+    real = padded = 0
+    for chunk in chunks:
+        lengths = np.concatenate([np.asarray(p.payload.lengths) for p in chunk])  # type: ignore[attr-defined]
+        for rows in padded_batches(lengths, CPU_BATCH_TOKENS, PAD_MULTIPLE, narrowest):
+            widths = -(-lengths[rows] // PAD_MULTIPLE) * PAD_MULTIPLE
+            padded += int(len(rows) * widths.max())
+        real += int(lengths.sum())
+    return real / padded
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shape", default="tiny", choices=sorted(bench.SHAPES))
+    parser.add_argument("--events", type=int, default=512)
+    parser.add_argument("--sizes", default="256,64,16,4,1")
+    parser.add_argument("--narrowest", default="0,0.9")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    model = bench.build_model_dir(bench.SHAPES[args.shape], Path(tempfile.mkdtemp()) / "m", 0)
+    engine = cast(
+        bench.BenchEngine, load_engine(EngineConfig(model=str(model), device="cpu"), 65536)
+    )
+    engine.warmup()
+    events = bench.make_events(args.events, LABELS, 1)
+    ratios = [float(r) for r in args.narrowest.split(",")]
+    rows = []
+    print("| events per batch | narrowest | events/s (median) | rounds | real/padded tokens |")
+    print("| ---: | ---: | ---: | --- | ---: |")
+    for size in (int(s) for s in args.sizes.split(",")):
+        chunks = list(bench.micro_batches(engine, events, size, False))
+        rates: dict[float, list[float]] = {r: [] for r in ratios}
+        for _ in range(args.rounds):
+            for ratio in ratios:
+                shared.CPU_NARROWEST = ratio
+                started = time.perf_counter()
+                for chunk in chunks:
+                    engine.classify(chunk)
+                rates[ratio].append(len(events) / (time.perf_counter() - started))
+        for ratio in ratios:
+            row = {
+                "size": size,
+                "narrowest": ratio,
+                "events_per_s": statistics.median(rates[ratio]),
+                "rounds": rates[ratio],
+                "real_share": real_share(chunks, ratio),
+            }
+            rows.append(row)
+            each = ", ".join(f"{r:.1f}" for r in rates[ratio])
+            print(
+                f"| {size} | {ratio:g} | {row['events_per_s']:.1f} | {each} |"
+                f" {row['real_share']:.2f} |"
+            )
+    report = {
+        "shape": args.shape,
+        "events": args.events,
+        "labels": LABELS,
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "machine": platform.platform(),
+        "rows": rows,
+    }
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
