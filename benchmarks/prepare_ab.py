@@ -74,6 +74,7 @@ class BatchedThreadPreparer:
         template: str,
         multi_label: bool,
         windowing: Windowing | None = None,
+        later: bool = False,
     ) -> Future[Prepared]:
         if windowing is not None:
             raise ValueError("this benchmark's preparer reads texts whole (no windows)")
@@ -83,8 +84,11 @@ class BatchedThreadPreparer:
             self._cond.notify()
         return future
 
-    def flush(self) -> None:
+    def flush(self, everything: bool = False) -> None:
         pass  # each event started when submitted
+
+    def deferred(self) -> int:
+        return 0
 
     def _run(self) -> None:
         while True:

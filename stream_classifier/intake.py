@@ -143,12 +143,14 @@ class Intake:
                 return
             decoded.settings_version = self.versions[topic.input]
             windowing = Windowing.of(topic)
+            later = self._later(level)
             prepared = self.preparer.submit(
                 decoded.text,
                 decoded.labels,
                 topic.hypothesis_template,
                 topic.multi_label,
                 windowing,
+                later,
             )
         except RegistryUnavailable:
             raise  # not about this event: it waits for the registry
@@ -156,10 +158,19 @@ class Intake:
             reason = f"{type(exc).__name__}: {exc}"
             level.add(Waiting(Rejection(envelope, "prepare_failed", reason), None, arrived))
             return
-        level.add(Waiting(decoded, prepared, arrived, self._shadow(decoded, topic, windowing)))
+        shadow = self._shadow(decoded, topic, windowing, later)
+        level.add(Waiting(decoded, prepared, arrived, shadow))
+
+    def _later(self, level: Level) -> bool:
+        """May this level's tokenizing wait behind the live level's (a lower level's)?"""
+        return self.prioritised and level is not live_level(self.levels)
 
     def _shadow(
-        self, request: ClassifyRequest, topic: TopicConfig, windowing: Windowing | None
+        self,
+        request: ClassifyRequest,
+        topic: TopicConfig,
+        windowing: Windowing | None,
+        later: bool,
     ) -> Future[Prepared] | None:
         """Plan the event's shadow, if its topic has one; the tokenizing of what the
         shadow scores itself (None: nothing, or it failed: no shadow for this event)."""
@@ -176,6 +187,7 @@ class Intake:
                 shadow.policy.hypothesis_template,
                 shadow.policy.multi_label,
                 windowing,
+                later,
             )
         except Exception as exc:  # noqa: BLE001 - the shadow must never touch the live side
             shadow.failed = f"{type(exc).__name__}: {exc}"
@@ -266,7 +278,7 @@ class Intake:
     def remaining(self, deadline: Callable[[], float]) -> Iterator[Batch]:
         """Shutdown: every queued event in batches, highest level first, each tokenizing
         waited for up to the time ``deadline()`` leaves; stops early at the deadline."""
-        self.preparer.flush()
+        self.preparer.flush(everything=True)
         while len(self):
             for level in self.levels:
                 for waiting in level.queue:

@@ -10,7 +10,7 @@ their consumed order regardless.
 - :class:`InlinePreparer` (the default): on the caller's thread, every event submitted
   since the last ``flush()`` (the service flushes after each ``consume()``) in one chunk,
   so the lock is free while the Rust tokenizer runs and the engine thread launches
-  kernels meanwhile.
+  kernels meanwhile; lower priority levels' events a bounded chunk a flush.
 - :class:`ProcessPreparer`: a pool of worker processes, each holding the engine's
   tokenizer side (built once per worker from ``engine.preparer_factory()``, no model).
   Events go to the workers in chunks, so the Kafka thread's cost per event is a list
@@ -46,6 +46,9 @@ log = logging.getLogger(__name__)
 
 #: Events sent to a worker at once, at most (fewer when fewer are waiting).
 CHUNK_EVENTS = 32
+#: Events submitted ``later`` that one inline flush takes, at most (what it costs the
+#: Kafka thread: docs/PERFORMANCE.md, priority topics).
+LATER_PER_FLUSH = 128
 #: How many times an event may be in a chunk that broke the pool before it alone is blamed.
 MAX_CRASHES = 3
 #: How long the workers may take to start (import, build the tokenizer) before giving up.
@@ -60,12 +63,19 @@ class Preparer(Protocol):
         template: str,
         multi_label: bool,
         windowing: Windowing | None = None,
+        later: bool = False,
     ) -> Future[Prepared]:
-        """Start preparing one event (``windowing``: read its text in token windows)."""
+        """Start preparing one event (``windowing``: read its text in token windows;
+        ``later``: it may wait while events submitted without it go first)."""
         ...
 
-    def flush(self) -> None:
-        """Start on everything submitted so far (the submitter is done for now)."""
+    def flush(self, everything: bool = False) -> None:
+        """Start on what was submitted so far (the submitter is done for now): all of it
+        with ``everything``, else what the preparer takes at once."""
+        ...
+
+    def deferred(self) -> int:
+        """Events submitted ``later`` that no flush has started yet."""
         ...
 
     def shutdown(self) -> None: ...
@@ -79,6 +89,9 @@ class PrepareSide(Protocol):
     ) -> Prepared: ...
 
 
+#: One event's task, its windowing and its future, until tokenized.
+_Task = tuple[PrepareTask, "Windowing | None", Future[Prepared]]
+
 #: Builds a :class:`PrepareSide` in a worker; must pickle (``engine.preparer_factory()``).
 PrepareFactory = Callable[[], PrepareSide]
 
@@ -88,12 +101,20 @@ class PreparerCrashed(Exception):
 
 
 class InlinePreparer:
-    """On the caller's thread, at :meth:`flush`: every event submitted since the last flush
-    in one :func:`prepare_all` call; a failure is in that event's future."""
+    """On the caller's thread, at :meth:`flush`: the events submitted since the last flush
+    in one :func:`prepare_all` call; a failure is in that event's future.
+
+    Events submitted ``later`` (lower priority levels' while a higher level is read) are
+    taken at most :data:`LATER_PER_FLUSH` a flush, oldest first: a flush blocks the Kafka
+    thread, and one over a bulk topic's thousand fetched events kept a live event from
+    being read and batched for as long (docs/PERFORMANCE.md). The loop does not wait
+    while some are left (:meth:`deferred`), so they are all started within a few turns.
+    """
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
-        self._submitted: list[tuple[PrepareTask, Windowing | None, Future[Prepared]]] = []
+        self._submitted: list[_Task] = []
+        self._later: deque[_Task] = deque()
 
     def submit(
         self,
@@ -102,14 +123,19 @@ class InlinePreparer:
         template: str,
         multi_label: bool,
         windowing: Windowing | None = None,
+        later: bool = False,
     ) -> Future[Prepared]:
         future: Future[Prepared] = Future()
         task = (text, tuple(labels), template, multi_label)
-        self._submitted.append((task, windowing, future))
+        (self._later.append if later else self._submitted.append)((task, windowing, future))
         return future
 
-    def flush(self) -> None:
+    def flush(self, everything: bool = False) -> None:
         submitted, self._submitted = self._submitted, []
+        take = len(self._later) if everything else min(len(self._later), LATER_PER_FLUSH)
+        submitted += [self._later.popleft() for _ in range(take)]
+        if not submitted:
+            return
         tasks = [task for task, _, _ in submitted]
         results = prepare_all(self.engine, tasks, [windowing for _, windowing, _ in submitted])
         for (_, _, future), result in zip(submitted, results, strict=True):
@@ -118,10 +144,14 @@ class InlinePreparer:
             else:
                 future.set_result(result)
 
+    def deferred(self) -> int:
+        return len(self._later)
+
     def shutdown(self) -> None:
-        for _, _, future in self._submitted:
+        for _, _, future in [*self._submitted, *self._later]:
             future.cancel()
         self._submitted = []
+        self._later.clear()
 
 
 class ThreadPreparer:
@@ -139,14 +169,18 @@ class ThreadPreparer:
         template: str,
         multi_label: bool,
         windowing: Windowing | None = None,
+        later: bool = False,
     ) -> Future[Prepared]:
         if windowing is None:
             return self._executor.submit(self.engine.prepare, text, labels, template, multi_label)
         task = (text, tuple(labels), template, multi_label)
         return self._executor.submit(_prepare_one, self.engine, task, windowing)
 
-    def flush(self) -> None:
+    def flush(self, everything: bool = False) -> None:
         pass  # each event started when submitted
+
+    def deferred(self) -> int:
+        return 0
 
     def shutdown(self) -> None:
         self._executor.shutdown(wait=True, cancel_futures=True)
@@ -265,6 +299,7 @@ class ProcessPreparer:
         template: str,
         multi_label: bool,
         windowing: Windowing | None = None,
+        later: bool = False,
     ) -> Future[Prepared]:
         future: Future[Prepared] = Future()
         task = (text, tuple(labels), template, multi_label)
@@ -275,8 +310,11 @@ class ProcessPreparer:
             self._cond.notify()
         return future
 
-    def flush(self) -> None:
+    def flush(self, everything: bool = False) -> None:
         pass  # the feeder sends what is queued as soon as a worker is free
+
+    def deferred(self) -> int:
+        return 0
 
     def shutdown(self) -> None:
         """Stop the feeder and the workers; events not sent to a worker are cancelled."""

@@ -184,7 +184,9 @@ class Service:
         timeout = max(0.0, min(POLL_SLICE_S, self.intake.time_left(self.pending.unfinished())))
         if self.pending or self.intake:
             timeout = min(timeout, 0.005)
-        if self._waiting_on_engine():
+        if self.intake.preparer.deferred():
+            timeout = 0.0  # tokenizing left to do (a lower level's, a chunk a turn)
+        elif self._waiting_on_engine():
             timeout = 0.0  # waited on the engine instead: consume() only serves callbacks
         messages = self.source.consume(self.intake.room(), timeout)
         self.rebalances.apply()  # callbacks served inside consume() come first
@@ -194,7 +196,7 @@ class Service:
         received_at = time.monotonic()
         for message in messages:
             self._take(message, received_at)
-        self.intake.preparer.flush()  # tokenize what this consume() returned, as one chunk
+        self.intake.preparer.flush()  # tokenize what this consume() returned (see preparing)
         self._fill_batches()
         self._write_scored(wait=False)
         self.checkpoint.turn()

@@ -95,14 +95,23 @@ class Preparing(InlinePreparer):
 
     def __init__(self) -> None:
         self.futures: list[Future[Prepared]] = []
+        #: Each submission's ``later``, in order.
+        self.later: list[bool] = []
 
     def submit(
-        self, text: str, labels: Any, template: str, multi_label: bool, windowing: Any = None
+        self,
+        text: str,
+        labels: Any,
+        template: str,
+        multi_label: bool,
+        windowing: Any = None,
+        later: bool = False,
     ) -> Any:
         future: Future[Prepared] = Future()
         if "boom" in text:
             future.set_exception(ValueError("cannot tokenize"))
         self.futures.append(future)
+        self.later.append(later)
         return future
 
     def finish(self) -> None:

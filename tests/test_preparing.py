@@ -19,6 +19,7 @@ import pytest
 from stream_classifier.engine.base import EngineError, Prepared, Scores
 from stream_classifier.engine.capabilities import Capabilities
 from stream_classifier.preparing import (
+    LATER_PER_FLUSH,
     InlinePreparer,
     PreparerCrashed,
     ProcessPreparer,
@@ -218,6 +219,27 @@ def test_inline_preparer_tokenizes_one_chunk_per_flush_and_isolates_failures() -
     # the chunk that failed as a whole was prepared again event by event
     prepared = [payload(o)[1] for o in outcomes if isinstance(o, Prepared)]
     assert prepared == ["one", "two", "boom", "three"]
+
+
+def test_inline_preparer_takes_events_submitted_later_a_bounded_chunk_a_flush() -> None:
+    """A lower level's events wait behind the live level's and go a chunk at a time, so
+    that one flush never holds the Kafka thread for a whole fetched backlog."""
+    side = ChunkSide()
+    preparer = InlinePreparer(side)
+    bulk = [preparer.submit(f"bulk{i}", ["a"], "{}", False, later=True) for i in range(300)]
+    live = preparer.submit("live", ["a"], "{}", False)
+    assert preparer.deferred() == 300
+    preparer.flush()
+    assert side.chunks[0] == ["live"] + [f"bulk{i}" for i in range(LATER_PER_FLUSH)]
+    assert live.done() and not bulk[LATER_PER_FLUSH].done()
+    assert preparer.deferred() == 300 - LATER_PER_FLUSH
+    preparer.flush(everything=True)
+    assert preparer.deferred() == 0 and all(future.done() for future in bulk)
+    done = [o for o in results(bulk) if isinstance(o, Prepared)]
+    assert [payload(o)[1] for o in done] == [f"bulk{i}" for i in range(300)]
+    left = preparer.submit("left", ["a"], "{}", False, later=True)
+    preparer.shutdown()
+    assert left.cancelled() and preparer.deferred() == 0
 
 
 def test_nli_chunk_tokenizing_equals_the_tokenizer_call(tiny_model: Path) -> None:

@@ -78,6 +78,24 @@ def test_a_live_batch_holds_live_events_only_and_lower_levels_fill_small_batches
     assert take == {2: 0, 1: 3, 0: 5}, "a starved lower level goes first, highest first"
 
 
+def test_a_lower_levels_tokenizing_may_wait_behind_the_live_levels() -> None:
+    """Read while a live topic is owned, a bulk event is tokenized ``later`` (a chunk a
+    flush), a live one at once; an instance that owns no live partition reads its bulk
+    topic as its live level."""
+    clock = Clock()
+    intake = make_intake(clock)
+    preparer = intake.preparer
+    assert isinstance(preparer, Preparing)
+    intake.own({"live", "bulk"})
+    accept(intake, "bulk", range(0, 2))
+    accept(intake, "live", range(0, 1))
+    assert preparer.later == [True, True, False]
+    alone = make_intake(clock)
+    alone.own({"bulk"})
+    accept(alone, "bulk", range(0, 2))
+    assert isinstance(alone.preparer, Preparing) and alone.preparer.later == [False, False]
+
+
 def test_a_live_event_overtakes_a_bulk_backlog_and_each_partition_stays_in_order() -> None:
     clock = Clock()
     intake = make_intake(clock)
