@@ -215,6 +215,10 @@ REGISTRY_FORMATS = ("avro", "json_schema")
 #: has the measurement), and Python's own (kept on a CPU).
 GPU_SWITCH_INTERVAL_MS = 0.5
 PYTHON_SWITCH_INTERVAL_MS = 5.0
+#: ``priority_piece_tokens`` left unset on a CPU with priority levels: a live event waits
+#: for the piece being computed, and a CPU computes 16,384 tokens for seconds
+#: (docs/PERFORMANCE.md, priority topics).
+CPU_PRIORITY_PIECE_TOKENS = 2048
 
 
 class ProcessingConfig(_Section):
@@ -264,7 +268,8 @@ class ProcessingConfig(_Section):
     #: engine in pieces of at most this many tokens, and a higher level's batch is
     #: launched before the pieces not yet there, so a live event waits for at most two
     #: pieces on a GPU (one on a CPU) rather than two bulk batches. Smaller pieces
-    #: shorten that wait and cost rate. Unset: a quarter of ``max_batch_tokens``.
+    #: shorten that wait and cost rate. Unset: a quarter of ``max_batch_tokens`` on a
+    #: GPU, 2,048 on a CPU.
     priority_piece_tokens: int | None = Field(None, ge=64)
 
     def lower_priority_batch(self) -> int:
@@ -296,6 +301,10 @@ class ProcessingConfig(_Section):
             # levels' batches take at most two places (Intake), so the third is a live
             # batch's; with two, a live batch waited for a whole bulk batch to come back.
             update["max_pending_batches"] = 3
+        if not gpu and levels and self.priority_piece_tokens is None:
+            # A CPU computes a piece while the live batch waits: a quarter of its pass
+            # budget (the engine's 8,192 tokens), not of max_batch_tokens.
+            update["priority_piece_tokens"] = CPU_PRIORITY_PIECE_TOKENS
         if self.prepare_workers is None:
             update["prepare_workers"] = 0
         if self.switch_interval_ms is None:

@@ -96,9 +96,10 @@ def _install() -> None:
         return call()
 
     def tokenized(preparer: Any, call: Any, *_: Any) -> Any:
-        events = len(preparer._submitted)
+        before = len(preparer._submitted) + preparer.deferred()
         started = time.monotonic()
         result = call()
+        events = before - preparer.deferred()
         if events:
             record["prepare"].append([started, time.monotonic(), events])
         return result
