@@ -14,7 +14,6 @@ from pathlib import Path
 
 from stream_classifier.config import (
     PYTHON_SWITCH_INTERVAL_MS,
-    EngineConfig,
     ServiceConfig,
     load_config,
 )
@@ -40,16 +39,6 @@ log = logging.getLogger(__name__)
 RELOAD_CHECK_S = 5.0
 
 
-def service_engine(config: ServiceConfig) -> EngineConfig:
-    """The engine settings with what depends on the topics resolved: ``compile_layers``
-    unset is off where topics have more than one priority."""
-    engine = config.engine
-    if engine.compile_layers is None:
-        levels = {topic.priority for topic in config.topics}
-        engine = engine.model_copy(update={"compile_layers": len(levels) <= 1})
-    return engine
-
-
 def load_ready_engine(
     config: ServiceConfig, metrics: Metrics, clock: StartupClock | None = None
 ) -> Engine:
@@ -62,7 +51,7 @@ def load_ready_engine(
 
         log.info("loading %s", describe_model(config))
         with clock.step("model_setup"):
-            engine = load_engine(service_engine(config), config.processing.max_batch_tokens)
+            engine = load_engine(config.engine, config.processing.max_batch_tokens)
             check_windows(config, engine)
         log.info("engine %s loaded; warming up at the largest batch", engine.model_id)
         with clock.step("warmup"):

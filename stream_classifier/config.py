@@ -377,10 +377,7 @@ class EngineConfig(_Section):
     cuda_graphs: bool = True
     #: nli on a GPU with a packed attention kernel: compile each encoder layer with
     #: torch.compile, for a faster steady state (a few per cent). Off: never compiled.
-    #: Unset: on, unless the topics have more than one ``priority``: beside a bulk
-    #: backlog the compiled layers made the live topic's latency an order of magnitude
-    #: worse (docs/PERFORMANCE.md, "Priority topics").
-    compile_layers: bool | None = None
+    compile_layers: bool = True
     #: Where the layers compile: on a helper thread after the first output (the service
     #: scores eagerly meanwhile, slower while the compiler holds the interpreter lock, and
     #: takes the compiled layers once ready), or, false, at load, before anything is

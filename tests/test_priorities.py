@@ -14,7 +14,7 @@ from conftest import service_config
 from pydantic import ValidationError
 from test_loop_parts import Clock, ManualScorer, Preparing
 
-from stream_classifier.assemble import lower_level_pieces, service_engine
+from stream_classifier.assemble import lower_level_pieces
 from stream_classifier.batcher import Batch, topic_partition
 from stream_classifier.intake import Intake
 from stream_classifier.messages import Envelope, SourceRef
@@ -244,17 +244,6 @@ def test_a_reload_that_changes_a_priority_is_refused() -> None:
 
 
 # -- settings that follow from priority levels ----------------------------------------------
-
-
-def test_with_priority_levels_the_layers_are_not_compiled_unless_asked_for() -> None:
-    """Compiled layers made a live topic beside a bulk backlog an order of magnitude
-    slower on a GPU (docs/PERFORMANCE.md): unset, they are off with levels, on without."""
-    levels = service_config("127.0.0.1:1", topics())
-    assert service_engine(levels).compile_layers is False
-    one_level = service_config("127.0.0.1:1", topics(live=0))
-    assert service_engine(one_level).compile_layers is True
-    asked = service_config("127.0.0.1:1", topics(), engine={"compile_layers": True})
-    assert service_engine(asked).compile_layers is True
 
 
 def test_with_priority_levels_lower_levels_go_to_the_device_in_pieces() -> None:

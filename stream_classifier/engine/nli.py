@@ -311,7 +311,7 @@ class NliEngine:
             backend=backend,
             head=head,
             cuda_graphs=config.cuda_graphs,
-            compile_layers=config.compile_layers is not False,
+            compile_layers=config.compile_layers,
         )
         log.info(
             "NLI model %s: backend %s%s, %s on %s, pairs of up to %d tokens",
