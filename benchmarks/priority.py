@@ -32,6 +32,7 @@ import contextlib
 import json
 import math
 import multiprocessing
+import os
 import platform
 import shutil
 import subprocess
@@ -83,6 +84,50 @@ class Phase:
     #: Seconds of the window the engine stage spent scoring, and with nothing to score.
     engine_busy_s: float = 0.0
     engine_idle_s: float = 0.0
+    #: Cores used over the window (CPU seconds per second): the whole machine, the
+    #: service, the broker (every ``java`` process) and the service's busiest threads.
+    cpu_cores: dict[str, float] = field(default_factory=dict)
+
+
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_ticks(service_pid: int) -> dict[str, int]:
+    """CPU ticks so far: the machine's busy ones, every ``java`` process's, and each of
+    the service's threads' (``thread <tid> <name>``, ``main`` for the first)."""
+    fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = map(int, fields[:8])
+    ticks = {"machine": user + nice + system + irq + softirq + steal, "java": 0}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            name, used = process_ticks(stat)
+            if name == "java":
+                ticks["java"] += used
+    for stat in Path(f"/proc/{service_pid}/task").glob("*/stat"):
+        with contextlib.suppress(OSError):
+            name, used = process_ticks(stat)
+            tid = int(stat.parent.name)
+            ticks[f"thread {tid} {'main' if tid == service_pid else name}"] = used
+    return ticks
+
+
+def process_ticks(stat: Path) -> tuple[str, int]:
+    """A /proc ``stat`` file's command name and user + system ticks."""
+    text = stat.read_text()
+    name = text[text.index("(") + 1 : text.rindex(")")]
+    rest = text[text.rindex(")") + 2 :].split()
+    return name, int(rest[11]) + int(rest[12])
+
+
+def cores_used(before: dict[str, int], after: dict[str, int], seconds: float) -> dict[str, float]:
+    """Cores used between two :func:`cpu_ticks`: the machine, the broker, the service, and
+    its eight busiest threads."""
+    used = {key: (after[key] - before.get(key, 0)) / CLOCK_TICKS / seconds for key in after}
+    threads = sorted((k for k in used if k.startswith("thread ")), key=lambda k: -used[k])
+    cores = {"machine": used["machine"], "java": used["java"]}
+    cores["service"] = sum(used[k] for k in threads)
+    cores.update((k, used[k]) for k in threads[:8])
+    return {k: round(v, 3) for k, v in cores.items()}
 
 
 def payloads(texts: list[str], first_id: int) -> list[bytes]:
@@ -189,6 +234,7 @@ def run_phase(
         wait_for_compile(service)
         time.sleep(args.warm_seconds)  # the rate settles: caches and pools
         engine_at_start = engine_seconds(port)
+        ticks_at_start = cpu_ticks(service.pid())
         started = time.monotonic()
         if priorities is not None:
             count = max(1, int(live_rate * args.seconds))
@@ -203,6 +249,7 @@ def run_phase(
                     live_rate,
                 ).result(args.seconds * 4 + 120)
             ended = time.monotonic()
+            ticks_at_end = cpu_ticks(service.pid())
             live_ids = range(LIVE_FIRST_ID, LIVE_FIRST_ID + count)
             live_reader = readers[topics[0]["input"]]
             # First come, first served, some wait behind the backlog for longer than this.
@@ -226,7 +273,9 @@ def run_phase(
         else:
             time.sleep(args.seconds)
             ended = time.monotonic()
+            ticks_at_end = cpu_ticks(service.pid())
         phase.seconds = ended - started
+        phase.cpu_cores = cores_used(ticks_at_start, ticks_at_end, phase.seconds)
         if backlog:
             bulk_rows = readers[bulk["input"]].rows(range(backlog))
             inside = sum(1 for at, _, _ in bulk_rows if started <= at <= ended)

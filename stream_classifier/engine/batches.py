@@ -111,14 +111,14 @@ def padded_batches(
     (``narrowest``) so that no pair is narrower than that fraction of its pass's widest."""
     widths = -(-lengths.astype(np.int64) // multiple) * multiple
     order = np.argsort(-widths, kind="stable")
-    ordered = widths[order]
+    negated = -widths[order]  # ascending, for searchsorted
     batches: list[np.ndarray] = []
     start = 0
     while start < order.shape[0]:
-        widest = int(ordered[start])
+        widest = int(-negated[start])
         stop = start + max(1, max_tokens // widest)
-        # descending: the pairs at least ``narrowest`` of the widest are a prefix
-        wide_enough = start + int(np.searchsorted(-ordered[start:], -narrowest * widest, "right"))
+        # the pairs at least ``narrowest`` of the widest are a prefix of what is left
+        wide_enough = start + int(np.searchsorted(negated[start:], -narrowest * widest, "right"))
         stop = min(stop, max(start + 1, wide_enough))
         batches.append(order[start:stop])
         start = stop

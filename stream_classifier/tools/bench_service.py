@@ -410,7 +410,7 @@ class ServiceProcess:
             "switch_interval_ms": switch_ms,
         }
 
-    def _service_pid(self) -> int:
+    def pid(self) -> int:
         """The service's pid: the process started, or its child under a prefix command
         (a profiler writes its samples once the service it started has exited)."""
         pid = self.process.pid
@@ -424,7 +424,7 @@ class ServiceProcess:
     def stop(self, timeout: float) -> None:
         """SIGTERM (the service drains and commits), SIGKILL after ``timeout``."""
         if self.process.poll() is None:
-            os.kill(self._service_pid(), signal.SIGTERM)
+            os.kill(self.pid(), signal.SIGTERM)
         try:
             self.exit_code = self.process.wait(timeout)
         except subprocess.TimeoutExpired:
