@@ -156,18 +156,21 @@ class Pieces:
     top: int
     tokens: int
 
-    def split(self, requests: list[ClassifyRequest]) -> list[list[ClassifyRequest]]:
-        """``requests`` in consecutive pieces (one piece when of the top level)."""
+    def split(self, requests: list[ClassifyRequest]) -> list[list[int]]:
+        """The positions of ``requests`` in pieces: one piece, in order, when of the top
+        level; below it, widest first and cut at ``tokens``. Sorted, a piece's pairs have
+        similar widths, so that a CPU's padded passes over it are few and full, rather than
+        one event's pairs each (a pass has a fixed cost)."""
         if priority_of(requests) >= self.top:
-            return [requests]
-        pieces: list[list[ClassifyRequest]] = [[]]
+            return [list(range(len(requests)))]
+        pieces: list[list[int]] = [[]]
         size = 0
-        for request in requests:
-            cost = request_tokens(request)
+        for position in sorted(range(len(requests)), key=lambda i: -width(requests[i])):
+            cost = request_tokens(requests[position])
             if pieces[-1] and size + cost > self.tokens:
                 pieces.append([])
                 size = 0
-            pieces[-1].append(request)
+            pieces[-1].append(position)
             size += cost
         return pieces
 
@@ -176,6 +179,12 @@ def priority_of(requests: Sequence[ClassifyRequest]) -> int:
     """A batch's level: its highest topic priority (a batch holds one level, or lower
     levels only)."""
     return max((r.topic.priority for r in requests), default=0)
+
+
+def width(request: ClassifyRequest) -> float:
+    """A request's tokens per pair (0: not prepared)."""
+    prepared = request.prepared
+    return prepared.tokens / max(1, len(prepared.labels)) if prepared is not None else 0.0
 
 
 def request_tokens(request: ClassifyRequest) -> int:
@@ -195,6 +204,8 @@ class _Job:
     priority: int = 0
     #: Each piece's outcomes, as they come back (None: not yet).
     parts: list[list[Outcome] | None] = field(default_factory=list)
+    #: The position in ``requests`` of each outcome in ``parts``, read piece by piece.
+    order: list[int] = field(default_factory=list)
     #: Time the job's pieces had the device to themselves (``engine_seconds``).
     seconds: float = 0.0
     launched: bool = False
@@ -339,9 +350,14 @@ class PipelinedScorer:
         self._launched.put(None)
 
     def _split(self, job: _Job) -> list[_Piece]:
-        parts = [job.requests] if self.pieces is None else self.pieces.split(job.requests)
+        everything = [list(range(len(job.requests)))]
+        parts = everything if self.pieces is None else self.pieces.split(job.requests)
         job.parts = [None] * len(parts)
-        return [_Piece(job, index, requests) for index, requests in enumerate(parts)]
+        job.order = [position for part in parts for position in part]
+        return [
+            _Piece(job, index, [job.requests[position] for position in part])
+            for index, part in enumerate(parts)
+        ]
 
     def _next_message(self, idle: bool) -> _Message:
         """The inbox's next message, waited for unless there is work to launch;
@@ -430,7 +446,9 @@ class PipelinedScorer:
             job.done = True
         if job.requests:
             self._record_batch(job.requests, job.seconds)
-        job.future.set_result([o for part in job.parts if part is not None for o in part])
+        back = (outcome for part in job.parts if part is not None for outcome in part)
+        placed = sorted(zip(job.order, back, strict=True), key=lambda pair: pair[0])
+        job.future.set_result([outcome for _, outcome in placed])
 
     def _failed(self, job: _Job, error: BaseException) -> None:
         with self._resolving:

@@ -295,6 +295,27 @@ def test_a_lower_levels_batch_goes_to_the_device_in_pieces_and_comes_back_whole(
     assert sample("stream_classifier_batch_messages_sum") == 16
 
 
+def test_a_lower_levels_pieces_hold_requests_of_similar_widths_and_it_comes_back_in_order() -> None:
+    """Pieces cut from the batch sorted widest first: on a CPU a piece's padded passes are
+    then few and full. The batch's outcomes still come back in its own order."""
+    engine = FakeEngine()
+    scorer = PipelinedScorer(engine, Metrics(), pieces=Pieces(top=1, tokens=64))
+    widths = [8, 32, 8, 16, 32, 16]  # tokens per pair, two labels each
+    bulk = [request(f"{width}-wide #{n}") for n, width in enumerate(widths)]
+    for req, width in zip(bulk, widths, strict=True):
+        req.prepared = Prepared(("a", "b"), False, 2 * width, req.text)
+    try:
+        assert scorer.submit(bulk).result(WAIT_S) == [scores_of(r.text) for r in bulk]
+    finally:
+        scorer.shutdown()
+    assert list(engine.texts_of.values()) == [
+        ["32-wide #1"],
+        ["32-wide #4"],
+        ["16-wide #3", "16-wide #5"],
+        ["8-wide #0", "8-wide #2"],
+    ]
+
+
 def test_a_live_batch_overtakes_the_bulk_pieces_not_yet_on_the_device() -> None:
     engine = FakeEngine()
     engine.gates[1] = threading.Event()
