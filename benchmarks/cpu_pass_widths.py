@@ -1,11 +1,14 @@
 """The engine on a CPU by micro-batch size, with padded passes cut by the token budget only
-and with each pass's pairs kept within a fraction of its widest (``CPU_NARROWEST``).
+and with each pass's pairs kept within a fraction of its widest (``CPU_NARROWEST``), or
+padded by at most a few tokens in all (``CPU_PAD_ALLOWANCE``).
 
 Pre-tokenized micro-batches of ``bench``'s workload (4 labels) go through ``classify``
 one after another; every setting runs once per round, rounds interleaved, and the table
 gives each setting's median events/s and the share of real tokens among padded ones.
 
     python benchmarks/cpu_pass_widths.py --shape tiny --events 512 --json out.json
+
+``--cuts`` lists the settings as ``narrowest:allowance`` (default ``0:0,0.9:0,0.9:128``).
 """
 
 from __future__ import annotations
@@ -32,16 +35,17 @@ from stream_classifier.tools import bench
 LABELS = 4
 
 
-def real_share(chunks: list[list[Prepared]], narrowest: float) -> float:
-    """Real tokens over padded ones, over every pass of these micro-batches."""
-    real = padded = 0
+def real_share(chunks: list[list[Prepared]], narrowest: float, allowance: int) -> tuple[float, int]:
+    """Real tokens over padded ones, over every pass of these micro-batches; the passes."""
+    real = padded = passes = 0
     for chunk in chunks:
         lengths = np.concatenate([np.asarray(p.payload.lengths) for p in chunk])  # type: ignore[attr-defined]
-        for rows in padded_batches(lengths, CPU_BATCH_TOKENS, PAD_MULTIPLE, narrowest):
+        for rows in padded_batches(lengths, CPU_BATCH_TOKENS, PAD_MULTIPLE, narrowest, allowance):
             widths = -(-lengths[rows] // PAD_MULTIPLE) * PAD_MULTIPLE
             padded += int(len(rows) * widths.max())
+            passes += 1
         real += int(lengths.sum())
-    return real / padded
+    return real / padded, passes
 
 
 def main() -> int:
@@ -49,7 +53,7 @@ def main() -> int:
     parser.add_argument("--shape", default="tiny", choices=sorted(bench.SHAPES))
     parser.add_argument("--events", type=int, default=512)
     parser.add_argument("--sizes", default="256,64,16,4,1")
-    parser.add_argument("--narrowest", default="0,0.9")
+    parser.add_argument("--cuts", default="0:0,0.9:0,0.9:128")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -59,33 +63,39 @@ def main() -> int:
     )
     engine.warmup()
     events = bench.make_events(args.events, LABELS, 1)
-    ratios = [float(r) for r in args.narrowest.split(",")]
+    cuts = [(float(c.split(":")[0]), int(c.split(":")[1])) for c in args.cuts.split(",")]
     rows = []
-    print("| events per batch | narrowest | events/s (median) | rounds | real/padded tokens |")
-    print("| ---: | ---: | ---: | --- | ---: |")
+    print(
+        "| events per batch | narrowest | allowance | events/s (median) | rounds "
+        "| real/padded tokens | passes |"
+    )
+    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: |")
     for size in (int(s) for s in args.sizes.split(",")):
         chunks = list(bench.micro_batches(engine, events, size, False))
-        rates: dict[float, list[float]] = {r: [] for r in ratios}
+        rates: dict[tuple[float, int], list[float]] = {cut: [] for cut in cuts}
         for _ in range(args.rounds):
-            for ratio in ratios:
-                shared.CPU_NARROWEST = ratio
+            for cut in cuts:
+                shared.CPU_NARROWEST, shared.CPU_PAD_ALLOWANCE = cut
                 started = time.perf_counter()
                 for chunk in chunks:
                     engine.classify(chunk)
-                rates[ratio].append(len(events) / (time.perf_counter() - started))
-        for ratio in ratios:
+                rates[cut].append(len(events) / (time.perf_counter() - started))
+        for cut in cuts:
+            share, passes = real_share(chunks, *cut)
             row = {
                 "size": size,
-                "narrowest": ratio,
-                "events_per_s": statistics.median(rates[ratio]),
-                "rounds": rates[ratio],
-                "real_share": real_share(chunks, ratio),
+                "narrowest": cut[0],
+                "allowance": cut[1],
+                "events_per_s": statistics.median(rates[cut]),
+                "rounds": rates[cut],
+                "real_share": share,
+                "passes": passes,
             }
             rows.append(row)
-            each = ", ".join(f"{r:.1f}" for r in rates[ratio])
+            each = ", ".join(f"{r:.1f}" for r in rates[cut])
             print(
-                f"| {size} | {ratio:g} | {row['events_per_s']:.1f} | {each} |"
-                f" {row['real_share']:.2f} |"
+                f"| {size} | {cut[0]:g} | {cut[1]} | {row['events_per_s']:.1f} | {each} |"
+                f" {share:.2f} | {passes} |"
             )
     report = {
         "shape": args.shape,
