@@ -1,6 +1,5 @@
 """The engine on a CPU by micro-batch size, with padded passes cut by the token budget only
-and with each pass's pairs kept within a fraction of its widest (``CPU_NARROWEST``), or
-padded by at most a few tokens in all (``CPU_PAD_ALLOWANCE``).
+and with each pass's pairs kept within a fraction of its widest (``CPU_NARROWEST``).
 
 Pre-tokenized micro-batches of ``bench``'s workload (4 labels) go through ``classify``
 one after another; every setting runs once per round, rounds interleaved, and the table
@@ -8,7 +7,9 @@ gives each setting's median events/s and the share of real tokens among padded o
 
     python benchmarks/cpu_pass_widths.py --shape tiny --events 512 --json out.json
 
-``--cuts`` lists the settings as ``narrowest:allowance`` (default ``0:0,0.9:0,0.9:128``).
+``--narrowest`` lists the fractions to compare (default ``0,0.9``). (A version of this
+script, at c69ead9, also tried letting narrower pairs into a pass while its padding stayed
+under a few tokens: slower, docs/PERFORMANCE.md.)
 """
 
 from __future__ import annotations
@@ -35,12 +36,12 @@ from stream_classifier.tools import bench
 LABELS = 4
 
 
-def real_share(chunks: list[list[Prepared]], narrowest: float, allowance: int) -> tuple[float, int]:
+def real_share(chunks: list[list[Prepared]], narrowest: float) -> tuple[float, int]:
     """Real tokens over padded ones, over every pass of these micro-batches; the passes."""
     real = padded = passes = 0
     for chunk in chunks:
         lengths = np.concatenate([np.asarray(p.payload.lengths) for p in chunk])  # type: ignore[attr-defined]
-        for rows in padded_batches(lengths, CPU_BATCH_TOKENS, PAD_MULTIPLE, narrowest, allowance):
+        for rows in padded_batches(lengths, CPU_BATCH_TOKENS, PAD_MULTIPLE, narrowest):
             widths = -(-lengths[rows] // PAD_MULTIPLE) * PAD_MULTIPLE
             padded += int(len(rows) * widths.max())
             passes += 1
@@ -53,7 +54,7 @@ def main() -> int:
     parser.add_argument("--shape", default="tiny", choices=sorted(bench.SHAPES))
     parser.add_argument("--events", type=int, default=512)
     parser.add_argument("--sizes", default="256,64,16,4,1")
-    parser.add_argument("--cuts", default="0:0,0.9:0,0.9:128")
+    parser.add_argument("--narrowest", default="0,0.9")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--json")
     args = parser.parse_args()
@@ -63,38 +64,37 @@ def main() -> int:
     )
     engine.warmup()
     events = bench.make_events(args.events, LABELS, 1)
-    cuts = [(float(c.split(":")[0]), int(c.split(":")[1])) for c in args.cuts.split(",")]
+    ratios = [float(r) for r in args.narrowest.split(",")]
     rows = []
     print(
-        "| events per batch | narrowest | allowance | events/s (median) | rounds "
+        "| events per batch | narrowest | events/s (median) | rounds "
         "| real/padded tokens | passes |"
     )
-    print("| ---: | ---: | ---: | ---: | --- | ---: | ---: |")
+    print("| ---: | ---: | ---: | --- | ---: | ---: |")
     for size in (int(s) for s in args.sizes.split(",")):
         chunks = list(bench.micro_batches(engine, events, size, False))
-        rates: dict[tuple[float, int], list[float]] = {cut: [] for cut in cuts}
+        rates: dict[float, list[float]] = {ratio: [] for ratio in ratios}
         for _ in range(args.rounds):
-            for cut in cuts:
-                shared.CPU_NARROWEST, shared.CPU_PAD_ALLOWANCE = cut
+            for ratio in ratios:
+                shared.CPU_NARROWEST = ratio
                 started = time.perf_counter()
                 for chunk in chunks:
                     engine.classify(chunk)
-                rates[cut].append(len(events) / (time.perf_counter() - started))
-        for cut in cuts:
-            share, passes = real_share(chunks, *cut)
+                rates[ratio].append(len(events) / (time.perf_counter() - started))
+        for ratio in ratios:
+            share, passes = real_share(chunks, ratio)
             row = {
                 "size": size,
-                "narrowest": cut[0],
-                "allowance": cut[1],
-                "events_per_s": statistics.median(rates[cut]),
-                "rounds": rates[cut],
+                "narrowest": ratio,
+                "events_per_s": statistics.median(rates[ratio]),
+                "rounds": rates[ratio],
                 "real_share": share,
                 "passes": passes,
             }
             rows.append(row)
-            each = ", ".join(f"{r:.1f}" for r in rates[cut])
+            each = ", ".join(f"{r:.1f}" for r in rates[ratio])
             print(
-                f"| {size} | {cut[0]:g} | {cut[1]} | {row['events_per_s']:.1f} | {each} |"
+                f"| {size} | {ratio:g} | {row['events_per_s']:.1f} | {each} |"
                 f" {share:.2f} | {passes} |"
             )
     report = {

@@ -105,15 +105,10 @@ def packed_batches(lengths: np.ndarray, max_tokens: int) -> list[np.ndarray]:
 
 
 def padded_batches(
-    lengths: np.ndarray,
-    max_tokens: int,
-    multiple: int,
-    narrowest: float = 0.0,
-    allowance: int = 0,
+    lengths: np.ndarray, max_tokens: int, multiple: int, narrowest: float = 0.0
 ) -> list[np.ndarray]:
     """Pairs sorted longest first, cut so that rows × padded width ≤ ``max_tokens``, and
-    (``narrowest``) before a pair narrower than that fraction of its pass's widest, unless
-    the pass's padding with it stays within ``allowance`` tokens (a pass's fixed cost)."""
+    (``narrowest``) so that no pair is narrower than that fraction of its pass's widest."""
     widths = -(-lengths.astype(np.int64) // multiple) * multiple
     order = np.argsort(-widths, kind="stable")
     negated = -widths[order]  # ascending, for searchsorted
@@ -121,12 +116,10 @@ def padded_batches(
     start = 0
     while start < order.shape[0]:
         widest = int(-negated[start])
-        stop = min(order.shape[0], start + max(1, max_tokens // widest))
-        # both are prefixes of the pairs left: widths and padding are sorted
-        candidates = negated[start:stop]
-        wide_enough = int(np.searchsorted(candidates, -narrowest * widest, "right"))
-        cheap = int(np.searchsorted(np.cumsum(candidates + widest), allowance, "right"))
-        stop = start + max(1, wide_enough, cheap)
+        stop = start + max(1, max_tokens // widest)
+        # the pairs at least ``narrowest`` of the widest are a prefix of what is left
+        wide_enough = start + int(np.searchsorted(negated[start:], -narrowest * widest, "right"))
+        stop = min(stop, max(start + 1, wide_enough))
         batches.append(order[start:stop])
         start = stop
     return batches

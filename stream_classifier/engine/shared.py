@@ -26,21 +26,15 @@ CPU_BATCH_TOKENS = 8192
 #: more per token than a full one, so a small batch of mixed lengths, cut only by the
 #: budget, spent about as long on padding as on its tokens (docs/PERFORMANCE.md).
 CPU_NARROWEST = 0.9
-#: ... but a pass takes narrower pairs while its padding stays within this many tokens:
-#: a pass has a fixed cost too (the layers' calls, the threads' start), about that of a
-#: hundred tokens for a small model on two cores, and one event's pairs (its labels
-#: differ in length) went in two or three passes (docs/PERFORMANCE.md).
-CPU_PAD_ALLOWANCE = 128
 #: Memory for tokenized hypotheses (ids cut to what a pair can hold, and their keys).
 HYPOTHESIS_CACHE_BYTES = 64 << 20
 
 
 def padded_plan(lengths: np.ndarray, budget: int, device: torch.device) -> list[np.ndarray]:
     """The padded passes over pairs of these lengths (:func:`.batches.padded_batches`),
-    with a CPU's budget and width bounds."""
+    with a CPU's budget and width bound."""
     if device.type == "cpu":
-        budget = min(budget, CPU_BATCH_TOKENS)
-        return padded_batches(lengths, budget, PAD_MULTIPLE, CPU_NARROWEST, CPU_PAD_ALLOWANCE)
+        return padded_batches(lengths, min(budget, CPU_BATCH_TOKENS), PAD_MULTIPLE, CPU_NARROWEST)
     return padded_batches(lengths, budget, PAD_MULTIPLE)
 
 
