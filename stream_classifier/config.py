@@ -218,7 +218,7 @@ PYTHON_SWITCH_INTERVAL_MS = 5.0
 #: ``priority_piece_tokens`` left unset on a CPU with priority levels: a live event waits
 #: for the piece being computed, and a CPU computes 16,384 tokens for seconds
 #: (docs/PERFORMANCE.md, priority topics).
-CPU_PRIORITY_PIECE_TOKENS = 2048
+CPU_PRIORITY_PIECE_TOKENS = 1024
 
 
 class ProcessingConfig(_Section):
@@ -269,7 +269,7 @@ class ProcessingConfig(_Section):
     #: launched before the pieces not yet there, so a live event waits for at most two
     #: pieces on a GPU (one on a CPU) rather than two bulk batches. Smaller pieces
     #: shorten that wait and cost rate. Unset: a quarter of ``max_batch_tokens`` on a
-    #: GPU, 2,048 on a CPU.
+    #: GPU, 1,024 on a CPU.
     priority_piece_tokens: int | None = Field(None, ge=64)
 
     def lower_priority_batch(self) -> int:

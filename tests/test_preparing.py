@@ -307,7 +307,7 @@ def test_device_defaults_fill_only_what_was_not_set() -> None:
     assert unset.for_device(gpu=False).max_pending_batches == 2
     assert unset.for_device(gpu=False, levels=True).max_pending_batches == 3  # a live place
     # a live batch waits for the piece being computed: small on a CPU
-    assert unset.for_device(gpu=False, levels=True).lower_priority_piece() == 2048
+    assert unset.for_device(gpu=False, levels=True).lower_priority_piece() == 1024
     assert unset.for_device(gpu=True, levels=True).lower_priority_piece() == 65536 // 4
     sized = ProcessingConfig(priority_piece_tokens=5000)
     assert sized.for_device(gpu=False, levels=True).lower_priority_piece() == 5000
