@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
 from stream_classifier.engine.packed import COMPILE_STARTED
 from stream_classifier.tools import bench
@@ -95,6 +96,10 @@ class Phase:
 
 
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def on_gpu(device: str) -> bool:
+    return device.startswith("cuda") or (device == "auto" and torch.cuda.is_available())
 
 
 def steady_rate(times: list[float], seconds: float) -> float:
@@ -367,7 +372,12 @@ def main() -> int:
     parser.add_argument("--guarantee", default="at_least_once")
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--live-share", type=float, default=0.2)
-    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        help="each phase's window (default: 30 on a GPU, 120 on a CPU, where a bulk batch "
+        "takes seconds and a window should hold a dozen)",
+    )
     parser.add_argument("--warm-seconds", type=float, default=5.0)
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
@@ -384,6 +394,8 @@ def main() -> int:
         "--trace", action="store_true", help="trace each phase's engine stage into --keep"
     )
     args = parser.parse_args()
+    if args.seconds is None:
+        args.seconds = 30.0 if on_gpu(args.device) else 120.0
     if args.keep:
         Path(args.keep).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="stream-classifier-priority-") as tmp:
