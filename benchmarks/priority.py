@@ -77,6 +77,9 @@ class Phase:
     live_missing: int = 0
     live_p50_ms: float | None = None
     live_p99_ms: float | None = None
+    #: Each live event's end-to-end latency, in the order they were produced (a tail is
+    #: one stall of many events, or many short waits).
+    live_latencies_ms: list[float] = field(default_factory=list)
     #: The bulk topic's outputs read inside the window, and their steady rate
     #: (:func:`steady_rate`).
     bulk_outputs: int = 0
@@ -283,6 +286,7 @@ def run_phase(
                     lambda: live_reader.count(live_ids) >= count, args.seconds * 3, "", service
                 )
             rows = live_reader.rows(live_ids)
+            phase.live_latencies_ms = [round(e2e, 1) for _, e2e, _ in rows]
             phase.live_missing = count - len(rows)
             # An output still missing has waited at least since the last live event was
             # produced: its percentiles are then lower bounds.
