@@ -17,7 +17,7 @@ export KAFKA_PORT ?= 9092
 IMAGE ?= stream-classifier:latest
 TEST_IMAGE ?= stream-classifier:test
 
-.PHONY: env demo-env tools test unit lint typecheck pytest demo broker-start broker-stop schemas \
+.PHONY: env demo-env tools test unit lint typecheck pytest demo broker-start broker-stop broker-reset schemas \
 	fixtures clean-env image test-image
 
 env: $(VENV)/.complete
@@ -76,6 +76,10 @@ broker-start:
 
 broker-stop:
 	$(KAFKA_LOCAL) stop
+
+# Stop the local broker and delete its topics and logs (its jars stay).
+broker-reset:
+	$(KAFKA_LOCAL) reset
 
 demo: demo-env
 	$(WITH_BROKER) $(DEMO_VENV)/bin/python examples/demo.py
