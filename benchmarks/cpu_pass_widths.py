@@ -10,6 +10,10 @@ gives each setting's median events/s and the share of real tokens among padded o
 ``--narrowest`` lists the fractions to compare (default ``0,0.9``). (A version of this
 script, at c69ead9, also tried letting narrower pairs into a pass while its padding stayed
 under a few tokens: slower, docs/PERFORMANCE.md.)
+
+``--pieces TOKENS`` instead cuts each micro-batch into pieces of at most TOKENS tokens, as
+the engine stage does with a lower level's batch, once in the batch's order and once widest
+first (what ``Pieces.split`` does), and scores piece after piece: what the sorting buys.
 """
 
 from __future__ import annotations
@@ -49,6 +53,57 @@ def real_share(chunks: list[list[Prepared]], narrowest: float) -> tuple[float, i
     return real / padded, passes
 
 
+def pieces(chunk: list[Prepared], tokens: int, widest_first: bool) -> list[list[Prepared]]:
+    """``chunk`` cut at ``tokens`` tokens a piece, as ``Pieces.split`` cuts (or in order)."""
+    ordered = sorted(chunk, key=lambda p: -p.tokens / len(p.labels)) if widest_first else chunk
+    cut: list[list[Prepared]] = [[]]
+    size = 0
+    for prepared in ordered:
+        if cut[-1] and size + prepared.tokens > tokens:
+            cut.append([])
+            size = 0
+        cut[-1].append(prepared)
+        size += prepared.tokens
+    return cut
+
+
+def compare_pieces(
+    engine: bench.BenchEngine, chunks: list[list[Prepared]], args: argparse.Namespace
+) -> list[dict[str, object]]:
+    """Each chunk scored piece by piece, in order and widest first, rounds interleaved."""
+    settings = {"in order": False, "widest first": True}
+    cut = {
+        name: [p for c in chunks for p in pieces(c, args.pieces, wide)]
+        for name, wide in settings.items()
+    }
+    events = sum(len(c) for c in chunks)
+    rates: dict[str, list[float]] = {name: [] for name in settings}
+    for _ in range(args.rounds):
+        for name in settings:
+            started = time.perf_counter()
+            for piece in cut[name]:
+                engine.classify(piece)
+            rates[name].append(events / (time.perf_counter() - started))
+    rows: list[dict[str, object]] = []
+    for name in settings:
+        share, passes = real_share(cut[name], shared.CPU_NARROWEST)
+        rows.append(
+            {
+                "pieces": name,
+                "tokens": args.pieces,
+                "events_per_s": statistics.median(rates[name]),
+                "rounds": rates[name],
+                "real_share": share,
+                "passes": passes,
+                "count": len(cut[name]),
+            }
+        )
+        each = ", ".join(f"{r:.1f}" for r in rates[name])
+        median = rows[-1]["events_per_s"]
+        print(f"| {name} | {len(cut[name])} | {median:.1f} | {each} | {share:.2f} | {passes} |")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="tiny", choices=sorted(bench.SHAPES))
@@ -56,6 +111,7 @@ def main() -> int:
     parser.add_argument("--sizes", default="256,64,16,4,1")
     parser.add_argument("--narrowest", default="0,0.9")
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--pieces", type=int, help="compare pieces of this many tokens")
     parser.add_argument("--json")
     args = parser.parse_args()
     model = bench.build_model_dir(bench.SHAPES[args.shape], Path(tempfile.mkdtemp()) / "m", 0)
@@ -65,13 +121,20 @@ def main() -> int:
     engine.warmup()
     events = bench.make_events(args.events, LABELS, 1)
     ratios = [float(r) for r in args.narrowest.split(",")]
-    rows = []
-    print(
-        "| events per batch | narrowest | events/s (median) | rounds "
-        "| real/padded tokens | passes |"
-    )
-    print("| ---: | ---: | ---: | --- | ---: | ---: |")
-    for size in (int(s) for s in args.sizes.split(",")):
+    rows: list[dict[str, object]] = []
+    if args.pieces:
+        print("| pieces | count | events/s (median) | rounds | real/padded tokens | passes |")
+        print("| --- | ---: | ---: | --- | ---: | ---: |")
+        size = int(args.sizes.split(",")[0])
+        rows = compare_pieces(engine, list(bench.micro_batches(engine, events, size, False)), args)
+        ratios = []
+    else:
+        print(
+            "| events per batch | narrowest | events/s (median) | rounds "
+            "| real/padded tokens | passes |"
+        )
+        print("| ---: | ---: | ---: | --- | ---: | ---: |")
+    for size in (int(s) for s in args.sizes.split(",")) if ratios else ():
         chunks = list(bench.micro_batches(engine, events, size, False))
         rates: dict[float, list[float]] = {ratio: [] for ratio in ratios}
         for _ in range(args.rounds):
