@@ -68,22 +68,26 @@ def pieces(chunk: list[Prepared], tokens: int, widest_first: bool) -> list[list[
 
 
 def compare_pieces(
-    engine: bench.BenchEngine, chunks: list[list[Prepared]], args: argparse.Namespace
+    engine: bench.BenchEngine, events: list[bench.Event], args: argparse.Namespace
 ) -> list[dict[str, object]]:
-    """Each chunk scored piece by piece, in order and widest first, rounds interleaved."""
+    """Micro-batches of the first of ``--sizes`` scored piece by piece, in order and widest
+    first, rounds interleaved."""
+    size = int(args.sizes.split(",")[0])
+    chunks = list(bench.micro_batches(engine, events, size, False))
     settings = {"in order": False, "widest first": True}
     cut = {
         name: [p for c in chunks for p in pieces(c, args.pieces, wide)]
         for name, wide in settings.items()
     }
-    events = sum(len(c) for c in chunks)
+    print("| pieces | count | events/s (median) | rounds | real/padded tokens | passes |")
+    print("| --- | ---: | ---: | --- | ---: | ---: |")
     rates: dict[str, list[float]] = {name: [] for name in settings}
     for _ in range(args.rounds):
         for name in settings:
             started = time.perf_counter()
             for piece in cut[name]:
                 engine.classify(piece)
-            rates[name].append(events / (time.perf_counter() - started))
+            rates[name].append(len(events) / (time.perf_counter() - started))
     rows: list[dict[str, object]] = []
     for name in settings:
         share, passes = real_share(cut[name], shared.CPU_NARROWEST)
@@ -104,6 +108,45 @@ def compare_pieces(
     return rows
 
 
+def compare_widths(
+    engine: bench.BenchEngine, events: list[bench.Event], args: argparse.Namespace
+) -> list[dict[str, object]]:
+    """Micro-batches of each size, passes cut at each ``--narrowest``, rounds interleaved."""
+    ratios = [float(r) for r in args.narrowest.split(",")]
+    print(
+        "| events per batch | narrowest | events/s (median) | rounds "
+        "| real/padded tokens | passes |"
+    )
+    print("| ---: | ---: | ---: | --- | ---: | ---: |")
+    rows: list[dict[str, object]] = []
+    for size in (int(s) for s in args.sizes.split(",")):
+        chunks = list(bench.micro_batches(engine, events, size, False))
+        rates: dict[float, list[float]] = {ratio: [] for ratio in ratios}
+        for _ in range(args.rounds):
+            for ratio in ratios:
+                shared.CPU_NARROWEST = ratio
+                started = time.perf_counter()
+                for chunk in chunks:
+                    engine.classify(chunk)
+                rates[ratio].append(len(events) / (time.perf_counter() - started))
+        for ratio in ratios:
+            share, passes = real_share(chunks, ratio)
+            median = statistics.median(rates[ratio])
+            rows.append(
+                {
+                    "size": size,
+                    "narrowest": ratio,
+                    "events_per_s": median,
+                    "rounds": rates[ratio],
+                    "real_share": share,
+                    "passes": passes,
+                }
+            )
+            each = ", ".join(f"{r:.1f}" for r in rates[ratio])
+            print(f"| {size} | {ratio:g} | {median:.1f} | {each} | {share:.2f} | {passes} |")
+    return rows
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="tiny", choices=sorted(bench.SHAPES))
@@ -120,46 +163,8 @@ def main() -> int:
     )
     engine.warmup()
     events = bench.make_events(args.events, LABELS, 1)
-    ratios = [float(r) for r in args.narrowest.split(",")]
-    rows: list[dict[str, object]] = []
-    if args.pieces:
-        print("| pieces | count | events/s (median) | rounds | real/padded tokens | passes |")
-        print("| --- | ---: | ---: | --- | ---: | ---: |")
-        size = int(args.sizes.split(",")[0])
-        rows = compare_pieces(engine, list(bench.micro_batches(engine, events, size, False)), args)
-        ratios = []
-    else:
-        print(
-            "| events per batch | narrowest | events/s (median) | rounds "
-            "| real/padded tokens | passes |"
-        )
-        print("| ---: | ---: | ---: | --- | ---: | ---: |")
-    for size in (int(s) for s in args.sizes.split(",")) if ratios else ():
-        chunks = list(bench.micro_batches(engine, events, size, False))
-        rates: dict[float, list[float]] = {ratio: [] for ratio in ratios}
-        for _ in range(args.rounds):
-            for ratio in ratios:
-                shared.CPU_NARROWEST = ratio
-                started = time.perf_counter()
-                for chunk in chunks:
-                    engine.classify(chunk)
-                rates[ratio].append(len(events) / (time.perf_counter() - started))
-        for ratio in ratios:
-            share, passes = real_share(chunks, ratio)
-            row = {
-                "size": size,
-                "narrowest": ratio,
-                "events_per_s": statistics.median(rates[ratio]),
-                "rounds": rates[ratio],
-                "real_share": share,
-                "passes": passes,
-            }
-            rows.append(row)
-            each = ", ".join(f"{r:.1f}" for r in rates[ratio])
-            print(
-                f"| {size} | {ratio:g} | {row['events_per_s']:.1f} | {each} |"
-                f" {share:.2f} | {passes} |"
-            )
+    compare = compare_pieces if args.pieces else compare_widths
+    rows = compare(engine, events, args)
     report = {
         "shape": args.shape,
         "events": args.events,
