@@ -329,10 +329,14 @@ class FaultRun:
                 raise
             return False
 
-    def wait_drained(self, timeout: float | None = None) -> None:
+    def wait_drained(
+        self, timeout: float | None = None, brokers: Callable[[], str] = lambda: ""
+    ) -> None:
+        """Wait until :meth:`drained`; at the time-out, say what the services and
+        ``brokers()`` (the cluster's side, e.g. :meth:`Cluster.transaction_state`) show."""
         timeout = max(timeout or 180, len(self.values) / 20)
         what = "all offsets committed and no transaction open on the outputs"
-        wait_until(self.drained, timeout, lambda: f"{what}\n{self.state()}")
+        wait_until(self.drained, timeout, lambda: f"{what}\n{brokers()}{self.state()}")
 
     # -- counting ------------------------------------------------------------------------
 
@@ -495,6 +499,27 @@ class Cluster:
             if p.replicas and p.leader != p.replicas[0]
         ]
         return f"leaders not yet preferred: {moved[:5]}" if moved else None
+
+    def transaction_state(self, transactional_id: str) -> str:
+        """The coordinator's view of one transactional id: Kafka's ``kafka-transactions
+        describe`` and the brokers' log lines that name it (what a transaction the
+        coordinator never completes is read from; the client only sees
+        ``CONCURRENT_TRANSACTIONS``)."""
+        parts = [
+            ("transactions describe", ("transactions", "describe", "--transactional-id")),
+            ("broker log lines", ("grep",)),
+        ]
+        shown = []
+        for title, args in parts:
+            done = subprocess.run(
+                [str(KAFKA_CLUSTER), *args, transactional_id],
+                env=self.env,
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            shown.append(f"-- {title} of {transactional_id}:\n{done.stdout}{done.stderr[-2000:]}")
+        return "\n".join(shown)
 
     def ensure_whole(self) -> None:
         """Start whatever node is down (a test that failed mid-bounce), wait until whole."""

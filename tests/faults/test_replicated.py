@@ -136,7 +136,7 @@ def bounced_run(
         bouncer.start()
         paced.finish(timeout=events / rate + MIN_BOUNCES * BOUNCE_LIMIT_S)
         bouncer.finish()
-        run.wait_drained(timeout=300)
+        run.wait_drained(timeout=300, brokers=lambda: cluster_side(cluster, run, mode))
     finally:
         paced.stop()
         bouncer.stop()
@@ -181,6 +181,15 @@ def bounced_run(
     limit = max(GAP_LIMIT_S, stall + (LOADED_SHARE_S if loaded else SERVICE_SHARE_S))
     assert row["longest_gap_s"] <= limit, f"{row}: over {limit:.1f}s, see {tmp_path}/timeline.json"
     return row
+
+
+def cluster_side(cluster: Cluster, run: FaultRun, mode: str) -> str:
+    """What the brokers say of the service's transactional id (exactly_once), shown when
+    the drain times out: a coordinator that answers ``CONCURRENT_TRANSACTIONS`` for good
+    holds a transaction it never completes, and only its side names why."""
+    if mode != "exactly_once":
+        return ""
+    return cluster.transaction_state(f"{run.group}-0") + "\n"
 
 
 def counted(
