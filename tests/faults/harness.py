@@ -449,6 +449,11 @@ def create_replicated_topics(
     wait_until(ready, 60, f"{names} listed with {replicas} replicas in sync")
 
 
+#: Broker log lines of a transaction coordinator that leave a transaction stuck, if ever
+#: seen (Kafka's TransactionMarkerRequestCompletionHandler and TransactionMetadata).
+STUCK_TRANSACTION = ("Uncaught error in request completion", "this should not happen")
+
+
 class Cluster:
     """The three KRaft nodes of ``deploy/kafka/kafka-cluster`` and their bounces."""
 
@@ -505,20 +510,24 @@ class Cluster:
         describe`` and the brokers' log lines that name it (what a transaction the
         coordinator never completes is read from; the client only sees
         ``CONCURRENT_TRANSACTIONS``)."""
+        describe = ("transactions", "describe", "--transactional-id", transactional_id)
         parts = [
-            ("transactions describe", ("transactions", "describe", "--transactional-id")),
-            ("broker log lines", ("grep",)),
+            (f"transactions describe of {transactional_id}", describe),
+            (f"broker log lines naming {transactional_id}", ("grep", transactional_id)),
+            # A marker response the coordinator could not handle, or a state transition
+            # that failed: lines that leave a transaction stuck without naming its id.
+            *((f"broker log lines with {t!r}", ("grep", t, "10")) for t in STUCK_TRANSACTION),
         ]
         shown = []
         for title, args in parts:
             done = subprocess.run(
-                [str(KAFKA_CLUSTER), *args, transactional_id],
+                [str(KAFKA_CLUSTER), *args],
                 env=self.env,
                 capture_output=True,
                 text=True,
                 timeout=120,
             )
-            shown.append(f"-- {title} of {transactional_id}:\n{done.stdout}{done.stderr[-2000:]}")
+            shown.append(f"-- {title}:\n{done.stdout}{done.stderr[-2000:]}")
         return "\n".join(shown)
 
     def ensure_whole(self) -> None:
