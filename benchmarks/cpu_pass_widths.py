@@ -35,6 +35,7 @@ from stream_classifier.engine import load_engine, shared
 from stream_classifier.engine.base import Prepared
 from stream_classifier.engine.batches import padded_batches
 from stream_classifier.engine.shared import CPU_BATCH_TOKENS, PAD_MULTIPLE
+from stream_classifier.scoring import cut_at
 from stream_classifier.tools import bench
 
 LABELS = 4
@@ -55,16 +56,11 @@ def real_share(chunks: list[list[Prepared]], narrowest: float) -> tuple[float, i
 
 def pieces(chunk: list[Prepared], tokens: int, widest_first: bool) -> list[list[Prepared]]:
     """``chunk`` cut at ``tokens`` tokens a piece, as ``Pieces.split`` cuts (or in order)."""
-    ordered = sorted(chunk, key=lambda p: -p.tokens / len(p.labels)) if widest_first else chunk
-    cut: list[list[Prepared]] = [[]]
-    size = 0
-    for prepared in ordered:
-        if cut[-1] and size + prepared.tokens > tokens:
-            cut.append([])
-            size = 0
-        cut[-1].append(prepared)
-        size += prepared.tokens
-    return cut
+    order = list(range(len(chunk)))
+    if widest_first:
+        order.sort(key=lambda i: -chunk[i].tokens / len(chunk[i].labels))
+    cut = cut_at([p.tokens for p in chunk], order, tokens)
+    return [[chunk[i] for i in piece] for piece in cut]
 
 
 def compare_pieces(

@@ -23,7 +23,7 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol, cast
@@ -163,16 +163,23 @@ class Pieces:
         one event's pairs each (a pass has a fixed cost)."""
         if priority_of(requests) >= self.top:
             return [list(range(len(requests)))]
-        pieces: list[list[int]] = [[]]
-        size = 0
-        for position in sorted(range(len(requests)), key=lambda i: -width(requests[i])):
-            cost = request_tokens(requests[position])
-            if pieces[-1] and size + cost > self.tokens:
-                pieces.append([])
-                size = 0
-            pieces[-1].append(position)
-            size += cost
-        return pieces
+        widest_first = sorted(range(len(requests)), key=lambda i: -width(requests[i]))
+        return cut_at([request_tokens(r) for r in requests], widest_first, self.tokens)
+
+
+def cut_at(costs: Sequence[int], order: Iterable[int], tokens: int) -> list[list[int]]:
+    """Positions taken in ``order``, cut into pieces of at most ``tokens`` (``costs[i]``
+    each; one position over it alone is a piece of its own)."""
+    pieces: list[list[int]] = [[]]
+    size = 0
+    for position in order:
+        cost = costs[position]
+        if pieces[-1] and size + cost > tokens:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(position)
+        size += cost
+    return pieces
 
 
 def priority_of(requests: Sequence[ClassifyRequest]) -> int:
