@@ -127,6 +127,12 @@ class Sink(Protocol):
 #: the producer is given up as hung.
 TXN_TIMEOUT_S = 30.0
 HANG_MARGIN_S = 15.0
+#: How long a producer may wait for its producer id before the log names a transaction
+#: coordinator that holds one of its transactions for good as a possible cause. The wait
+#: is normally short: the coordinator aborts a predecessor's open transaction at once
+#: and completes the abort as soon as its partitions have leaders, and an outage of the
+#: cluster fails the call with other errors.
+STUCK_INIT_S = 180.0
 #: ``send_offsets_to_transaction``'s whole bound, timeout and hang together. librdkafka
 #: ignores that call's timeout (#5456) and blocks until some broker changes state when
 #: the group coordinator it cached was killed and left the metadata (#5511): until the
@@ -199,8 +205,11 @@ class KafkaSink:
         self._refuse_over: dict[str, int] = {}
         self._producer: Producer | None = None
         self._epoch = 0
-        #: The current producer's init_transactions has not completed yet.
+        #: The current producer's init_transactions has not completed yet: since when,
+        #: and whether the log was told it looks stuck.
         self._initializing = False
+        self._init_began = 0.0
+        self._stuck_told = False
         #: The transaction committing on a helper thread: the thread, then its outcome.
         self._committing: tuple[threading.Thread, list[BaseException | None]] | None = None
         #: ``send_offsets_to_transaction`` calls cut since the last commit, on any producer.
@@ -222,6 +231,7 @@ class KafkaSink:
             self._refuse_over = {} if compressed else self._limits
         self._producer = Producer(batch_within_topic_limits(self._config, self._limits))
         self._initializing = "transactional.id" in self._config
+        self._init_began, self._stuck_told = time.monotonic(), False
         self._init_transactions()
 
     def restart(self) -> None:
@@ -252,8 +262,26 @@ class KafkaSink:
             cause = exc.__cause__
             if isinstance(cause, KafkaException) and not cause.args[0].retriable():
                 self._initializing = False
+            self._tell_if_stuck()
             raise
         self._initializing = False
+
+    def _tell_if_stuck(self) -> None:
+        """Name the likely cause, once, of an init that has lasted :data:`STUCK_INIT_S`:
+        librdkafka retries its request for a producer id quietly and forever."""
+        waited = time.monotonic() - self._init_began
+        if self._stuck_told or waited < STUCK_INIT_S:
+            return
+        self._stuck_told = True
+        log.error(
+            "transactional id %r has had no producer id for %.0fs. If the brokers are up "
+            "and librdkafka logs CONCURRENT_TRANSACTIONS all along, its transaction "
+            "coordinator holds a transaction of this id that it does not complete, and no "
+            "client can clear that: docs/OPERATIONS.md, 'A transaction the coordinator "
+            "never completes'",
+            self._config["transactional.id"],
+            waited,
+        )
 
     # -- records ---------------------------------------------------------------------------
 

@@ -95,6 +95,30 @@ def test_an_init_that_timed_out_is_resumed_on_the_same_producer(
     assert len(producers) == 2 and producers[0].retired and producers[1].inits == 1
 
 
+def test_an_init_that_lasts_names_the_coordinator_once(
+    producers: list[FakeProducer],
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """librdkafka retries a refused request for a producer id (CONCURRENT_TRANSACTIONS)
+    without end and only says so in its own log: past STUCK_INIT_S the service's log names
+    the coordinator and the page that says what clears it, once."""
+    FakeProducer.failures = [TIMED_OUT, TIMED_OUT, TIMED_OUT]
+    sink = transactional_sink()
+    with pytest.raises(TransactionFailed):
+        sink.start()
+    assert "no producer id" not in caplog.text  # a short wait is normal
+    monkeypatch.setattr(sink_module, "STUCK_INIT_S", 0.0)
+    for _ in range(2):
+        with pytest.raises(TransactionFailed):
+            sink.restart()
+    told = [r for r in caplog.records if "no producer id" in r.getMessage()]
+    assert len(told) == 1 and told[0].levelname == "ERROR"
+    assert "'t'" in told[0].getMessage() and "OPERATIONS.md" in told[0].getMessage()
+    sink.restart()
+    assert len(producers) == 1 and producers[0].inits == 4
+
+
 def test_an_init_refused_otherwise_gets_a_new_producer(producers: list[FakeProducer]) -> None:
     FakeProducer.failures = [REFUSED]
     sink = transactional_sink()
