@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import Producer
 from kafka_helpers import delete_topics, read_to_end
 
 from faults.harness import (
@@ -296,6 +297,29 @@ def debug_settings() -> dict[str, Any]:
     ``REPLICATED_DEBUG`` (e.g. ``cgrp,eos``): what a gap is read from in the logs."""
     contexts = os.environ.get("REPLICATED_DEBUG")
     return {**PRODUCT_DEFAULTS, "extra": {"debug": contexts}} if contexts else PRODUCT_DEFAULTS
+
+
+def test_the_coordinators_side_of_a_transactional_id_is_shown(cluster: Cluster) -> None:
+    """What a drain that timed out prints for exactly_once (``cluster_side``): the
+    coordinator's state of the id and the brokers' lines that name it, read from the
+    cluster itself (a diagnosis that would only run on a failure must not rot unseen)."""
+    topic = f"coordinator-side-{os.getpid()}"
+    create_replicated_topics(cluster.bootstrap, [topic], 1, replicas=3)
+    transactional_id = f"{topic}-tx"
+    producer = Producer(
+        {"bootstrap.servers": cluster.bootstrap, "transactional.id": transactional_id}
+    )
+    try:
+        producer.init_transactions(60)
+        producer.begin_transaction()
+        producer.produce(topic, value=b"one")
+        producer.commit_transaction(60)
+        shown = cluster.transaction_state(transactional_id)
+    finally:
+        delete_topics(cluster.bootstrap, [topic])
+    described = shown.split("-- broker log lines", 1)[0]
+    assert transactional_id in described and "CompleteCommit" in described, shown
+    assert all(f"== node {n}" in shown for n in (1, 2, 3)), shown
 
 
 def test_coordinator_partition_is_kafkas() -> None:
