@@ -454,6 +454,39 @@ def create_replicated_topics(
 STUCK_TRANSACTION = ("Uncaught error in request completion", "this should not happen")
 
 
+def per_node(grepped: str) -> list[tuple[str, list[str]]]:
+    """``kafka-cluster grep``'s output as (its ``== node N`` line, the lines under it)."""
+    sections: list[tuple[str, list[str]]] = []
+    for line in grepped.splitlines():
+        if line.startswith("== node "):
+            sections.append((line, []))
+        elif sections:
+            sections[-1][1].append(line)
+    return sections
+
+
+def collapse_repeats(lines: list[str]) -> list[str]:
+    """Log lines with each message (its time stamp aside) shown once, where it first
+    appeared, with its count and first and last times: markers retried every few
+    milliseconds would otherwise fill a failure's report with a few messages."""
+    seen: dict[str, list[Any]] = {}  # message: [first time, last time, count]
+    for line in lines:
+        stamp, _, message = line.partition("] ") if line.startswith("[") else ("", "", line)
+        if message in seen and stamp:
+            seen[message][1:] = [stamp, seen[message][2] + 1]
+        else:
+            seen.setdefault(message, [stamp, stamp, 1])
+    shown = []
+    for message, (first, last, count) in seen.items():
+        if not first:
+            shown.append(message)
+        elif count == 1:
+            shown.append(f"{first}] {message}")
+        else:
+            shown.append(f"{first} .. {last[1:]}] (x{count}) {message}")
+    return shown
+
+
 class Cluster:
     """The three KRaft nodes of ``deploy/kafka/kafka-cluster`` and their bounces."""
 
@@ -513,7 +546,7 @@ class Cluster:
         describe = ("transactions", "describe", "--transactional-id", transactional_id)
         parts = [
             (f"transactions describe of {transactional_id}", describe),
-            (f"broker log lines naming {transactional_id}", ("grep", transactional_id)),
+            (f"broker log lines naming {transactional_id}", ("grep", transactional_id, "400")),
             # A marker response the coordinator could not handle, or a state transition
             # that failed: lines that leave a transaction stuck without naming its id.
             *((f"broker log lines with {t!r}", ("grep", t, "10")) for t in STUCK_TRANSACTION),
@@ -527,7 +560,11 @@ class Cluster:
                 text=True,
                 timeout=120,
             )
-            shown.append(f"-- {title}:\n{done.stdout}{done.stderr[-2000:]}")
+            lines = "".join(
+                f"{node}\n" + "".join(f"{line}\n" for line in collapse_repeats(tail)[-20:])
+                for node, tail in per_node(done.stdout)
+            )
+            shown.append(f"-- {title}:\n{lines or done.stdout}{done.stderr[-2000:]}")
         return "\n".join(shown)
 
     def ensure_whole(self) -> None:
