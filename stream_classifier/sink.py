@@ -128,10 +128,10 @@ class Sink(Protocol):
 TXN_TIMEOUT_S = 30.0
 HANG_MARGIN_S = 15.0
 #: How long a producer may wait for its producer id before the log names a transaction
-#: coordinator that holds one of its transactions for good as a possible cause. The wait
-#: is normally short: the coordinator aborts a predecessor's open transaction at once
-#: and completes the abort as soon as its partitions have leaders, and an outage of the
-#: cluster fails the call with other errors.
+#: coordinator that holds one of its transactions for good as a possible cause. With the
+#: brokers up the wait is short: the coordinator aborts a predecessor's open transaction
+#: at once and completes the abort as soon as its partitions have leaders. An outage of
+#: the cluster makes it long too; librdkafka's log tells the two apart.
 STUCK_INIT_S = 180.0
 #: ``send_offsets_to_transaction``'s whole bound, timeout and hang together. librdkafka
 #: ignores that call's timeout (#5456) and blocks until some broker changes state when
