@@ -92,6 +92,16 @@ class Rebalances:
         if change.assigned:
             self.checkpoint.assigned(change.assigned)
             self.partitions.settle(change.assigned)
+            if isinstance(self.checkpoint, ExactlyOnce):
+                # Read new partitions from the committed offset the loop fetches itself
+                # (an error until no open transaction holds offsets of them), not from
+                # where librdkafka starts them: when another member's open transaction
+                # holds their offsets (UNSTABLE_OFFSET_COMMIT) and the assignment changes
+                # while librdkafka retries, it starts them at auto.offset.reset instead
+                # (rd_kafka_assignment_apply_offsets keeps the broker's -1). That re-read
+                # committed events, written twice (docs/RELIABILITY.md, "A new owner
+                # started at auto.offset.reset").
+                self.partitions.rewind(change.assigned)
         if change.lost and isinstance(self.checkpoint, ExactlyOnce):
             # Losing the group means the cluster was unreachable: start the transactional
             # producer afresh rather than trust its cached coordinators (librdkafka #5456).

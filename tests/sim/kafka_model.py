@@ -17,7 +17,9 @@ ports over it, with librdkafka's behaviour where the service depends on it:
   real librdkafka one (names of any bytes), read by the service's own header code;
 - rebalance callbacks are served inside ``consume()``, possibly between the messages it
   returns; a seek right after an assignment may be refused (``_STATE``); a fetch position
-  outside the log (retention passed it) is reset by ``auto.offset.reset``;
+  outside the log (retention passed it) is reset by ``auto.offset.reset``; a partition
+  assigned while its committed offset is unstable may be started at ``auto.offset.reset``
+  when the assignment changes before it is stable (librdkafka's own bug);
 - a commit may be refused, or land and still report failure (its response was lost);
 - ``produce()`` refuses a record over the producer's ``message.max.bytes`` at once
   (MSG_SIZE_TOO_LARGE) and a record that does not fit the queue
@@ -560,6 +562,7 @@ class SimSource:
 
     def _serve(self, kind: str, parts: list[TP]) -> None:
         assert self.listener is not None
+        self._start_unstable_at_reset()
         if kind == "assign":
             fresh = [tp for tp in parts if tp not in self.owned]
             for tp in fresh:
@@ -586,6 +589,19 @@ class SimSource:
             self.listener.lost(mine)
             self.pending = [(k, p) for k, p in self.pending if k == "lost"]
             self.cluster.join(self)  # rejoin with a new generation
+
+    def _start_unstable_at_reset(self) -> None:
+        """librdkafka 2.16: a partition whose committed offset is still being fetched,
+        unstable (another member's open transaction holds offsets of it), is started at
+        ``auto.offset.reset`` when the assignment changes meanwhile (it keeps the broker's
+        -1: rd_kafka_assignment_apply_offsets). Modelled at half of such changes."""
+        for tp in sorted(self.owned):
+            log = self.cluster.logs.get(tp)
+            if log is None or self.position.get(tp) is not None or not self.cluster.unstable(tp):
+                continue
+            if self.cluster.rng.random() < 0.5:
+                self.position[tp] = log.start
+                self.cluster.stats["started at auto.offset.reset while unstable"] += 1
 
     def lose(self) -> None:
         """Session time-out: the group moves on; this member learns it in consume()."""

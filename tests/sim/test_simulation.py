@@ -533,15 +533,25 @@ def test_producer_queue_full_is_ridden_out_in_order() -> None:
     finish(sim)  # per-key order of first outputs among the checks
 
 
+#: The turns a retry during an output outage may read the input for before holding it again.
+RETRY_TURNS = 5
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_output_outage_keeps_the_input_readable_and_memory_bounded(mode: str) -> None:
     sim = scenario(mode, events=80, partitions=2)
     sim.start(0)
     run_turns(sim, 2)
     sim.cluster.output_down = True
-    run_turns(sim, 150)  # check_bounds: events held and producer bytes, every turn
     service = sim.live[0].service
-    assert service.partitions.holding_all(), "not holding the input"
+    held = ""
+    for _ in range(150):
+        run_turns(sim, 1)  # check_bounds: events held and producer bytes, every turn
+        held += "H" if service.partitions.holding_all() else "."
+    # Held, but for the few turns of each retry (the input resumed, a transaction or a
+    # delivery tried, failed, and everything paused again).
+    assert max(len(run) for run in held.split("H")) <= RETRY_TURNS, held
+    assert held.count("H") >= 0.85 * len(held), held
     assert sim.cluster.committed.get((INPUT, 0), 0) < sim.cluster.end((INPUT, 0))
     sim.cluster.output_down = False
     finish(sim)
