@@ -66,6 +66,7 @@ LABELS = 4
 LIVE_FIRST_ID = 10_000_000
 WARM_UP_FIRST_ID = 20_000_000
 WARM_UP_EVENTS = 32
+WARM_LIVE_FIRST_ID = 30_000_000
 
 
 @dataclass
@@ -260,22 +261,24 @@ def run_phase(
         else:
             warm_up_live(args, topics[0]["input"], readers[topics[0]["input"]], service)
         wait_for_compile(service)
-        time.sleep(args.warm_seconds)  # the rate settles: caches and pools
+        if priorities is not None and args.warm_live:  # the window starts in the mixed load
+            produce_live(
+                args,
+                topics[0]["input"],
+                live_rate,
+                args.warm_seconds,
+                WARM_LIVE_FIRST_ID,
+                args.seed + 3,
+            )
+        else:
+            time.sleep(args.warm_seconds)  # the rate settles: caches and pools
         engine_at_start = engine_seconds(port)
         ticks_at_start = cpu_ticks(service.pid())
         started = time.monotonic()
         if priorities is not None:
-            count = max(1, int(live_rate * args.seconds))
-            texts = [e.text for e in bench.make_events(count, LABELS, args.seed + 1)]
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(1, mp_context=context) as child:
-                child.submit(
-                    produce_at_rate,
-                    args.bootstrap,
-                    topics[0]["input"],
-                    payloads(texts, LIVE_FIRST_ID),
-                    live_rate,
-                ).result(args.seconds * 4 + 120)
+            count = produce_live(
+                args, topics[0]["input"], live_rate, args.seconds, LIVE_FIRST_ID, args.seed + 1
+            )
             ended = time.monotonic()
             ticks_at_end = cpu_ticks(service.pid())
             live_ids = range(LIVE_FIRST_ID, LIVE_FIRST_ID + count)
@@ -331,6 +334,21 @@ def run_phase(
     return phase
 
 
+def produce_live(
+    args: argparse.Namespace, topic: str, rate: float, seconds: float, first_id: int, seed: int
+) -> int:
+    """Live events at ``rate`` for ``seconds`` (ids from ``first_id``), from a child
+    process so that the producer does not share this one's interpreter; how many."""
+    count = max(1, int(rate * seconds))
+    texts = [e.text for e in bench.make_events(count, LABELS, seed)]
+    context = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(1, mp_context=context) as child:
+        child.submit(
+            produce_at_rate, args.bootstrap, topic, payloads(texts, first_id), rate
+        ).result(seconds * 4 + 120)
+    return count
+
+
 def engine_seconds(port: int) -> tuple[float, float]:
     """The engine stage's scoring and idle seconds so far (its metrics' running sums)."""
     busy = metric(port, "stream_classifier_engine_seconds_sum")
@@ -383,6 +401,12 @@ def main() -> int:
         "takes seconds and a window should hold a dozen)",
     )
     parser.add_argument("--warm-seconds", type=float, default=5.0)
+    parser.add_argument(
+        "--warm-live",
+        action="store_true",
+        help="produce the live topic during --warm-seconds too (the window then starts in "
+        "the mixed load, its pass shapes seen)",
+    )
     parser.add_argument("--partitions", type=int, default=3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--priority-batch-messages", type=int)

@@ -28,6 +28,12 @@ from stream_classifier.sink import RECONNECT_BACKOFF_MAX_MS
 CLOSE_COMMIT_WAIT_S = 10.0
 #: librdkafka statistics (consumer lag) interval when metrics are on.
 STATS_INTERVAL_MS = 5000
+#: ``fetch.wait.max.ms`` with topics of more than one priority, unless set: librdkafka
+#: keeps one fetch in flight per broker, so a partition that becomes fetchable (assigned,
+#: or resumed after a level was held) waits until the broker answers the fetch already
+#: there, which waits this long for data when its partitions have none (500 ms by
+#: default). A bulk backlog waited that long behind a live topic's long poll at start.
+LEVELS_FETCH_WAIT_MAX_MS = 100
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +274,9 @@ def service_consumer_config(
     settings = consumer_config(
         kafka.consumer_client_config(), kafka.group_id, kafka.auto_offset_reset
     )
+    levels = len({topic.priority for topic in config.topics}) > 1
+    if levels and "fetch.wait.max.ms" not in settings:
+        settings["fetch.wait.max.ms"] = LEVELS_FETCH_WAIT_MAX_MS
     if on_stats is not None:
         settings["statistics.interval.ms"] = STATS_INTERVAL_MS
         settings["stats_cb"] = on_stats

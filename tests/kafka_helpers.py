@@ -188,12 +188,36 @@ def read_all(bootstrap: str, topic: str, count: int, timeout: float = 60.0) -> l
         reader.close()
 
 
-def committed(bootstrap: str, group: str, topic: str, partitions: int = 1) -> dict[int, int]:
+#: What a group's coordinator answers while it moves or loads the group.
+COORDINATOR_MOVING = {
+    KafkaError.NOT_COORDINATOR,
+    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    KafkaError.COORDINATOR_NOT_AVAILABLE,
+}
+
+
+def committed(
+    bootstrap: str, group: str, topic: str, partitions: int = 1, timeout: float = 30.0
+) -> dict[int, int]:
+    """The group's committed offsets. Asked again while the broker answers with a
+    retriable error (``NOT_COORDINATOR`` while the group's coordinator moves or loads, on
+    a loaded machine): librdkafka returns those to the caller."""
     consumer = Consumer({"bootstrap.servers": bootstrap, "group.id": group})
+    deadline = time.monotonic() + timeout
     try:
-        offsets = consumer.committed(
-            [TopicPartition(topic, p) for p in range(partitions)], timeout=30
-        )
+        while True:
+            try:
+                offsets = consumer.committed(
+                    [TopicPartition(topic, p) for p in range(partitions)],
+                    timeout=max(1.0, deadline - time.monotonic()),
+                )
+                break
+            except KafkaException as exc:
+                error = exc.args[0]
+                transient = error.retriable() or error.code() in COORDINATOR_MOVING
+                if not transient or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
     finally:
         consumer.close()
     return {tp.partition: tp.offset for tp in offsets}

@@ -9,7 +9,12 @@ from typing import Any
 import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
-from stream_classifier.source import KafkaSource, SourceError
+from stream_classifier.source import (
+    LEVELS_FETCH_WAIT_MAX_MS,
+    KafkaSource,
+    SourceError,
+    service_consumer_config,
+)
 
 
 class BlockingConsumer:
@@ -78,3 +83,39 @@ def test_close_waits_for_the_commit_in_flight() -> None:
     threading.Timer(0.2, consumer.release.set).start()
     source.close()
     assert closed == [True]
+
+
+def service_config(priorities: list[int], consumer_extra: dict[str, Any]) -> Any:
+    from stream_classifier.config import ServiceConfig
+
+    topics = [
+        {
+            "input": f"in-{i}",
+            "output": f"o-{i}",
+            "dead_letter": "d",
+            "labels": ["a"],
+            "priority": priority,
+        }
+        for i, priority in enumerate(priorities)
+    ]
+    kafka = {"bootstrap_servers": "127.0.0.1:1", "consumer_extra": consumer_extra}
+    return ServiceConfig(kafka=kafka, topics=topics)
+
+
+@pytest.mark.parametrize(
+    ("priorities", "extra", "expected"),
+    [
+        ([1, 0], {}, LEVELS_FETCH_WAIT_MAX_MS),  # levels: a newly fetchable partition's wait
+        ([1, 0], {"fetch.wait.max.ms": 300}, 300),  # the operator's setting wins
+        ([0, 0], {}, None),  # one level: librdkafka's default
+    ],
+)
+def test_with_priority_levels_a_fetch_waits_for_data_at_most_a_tenth_of_a_second(
+    priorities: list[int], extra: dict[str, Any], expected: int | None
+) -> None:
+    """librdkafka keeps one fetch in flight per broker. A bulk backlog whose partitions
+    became fetchable just after a fetch of the live topic's drained partition went out
+    waited for the broker's long poll, 500 ms by default, while the live flood was
+    scored (the broker test ``test_a_flooded_live_topic_does_not_starve_the_bulk_one``)."""
+    settings = service_consumer_config(service_config(priorities, extra), None)
+    assert settings.get("fetch.wait.max.ms") == expected
