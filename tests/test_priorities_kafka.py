@@ -10,6 +10,7 @@ events, not in time.
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -178,7 +179,16 @@ def test_a_flooded_live_topic_does_not_starve_the_bulk_one(bootstrap: str, mode:
     live_before = sum(1 for text in engine.scored[:last_bulk] if text.startswith("live"))
     assert live_before < flood / 2, (
         f"the bulk topic finished only after {live_before} of {flood} live events: starved"
+        f" (scored in runs of one topic: {runs(engine.scored)})"
     )
+
+
+def runs(scored: Sequence[str]) -> str:
+    """What the engine scored, as runs of one topic: ``live×256 bulk×8 ...``."""
+    out: list[str] = []
+    for topic, group in itertools.groupby(text.split("-")[0] for text in scored):
+        out.append(f"{topic}×{sum(1 for _ in group)}")
+    return " ".join(out)
 
 
 class DeviceLikeEngine(KeywordEngine):
