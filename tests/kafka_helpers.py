@@ -155,12 +155,13 @@ class TopicReader:
 
     def caught_up(self) -> bool:
         """At the end of every partition; False while an end cannot be read (a replicated
-        cluster still recovering on a loaded machine timed the query out once)."""
+        cluster still recovering on a loaded machine timed the query out once, and once
+        answered with a partition its metadata did not have yet)."""
         for tp in self._consumer.position(self._consumer.assignment()):
             try:
                 high = self._consumer.get_watermark_offsets(tp, timeout=10, cached=False)[1]
             except KafkaException as exc:
-                if exc.args[0].code() not in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
+                if exc.args[0].code() not in END_NOT_READABLE_YET:
                     raise
                 return False
             if high > 0 and tp.offset < high:
@@ -187,6 +188,13 @@ def read_all(bootstrap: str, topic: str, count: int, timeout: float = 60.0) -> l
     finally:
         reader.close()
 
+
+#: What reading a partition's end answers while a replicated cluster recovers.
+END_NOT_READABLE_YET = {
+    KafkaError._TIMED_OUT,
+    KafkaError._TRANSPORT,
+    KafkaError._UNKNOWN_PARTITION,
+}
 
 #: What a group's coordinator answers while it moves or loads the group.
 COORDINATOR_MOVING = {
