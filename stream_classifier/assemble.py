@@ -123,8 +123,8 @@ def on_gpu(engine: Engine) -> bool:
 def for_device(config: ServiceConfig, gpu: bool) -> ServiceConfig:
     """The configuration with the settings left unset resolved for the engine's device
     (and for topics of more than one priority)."""
-    levels = len({topic.priority for topic in config.topics}) > 1
-    return config.model_copy(update={"processing": config.processing.for_device(gpu, levels)})
+    processing = config.processing.for_device(gpu, config.has_priority_levels())
+    return config.model_copy(update={"processing": processing})
 
 
 def build_service(

@@ -693,6 +693,11 @@ class ServiceConfig(BaseSettings):
         # Environment first so it overrides the file's values (passed as init kwargs).
         return (env_settings, init_settings)
 
+    def has_priority_levels(self) -> bool:
+        """Do the topics have more than one ``priority`` (what the priority settings and
+        their defaults apply to)?"""
+        return len({topic.priority for topic in self.topics}) > 1
+
     def transactional_id(self) -> str:
         """exactly_once's ``transactional.id``: ``processing.transactional_id``, else
         ``<group_id>-<hostname>-<slot>``: stable across restarts (a restart fences its

@@ -274,8 +274,7 @@ def service_consumer_config(
     settings = consumer_config(
         kafka.consumer_client_config(), kafka.group_id, kafka.auto_offset_reset
     )
-    levels = len({topic.priority for topic in config.topics}) > 1
-    if levels and "fetch.wait.max.ms" not in settings:
+    if config.has_priority_levels() and "fetch.wait.max.ms" not in settings:
         settings["fetch.wait.max.ms"] = LEVELS_FETCH_WAIT_MAX_MS
     if on_stats is not None:
         settings["statistics.interval.ms"] = STATS_INTERVAL_MS

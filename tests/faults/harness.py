@@ -28,6 +28,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from conftest import TINY_MODEL
 from kafka_helpers import (
+    COORDINATOR_MOVING,
     Record,
     TopicReader,
     committed,
@@ -394,9 +395,7 @@ STOPPABLE = "start-up: imports took"
 _LEADER_MOVING = {
     KafkaError.NOT_LEADER_FOR_PARTITION,
     KafkaError.LEADER_NOT_AVAILABLE,
-    KafkaError.NOT_COORDINATOR,
-    KafkaError.COORDINATOR_NOT_AVAILABLE,
-    KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+    *COORDINATOR_MOVING,
     KafkaError._TIMED_OUT,
     KafkaError._TRANSPORT,
 }
