@@ -34,6 +34,18 @@ STATS_INTERVAL_MS = 5000
 #: there, which waits this long for data when its partitions have none (500 ms by
 #: default). A bulk backlog waited that long behind a live topic's long poll at start.
 LEVELS_FETCH_WAIT_MAX_MS = 100
+#: ``fetch.queue.backoff.ms`` with topics of more than one priority, unless set. librdkafka
+#: checks its fetch thresholds (``queued.min.messages``, ``queued.max.messages.kbytes``)
+#: against the consumer's one queue, not the partition's share of it: while a bulk
+#: backlog's prefetch fills that queue, every partition's next fetch, the live topic's
+#: too, is put off this long (1,000 ms by default). The queue empties as soon as the bulk
+#: level is paused, so a live topic read again within milliseconds loses nothing.
+LEVELS_FETCH_QUEUE_BACKOFF_MS = 10
+#: What the consumer sets differently with topics of more than one priority.
+LEVELS_CONSUMER_DEFAULTS = {
+    "fetch.wait.max.ms": LEVELS_FETCH_WAIT_MAX_MS,
+    "fetch.queue.backoff.ms": LEVELS_FETCH_QUEUE_BACKOFF_MS,
+}
 
 log = logging.getLogger(__name__)
 
@@ -274,8 +286,8 @@ def service_consumer_config(
     settings = consumer_config(
         kafka.consumer_client_config(), kafka.group_id, kafka.auto_offset_reset
     )
-    if config.has_priority_levels() and "fetch.wait.max.ms" not in settings:
-        settings["fetch.wait.max.ms"] = LEVELS_FETCH_WAIT_MAX_MS
+    if config.has_priority_levels():
+        settings = {**LEVELS_CONSUMER_DEFAULTS, **settings}  # the operator's settings win
     if on_stats is not None:
         settings["statistics.interval.ms"] = STATS_INTERVAL_MS
         settings["stats_cb"] = on_stats

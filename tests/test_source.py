@@ -10,6 +10,7 @@ import pytest
 from confluent_kafka import KafkaError, KafkaException, TopicPartition
 
 from stream_classifier.source import (
+    LEVELS_FETCH_QUEUE_BACKOFF_MS,
     LEVELS_FETCH_WAIT_MAX_MS,
     KafkaSource,
     SourceError,
@@ -119,3 +120,22 @@ def test_with_priority_levels_a_fetch_waits_for_data_at_most_a_tenth_of_a_second
     scored (the broker test ``test_a_flooded_live_topic_does_not_starve_the_bulk_one``)."""
     settings = service_consumer_config(service_config(priorities, extra), None)
     assert settings.get("fetch.wait.max.ms") == expected
+
+
+@pytest.mark.parametrize(
+    ("priorities", "extra", "expected"),
+    [
+        ([1, 0], {}, LEVELS_FETCH_QUEUE_BACKOFF_MS),
+        ([1, 0], {"fetch.queue.backoff.ms": 500}, 500),  # the operator's setting wins
+        ([0, 0], {}, None),  # one level: librdkafka's default
+    ],
+)
+def test_with_priority_levels_a_full_fetch_queue_puts_the_next_fetch_off_briefly(
+    priorities: list[int], extra: dict[str, Any], expected: int | None
+) -> None:
+    """librdkafka compares the consumer's one queue with its thresholds for each
+    partition: a bulk backlog's prefetch over ``queued.min.messages`` put the live
+    topic's next fetch off for a second, and live events came out in bursts a second
+    apart (docs/RELIABILITY.md)."""
+    settings = service_consumer_config(service_config(priorities, extra), None)
+    assert settings.get("fetch.queue.backoff.ms") == expected

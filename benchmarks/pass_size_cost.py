@@ -1,0 +1,80 @@
+"""What a pass costs the GPU a token, by the pass's size: is a short pass dearer?
+
+    PYTHONUNBUFFERED=1 python benchmarks/pass_size_cost.py --json pass_size_cost.json
+
+The engine as the service runs it (compiled layers, CUDA graphs), the reference workload
+(docs/PERFORMANCE.md; large shape, random weights, 4 labels): for each size, the first
+pass of that workload's pairs cut at that many tokens, replayed from its graph; the
+median GPU time over ``--repeats`` and the time per real token. Priority topics run the
+bulk level in pieces (a quarter of a pass by default) and the live level in small
+batches: what their passes cost against full ones bounds the rate beside a backlog.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from stream_classifier.config import EngineConfig
+from stream_classifier.engine.batches import TokenBatch, packed_batches
+from stream_classifier.engine.nli import NliEngine, pair_set
+from stream_classifier.tools import bench
+
+sys.path.insert(0, str(Path(__file__).parent))
+from graph_pass_profile import gpu_ms  # noqa: E402
+
+SIZES = (1024, 2048, 4096, 8192, 16384, 32768, 49152, 65528)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--repeats", type=int, default=20)
+    parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--json")
+    args = parser.parse_args()
+    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = str(bench.build_model_dir(bench.SHAPES["large"], Path(tmp) / "m", 0))
+        engine = NliEngine.load(EngineConfig(model=model_dir), 65536)
+        engine.warmup()
+        events = bench.make_events(1024, 4, 4)
+        chunk = next(bench.micro_batches(engine, events, 1024, False))
+        pairs = [pair_set(item) for item in chunk]
+        everything = TokenBatch(
+            np.concatenate([p.ids for p in pairs]),
+            np.concatenate([p.lengths for p in pairs]),
+            np.concatenate([p.a_lengths for p in pairs]),
+        )
+        assert engine.stream is not None
+        print("tokens  pairs  ms/pass  us/token  vs full", flush=True)
+        with torch.cuda.stream(engine.stream), torch.inference_mode():
+            for size in (int(s) for s in args.sizes.split(",")):
+                batch = everything.take(packed_batches(everything.lengths, size)[0])
+                call = functools.partial(engine.forward, batch)
+                for _ in range(3):  # the second pass of a shape captures its graph
+                    call()
+                ms = gpu_ms(call, args.repeats)
+                row = {"budget": size, "tokens": batch.tokens, "pairs": batch.rows, "ms": ms}
+                row["us_per_token"] = 1e3 * ms / batch.tokens
+                report["rows"].append(row)
+        full = report["rows"][-1]["us_per_token"]
+        for row in report["rows"]:
+            row["vs_full"] = row["us_per_token"] / full
+            print(
+                f"{row['tokens']:6d} {row['pairs']:6d} {row['ms']:8.2f} "
+                f"{row['us_per_token']:9.3f} {row['vs_full']:8.2f}"
+            )
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()
