@@ -293,3 +293,46 @@ def test_the_loop_waits_on_a_full_engine_stage_while_live_events_arrive(bootstra
             bootstrap, "at_least_once", config.kafka.group_id, live, bulk, arriving, backlog
         )
     assert count / seconds < 100, f"{count} turns in {seconds:.1f} s: the loop spun"
+
+
+def test_a_full_fetch_queue_does_not_hold_the_live_topic_back(bootstrap: str) -> None:
+    """librdkafka compares the consumer's one queue with ``queued.min.messages`` for each
+    partition it might fetch: while a bulk backlog's prefetch is over it, the live topic's
+    next fetch is put off too, for ``fetch.queue.backoff.ms``. At librdkafka's default
+    (1,000 ms) live events came out in bursts a second apart on a GPU (a 250,000-event
+    backlog passes the default threshold of 100,000); with levels the service sets 10 ms.
+    Here the threshold is low, so that a small backlog passes it."""
+    live, bulk = topic_pair(bootstrap)
+    backlog, arriving = 3_000, 20
+    produce(bootstrap, bulk["input"], events("bulk", backlog), keys(backlog))
+    config = service_config(
+        bootstrap,
+        [settings(live), settings(bulk)],
+        kafka={"consumer_extra": {"queued.min.messages": 100}},
+        processing={
+            "guarantee": "at_least_once",
+            "max_batch_messages": 256,
+            "priority_batch_messages": 8,
+        },
+    )
+    engine = KeywordEngine(seconds_per_event=0.001)
+    producer = ordered_producer(bootstrap)
+    warm = unique("warm")
+    create_topics(bootstrap, [warm])
+    produce(bootstrap, warm, [b"{}"], producer=producer)
+    with RunningService(build_service(config, engine)):
+        wait_until(lambda: len(engine.scored) >= 200, 60, "the backlog under way")
+        started_at = len(engine.scored)
+        produce(
+            bootstrap, live["input"], events("live", arriving), keys(arriving), producer=producer
+        )
+        bulk_between = bulk_scored_before_the_last_live(engine, arriving, lambda: started_at)
+        check_both_written(
+            bootstrap, "at_least_once", config.kafka.group_id, live, bulk, arriving, backlog
+        )
+    # Put off for a second: about 230 bulk events in between (8 at a time, while a live
+    # event waits); for 10 ms: 16-24, when measured.
+    assert bulk_between < 96, (
+        f"{bulk_between} bulk events were scored between the live events' arrival and the"
+        " last of them: the live topic's fetch was put off while the consumer's queue was full"
+    )
