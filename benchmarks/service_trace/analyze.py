@@ -11,6 +11,9 @@ length, the gaps between passes and whether the engine thread launched the next 
 late, the device time per token of full and short passes, the engine thread's launch
 times, and how long it spent on passes run without a graph and on captures. Over the whole
 trace, per priority level: how long batches waited from submission to their first launch.
+Where the trace has the Kafka thread's loop (``consume`` and the rest), the longest
+stretches between two reads that returned live events, and where the thread's time went
+in each: waits on the engine stage, writes, tokenizing, consumes, and the rest of the turn.
 """
 
 from __future__ import annotations
@@ -138,6 +141,36 @@ def waits_by_priority(trace: dict[str, Any]) -> dict[str, float | None]:
     return result
 
 
+#: Kafka-thread records summed in each stretch without live events read.
+LOOP_PARTS = ("wait_engine", "write", "prepare", "consume")
+
+
+def live_read_gaps(trace: dict[str, Any], since: float, count: int = 8) -> list[str]:
+    """The ``count`` longest stretches (after ``since``) between reads that returned live
+    events, each with the Kafka thread's time in it by part (ms) and what it read."""
+    reads = [row for row in trace.get("consume", []) if row[0] >= since]
+    live = [row for row in reads if row[3] > 0]
+    gaps = sorted(zip(live, live[1:], strict=False), key=lambda pair: pair[0][1] - pair[1][0])
+    lines = []
+    for before, after in gaps[:count]:
+        start, end = before[1], after[0]
+        parts = {
+            key: sum(
+                min(r[1], end) - max(r[0], start) for r in trace[key] if r[1] > start and r[0] < end
+            )
+            for key in LOOP_PARTS
+        }
+        inside = [r for r in reads if start <= r[0] < end]
+        read = sum(r[2] for r in inside)
+        turns = sum(1 for r in trace["turn"] if start <= r[0] < end)
+        spent = " ".join(f"{key} {1e3 * value:.0f}" for key, value in parts.items())
+        lines.append(
+            f"{1e3 * (end - start):.0f} ms: {turns} turns, {len(inside)} reads of {read}"
+            f" events (none live), then {after[3]} live; ms in {spent}"
+        )
+    return lines
+
+
 def main(arguments: list[str]) -> None:
     tokens = last = None
     if arguments[:1] == ["--tokens"]:
@@ -151,6 +184,11 @@ def main(arguments: list[str]) -> None:
         print(path)
         for key, value in result.items():
             print(f"  {key}: {value:.3f}" if isinstance(value, float) else f"  {key}: {value}")
+        if trace.get("consume"):
+            window = last_seconds(trace, last)[0][4] if last is not None else 0.0
+            print("  longest stretches without live events read:")
+            for line in live_read_gaps(trace, window):
+                print(f"    {line}")
 
 
 if __name__ == "__main__":

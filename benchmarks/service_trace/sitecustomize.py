@@ -14,7 +14,10 @@ show), and every garbage collection (its generation and how many objects it free
 collection stops every thread). With ``SC_TRACE_NO_FREEZE`` set, ``gc.freeze`` does
 nothing, for an A/B of the frozen heap. The JSON is written when the scorer shuts down
 (the service's SIGTERM drain). ``analyze.py`` reads it. Also each inline tokenizing
-(``InlinePreparer.flush``, on the Kafka thread).
+(``InlinePreparer.flush``, on the Kafka thread). The Kafka thread's loop: every turn, and
+inside it every consume (messages, and how many from topics named ``*live*``: the
+priority benchmark's), every wait on the engine stage, and every write of finished
+batches.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ _PATH = os.environ.get("SC_TRACE")
 def _install() -> None:
     import torch
 
-    from stream_classifier import preparing, scoring
+    from stream_classifier import pending, preparing, scoring, service, source
     from stream_classifier.engine import graphs, nli, packed
 
     record: dict[str, list[Any]] = {
@@ -44,6 +47,10 @@ def _install() -> None:
         "eager": [],
         "gc": [],
         "prepare": [],
+        "turn": [],
+        "consume": [],
+        "wait_engine": [],
+        "write": [],
     }
     reference: dict[str, Any] = {}
 
@@ -112,6 +119,13 @@ def _install() -> None:
         record["eager"].append([started, ended, batch.tokens, batch.max_length, compiled])
         return result
 
+    def consumed(_self: Any, call: Any, *_: Any) -> Any:
+        started = time.monotonic()
+        messages = call()
+        live = sum(1 for m in messages if "live" in (m.topic() or ""))
+        record["consume"].append([started, time.monotonic(), len(messages), live])
+        return messages
+
     def shutdown(_self: Any, call: Any, *_: Any) -> Any:
         result = call()
         if cuda:
@@ -149,6 +163,10 @@ def _install() -> None:
     wrap(scoring.PipelinedScorer, "submit", submitted)
     wrap(preparing.InlinePreparer, "flush", tokenized)
     wrap(scoring.PipelinedScorer, "shutdown", shutdown)
+    wrap(service.Service, "turn", timed("turn", lambda: 0))
+    wrap(service.Service, "_write_scored", timed("write", lambda *_: 0))
+    wrap(pending.PendingBatches, "wait_for_engine", timed("wait_engine", lambda t: t))
+    wrap(source.KafkaSource, "consume", consumed)
 
 
 if _PATH:
