@@ -35,6 +35,12 @@ from stream_classifier.registry_hold import RegistryHold
 from stream_classifier.reload import settings_version
 from stream_classifier.shadow import plan
 
+#: With topics of more than one priority, the most events one turn reads. Taking an event
+#: (decoding it, its envelope) is work on the Kafka thread; a read of a whole batch of a
+#: bulk backlog kept a live event that arrived meanwhile from being read for as long
+#: (docs/PERFORMANCE.md). A few turns read a batch all the same.
+LEVELS_READ_PER_TURN = 256
+
 
 class Intake:
     """The events being tokenized, per priority level, and the batches made of them."""
@@ -95,11 +101,12 @@ class Intake:
     def room(self) -> int:
         """How many events to fetch now (at least 1: consume() also serves the group).
         With levels: room for the emptiest level being fetched (each is paused once it
-        holds a batch)."""
+        holds a batch), at most :data:`LEVELS_READ_PER_TURN`."""
         if not self.prioritised:
             return max(1, self._batch_messages - len(self))
         fetched = [len(level) for level in self.levels if not level.held]
-        return max(1, self._batch_messages - min(fetched)) if fetched else 1
+        room = max(1, self._batch_messages - min(fetched)) if fetched else 1
+        return min(room, LEVELS_READ_PER_TURN)
 
     def own(self, topics: set[str]) -> None:
         """The input topics this instance owns partitions of now (after a rebalance)."""

@@ -48,7 +48,7 @@ log = logging.getLogger(__name__)
 CHUNK_EVENTS = 32
 #: Events submitted ``later`` that one inline flush takes, at most (what it costs the
 #: Kafka thread: docs/PERFORMANCE.md, priority topics).
-LATER_PER_FLUSH = 128
+LATER_PER_FLUSH = 64
 #: How many times an event may be in a chunk that broke the pool before it alone is blamed.
 MAX_CRASHES = 3
 #: How long the workers may take to start (import, build the tokenizer) before giving up.

@@ -16,7 +16,7 @@ from test_loop_parts import Clock, ManualScorer, Preparing
 
 from stream_classifier.assemble import lower_level_pieces
 from stream_classifier.batcher import Batch, topic_partition
-from stream_classifier.intake import Intake
+from stream_classifier.intake import LEVELS_READ_PER_TURN, Intake
 from stream_classifier.messages import Envelope, SourceRef
 from stream_classifier.metrics import Metrics
 from stream_classifier.pending import PendingBatches
@@ -213,6 +213,18 @@ def test_room_is_counted_for_the_levels_being_fetched() -> None:
     accept(intake, "live", range(0, 5))
     assert intake.held(engine_full=False) == {0}
     assert intake.room() == 15, "bulk in hand does not stop live events from being fetched"
+
+
+def test_a_turn_reads_at_most_a_few_hundred_events_with_levels() -> None:
+    """Taking what one read returns is the Kafka thread's work: with levels, a read of a
+    whole bulk batch (1,024 events) held a live event read just after it for as long."""
+    clock = Clock()
+    intake = make_intake(clock, batch=1024, lower=512)
+    intake.own({"live", "bulk"})
+    assert intake.room() == LEVELS_READ_PER_TURN
+    accept(intake, "live", range(0, 900))
+    accept(intake, "bulk", range(0, 950))
+    assert intake.room() == 124, "the room of the emptiest level being fetched, when less"
 
 
 def test_one_level_batches_in_the_order_events_were_read() -> None:
