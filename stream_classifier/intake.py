@@ -23,6 +23,7 @@ from stream_classifier.offsets import TopicPartition
 from stream_classifier.preparing import Preparer
 from stream_classifier.priorities import (
     SHARE_DECAY,
+    Ahead,
     Level,
     Waiting,
     allocate,
@@ -40,6 +41,8 @@ from stream_classifier.shadow import plan
 #: bulk backlog kept a live event that arrived meanwhile from being read for as long
 #: (docs/PERFORMANCE.md). A few turns read a batch all the same.
 LEVELS_READ_PER_TURN = 256
+#: An engine stage with nothing unfinished.
+NOTHING_AHEAD = Ahead()
 
 
 class Intake:
@@ -214,15 +217,20 @@ class Intake:
             self.batcher.add(item)
             level.queue.popleft()
 
-    def time_left(self, unfinished: int = 0) -> float:
+    def live_priority(self) -> int | None:
+        """The live level's priority (None with one level, or none owned or in hand)."""
+        live = live_level(self.levels) if self.prioritised else None
+        return None if live is None else live.priority
+
+    def time_left(self, ahead: Ahead = NOTHING_AHEAD) -> float:
         """Seconds until a batch is due by time (inf when nothing is waiting). With levels,
-        only the work that could go now counts (``unfinished``: batches the engine has not
-        returned): lower levels' events wait for the engine, and the loop must not turn
-        without waiting meanwhile, taking the interpreter from the engine's thread."""
+        only the work that could go now counts (``ahead``: the unfinished batches a new one
+        would wait behind): lower levels' events wait for the engine, and the loop must not
+        turn without waiting meanwhile, taking the interpreter from the engine's thread."""
         if not self.prioritised:
             return self.batcher.time_left()
         live = live_level(self.levels)
-        gated = unfinished > 1 and live is not None
+        gated = ahead.lower > 1 and live is not None
         heads = [
             level.queue[0].arrived
             for level in self.levels
@@ -232,26 +240,28 @@ class Intake:
             return math.inf
         return min(heads) + self._max_wait_s - self._clock()
 
-    def engine_wait_s(self, unfinished: int) -> float:
-        """With levels, events in hand and two or more batches unfinished (lower levels
-        wait, a live batch waits to fill): how long the loop may wait for the engine to
-        return a batch before any of them is due (at most ``max_batch_wait_ms``: a live
-        event read after the wait joins the batch that goes then); 0 otherwise."""
-        if not self.prioritised or not len(self) or unfinished <= 1:
+    def engine_wait_s(self, ahead: Ahead) -> float:
+        """With levels, events in hand and two or more batches ahead of a lower level's or
+        a live one (lower levels wait, a live batch waits to fill): how long the loop may
+        wait for the engine to return a batch before any of them is due (at most
+        ``max_batch_wait_ms``: a live event read after the wait joins the batch that goes
+        then); 0 otherwise."""
+        if not self.prioritised or not len(self) or max(ahead) <= 1:
             return 0.0
-        return max(0.0, min(self.time_left(unfinished), self._max_wait_s))
+        return max(0.0, min(self.time_left(ahead), self._max_wait_s))
 
-    def take_due(self, engine_idle: bool, unfinished: int = 0) -> Batch | None:
+    def take_due(self, engine_idle: bool, ahead: Ahead = NOTHING_AHEAD) -> Batch | None:
         """The next batch once due (full, or waited ``max_batch_wait_ms``), or at once
-        when the engine has nothing to do; ``unfinished``: batches the engine has not
-        returned yet (with levels, a batch of lower levels alone waits for at most one)."""
+        when the engine has nothing to do; ``ahead``: the unfinished batches a new one
+        would wait behind (with levels, a batch of lower levels alone waits for at most
+        one, and a live batch goes at once behind at most one)."""
         if not self.prioritised:
             if self.batcher.is_due() or (engine_idle and len(self.batcher) > 0):
                 return self.batcher.take()
             return None
-        return self._compose(engine_idle, unfinished)
+        return self._compose(engine_idle, ahead)
 
-    def _compose(self, engine_idle: bool, unfinished: int) -> Batch | None:
+    def _compose(self, engine_idle: bool, ahead: Ahead) -> Batch | None:
         now = self._clock()
         live = live_level(self.levels)
         if live is None:
@@ -263,7 +273,7 @@ class Intake:
         if not taken:
             return None
         has_live = take[live.priority] > 0
-        if not has_live and unfinished > 1 and not hungry:
+        if not has_live and ahead.lower > 1 and not hungry:
             return None  # a live event must not queue behind more than this one
         full = self._batch_messages if has_live else self._lower_batch
         oldest = min(level.queue[0].arrived for level in self.levels if take[level.priority])
@@ -272,7 +282,7 @@ class Intake:
             or engine_idle
             or hungry
             or now - oldest >= self._max_wait_s
-            or (has_live and unfinished <= 1)
+            or (has_live and ahead.live <= 1)
         )
         if not due:
             return None

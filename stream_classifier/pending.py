@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 from stream_classifier.batcher import Batch
 from stream_classifier.offsets import TopicPartition
+from stream_classifier.priorities import Ahead
 from stream_classifier.scoring import Outcome, Scorer, priority_of
 
 
@@ -59,6 +60,19 @@ class PendingBatches:
     def unfinished(self) -> int:
         """Batches the engine has not returned yet."""
         return sum(1 for s in self._queue if not s.future.done())
+
+    def ahead(self, live: int | None) -> Ahead:
+        """The unfinished batches a new one would wait behind (``live``: the live level,
+        None with one level). Where the stage overtakes, a live batch waits for the
+        pieces on the device, not for lower levels' batches, so it counts live ones only,
+        and a lower level's batch counts the lower ones: two bulk batches can then be in
+        the stage, the next one's pieces ready when one ends, so the device does not wait
+        for the loop between them."""
+        levels = [s.priority for s in self._queue if not s.future.done()]
+        if live is None or not self.scorer.overtakes:
+            return Ahead(len(levels), len(levels))
+        above = sum(1 for priority in levels if priority >= live)
+        return Ahead(lower=len(levels) - above, live=above)
 
     def submit(self, batch: Batch, epochs: dict[TopicPartition, int]) -> None:
         future = self.scorer.submit(batch.requests)

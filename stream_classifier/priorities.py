@@ -34,6 +34,7 @@ from collections import deque
 from collections.abc import Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from stream_classifier.batcher import Item, topic_partition
 from stream_classifier.engine.base import Prepared
@@ -43,6 +44,16 @@ from stream_classifier.offsets import TopicPartition
 #: What is left of a level's count of batched events after each batch: the share that
 #: ``priority_min_share`` promises is measured over roughly the last ten batches.
 SHARE_DECAY = 0.9
+
+
+class Ahead(NamedTuple):
+    """Batches the engine stage has not returned that a new batch would wait behind: one
+    of a lower level behind ``lower`` of them, one of the live level behind ``live``.
+    Where the stage overtakes (a higher level's batch launches before lower levels'
+    pieces not yet launched), each counts its own kind; otherwise both count all."""
+
+    lower: int = 0
+    live: int = 0
 
 
 @dataclass

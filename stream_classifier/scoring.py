@@ -43,6 +43,9 @@ Outcome = Scores | str
 
 
 class Scorer(Protocol):
+    #: A higher level's batch is launched before lower levels' pieces not yet launched.
+    overtakes: bool
+
     def submit(self, requests: list[ClassifyRequest]) -> Future[list[Outcome]]: ...
     def shutdown(self) -> None: ...
 
@@ -77,6 +80,8 @@ def record_batch(metrics: Metrics, requests: list[ClassifyRequest], seconds: flo
 
 class ThreadScorer:
     """One worker (a thread unless another executor is given), one batch at a time."""
+
+    overtakes = False
 
     def __init__(self, engine: Engine, metrics: Metrics, executor: Executor | None = None) -> None:
         self.engine = engine
@@ -303,6 +308,7 @@ class PipelinedScorer:
         self.metrics = metrics
         self.depth = depth
         self.pieces = pieces
+        self.overtakes = pieces is not None
         self._inbox: queue.SimpleQueue[_Message] = queue.SimpleQueue()
         self._launched: queue.SimpleQueue[tuple[_Piece, PendingResult] | None] = queue.SimpleQueue()
         self._lock = threading.Lock()

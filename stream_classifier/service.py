@@ -36,6 +36,7 @@ from stream_classifier.outputs import Observer, Outputs, make_checkpoint
 from stream_classifier.partitions import Partitions
 from stream_classifier.pending import PendingBatches, Submitted
 from stream_classifier.preparing import InlinePreparer, Preparer
+from stream_classifier.priorities import Ahead
 from stream_classifier.rebalances import Rebalances
 from stream_classifier.reload import reloaded
 from stream_classifier.scoring import Outcome, Scorer, ThreadScorer
@@ -181,7 +182,7 @@ class Service:
         self._take_replays()
         self._rewind_due()
         self._apply_pause()
-        timeout = max(0.0, min(POLL_SLICE_S, self.intake.time_left(self.pending.unfinished())))
+        timeout = max(0.0, min(POLL_SLICE_S, self.intake.time_left(self._ahead())))
         if self.pending or self.intake:
             timeout = min(timeout, 0.005)
         if self.intake.preparer.deferred():
@@ -217,8 +218,11 @@ class Service:
         levels = self.intake.prioritised
         if not self.pending.has_room() and (levels or self.partitions.holding_all()):
             return self.pending.wait_for_engine(POLL_SLICE_S)
-        wait_s = self.intake.engine_wait_s(self.pending.unfinished())
+        wait_s = self.intake.engine_wait_s(self._ahead())
         return wait_s > 0 and self.pending.wait_for_engine(wait_s)
+
+    def _ahead(self) -> Ahead:
+        return self.pending.ahead(self.intake.live_priority())
 
     def _take(self, message: KafkaMessage, received_at: float) -> None:
         tp = (message.topic() or "", message.partition() or 0)
@@ -237,7 +241,7 @@ class Service:
             self.intake.fill()
             if not self.pending.has_room():
                 return
-            batch = self.intake.take_due(not self.pending, self.pending.unfinished())
+            batch = self.intake.take_due(not self.pending, self._ahead())
             if batch is None:
                 return
             self._submit(batch)

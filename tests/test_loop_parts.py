@@ -191,6 +191,8 @@ def test_dropping_a_partition_forgets_its_events_wherever_they_wait() -> None:
 
 
 class ManualScorer:
+    overtakes = False
+
     def __init__(self) -> None:
         self.futures: list[Future[list[Outcome]]] = []
 

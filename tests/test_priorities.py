@@ -20,7 +20,7 @@ from stream_classifier.intake import LEVELS_READ_PER_TURN, Intake
 from stream_classifier.messages import Envelope, SourceRef
 from stream_classifier.metrics import Metrics
 from stream_classifier.pending import PendingBatches
-from stream_classifier.priorities import allocate
+from stream_classifier.priorities import Ahead, allocate
 from stream_classifier.reload import reloaded
 from stream_classifier.scoring import Pieces
 
@@ -102,12 +102,12 @@ def test_a_live_event_overtakes_a_bulk_backlog_and_each_partition_stays_in_order
     accept(intake, "bulk", range(0, 30), partition=0)
     accept(intake, "bulk", range(0, 30), partition=1)
     accept(intake, "live", range(0, 3))
-    batch = intake.take_due(engine_idle=False, unfinished=1)
+    batch = intake.take_due(engine_idle=False, ahead=Ahead(1, 1))
     assert batch is not None, "live events go at once into the next slot of the engine"
     assert by_topic(batch) == {"live": [0, 1, 2]}, "and nothing else"
     seen: dict[tuple[str, int], list[int]] = {}
     while True:
-        batch = intake.take_due(engine_idle=True, unfinished=0)
+        batch = intake.take_due(engine_idle=True, ahead=Ahead(0, 0))
         if batch is None:
             break
         for item in batch.items:
@@ -121,29 +121,65 @@ def test_bulk_alone_waits_for_the_engine_while_a_live_topic_is_owned() -> None:
     intake = make_intake(clock)
     intake.own({"live", "bulk"})
     accept(intake, "bulk", range(0, 100))
-    assert intake.take_due(engine_idle=False, unfinished=2) is None, (
+    assert intake.take_due(engine_idle=False, ahead=Ahead(2, 2)) is None, (
         "a bulk batch waits while two are unfinished: a live event would queue behind it"
     )
-    bulk = intake.take_due(engine_idle=False, unfinished=1)
+    bulk = intake.take_due(engine_idle=False, ahead=Ahead(1, 1))
     assert bulk is not None and len(bulk) == 8, "a small batch, at most one ahead of live"
     intake.own({"bulk"})
-    full = intake.take_due(engine_idle=False, unfinished=2)
+    full = intake.take_due(engine_idle=False, ahead=Ahead(2, 2))
     assert full is not None and len(full) == 20, "no live partition here: full bulk batches"
+
+
+def stage_of_three(clock: Clock, overtakes: bool) -> PendingBatches:
+    """Two bulk batches and a live one submitted, the first bulk one back."""
+    scorer = ManualScorer()
+    scorer.overtakes = overtakes
+    pending = PendingBatches(scorer, 4, clock)
+    for topic, offset in (("bulk", 0), ("bulk", 1), ("live", 0)):
+        intake = make_intake(clock)
+        accept(intake, topic, range(offset * 10, offset * 10 + 3))
+        batch = intake.take_due(engine_idle=True)
+        assert batch is not None
+        pending.submit(batch, {(topic, 0): offset})
+    scorer.futures[0].set_result([])
+    return pending
+
+
+def test_where_the_stage_overtakes_bulk_and_live_batches_count_their_own_kind() -> None:
+    """A live batch overtakes bulk pieces not yet launched, so it need not wait for bulk
+    batches to come back, and a second bulk batch can wait in the stage, its pieces ready
+    the moment the first one's last piece is done: between bulk batches the device
+    waited for the loop, some 4% of an H100 beside a live topic (docs/PERFORMANCE.md)."""
+    clock = Clock()
+    overtaking, plain = stage_of_three(clock, overtakes=True), stage_of_three(clock, False)
+    assert overtaking.ahead(live=1) == Ahead(lower=1, live=1), "each counts its own kind"
+    assert plain.ahead(live=1) == Ahead(2, 2), "no overtaking: every batch counts for both"
+    assert overtaking.ahead(live=None) == Ahead(2, 2), "one level: every batch counts"
+    intake = make_intake(clock)
+    intake.own({"live", "bulk"})
+    accept(intake, "bulk", range(0, 30))
+    bulk = intake.take_due(engine_idle=False, ahead=Ahead(lower=1, live=1))
+    assert bulk is not None and len(bulk) == 8, "one bulk batch ahead: the next may wait"
+    assert intake.take_due(engine_idle=False, ahead=Ahead(lower=2, live=0)) is None
+    accept(intake, "live", range(0, 3))
+    live = intake.take_due(engine_idle=False, ahead=Ahead(lower=2, live=0))
+    assert live is not None and by_topic(live) == {"live": [0, 1, 2]}, "live goes at once"
 
 
 def test_the_loop_may_wait_for_the_engine_until_something_in_hand_is_due() -> None:
     clock = Clock()
     intake = make_intake(clock)  # max_batch_wait_ms: 1000
     intake.own({"live", "bulk"})
-    assert intake.engine_wait_s(unfinished=2) == 0.0, "nothing in hand: turn as usual"
+    assert intake.engine_wait_s(Ahead(2, 2)) == 0.0, "nothing in hand: turn as usual"
     accept(intake, "bulk", range(0, 30))
-    assert intake.engine_wait_s(unfinished=2) == 1.0, "bulk must wait: up to a batch's wait"
-    assert intake.engine_wait_s(unfinished=1) == 0.0, "bulk may go now: no wait"
+    assert intake.engine_wait_s(Ahead(2, 2)) == 1.0, "bulk must wait: up to a batch's wait"
+    assert intake.engine_wait_s(Ahead(1, 1)) == 0.0, "bulk may go now: no wait"
     accept(intake, "live", range(0, 3))
     clock.now += 0.25
-    assert intake.engine_wait_s(unfinished=2) == 0.75, "until the live events are due"
+    assert intake.engine_wait_s(Ahead(2, 2)) == 0.75, "until the live events are due"
     clock.now += 1.0
-    assert intake.engine_wait_s(unfinished=2) == 0.0, "due: no wait"
+    assert intake.engine_wait_s(Ahead(2, 2)) == 0.0, "due: no wait"
 
 
 def test_a_full_engine_stage_is_waited_for_until_the_live_batch_comes_back() -> None:
@@ -152,9 +188,9 @@ def test_a_full_engine_stage_is_waited_for_until_the_live_batch_comes_back() -> 
     clock, scorer = Clock(), ManualScorer()
     intake = make_intake(clock)
     accept(intake, "bulk", range(0, 30))
-    bulk = intake.take_due(engine_idle=True, unfinished=0)
+    bulk = intake.take_due(engine_idle=True, ahead=Ahead(0, 0))
     accept(intake, "live", range(0, 3))
-    live = intake.take_due(engine_idle=False, unfinished=1)
+    live = intake.take_due(engine_idle=False, ahead=Ahead(1, 1))
     assert bulk is not None and live is not None
     pending = PendingBatches(scorer, 2, clock)
     pending.submit(bulk, {("bulk", 0): 0})
@@ -174,7 +210,7 @@ def test_a_flooded_live_topic_does_not_starve_the_bulk_one() -> None:
     accept(intake, "bulk", range(0, 10_000))
     batched = {"live": 0, "bulk": 0}
     for _ in range(100):
-        batch = intake.take_due(engine_idle=False, unfinished=3)
+        batch = intake.take_due(engine_idle=False, ahead=Ahead(3, 3))
         assert batch is not None, "the engine has room: something is due"
         for name, offsets in by_topic(batch).items():
             batched[name] += len(offsets)
