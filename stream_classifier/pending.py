@@ -57,10 +57,6 @@ class PendingBatches:
     def has_room(self) -> bool:
         return len(self._queue) < self._limit
 
-    def unfinished(self) -> int:
-        """Batches the engine has not returned yet."""
-        return sum(1 for s in self._queue if not s.future.done())
-
     def ahead(self, live: int | None) -> Ahead:
         """The unfinished batches a new one would wait behind (``live``: the live level,
         None with one level). Where the stage overtakes, a live batch waits for the
