@@ -20,7 +20,6 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from stream_classifier.config import EngineConfig
@@ -47,12 +46,7 @@ def main() -> None:
         engine.warmup()
         events = bench.make_events(1024, 4, 4)
         chunk = next(bench.micro_batches(engine, events, 1024, False))
-        pairs = [pair_set(item) for item in chunk]
-        everything = TokenBatch(
-            np.concatenate([p.ids for p in pairs]),
-            np.concatenate([p.lengths for p in pairs]),
-            np.concatenate([p.a_lengths for p in pairs]),
-        )
+        everything = TokenBatch.concatenate([pair_set(item) for item in chunk])
         assert engine.stream is not None
         print("tokens  pairs  ms/pass  us/token  vs full", flush=True)
         with torch.cuda.stream(engine.stream), torch.inference_mode():
