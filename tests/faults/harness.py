@@ -29,6 +29,7 @@ from confluent_kafka.cimpl import NewTopic
 from conftest import TINY_MODEL
 from kafka_helpers import (
     COORDINATOR_MOVING,
+    END_NOT_READABLE_YET,
     Record,
     TopicReader,
     committed,
@@ -387,18 +388,12 @@ class FaultRun:
             assert counts.duplicated == 0, f"{counts}\n{self.logs()}"
 
 
-#: What a watermark or committed-offsets query meets while a partition's leader (or the
-#: group coordinator, the leader of an offsets-topic partition) moves: "not yet".
 #: Logged by ``run`` once its SIGTERM handler is in place (stream_classifier/cli.py).
 STOPPABLE = "start-up: imports took"
 
-_LEADER_MOVING = {
-    KafkaError.NOT_LEADER_FOR_PARTITION,
-    KafkaError.LEADER_NOT_AVAILABLE,
-    *COORDINATOR_MOVING,
-    KafkaError._TIMED_OUT,
-    KafkaError._TRANSPORT,
-}
+#: What a watermark or committed-offsets query meets while a partition's leader (or the
+#: group coordinator, the leader of an offsets-topic partition) moves: "not yet".
+_LEADER_MOVING = END_NOT_READABLE_YET | COORDINATOR_MOVING
 
 
 def _source(value: bytes | None) -> tuple[int, int]:
