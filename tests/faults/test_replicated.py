@@ -87,12 +87,14 @@ IN_FLIGHT_BOUND = 2 * BATCH * (PENDING + 2)
 #: outputs are written to. A hard-killed broker holds every acks=all write to its
 #: partitions (the upstream producer's too) until the controller fences it
 #: (``broker.session.timeout.ms``, 9 s; 8-14 s measured here), and an exactly_once
-#: transaction that touched one of them ends only after that, then is redone: the share,
-#: larger under two busy loops (``--long``). A hung transactional call (45 s before issue
-#: 18) fails either. docs/RELIABILITY.md, "A replicated cluster".
+#: transaction that touched one of them ends only after that, then is redone: the share.
+#: It is the same whether busy loops run beside the test or not (``make test`` must pass
+#: with two): a default run under two measured 9.6 s, its new producer's
+#: ``init_transactions`` answered ``CONCURRENT_TRANSACTIONS`` for 8 s after the cluster
+#: had recovered. A hung transactional call (45 s before issue 18) fails it.
+#: docs/RELIABILITY.md, "A replicated cluster".
 GAP_LIMIT_S = 15.0
-SERVICE_SHARE_S = 8.0
-LOADED_SHARE_S = 12.0
+SERVICE_SHARE_S = 12.0
 
 
 def bounced_run(
@@ -104,12 +106,10 @@ def bounced_run(
     events: int = EVENTS,
     rate: float = RATE,
     kafka: dict[str, Any] | None = None,
-    loaded: bool = False,
     **processing: Any,
 ) -> dict[str, Any]:
     """One service, input at ``rate`` (``events`` at least, and on until every node was
-    bounced), brokers bounced in rotation meanwhile; then drained and counted. ``loaded``:
-    busy loops run beside it (the service may then add more to the cluster's stall). Returns
+    bounced), brokers bounced in rotation meanwhile; then drained and counted. Returns
     the report row (also appended to the fault report); the run's timeline (bounces,
     waits between outputs and between inputs) is written to ``tmp_path/timeline.json``."""
     cluster.ensure_whole()
@@ -179,7 +179,7 @@ def bounced_run(
     assert row["order_held"], f"per-key order broken\n{run.logs()}"
     assert counts.duplicated <= bouncer.bounces * IN_FLIGHT_BOUND, f"{row}\n{run.logs()}"
     stall = max(row["input_stall_s"], row["group_stall_s"], row.get("transaction_stall_s", 0.0))
-    limit = max(GAP_LIMIT_S, stall + (LOADED_SHARE_S if loaded else SERVICE_SHARE_S))
+    limit = max(GAP_LIMIT_S, stall + SERVICE_SHARE_S)
     assert row["longest_gap_s"] <= limit, f"{row}: over {limit:.1f}s, see {tmp_path}/timeline.json"
     return row
 
@@ -287,9 +287,7 @@ def test_brokers_bounced_in_rotation(
     signal = "SIGKILL" if bounce == "hard" else "SIGTERM"
     note = ", 2 busy loops" if long else ""
     fault = f"3 brokers, {signal} in rotation{note} (run {attempt + 1}/{runs})"
-    bounced_run(
-        cluster, mode, bounce == "hard", tmp_path, fault, kafka=debug_settings(), loaded=long
-    )
+    bounced_run(cluster, mode, bounce == "hard", tmp_path, fault, kafka=debug_settings())
 
 
 def debug_settings() -> dict[str, Any]:
