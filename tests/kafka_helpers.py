@@ -114,8 +114,7 @@ class TopicReader:
                 "isolation.level": "read_committed",
             }
         )
-        metadata = self._consumer.list_topics(topic, timeout=30)
-        partitions = sorted(metadata.topics[topic].partitions)
+        partitions = topic_partitions(self._consumer, topic)
         self._consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
 
     def poll(self, timeout: float) -> None:
@@ -170,6 +169,20 @@ class TopicReader:
 
     def close(self) -> None:
         self._consumer.close()
+
+
+def topic_partitions(consumer: Consumer, topic: str, timeout: float = 30.0) -> list[int]:
+    """The topic's partitions, once the metadata names them. A broker that has not heard
+    of a topic just created answers it without partitions (or with an error), and a reader
+    that assigned those would read nothing for the whole test."""
+    deadline = time.monotonic() + timeout
+    while True:
+        described = consumer.list_topics(topic, timeout=timeout).topics.get(topic)
+        if described is not None and described.error is None and described.partitions:
+            return sorted(described.partitions)
+        if time.monotonic() >= deadline:
+            raise AssertionError(f"{topic}: no partitions in the metadata after {timeout:.0f}s")
+        time.sleep(0.2)
 
 
 def read_to_end(bootstrap: str, topic: str, timeout: float = 60.0) -> list[Record]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import socket
@@ -723,9 +724,10 @@ class OutputClock(threading.Thread):
         self.seen: list[tuple[float, tuple[int, int]]] = []
         self._sources: set[tuple[int, int]] = set()
         self._halt = threading.Event()
+        self._catch_up_until = math.inf
 
     def run(self) -> None:
-        while not self._halt.is_set():
+        while not (self._halt.is_set() and self._caught_up()):
             before = len(self._reader.records)
             self._reader.poll(0.1)
             now = time.time()
@@ -735,10 +737,22 @@ class OutputClock(threading.Thread):
                     self._sources.add(source)
                     self.seen.append((now, source))
 
-    def finish(self) -> None:
+    def _caught_up(self) -> bool:
+        """At every partition's end, or past the catch-up deadline (``finish``)."""
+        return time.monotonic() >= self._catch_up_until or self._reader.caught_up()
+
+    def finish(self, catch_up: float = 60.0) -> None:
+        """Stop once it has read to the end (what the drain saw committed), within
+        ``catch_up`` seconds: else :meth:`saw_all` would miss the last outputs."""
+        self._catch_up_until = time.monotonic() + catch_up
         self._halt.set()
-        self.join(30)
+        self.join(catch_up + 30)
         self._reader.close()
+
+    def saw_all(self, records: list[Record]) -> bool:
+        """Did it see the first copy of each of ``records`` (read back at the end) while the
+        run went on? A clock that saw nothing reports no gap at all."""
+        return {self._key_of(record) for record in records} <= self._sources
 
     def gaps(self, top: int = 5, partition: int | None = None) -> list[tuple[float, float]]:
         """The ``top`` longest waits between new outputs (of one partition of their input,

@@ -205,13 +205,17 @@ def counted(
     # The input is what the topic holds: an idempotent producer can still write an event
     # twice across a bounce (a retry after its epoch was bumped), and each copy is an
     # input event the service must score. Nothing sent may be missing from it.
-    inputs = [r.value or b"" for r in read_to_end(run.bootstrap, run.input)]
+    input_records = read_to_end(run.bootstrap, run.input)
+    inputs = [r.value or b"" for r in input_records]
     assert set(inputs) == set(run.values), "the input producer lost events"
     input_duplicated = len(inputs) - len(run.values)
     run.values = inputs
     counts = run.count(fault, record=False)
     outputs = read_to_end(run.bootstrap, run.output)
     dead = read_to_end(run.bootstrap, run.dead_letter)
+    # A clock that missed what was read back would report gaps too short to fail on.
+    assert outputs and clock.saw_all(outputs), "the output clock missed outputs"
+    assert input_clock.saw_all(input_records), "the input clock missed inputs"
     order = key_order_held(outputs, output_source) and key_order_held(dead, dead_letter_source)
     probe, group_probe = probes
     longest, input_stall, group_stall = (
