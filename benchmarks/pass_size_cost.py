@@ -1,13 +1,16 @@
-"""What a pass costs the GPU a token, by the pass's size: is a short pass dearer?
+"""What a pass costs a token, by the pass's size: is a short pass dearer?
 
     PYTHONUNBUFFERED=1 python benchmarks/pass_size_cost.py --json pass_size_cost.json
+    python benchmarks/pass_size_cost.py --device cpu --shape tiny --sizes 256,1024,4096,8192
 
-The engine as the service runs it (compiled layers, CUDA graphs), the reference workload
-(docs/PERFORMANCE.md; large shape, random weights, 4 labels): for each size, the first
-pass of that workload's pairs cut at that many tokens, replayed from its graph; the
-median GPU time over ``--repeats`` and the time per real token. Priority topics run the
-bulk level in pieces (a quarter of a pass by default) and the live level in small
-batches: what their passes cost against full ones bounds the rate beside a backlog.
+The engine as the service runs it, the reference workload (docs/PERFORMANCE.md; random
+weights, 4 labels): for each size, the first pass of that workload's pairs cut at that
+many tokens. On a GPU (compiled layers, CUDA graphs) it is replayed from its graph and
+timed on the device; on a CPU it goes through the engine's padded passes as a piece of
+that size does in the service, timed on the clock. The median over ``--repeats`` and the
+time per real token. Priority topics run the bulk level in pieces (a quarter of a pass
+on a GPU, 1,024 tokens on a CPU) and the live level in small batches: what their passes
+cost against full ones bounds the rate beside a backlog.
 """
 
 from __future__ import annotations
@@ -15,8 +18,12 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import statistics
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -37,25 +44,29 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--repeats", type=int, default=20)
     parser.add_argument("--sizes", default=",".join(map(str, SIZES)))
+    parser.add_argument("--device", choices=("cuda", "cpu"), default="cuda")
+    parser.add_argument("--shape", choices=tuple(bench.SHAPES), default="large")
     parser.add_argument("--json")
     args = parser.parse_args()
-    report: dict[str, Any] = {"device": torch.cuda.get_device_name(0), "rows": []}
+    gpu = args.device == "cuda"
+    device = torch.cuda.get_device_name(0) if gpu else "cpu"
+    report: dict[str, Any] = {"device": device, "shape": args.shape, "rows": []}
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = str(bench.build_model_dir(bench.SHAPES["large"], Path(tmp) / "m", 0))
-        engine = NliEngine.load(EngineConfig(model=model_dir), 65536)
+        model_dir = str(bench.build_model_dir(bench.SHAPES[args.shape], Path(tmp) / "m", 0))
+        engine = NliEngine.load(EngineConfig(model=model_dir, device=args.device), 65536)
         engine.warmup()
         events = bench.make_events(1024, 4, 4)
         chunk = next(bench.micro_batches(engine, events, 1024, False))
         everything = TokenBatch.concatenate([pair_set(item) for item in chunk])
-        assert engine.stream is not None
         print("tokens  pairs  ms/pass  us/token  vs full", flush=True)
-        with torch.cuda.stream(engine.stream), torch.inference_mode():
+        with engine_stream(engine), torch.inference_mode():
             for size in (int(s) for s in args.sizes.split(",")):
                 batch = everything.take(packed_batches(everything.lengths, size)[0])
-                call = functools.partial(engine.forward, batch)
+                # A GPU replays the pass's graph; a CPU pads the piece as the service does.
+                call = functools.partial(engine.forward if gpu else engine.logits, batch)
                 for _ in range(3):  # the second pass of a shape captures its graph
                     call()
-                ms = gpu_ms(call, args.repeats)
+                ms = gpu_ms(call, args.repeats) if gpu else clock_ms(call, args.repeats)
                 row = {"budget": size, "tokens": batch.tokens, "pairs": batch.rows, "ms": ms}
                 row["us_per_token"] = 1e3 * ms / batch.tokens
                 report["rows"].append(row)
@@ -68,6 +79,20 @@ def main() -> None:
             )
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=1))
+
+
+def engine_stream(engine: NliEngine) -> Any:
+    """The engine's CUDA stream as the current one (nothing on a CPU)."""
+    return torch.cuda.stream(engine.stream) if engine.stream is not None else nullcontext()
+
+
+def clock_ms(call: Callable[[], Any], repeats: int) -> float:
+    times: list[float] = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        call()
+        times.append(1e3 * (time.perf_counter() - start))
+    return statistics.median(times)
 
 
 if __name__ == "__main__":
