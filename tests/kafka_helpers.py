@@ -290,9 +290,10 @@ def wait_drained(
             done = committed(bootstrap, group, topic, partitions)
             ends = end_offsets(bootstrap, topic, partitions)
         except KafkaException as exc:
-            # A query that timed out on a starved broker (the loaded fault runs) is "not
-            # yet", within the deadline; a real error still fails the test.
-            if exc.args[0].code() in (KafkaError._TIMED_OUT, KafkaError._TRANSPORT):
+            # A query that timed out on a starved broker (the loaded fault runs), or met a
+            # broker just restarted, is "not yet", within the deadline; a real error still
+            # fails the test.
+            if exc.args[0].code() in END_NOT_READABLE_YET | COORDINATOR_MOVING:
                 return False
             raise
         return all(done[p] == end or (end == 0 and done[p] < 0) for p, end in ends.items())
