@@ -203,11 +203,13 @@ def read_all(bootstrap: str, topic: str, count: int, timeout: float = 60.0) -> l
 
 
 #: What reading a partition's end answers while a replicated cluster recovers: a query
-#: timed out, a partition its metadata does not have yet, a leader moving, and a new
-#: leader whose high watermark has not caught up yet (OFFSET_NOT_AVAILABLE, KIP-207).
+#: timed out, or cut when librdkafka dropped a broker that left the metadata
+#: (_DESTROY_BROKER), a partition its metadata does not have yet, a leader moving, and a
+#: new leader whose high watermark has not caught up yet (OFFSET_NOT_AVAILABLE, KIP-207).
 END_NOT_READABLE_YET = {
     KafkaError._TIMED_OUT,
     KafkaError._TRANSPORT,
+    KafkaError._DESTROY_BROKER,
     KafkaError._UNKNOWN_PARTITION,
     KafkaError.NOT_LEADER_FOR_PARTITION,
     KafkaError.LEADER_NOT_AVAILABLE,

@@ -746,8 +746,9 @@ class OutputClock(threading.Thread):
         ``catch_up`` seconds: else :meth:`saw_all` would miss the last outputs."""
         self._catch_up_until = time.monotonic() + catch_up
         self._halt.set()
-        self.join(catch_up + 30)
-        self._reader.close()
+        self.join(catch_up + 60)
+        if not self.is_alive():  # closed under a running read, it would raise there
+            self._reader.close()
 
     def saw_all(self, records: list[Record]) -> bool:
         """Did it see the first copy of each of ``records`` (read back at the end) while the
