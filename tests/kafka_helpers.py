@@ -224,6 +224,10 @@ COORDINATOR_MOVING = {
 }
 
 
+#: Either: "not yet" for a query of ends or committed offsets, within a test's deadline.
+NOT_YET = END_NOT_READABLE_YET | COORDINATOR_MOVING
+
+
 def committed(
     bootstrap: str, group: str, topic: str, partitions: int = 1, timeout: float = 30.0
 ) -> dict[int, int]:
@@ -295,7 +299,7 @@ def wait_drained(
             # A query that timed out on a starved broker (the loaded fault runs), or met a
             # broker just restarted, is "not yet", within the deadline; a real error still
             # fails the test.
-            if exc.args[0].code() in END_NOT_READABLE_YET | COORDINATOR_MOVING:
+            if exc.args[0].code() in NOT_YET:
                 return False
             raise
         return all(done[p] == end or (end == 0 and done[p] < 0) for p, end in ends.items())

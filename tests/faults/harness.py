@@ -29,8 +29,7 @@ from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 from conftest import TINY_MODEL
 from kafka_helpers import (
-    COORDINATOR_MOVING,
-    END_NOT_READABLE_YET,
+    NOT_YET,
     Record,
     TopicReader,
     committed,
@@ -317,7 +316,7 @@ class FaultRun:
         try:
             inputs = committed(self.bootstrap, self.group, self.input, self.partitions)
         except KafkaException as exc:  # offsets in that open transaction: unstable till then
-            if exc.args[0].code() not in _LEADER_MOVING:  # or the group coordinator moving
+            if exc.args[0].code() not in NOT_YET:  # or the group coordinator moving
                 raise
             return False
         try:
@@ -328,7 +327,7 @@ class FaultRun:
                 if topic is not None
             )
         except KafkaException as exc:  # a leader moving (replicated cluster): not yet
-            if exc.args[0].code() not in _LEADER_MOVING:
+            if exc.args[0].code() not in NOT_YET:
                 raise
             return False
 
@@ -391,10 +390,6 @@ class FaultRun:
 
 #: Logged by ``run`` once its SIGTERM handler is in place (stream_classifier/cli.py).
 STOPPABLE = "start-up: imports took"
-
-#: What a watermark or committed-offsets query meets while a partition's leader (or the
-#: group coordinator, the leader of an offsets-topic partition) moves: "not yet".
-_LEADER_MOVING = END_NOT_READABLE_YET | COORDINATOR_MOVING
 
 
 def _source(value: bytes | None) -> tuple[int, int]:
